@@ -1,0 +1,26 @@
+// The Python extension module fastmtl._C. Loading it registers the ops (the TORCH_LIBRARY blocks
+// in csrc/ops/ run as static initialisers); it also exposes the non-tensor helpers.
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastmtl compiled ops (registered under torch.ops.fastmtl)";
+  m.def(
+      "build_info",
+      [] {
+        py::dict info;
+        info["version"] = FASTMTL_VERSION;
+        info["torch_built_against"] = FASTMTL_TORCH_VERSION;
+        info["cuda"] = static_cast<bool>(FASTMTL_WITH_CUDA);
+        info["threads"] = at::get_num_threads();
+#if defined(__clang__)
+        info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+        info["compiler"] = "gcc " __VERSION__;
+#endif
+        return info;
+      },
+      "What this build of fastmtl is: version, torch it was built against, CUDA kernels, threads.");
+}

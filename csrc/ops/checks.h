@@ -1,0 +1,78 @@
+// Argument checks shared by the op entry points. Every message names the op and the argument and
+// says what was expected and what was given; TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in
+// Python as ValueError / TypeError.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+
+namespace fastmtl::ops {
+
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(t);
+  }
+}
+
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) os << (i ? ", " : "") << sizes[i];
+  os << "]";
+  return os.str();
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const std::string& arg) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "fastmtl.", op, ": argument '", arg, "' expected a ", dim,
+                    "-D tensor, got shape ", shape_str(t.sizes()));
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* op, const std::string& arg) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastmtl.", op,
+                   ": argument '", arg, "' expected dtype torch.float32 or torch.float64, got ",
+                   dtype_name(t.scalar_type()));
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& arg,
+                       const char* ref_arg) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "fastmtl.", op, ": argument '", arg,
+                   "' expected dtype ", dtype_name(ref.scalar_type()), " (the dtype of '", ref_arg,
+                   "'), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "fastmtl.", op, ": argument '", arg, "' expected device ",
+                    ref.device(), " (the device of '", ref_arg, "'), got ", t.device());
+}
+
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op,
+                       const std::string& arg, const std::string& why) {
+  TORCH_CHECK_VALUE(t.size(dim) == expected, "fastmtl.", op, ": argument '", arg, "' expected size ",
+                    expected, " in dimension ", dim, " (", why, "), got shape ", shape_str(t.sizes()));
+}
+
+inline std::string indexed(const char* arg, size_t i) { return std::string(arg) + "[" + std::to_string(i) + "]"; }
+
+}  // namespace fastmtl::ops
+
+namespace fastmtl::ops {
+
+// Ops are registered for the CPU and CUDA dispatch keys with one entry point each, which checks
+// the arguments (so a tensor on the wrong device is reported by name) and then runs the kernel of
+// the device. Until a device has kernels, its tensors get this error.
+[[noreturn]] inline void no_kernel_for_device(const char* op, const at::Tensor& t, const char* arg) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "fastmtl.", op, ": no kernel for device ", t.device(), " (argument '", arg,
+                              "'); this build of fastmtl has ",
+                              FASTMTL_WITH_CUDA ? "CPU and CUDA kernels" : "CPU kernels only");
+}
+
+}  // namespace fastmtl::ops

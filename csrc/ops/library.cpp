@@ -1,0 +1,30 @@
+// The op schemas of the fastmtl namespace. Kernels are registered per device in the files beside
+// this one (CPU) and in csrc/cuda/ (CUDA); fake kernels and autograd live in python/fastmtl/ops.py.
+//
+// Forward ops return, after their result, the tensors their backward needs; the Python wrappers
+// return only the result. Backward ops return [0]-sized tensors for gradients not asked for.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastmtl, m) {
+  // The whole trunk: z_l = act(z_{l-1} W_l^T + b_l). biases: one per layer, or empty for none
+  // (not Tensor?[]: torch.library autograd gives no gradient to a list holding None).
+  // Returns (output, saved for backward).
+  m.def("fused_mlp(Tensor x, Tensor[] weights, Tensor[] biases, str activation) -> (Tensor, Tensor[])");
+  // Returns (dx, dW per layer, db per layer or empty when the forward had no biases).
+  m.def(
+      "fused_mlp_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor out, Tensor[] saved, "
+      "str activation, bool has_bias, bool need_input_grad) -> (Tensor, Tensor[], Tensor[])");
+  // All heads (one GEMM) and all per-task losses. Returns (losses [T], dL/dlogits before the
+  // 1/count [B, C], 1/count per task [T]).
+  m.def(
+      "multitask_head_loss(Tensor z, Tensor weight, Tensor? bias, Tensor targets, str[] losses, "
+      "int[] num_outputs) -> (Tensor, Tensor, Tensor)");
+  // Returns (dz = sum_t w_t dL_t/dz, dweight, dbias).
+  m.def(
+      "multitask_head_loss_backward(Tensor grad_losses, Tensor z, Tensor weight, Tensor logit_grad, "
+      "Tensor scale, int[] num_outputs, bool has_bias, bool need_z_grad) -> (Tensor, Tensor, Tensor)");
+  // Per-task targets (float / bool / integer class indices) into one [B, sum of widths] tensor.
+  m.def(
+      "pack_targets(Tensor[] targets, str[] names, str[] losses, int[] num_outputs, ScalarType dtype) "
+      "-> Tensor");
+}

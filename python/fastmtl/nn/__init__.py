@@ -1,0 +1,7 @@
+"""Modules users put in their models: the fused trunk, the fused heads and the model tying them."""
+
+from .fused_mlp import FusedMLP
+from .heads import MultiTaskHeads
+from .model import MultiTaskModel
+
+__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel"]

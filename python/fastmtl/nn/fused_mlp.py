@@ -1,0 +1,179 @@
+"""FusedMLP: a stack of Linear + activation layers run by one fused op call."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+from ._init import linear_init_
+
+# Plain PyTorch activation modules and the fused activation each one is.
+_MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Identity: "identity"}
+
+
+def activation_name_of(module: nn.Module):
+    """The fused activation name of a plain activation module, or None if it has none."""
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    for cls, name in _MODULE_ACTIVATIONS.items():
+        if type(module) is cls:
+            return name
+    return None
+
+
+class FusedMLP(nn.Module):
+    """``len(hidden_features)`` layers of ``act(x W^T + b)`` in one fused call.
+
+    Equivalent to ``nn.Sequential(nn.Linear(in, h0), Act(), nn.Linear(h0, h1), Act(), ...)``, with
+    the same initialisation; the activation follows every layer, the last one included.
+
+    Args:
+        in_features: input width.
+        hidden_features: the width of each layer (an int for one layer).
+        activation: ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``, ``tanh`` or ``identity``.
+        bias: whether every layer has a bias.
+
+    Inputs ``[..., in_features]``; outputs ``[..., hidden_features[-1]]``.
+
+    >>> import torch, fastmtl
+    >>> trunk = fastmtl.nn.FusedMLP(16, [32, 32], activation="gelu")
+    >>> trunk(torch.randn(8, 16)).shape
+    torch.Size([8, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Union[int, Sequence[int]],
+        activation: str = "relu",
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        widths = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
+        if not widths:
+            raise ValueError("FusedMLP: argument 'hidden_features' expected at least one layer width, got []")
+        for i, w in enumerate([in_features] + widths):
+            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+                arg = "in_features" if i == 0 else f"hidden_features[{i - 1}]"
+                raise ValueError(f"FusedMLP: argument '{arg}' expected an int >= 1, got {w!r}")
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"FusedMLP: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.hidden_features = tuple(widths)
+        self.activation = activation
+        fan_ins = [in_features] + widths[:-1]
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(n, k, **factory)) for n, k in zip(widths, fan_ins)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(n, **factory)) for n in widths]) if bias else None
+        self.reset_parameters()
+
+    @property
+    def out_features(self) -> int:
+        return self.hidden_features[-1]
+
+    def reset_parameters(self) -> None:
+        for i, w in enumerate(self.weights):
+            linear_init_(w, self.biases[i] if self.biases is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"FusedMLP: input expected shape [..., {self.in_features}], got {list(x.shape)}")
+        lead = x.shape[:-1]
+        out = ops.fused_mlp(
+            x.reshape(-1, self.in_features),
+            list(self.weights),
+            list(self.biases) if self.biases is not None else None,
+            self.activation,
+        )
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
+            f"activation={self.activation!r}, bias={self.biases is not None}"
+        )
+
+    # ---- switching from plain PyTorch
+
+    @staticmethod
+    def _layers_of(sequential: nn.Sequential):
+        """[(Linear, activation name)] of a Sequential of Linear, Act, Linear, Act, ..."""
+        modules = list(sequential)
+        if len(modules) == 0 or len(modules) % 2:
+            raise ValueError(
+                "FusedMLP: expected an nn.Sequential of (nn.Linear, activation) pairs, "
+                f"got {len(modules)} modules: {[type(m).__name__ for m in modules]}"
+            )
+        layers = []
+        for i in range(0, len(modules), 2):
+            linear, act = modules[i], modules[i + 1]
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"FusedMLP: module {i} expected nn.Linear, got {type(linear).__name__}")
+            name = activation_name_of(act)
+            if name is None:
+                raise ValueError(
+                    f"FusedMLP: module {i + 1} expected one of ReLU, GELU, SiLU, Tanh, Identity, got {type(act).__name__}"
+                )
+            layers.append((linear, name))
+        names = {name for _, name in layers}
+        if len(names) != 1:
+            raise ValueError(f"FusedMLP: expected the same activation after every Linear, got {sorted(names)}")
+        has_bias = {linear.bias is not None for linear, _ in layers}
+        if len(has_bias) != 1:
+            raise ValueError("FusedMLP: expected every Linear with a bias or none with one, got a mix")
+        return layers
+
+    @classmethod
+    def from_sequential(cls, sequential: nn.Sequential) -> "FusedMLP":
+        """A FusedMLP computing the same function as ``sequential`` (Linear, Act, Linear, Act, ...),
+        carrying copies of its weights.
+
+        >>> import torch, fastmtl
+        >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3), torch.nn.ReLU())
+        >>> fused = fastmtl.nn.FusedMLP.from_sequential(plain)
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(fused(x), plain(x), atol=1e-6)
+        True
+        """
+        layers = cls._layers_of(sequential)
+        first = layers[0][0]
+        module = cls(
+            first.in_features,
+            [linear.out_features for linear, _ in layers],
+            activation=layers[0][1],
+            bias=first.bias is not None,
+            device=first.weight.device,
+            dtype=first.weight.dtype,
+        )
+        module.load_from_sequential(sequential)
+        return module
+
+    @torch.no_grad()
+    def load_from_sequential(self, sequential: nn.Sequential) -> "FusedMLP":
+        """Copies the weights of an equivalent plain ``nn.Sequential`` (Linear, Act, ...) into this module."""
+        layers = self._layers_of(sequential)
+        if len(layers) != len(self.weights) or layers[0][1] != self.activation:
+            raise ValueError(
+                f"FusedMLP.load_from_sequential: expected {len(self.weights)} (Linear, {self.activation}) pairs, "
+                f"got {len(layers)} with activation {layers[0][1]!r}"
+            )
+        for i, (linear, _) in enumerate(layers):
+            if linear.weight.shape != self.weights[i].shape:
+                raise ValueError(
+                    f"FusedMLP.load_from_sequential: Linear {i} expected weight shape {list(self.weights[i].shape)}, "
+                    f"got {list(linear.weight.shape)}"
+                )
+            if (linear.bias is None) != (self.biases is None):
+                raise ValueError(
+                    f"FusedMLP.load_from_sequential: Linear {i} has bias={linear.bias is not None}, "
+                    f"this FusedMLP has bias={self.biases is not None}"
+                )
+            self.weights[i].copy_(linear.weight)
+            if self.biases is not None:
+                self.biases[i].copy_(linear.bias)
+        return self

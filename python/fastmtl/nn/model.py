@@ -1,0 +1,79 @@
+"""MultiTaskModel: a shared trunk and the fused task heads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+from .fused_mlp import FusedMLP
+from .heads import MultiTaskHeads
+
+
+class MultiTaskModel(nn.Module):
+    """Hard parameter sharing: ``trunk`` (shared parameters) feeds ``heads`` (one per task).
+
+    The trunk can be any module mapping ``x`` to ``[B, heads.in_features]`` features; with a
+    :class:`FusedMLP` trunk the whole training step runs in two fused ops.
+
+    >>> import torch, fastmtl
+    >>> tasks = [fastmtl.Task("y", "regression"), fastmtl.Task("c", "multiclass", num_outputs=3)]
+    >>> model = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(10, [32, 32]), fastmtl.nn.MultiTaskHeads(32, tasks))
+    >>> x = torch.randn(6, 10)
+    >>> targets = {"y": torch.randn(6), "c": torch.tensor([0, 2, 1, -100, 0, 1])}
+    >>> model.losses(x, targets).shape
+    torch.Size([2])
+    >>> model.loss(x, targets).backward()
+    """
+
+    def __init__(self, trunk: nn.Module, heads: MultiTaskHeads):
+        super().__init__()
+        if not isinstance(trunk, nn.Module):
+            raise TypeError(f"MultiTaskModel: argument 'trunk' expected an nn.Module, got {type(trunk).__name__}")
+        if not isinstance(heads, MultiTaskHeads):
+            raise TypeError(
+                f"MultiTaskModel: argument 'heads' expected a fastmtl.nn.MultiTaskHeads, got {type(heads).__name__}"
+            )
+        out_features = getattr(trunk, "out_features", None)
+        if out_features is not None and out_features != heads.in_features:
+            raise ValueError(
+                f"MultiTaskModel: trunk outputs {out_features} features but heads expect in_features={heads.in_features}"
+            )
+        self.trunk = trunk
+        self.heads = heads
+
+    @property
+    def tasks(self):
+        return self.heads.tasks
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Logits per task: dict name -> ``[B, num_outputs]``."""
+        return self.heads(self.trunk(x))
+
+    def losses(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
+        """Per-task losses ``[T]`` in task order (mean over each task's labelled entries, 0 if none).
+
+        ``targets``: dict name -> tensor — regression float ``[B]`` or ``[B, n]`` (NaN = missing),
+        binary float or bool ``[B]`` (NaN = missing), multiclass integer indices ``[B]`` (-100 =
+        missing) — or the packed tensor of ``model.heads.pack_targets(targets)``.
+        """
+        return self.heads.losses(self.trunk(x), targets)
+
+    def loss(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
+        """Scalar ``sum_t task.weight * L_t``."""
+        return torch.dot(self.losses(x, targets), self.heads.task_weights)
+
+    @torch.no_grad()
+    def load_plain_weights(self, trunk: nn.Sequential, heads) -> "MultiTaskModel":
+        """Loads the weights of the equivalent plain PyTorch model: ``trunk`` an ``nn.Sequential``
+        of (Linear, activation) pairs (for a FusedMLP trunk; any other trunk gets
+        ``load_state_dict(trunk.state_dict())``), ``heads`` one ``nn.Linear`` per task (dict name
+        -> Linear or a list in task order). Outputs then match the plain model's."""
+        if isinstance(self.trunk, FusedMLP):
+            self.trunk.load_from_sequential(trunk)
+        else:
+            self.trunk.load_state_dict(trunk.state_dict())
+        self.heads.load_from_linears(heads)
+        return self

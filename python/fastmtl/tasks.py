@@ -1,0 +1,100 @@
+"""Task descriptions: what each head predicts and which loss it is trained with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+KINDS = ("regression", "binary", "multiclass")
+# The losses each kind may use; the first is the default.
+LOSSES_BY_KIND = {
+    "regression": ("mse", "l1", "huber"),
+    "binary": ("bce",),
+    "multiclass": ("ce",),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a multi-task model.
+
+    Args:
+        name: key of the task in target and output dicts.
+        kind: ``"regression"``, ``"binary"`` or ``"multiclass"``.
+        num_outputs: regression: number of outputs (default 1); binary: 1; multiclass: the number
+            of classes (required).
+        loss: regression: ``"mse"`` (default), ``"l1"`` or ``"huber"`` (smooth L1, beta 1);
+            binary: ``"bce"`` (with logits); multiclass: ``"ce"`` (softmax cross-entropy).
+        weight: the task's weight in ``MultiTaskModel.loss`` (sum of ``weight * L_t``).
+
+    Targets (see ``MultiTaskModel.losses``): regression float ``[B]`` or ``[B, n]``, binary float or
+    bool ``[B]``, multiclass integer class indices ``[B]``; missing labels are NaN, or -100 for
+    multiclass. ``L_t`` is the mean over the task's labelled entries, 0 if it has none.
+
+    >>> Task("click", "binary").loss
+    'bce'
+    >>> Task("rating", "multiclass", num_outputs=5).num_outputs
+    5
+    """
+
+    name: str
+    kind: str
+    num_outputs: Optional[int] = None
+    loss: Optional[str] = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Task: argument 'name' expected a non-empty string, got {self.name!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Task {self.name!r}: argument 'kind' expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        allowed = LOSSES_BY_KIND[self.kind]
+        loss = allowed[0] if self.loss is None else self.loss
+        if loss not in allowed:
+            raise ValueError(
+                f"Task {self.name!r}: argument 'loss' expected one of {', '.join(allowed)} for a {self.kind} task, got {loss!r}"
+            )
+        n = self.num_outputs
+        if self.kind == "multiclass":
+            if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ValueError(
+                    f"Task {self.name!r}: argument 'num_outputs' expected the number of classes (an int >= 2) "
+                    f"for a multiclass task, got {n!r}"
+                )
+        elif self.kind == "binary":
+            if n is None:
+                n = 1
+            if n != 1 or isinstance(n, bool):
+                raise ValueError(f"Task {self.name!r}: argument 'num_outputs' expected 1 for a binary task, got {n!r}")
+        else:
+            if n is None:
+                n = 1
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"Task {self.name!r}: argument 'num_outputs' expected an int >= 1, got {n!r}")
+        try:
+            weight = float(self.weight)
+        except (TypeError, ValueError):
+            raise TypeError(f"Task {self.name!r}: argument 'weight' expected a number, got {self.weight!r}") from None
+        object.__setattr__(self, "loss", loss)
+        object.__setattr__(self, "num_outputs", n)
+        object.__setattr__(self, "weight", weight)
+
+    @property
+    def target_width(self) -> int:
+        """Columns of this task in the packed target tensor: n for regression, else 1."""
+        return self.num_outputs if self.kind == "regression" else 1
+
+
+def check_tasks(tasks: Sequence[Task], where: str) -> tuple:
+    """Validates a task list (non-empty, Task objects, unique names) and returns it as a tuple."""
+    tasks = tuple(tasks) if not isinstance(tasks, Task) else (tasks,)
+    if len(tasks) == 0:
+        raise ValueError(f"{where}: argument 'tasks' expected at least one Task, got 0")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Task):
+            raise TypeError(f"{where}: argument 'tasks[{i}]' expected a fastmtl.Task, got {type(task).__name__}")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{where}: argument 'tasks' expected unique names, got duplicates {dup}")
+    return tasks
