@@ -1,0 +1,77 @@
+"""Shared test helpers: devices, tolerances, seeded random inputs for the ops."""
+
+import math
+
+import pytest
+import torch
+
+import fastmtl
+from fastmtl import Task
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and fastmtl.build_info()["cuda"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every op test runs on each device; CUDA only where a GPU and CUDA kernels are present."""
+    if request.param == "cuda" and not HAS_CUDA_KERNELS:
+        pytest.skip("fastmtl was built without CUDA kernels")
+    return torch.device(request.param)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = ""):
+    """Elementwise |a - e| <= rtol * |e| + rtol * max|e|: relative to each entry, with an absolute
+    floor at rtol times the tensor's scale (so entries that cancel to ~0 are judged at that scale).
+    The comparison is done in float64 on the CPU."""
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
+
+
+def mixed_tasks(num_tasks: int, num_classes: int = 5):
+    """num_tasks tasks cycling through every kind and loss, with varied widths."""
+    kinds = [
+        dict(kind="regression", loss="mse", num_outputs=1),
+        dict(kind="binary"),
+        dict(kind="multiclass", num_outputs=num_classes),
+        dict(kind="regression", loss="l1", num_outputs=3),
+        dict(kind="regression", loss="huber", num_outputs=2),
+        dict(kind="multiclass", num_outputs=2),
+    ]
+    return [Task(f"task{i}", **kinds[i % len(kinds)], weight=0.5 + (i % 3)) for i in range(num_tasks)]
+
+
+def random_targets(tasks, batch: int, generator: torch.Generator, missing: float = 0.2, unlabelled=()):
+    """Dict name -> targets with a `missing` fraction of labels missing (NaN / -100) and the tasks
+    named in `unlabelled` missing entirely."""
+    targets = {}
+    for task in tasks:
+        shape = (batch,) if task.target_width == 1 else (batch, task.target_width)
+        hide = torch.rand(shape, generator=generator) < missing
+        if task.name in unlabelled:
+            hide[...] = True
+        if task.kind == "multiclass":
+            t = torch.randint(0, task.num_outputs, shape, generator=generator)
+            t[hide] = -100
+        elif task.kind == "binary":
+            t = torch.randint(0, 2, shape, generator=generator).double()
+            t[hide] = math.nan
+        else:
+            # Spread wide enough that l1 / huber see both of their branches.
+            t = 3.0 * torch.randn(shape, generator=generator, dtype=torch.float64)
+            t[hide] = math.nan
+        targets[task.name] = t
+    return targets
+
+
+def random_head_inputs(tasks, batch: int, features: int, generator: torch.Generator, dtype=torch.float64):
+    """(z, weight, bias) for multitask_head_loss, float64 leaves on the CPU."""
+    total = sum(t.num_outputs for t in tasks)
+    z = torch.randn(batch, features, generator=generator, dtype=dtype)
+    weight = torch.randn(total, features, generator=generator, dtype=dtype) / math.sqrt(features)
+    bias = 0.1 * torch.randn(total, generator=generator, dtype=dtype)
+    return z, weight, bias
