@@ -79,7 +79,7 @@ class MultiTaskHeads(nn.Module):
     # ---- switching from plain PyTorch
 
     def _linears_in_task_order(self, linears) -> list:
-        if isinstance(linears, Mapping):
+        if isinstance(linears, (Mapping, nn.ModuleDict)):  # ModuleDict is no Mapping
             missing = [n for n in self.task_names if n not in linears]
             if missing:
                 raise ValueError(f"MultiTaskHeads: argument 'linears' has no head for tasks {missing}")
@@ -125,6 +125,6 @@ class MultiTaskHeads(nn.Module):
         True
         """
         tasks = check_tasks(tasks, "MultiTaskHeads.from_linears")
-        first = next(iter(linears.values())) if isinstance(linears, Mapping) else list(linears)[0]
+        first = next(iter(linears.values())) if isinstance(linears, (Mapping, nn.ModuleDict)) else list(linears)[0]
         heads = cls(first.in_features, tasks, device=first.weight.device, dtype=first.weight.dtype)
         return heads.load_from_linears(linears)

@@ -1,0 +1,55 @@
+"""The package: version, build info, the torch-version guard, runnable docs."""
+
+import doctest
+import importlib
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmtl
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_version_and_build_info():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", fastmtl.__version__)
+    info = fastmtl.build_info()
+    assert info["version"] == fastmtl.__version__
+    assert info["torch"] == torch.__version__
+    assert info["torch_built_against"].split(".")[:2] == torch.__version__.split(".")[:2]
+    assert isinstance(info["cuda"], bool)
+    assert info["threads"] == torch.get_num_threads()
+
+
+def test_import_under_another_torch_raises_import_error_saying_rebuild():
+    code = "import torch; torch.__version__ = '1.99.0'; import fastmtl"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr and "built against torch" in proc.stderr and "rebuild" in proc.stderr
+
+
+def test_ops_are_registered_under_torch_ops():
+    for name in ("fused_mlp", "fused_mlp_backward", "multitask_head_loss", "multitask_head_loss_backward",
+                 "pack_targets"):
+        assert hasattr(torch.ops.fastmtl, name)
+
+
+@pytest.mark.parametrize(
+    "module", ["fastmtl.tasks", "fastmtl.ops", "fastmtl.nn.fused_mlp", "fastmtl.nn.heads", "fastmtl.nn.model"]
+)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.attempted > 0, f"{module} has no examples"
+    assert result.failed == 0
+
+
+def test_readme_usage_example_runs_as_written():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
