@@ -10,19 +10,36 @@ namespace {
 
 // Below this many elements per thread, waking the thread pool costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 16384;
+// Rows per partial sum of a column reduction. Fixed, so the summation order (rows within a chunk,
+// then chunks in order) and hence the bits of the result never depend on the number of threads.
+constexpr int64_t kRowsPerChunk = 64;
 
 int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(inner, 1)); }
-
-// Visits column blocks [c0, c1) in parallel; each block is owned by one thread and walked row by
-// row, so per-column reductions are sequential in row order.
-template <typename F>
-void for_column_blocks(int64_t rows, int64_t cols, F&& body) {
-  at::parallel_for(0, cols, grain_for(rows), [&](int64_t c0, int64_t c1) { body(c0, c1); });
-}
 
 template <typename F>
 void for_row_blocks(int64_t rows, int64_t cols, F&& body) {
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) { body(r0, r1); });
+}
+
+// Runs row_body(i, partial) for every row, where partial (cols doubles) belongs to the row's chunk,
+// in parallel over chunks; then col_sum[j] = sum over chunks of partial[j], in chunk order.
+// Rows are walked contiguously, so the per-row loops vectorise.
+template <typename T, typename RowBody>
+void rows_with_column_sum(int64_t rows, int64_t cols, T* col_sum, RowBody&& row_body) {
+  const int64_t num_chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  std::vector<double> partial(num_chunks * cols, 0.0);
+  at::parallel_for(0, num_chunks, grain_for(kRowsPerChunk * cols), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double* part = partial.data() + c * cols;
+      const int64_t r_end = std::min(rows, (c + 1) * kRowsPerChunk);
+      for (int64_t i = c * kRowsPerChunk; i < r_end; ++i) row_body(i, part);
+    }
+  });
+  for (int64_t j = 0; j < cols; ++j) {
+    double total = 0.0;
+    for (int64_t c = 0; c < num_chunks; ++c) total += partial[c * cols + j];
+    col_sum[j] = static_cast<T>(total);
+  }
 }
 
 }  // namespace
@@ -36,12 +53,14 @@ void bias_activation_forward(Activation act, int64_t rows, int64_t cols, T* pre,
         T* p = pre + i * cols;
         T* o = out ? out + i * cols : p;
         if (bias) {
+#pragma omp simd
           for (int64_t j = 0; j < cols; ++j) {
             const T a = p[j] + bias[j];
             p[j] = a;
             o[j] = act_forward<A>(a);
           }
         } else {
+#pragma omp simd
           for (int64_t j = 0; j < cols; ++j) o[j] = act_forward<A>(p[j]);
         }
       }
@@ -66,24 +85,21 @@ void activation_backward(Activation act, int64_t rows, int64_t cols, const T* gr
     constexpr Activation A = decltype(tag)::value;
     if (!bias_grad) {
       for_row_blocks(rows, cols, [&](int64_t r0, int64_t r1) {
+#pragma omp simd
         for (int64_t k = r0 * cols; k < r1 * cols; ++k) delta[k] = grad[k] * act_derivative<A>(saved[k]);
       });
       return;
     }
-    for_column_blocks(rows, cols, [&](int64_t c0, int64_t c1) {
-      std::vector<double> acc(c1 - c0, 0.0);
-      double* accp = acc.data();
-      for (int64_t i = 0; i < rows; ++i) {
-        const T* g = grad + i * cols + c0;
-        const T* s = saved + i * cols + c0;
-        T* d = delta + i * cols + c0;
-        for (int64_t j = 0; j < c1 - c0; ++j) {
-          const T v = g[j] * act_derivative<A>(s[j]);
-          d[j] = v;
-          accp[j] += static_cast<double>(v);
-        }
+    rows_with_column_sum(rows, cols, bias_grad, [&](int64_t i, double* part) {
+      const T* g = grad + i * cols;
+      const T* s = saved + i * cols;
+      T* d = delta + i * cols;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        const T v = g[j] * act_derivative<A>(s[j]);
+        d[j] = v;
+        part[j] += static_cast<double>(v);
       }
-      for (int64_t j = c0; j < c1; ++j) bias_grad[j] = static_cast<T>(acc[j - c0]);
     });
   });
 }
@@ -92,25 +108,22 @@ template <typename T>
 void scale_columns(int64_t rows, int64_t cols, const T* in, const T* col_scale, T* out, T* col_sum) {
   if (!col_sum) {
     for_row_blocks(rows, cols, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i)
+      for (int64_t i = r0; i < r1; ++i) {
+#pragma omp simd
         for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = in[i * cols + j] * col_scale[j];
+      }
     });
     return;
   }
-  for_column_blocks(rows, cols, [&](int64_t c0, int64_t c1) {
-    std::vector<double> acc(c1 - c0, 0.0);
-    double* accp = acc.data();
-    const T* sc = col_scale + c0;
-    for (int64_t i = 0; i < rows; ++i) {
-      const T* x = in + i * cols + c0;
-      T* y = out + i * cols + c0;
-      for (int64_t j = 0; j < c1 - c0; ++j) {
-        const T v = x[j] * sc[j];
-        y[j] = v;
-        accp[j] += static_cast<double>(v);
-      }
+  rows_with_column_sum(rows, cols, col_sum, [&](int64_t i, double* part) {
+    const T* x = in + i * cols;
+    T* y = out + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      const T v = x[j] * col_scale[j];
+      y[j] = v;
+      part[j] += static_cast<double>(v);
     }
-    for (int64_t j = c0; j < c1; ++j) col_sum[j] = static_cast<T>(acc[j - c0]);
   });
 }
 

@@ -19,8 +19,8 @@ template <typename T>
 void activation_apply(Activation act, int64_t n, const T* pre, T* out);
 
 // One pass: delta = grad * act'(saved) and, if bias_grad, bias_grad[j] = sum_i delta[i, j]
-// (accumulated in double, each column summed in row order by one thread: deterministic for any
-// thread count). delta may alias grad.
+// (accumulated in double over fixed chunks of rows, then chunks in order: the same bits for any
+// number of threads). delta may alias grad.
 template <typename T>
 void activation_backward(Activation act, int64_t rows, int64_t cols, const T* grad, const T* saved,
                          T* delta, T* bias_grad);

@@ -1,6 +1,7 @@
-"""The fused ops: typed Python functions over ``torch.ops.fastmtl.*``, with their fake (meta)
-kernels and autograd formulas registered through ``torch.library`` so they work under autograd,
-``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``.
+"""The fused ops: typed Python functions over ``torch.ops.fastmtl.*``, and their fake (meta)
+kernels registered through ``torch.library`` so they work under ``torch.compile(fullgraph=True)``
+and ``torch.library.opcheck``. Their autograd formulas are registered in C++
+(``csrc/ops/autograd.cpp``: the Python route cost more per call than a small step's GEMMs).
 
 The C++ forward ops also return what their backward needs (saved activations, logit gradients);
 the functions here return only the result. :mod:`fastmtl.reference` has the same functions in plain
@@ -97,26 +98,6 @@ def _fused_mlp_backward_fake(grad_out, x, weights, out, saved, activation, has_b
     return grad_x, grad_weights, grad_biases
 
 
-def _fused_mlp_setup_context(ctx, inputs, output):
-    x, weights, biases, activation = inputs
-    out, saved = output
-    ctx.activation = activation
-    ctx.has_bias = len(biases) > 0
-    ctx.num_layers = len(weights)
-    ctx.save_for_backward(x, out, *weights, *saved)
-
-
-def _fused_mlp_backward(ctx, grad_out, _grad_saved):
-    x, out, *rest = ctx.saved_tensors
-    weights, saved = rest[: ctx.num_layers], rest[ctx.num_layers :]
-    need_input_grad = bool(ctx.needs_input_grad[0])
-    grad_x, grad_weights, grad_biases = torch.ops.fastmtl.fused_mlp_backward.default(
-        grad_out, x, weights, out, saved, ctx.activation, ctx.has_bias, need_input_grad
-    )
-    return (grad_x if need_input_grad else None), list(grad_weights), list(grad_biases), None
-
-
-torch.library.register_autograd("fastmtl::fused_mlp", _fused_mlp_backward, setup_context=_fused_mlp_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,32 +186,3 @@ def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale
     grad_z = z.new_empty(z.shape) if need_z_grad else z.new_empty((0,))
     grad_bias = z.new_empty((weight.shape[0],)) if has_bias else z.new_empty((0,))
     return grad_z, weight.new_empty(weight.shape), grad_bias
-
-
-def _head_loss_setup_context(ctx, inputs, output):
-    z, weight, bias, _targets, _losses, num_outputs = inputs
-    _result, logit_grad, scale = output
-    ctx.num_outputs = list(num_outputs)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(z, weight, logit_grad, scale)
-
-
-def _head_loss_backward(ctx, grad_losses, _grad_logit_grad, _grad_scale):
-    z, weight, logit_grad, scale = ctx.saved_tensors
-    need_z_grad = bool(ctx.needs_input_grad[0])
-    grad_z, grad_weight, grad_bias = torch.ops.fastmtl.multitask_head_loss_backward.default(
-        grad_losses, z, weight, logit_grad, scale, ctx.num_outputs, ctx.has_bias, need_z_grad
-    )
-    return (
-        grad_z if need_z_grad else None,
-        grad_weight,
-        grad_bias if ctx.has_bias else None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "fastmtl::multitask_head_loss", _head_loss_backward, setup_context=_head_loss_setup_context
-)
