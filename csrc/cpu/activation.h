@@ -95,4 +95,18 @@ inline T act_derivative(T saved) {
   }
 }
 
+// grad * act'(saved): the backward of one element. For relu a select (as threshold_backward),
+// which compiles to a vector blend; written as grad * mask, the compiler emitted a branch that
+// mispredicts on half of the (random) mask and a scalar loop, 15x slower.
+template <Activation A, typename T>
+inline T act_backward(T grad, T saved) {
+  if constexpr (A == Activation::Relu) {
+    return saved > T(0) ? grad : T(0);
+  } else if constexpr (A == Activation::Identity) {
+    return grad;
+  } else {
+    return grad * act_derivative<A>(saved);
+  }
+}
+
 }  // namespace fastmtl

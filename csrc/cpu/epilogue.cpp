@@ -86,7 +86,7 @@ void activation_backward(Activation act, int64_t rows, int64_t cols, const T* gr
     if (!bias_grad) {
       for_row_blocks(rows, cols, [&](int64_t r0, int64_t r1) {
 #pragma omp simd
-        for (int64_t k = r0 * cols; k < r1 * cols; ++k) delta[k] = grad[k] * act_derivative<A>(saved[k]);
+        for (int64_t k = r0 * cols; k < r1 * cols; ++k) delta[k] = act_backward<A>(grad[k], saved[k]);
       });
       return;
     }
@@ -94,12 +94,12 @@ void activation_backward(Activation act, int64_t rows, int64_t cols, const T* gr
       const T* g = grad + i * cols;
       const T* s = saved + i * cols;
       T* d = delta + i * cols;
+      // Two loops, each a plain vectorisable map: fused into one, the compiler keeps it scalar
+      // (mixed float/double), and relu's data-dependent branch then mispredicts half the time.
 #pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) {
-        const T v = g[j] * act_derivative<A>(s[j]);
-        d[j] = v;
-        part[j] += static_cast<double>(v);
-      }
+      for (int64_t j = 0; j < cols; ++j) d[j] = act_backward<A>(g[j], s[j]);
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) part[j] += static_cast<double>(d[j]);
     });
   });
 }
@@ -119,11 +119,9 @@ void scale_columns(int64_t rows, int64_t cols, const T* in, const T* col_scale, 
     const T* x = in + i * cols;
     T* y = out + i * cols;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      const T v = x[j] * col_scale[j];
-      y[j] = v;
-      part[j] += static_cast<double>(v);
-    }
+    for (int64_t j = 0; j < cols; ++j) y[j] = x[j] * col_scale[j];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) part[j] += static_cast<double>(y[j]);
   });
 }
 
