@@ -108,8 +108,9 @@ void head_loss_forward(const std::vector<HeadTask>& tasks, int64_t rows, int64_t
   std::vector<int64_t> chunk_count(num_chunks * num_tasks, 0);
   std::vector<BadTarget> chunk_bad(num_chunks);
 
+  // Work per logit is an exp/log or two, ~10x an epilogue element: go parallel at ~2K logits a thread.
   const int64_t work_per_chunk = kRowsPerChunk * std::max<int64_t>(logit_cols, 1);
-  const int64_t grain = std::max<int64_t>(1, 16384 / work_per_chunk);
+  const int64_t grain = std::max<int64_t>(1, 2048 / work_per_chunk);
   at::parallel_for(0, num_chunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double* sum = chunk_sum.data() + c * num_tasks;

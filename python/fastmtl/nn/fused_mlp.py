@@ -83,13 +83,14 @@ class FusedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"FusedMLP: input expected shape [..., {self.in_features}], got {list(x.shape)}")
+        # ParameterList's own iteration goes through string-index lookups per element, which
+        # cost more than the op's dispatch on small batches; its _parameters dict is the same data.
+        weights = list(self.weights._parameters.values())
+        biases = list(self.biases._parameters.values()) if self.biases is not None else []
+        if x.dim() == 2:
+            return torch.ops.fastmtl.fused_mlp.default(x, weights, biases, self.activation)[0]
         lead = x.shape[:-1]
-        out = ops.fused_mlp(
-            x.reshape(-1, self.in_features),
-            list(self.weights),
-            list(self.biases) if self.biases is not None else None,
-            self.activation,
-        )
+        out = torch.ops.fastmtl.fused_mlp.default(x.reshape(-1, self.in_features), weights, biases, self.activation)[0]
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
