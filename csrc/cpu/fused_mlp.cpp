@@ -1,6 +1,7 @@
 #include "cpu/fused_mlp.h"
 
 #include "cpu/epilogue.h"
+#include "cpu/workspace.h"
 
 namespace fastmtl::cpu {
 
@@ -56,11 +57,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     if (l == 0) {
       layer_input = x;
     } else if (keep_pre) {
-      layer_input = at::empty_like(saved[l - 1]);
+      layer_input = scratch_matrix(3, rows, saved[l - 1].size(1), x.options());
     } else {
       layer_input = saved[l - 1];
     }
-    at::Tensor delta = (l + 1 == num_layers) ? at::empty_like(grad) : grad;  // never write grad_out
+    // The top layer's delta goes to scratch (grad_out is an input: never written); below, delta
+    // overwrites the gradient buffer in place, itself scratch.
+    at::Tensor delta = (l + 1 == num_layers) ? scratch_matrix(0, rows, cols, x.options()) : grad;
     if (has_bias) grad_biases[l] = at::empty({cols}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_fused_mlp_backward", [&] {
       if (l > 0 && keep_pre) {
@@ -77,7 +80,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
       }
     });
     grad_weights[l] = at::mm(delta.t(), layer_input);
-    if (l > 0 || need_input_grad) grad = at::mm(delta, weights[l]);
+    if (l > 0) {
+      // Alternate between two scratch slots: the next layer's gradient must not overwrite delta.
+      at::Tensor next_grad = scratch_matrix(1 + (l % 2), rows, weights[l].size(1), x.options());
+      at::mm_out(next_grad, delta, weights[l]);
+      grad = next_grad;
+    } else if (need_input_grad) {
+      grad = at::mm(delta, weights[l]);  // dx is an output: fresh memory
+    }
   }
   at::Tensor grad_input = need_input_grad ? grad : at::empty({0}, x.options());
   return {grad_input, grad_weights, grad_biases};

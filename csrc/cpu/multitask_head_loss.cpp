@@ -1,6 +1,7 @@
 #include "cpu/multitask_head_loss.h"
 
 #include "cpu/epilogue.h"
+#include "cpu/workspace.h"
 
 namespace fastmtl::cpu {
 
@@ -41,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_backward(
     bool has_bias, bool need_z_grad) {
   const int64_t rows = z.size(0);
   const int64_t logit_cols = weight.size(0);
-  at::Tensor grad_logits = at::empty({rows, logit_cols}, z.options());
+  at::Tensor grad_logits = scratch_matrix(0, rows, logit_cols, z.options());  // internal: scratch
   at::Tensor grad_bias = has_bias ? at::empty({logit_cols}, z.options()) : at::empty({0}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fastmtl_head_loss_backward", [&] {
     // Per logit column: upstream weight of its task times 1/count of its task.
