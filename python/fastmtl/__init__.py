@@ -13,15 +13,20 @@ def _check_torch_version() -> None:
     # fails with undefined symbols or, worse, crashes. Say what to do instead.
     import torch
 
-    from . import _build_config
+    try:
+        from . import _build_config
+    except ImportError:
+        raise ImportError(
+            "fastmtl's compiled part is missing (this looks like an unbuilt source tree); build it with "
+            "`pip install --no-build-isolation .` from the fastmtl source tree, after installing torch"
+        ) from None
 
     running = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     if running != _build_config.TORCH_MAJOR_MINOR:
         raise ImportError(
             f"fastmtl was built against torch {_build_config.TORCH_VERSION} but torch {torch.__version__} "
-            f"is installed; rebuild fastmtl against this torch: "
-            f"pip install --no-build-isolation --force-reinstall --no-deps fastmtl-torch (from its source tree: "
-            f"pip install --no-build-isolation .)"
+            f"is installed; rebuild fastmtl against this torch: `pip install --no-build-isolation --force-reinstall .` "
+            f"from the fastmtl source tree"
         )
 
 
