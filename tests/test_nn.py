@@ -8,7 +8,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-import fastmtl
 from fastmtl import Task
 from fastmtl.nn import FusedMLP, MultiTaskHeads, MultiTaskModel
 from conftest import assert_rel_close, mixed_tasks, random_targets

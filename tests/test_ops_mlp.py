@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import fastmtl
 from fastmtl import ops, reference
 from conftest import assert_rel_close
 
