@@ -298,3 +298,9 @@ def test_op_level_loss_names_are_checked():
         torch.ops.fastmtl.multitask_head_loss.default(z, torch.randn(1, 2), None, torch.zeros(2, 1), ["hinge"], [1])
     with pytest.raises(ValueError, match=r"'num_outputs\[0\]' expected 1 for a bce"):
         torch.ops.fastmtl.multitask_head_loss.default(z, torch.randn(2, 2), None, torch.zeros(2, 1), ["bce"], [2])
+
+
+def test_meta_and_cpu_tensors_mixed_raise():
+    z, w, b, packed, tasks = _head_args()
+    with pytest.raises(ValueError, match=r"'weight' expected device meta \(the device of 'z'\), got cpu"):
+        ops.multitask_head_loss(z.to("meta"), w, b, packed, tasks)

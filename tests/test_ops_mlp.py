@@ -227,3 +227,45 @@ def test_tensors_on_different_devices_raise():
     x, ws, bs = _trunk32("cpu")
     with pytest.raises((ValueError, RuntimeError), match=r"device"):
         ops.fused_mlp(x, [ws[0].cuda(), ws[1]], bs, "relu")
+
+
+def test_backward_bits_do_not_depend_on_thread_count():
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(333, 40, generator=gen)
+    ws, bs = make_trunk(40, [300, 300], True, gen, dtype=torch.float32)
+    ws, bs = on("cpu", torch.float32, ws), on("cpu", torch.float32, bs)
+    grad_out = torch.randn(333, 300, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.autograd.grad(ops.fused_mlp(x, ws, bs, "relu"), [*ws, *bs], grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    many = torch.autograd.grad(ops.fused_mlp(x, ws, bs, "relu"), [*ws, *bs], grad_out)
+    for a, b in zip(one[len(ws):], many[len(ws):]):
+        assert torch.equal(a, b), "bias gradients are reduced in a fixed order"
+
+
+def test_interleaved_shapes_and_dtypes_give_the_reference_results():
+    # The backward keeps per-thread scratch buffers between calls: different shapes and dtypes in
+    # turn must never see each other's data.
+    gen = torch.Generator().manual_seed(11)
+    cases = []
+    for batch, widths, dtype in [(300, [64, 32], torch.float32), (3, [5, 7, 2], torch.float64), (50, [128], torch.float32)]:
+        x = torch.randn(batch, 9, generator=gen, dtype=torch.float64)
+        ws, bs = make_trunk(9, widths, True, gen)
+        cases.append((x, ws, bs, dtype))
+    for _ in range(2):
+        for x, ws, bs, dtype in cases:
+            w, b = on("cpu", dtype, ws), on("cpu", dtype, bs)
+            grads = torch.autograd.grad(ops.fused_mlp(x.to(dtype), w, b, "silu").square().sum(), [*w, *b])
+            w64, b64 = on("cpu", torch.float64, ws), on("cpu", torch.float64, bs)
+            ref = torch.autograd.grad(reference.fused_mlp(x, w64, b64, "silu").square().sum(), [*w64, *b64])
+            for g, r in zip(grads, ref):
+                assert_rel_close(g, r, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_meta_and_cpu_tensors_mixed_raise():
+    x, ws, bs = _trunk32("cpu")
+    with pytest.raises(ValueError, match=r"'weights\[0\]' expected device meta.*got cpu|'x'.*device"):
+        ops.fused_mlp(x.to("meta"), ws, bs, "relu")

@@ -81,9 +81,24 @@ def _check_activation(activation: str) -> None:
         )
 
 
+def _check_devices(op: str, reference_name: str, reference: torch.Tensor, **tensors) -> None:
+    """Fake kernels run where no device kernel checks (meta tensors, torch.compile tracing):
+    mixed devices must fail there too, not produce a result."""
+    for name, value in tensors.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for i, t in enumerate(values):
+            if t is not None and t.device != reference.device:
+                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                raise ValueError(
+                    f"fastmtl.{op}: argument '{where}' expected device {reference.device} "
+                    f"(the device of '{reference_name}'), got {t.device}"
+                )
+
+
 @torch.library.register_fake("fastmtl::fused_mlp")
 def _fused_mlp_fake(x, weights, biases, activation):
     _check_activation(activation)
+    _check_devices("fused_mlp", "x", x, weights=weights, biases=biases)
     rows = x.shape[0]
     out = x.new_empty((rows, weights[-1].shape[0]))
     kept = weights if activation in PRE_ACTIVATION_SAVED else weights[:-1]
@@ -177,6 +192,7 @@ def multitask_head_loss(
 
 @torch.library.register_fake("fastmtl::multitask_head_loss")
 def _multitask_head_loss_fake(z, weight, bias, targets, losses, num_outputs):
+    _check_devices("multitask_head_loss", "z", z, weight=weight, bias=bias, targets=targets)
     num_tasks = len(losses)
     return z.new_empty((num_tasks,)), z.new_empty((z.shape[0], weight.shape[0])), z.new_empty((num_tasks,))
 
