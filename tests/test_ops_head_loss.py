@@ -304,3 +304,14 @@ def test_meta_and_cpu_tensors_mixed_raise():
     z, w, b, packed, tasks = _head_args()
     with pytest.raises(ValueError, match=r"'weight' expected device meta \(the device of 'z'\), got cpu"):
         ops.multitask_head_loss(z.to("meta"), w, b, packed, tasks)
+
+
+@pytest.mark.parametrize("logit", [-60.0, -20.0, -3.0, -1e-3, 0.0, 0.7, 15.0])
+def test_bce_is_accurate_where_the_loss_is_tiny_or_large(logit):
+    # loss(x, t=0) = log1p(exp(x)): for very negative x a float32 result still has full relative
+    # accuracy (a naive log(1 + exp(x)) rounds it to 0).
+    z = torch.tensor([[logit]])
+    w = torch.ones(1, 1)
+    got = ops.multitask_head_loss(z, w, None, torch.tensor([[0.0]]), [Task("b", "binary")]).item()
+    expected = max(logit, 0.0) + math.log1p(math.exp(-abs(logit)))
+    assert got == pytest.approx(expected, rel=2e-6)

@@ -57,6 +57,14 @@ inline void regression_row(LossKind loss, int64_t n, T* y, const T* bias, const 
   }
 }
 
+// log1p(e) for e in [0, 1], as log(1 + e) corrected for the rounding of 1 + e (Goldberg's trick:
+// accurate to a few ulp). glibc's log1pf costs several logf, and this is the loss pass's hot spot.
+template <typename T>
+inline T log1p_unit(T e) {
+  const T u = T(1) + e;
+  return u == T(1) ? e : std::log(u) * (e / (u - T(1)));
+}
+
 // Binary cross-entropy with logits, stable for any logit: max(y,0) - y t + log1p(exp(-|y|)).
 template <typename T>
 inline void bce_row(T* y, const T* bias, T target, double* sum, int64_t* cnt, bool* bad, double* bad_val) {
@@ -64,8 +72,8 @@ inline void bce_row(T* y, const T* bias, T target, double* sum, int64_t* cnt, bo
   if (!(target >= T(0) && target <= T(1))) { *bad = true; *bad_val = double(target); y[0] = T(0); return; }
   const T x = y[0] + (bias ? bias[0] : T(0));
   const T e = std::exp(-std::abs(x));
-  const T l = std::max(x, T(0)) - x * target + std::log1p(e);
-  const T sig = x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  const T l = std::max(x, T(0)) - x * target + log1p_unit(e);
+  const T sig = (x >= T(0) ? T(1) : e) / (T(1) + e);  // sigmoid(x) without overflow, branch-free
   *sum += double(l);
   *cnt += 1;
   y[0] = sig - target;
