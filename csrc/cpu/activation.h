@@ -69,13 +69,13 @@ inline T act_forward(T a) {
   }
 }
 
-// d act / d a, given what saved_kind(A) says the forward kept: the output y (Post) or the
-// pre-activation a (Pre).
+// d act / d a of the smooth activations, given what saved_kind(A) says the forward kept: the
+// output y (tanh) or the pre-activation a (gelu, silu). relu and identity need no derivative:
+// act_backward below handles them directly.
 template <Activation A, typename T>
 inline T act_derivative(T saved) {
-  if constexpr (A == Activation::Relu) {
-    return saved > T(0) ? T(1) : T(0);
-  } else if constexpr (A == Activation::Tanh) {
+  static_assert(A != Activation::Relu && A != Activation::Identity, "handled by act_backward");
+  if constexpr (A == Activation::Tanh) {
     return T(1) - saved * saved;
   } else if constexpr (A == Activation::Gelu) {
     const T a = saved;
@@ -87,11 +87,9 @@ inline T act_derivative(T saved) {
     const T th = std::tanh(T(kSqrt2OverPi) * (a + T(kGeluTanhCoef) * a * a * a));
     return T(0.5) * (T(1) + th) +
            T(0.5) * a * (T(1) - th * th) * T(kSqrt2OverPi) * (T(1) + T(3 * kGeluTanhCoef) * a * a);
-  } else if constexpr (A == Activation::Silu) {
+  } else {  // Silu
     const T s = T(1) / (T(1) + std::exp(-saved));
     return s * (T(1) + saved * (T(1) - s));
-  } else {
-    return T(1);
   }
 }
 

@@ -87,11 +87,9 @@ class FusedMLP(nn.Module):
         # cost more than the op's dispatch on small batches; its _parameters dict is the same data.
         weights = list(self.weights._parameters.values())
         biases = list(self.biases._parameters.values()) if self.biases is not None else []
-        if x.dim() == 2:
-            return torch.ops.fastmtl.fused_mlp.default(x, weights, biases, self.activation)[0]
-        lead = x.shape[:-1]
-        out = torch.ops.fastmtl.fused_mlp.default(x.reshape(-1, self.in_features), weights, biases, self.activation)[0]
-        return out.reshape(*lead, self.out_features)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = torch.ops.fastmtl.fused_mlp.default(rows, weights, biases, self.activation)[0]
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (
