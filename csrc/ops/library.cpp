@@ -27,4 +27,22 @@ TORCH_LIBRARY(fastmtl, m) {
   m.def(
       "pack_targets(Tensor[] targets, str[] names, str[] losses, int[] num_outputs, ScalarType dtype) "
       "-> Tensor");
+
+  // Aggregation: batches of Gram matrices gram [N, T, T] -> task weights [N, T], solved in double
+  // precision on the CPU (csrc/cpu/aggregation/). Non-differentiable: the weights are constants of
+  // the update, as in every method they implement.
+  // UPGrad / DualProj: for each u [N, K, T], the v >= u minimising v^T H v, H = G / tr(G) + reg_eps I.
+  m.def("dual_cone_projection(Tensor gram, Tensor u, float norm_eps, float reg_eps) -> Tensor");
+  // MGDA: the weights of the minimum-norm point of the convex hull of the gradients.
+  m.def("min_norm_weights(Tensor gram) -> Tensor");
+  m.def("cagrad_weights(Tensor gram, float c, float norm_eps) -> Tensor");
+  // Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha): the x > 0 with G x = x^(-exponent).
+  m.def("power_system_weights(Tensor gram, float exponent) -> Tensor");
+  // order [N, T, T]: for each task, the order in which the others are visited.
+  m.def("pcgrad_weights(Tensor gram, Tensor order) -> Tensor");
+  // order [N, T, T - 1]; targets [N, T, T] the EMA cosine targets. Returns (weights, new targets).
+  m.def("gradvac_weights(Tensor gram, Tensor order, Tensor targets, float beta, float eps) -> (Tensor, Tensor)");
+  m.def("aligned_mtl_weights(Tensor gram, Tensor pref, str scale_mode) -> Tensor");
+  m.def("imtlg_weights(Tensor gram) -> Tensor");
+  m.def("config_weights(Tensor gram, Tensor pref) -> Tensor");
 }
