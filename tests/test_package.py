@@ -38,8 +38,13 @@ def test_ops_are_registered_under_torch_ops():
         assert hasattr(torch.ops.fastmtl, name)
 
 
+WEIGHTING_MODULES = ["equal", "uncertainty", "dwa", "rlw", "gradnorm", "famo", "dbmtl", "imtl", "gls"]
+
+
 @pytest.mark.parametrize(
-    "module", ["fastmtl.tasks", "fastmtl.ops", "fastmtl.nn.fused_mlp", "fastmtl.nn.heads", "fastmtl.nn.model"]
+    "module",
+    ["fastmtl.tasks", "fastmtl.ops", "fastmtl.nn.fused_mlp", "fastmtl.nn.heads", "fastmtl.nn.model"]
+    + ["fastmtl.weighting"] + [f"fastmtl.weighting.{name}" for name in WEIGHTING_MODULES],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), verbose=False)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .tasks import Task, check_tasks
+from ..tasks import Task, check_tasks
 
 __all__ = ["fused_mlp", "multitask_head_loss", "pack_targets", "ACTIVATIONS", "PRE_ACTIVATION_SAVED"]
 
@@ -202,3 +202,17 @@ def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale
     grad_z = z.new_empty(z.shape) if need_z_grad else z.new_empty((0,))
     grad_bias = z.new_empty((weight.shape[0],)) if has_bias else z.new_empty((0,))
     return grad_z, weight.new_empty(weight.shape), grad_bias
+
+
+# The aggregation ops (Gram matrices -> task weights) live in their own module.
+from .aggregation import (  # noqa: E402
+    aligned_mtl_weights,
+    cagrad_weights,
+    config_weights,
+    dual_cone_projection,
+    gradvac_weights,
+    imtlg_weights,
+    min_norm_weights,
+    pcgrad_weights,
+    power_system_weights,
+)

@@ -1,0 +1,119 @@
+"""The aggregation ops: batches of Gram matrices ``gram [N, T, T]`` (``G[s, t] = <g_s, g_t>``) to task
+weights ``[N, T]``, solved in double precision on the CPU by ``csrc/cpu/aggregation/``; results come
+back in the Gram's dtype and on its device. The classes of :mod:`fastmtl.aggregation` call these;
+:mod:`fastmtl.reference` has plain-PyTorch versions of each.
+
+The weights of an aggregation method are constants of the update (no method differentiates through
+them), so these ops have no derivative: the registered autograd formula raises if one is asked for.
+
+>>> import torch, fastmtl
+>>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)   # two conflicting gradients
+>>> w = fastmtl.ops.min_norm_weights((J @ J.T)[None])[0]                # MGDA
+>>> [round(x, 12) for x in w.tolist()], [round(x, 12) for x in (w @ J).tolist()]  # the min-norm point
+([0.6, 0.4], [0.2, 0.4])
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "dual_cone_projection",
+    "min_norm_weights",
+    "cagrad_weights",
+    "power_system_weights",
+    "pcgrad_weights",
+    "gradvac_weights",
+    "aligned_mtl_weights",
+    "imtlg_weights",
+    "config_weights",
+]
+
+_fastmtl = torch.ops.fastmtl
+
+
+def dual_cone_projection(gram: torch.Tensor, u: torch.Tensor, norm_eps: float = 1e-4, reg_eps: float = 1e-4):
+    """For each ``u [N, K, T]``: the ``v >= u`` minimising ``v^T H v``, ``H = G / tr(G) + reg_eps I``
+    (``G / tr(G)`` is replaced by 0 when ``tr(G) < norm_eps``). ``J^T v`` is the projection of ``J^T u``
+    onto the dual cone of the gradients (Quinton & Rey 2024, Prop. 1): UPGrad and DualProj."""
+    return _fastmtl.dual_cone_projection(gram, u, norm_eps, reg_eps)
+
+
+def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
+    """MGDA: weights on the simplex of the minimum-norm point of the convex hull of the gradients."""
+    return _fastmtl.min_norm_weights(gram)
+
+
+def cagrad_weights(gram: torch.Tensor, c: float, norm_eps: float = 1e-4) -> torch.Tensor:
+    """CAGrad's weights, ``1/T + (phi/|g_w|) w`` with ``w`` minimising ``b^T w + phi |g_w|`` on the simplex."""
+    return _fastmtl.cagrad_weights(gram, c, norm_eps)
+
+
+def power_system_weights(gram: torch.Tensor, exponent: float) -> torch.Tensor:
+    """The ``x > 0`` with ``G x = x^(-exponent)``: Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha)."""
+    return _fastmtl.power_system_weights(gram, exponent)
+
+
+def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """PCGrad's update as weights; ``order [N, T, T]`` (int64): the visiting order of the tasks for each task."""
+    return _fastmtl.pcgrad_weights(gram, order)
+
+
+def gradvac_weights(gram, order, targets, beta: float, eps: float):
+    """GradVac's update as weights and the updated EMA cosine targets; ``order [N, T, T - 1]`` lists the
+    other tasks of each task, ``targets [N, T, T]``. Returns ``(weights [N, T], new_targets [N, T, T])``."""
+    return _fastmtl.gradvac_weights(gram, order, targets, beta, eps)
+
+
+def aligned_mtl_weights(gram: torch.Tensor, pref: torch.Tensor, scale_mode: str = "min") -> torch.Tensor:
+    """Aligned-MTL: ``sqrt(scale) V diag(lambda^-1/2) V^T pref`` over the Gram's non-null eigenpairs."""
+    return _fastmtl.aligned_mtl_weights(gram, pref, scale_mode)
+
+
+def imtlg_weights(gram: torch.Tensor) -> torch.Tensor:
+    """IMTL-G: ``v / sum(v)`` with ``v = G^+ d``, ``d_i = |g_i|`` (zeros when ``sum(v)`` vanishes)."""
+    return _fastmtl.imtlg_weights(gram)
+
+
+def config_weights(gram: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
+    """ConFIG: the direction with the same cosine ``pref_i`` to every unit gradient, scaled to
+    ``sum_i <g_i, u/|u|>``, as weights of the gradients."""
+    return _fastmtl.config_weights(gram, pref)
+
+
+# Fake kernels: shapes only, for torch.compile and opcheck.
+def _weights_like(gram):
+    return gram.new_empty(gram.shape[:2])
+
+
+for _name in ("min_norm_weights", "imtlg_weights"):
+    torch.library.register_fake(f"fastmtl::{_name}")(lambda gram: _weights_like(gram))
+torch.library.register_fake("fastmtl::cagrad_weights")(lambda gram, c, norm_eps: _weights_like(gram))
+torch.library.register_fake("fastmtl::power_system_weights")(lambda gram, exponent: _weights_like(gram))
+torch.library.register_fake("fastmtl::pcgrad_weights")(lambda gram, order: _weights_like(gram))
+torch.library.register_fake("fastmtl::aligned_mtl_weights")(lambda gram, pref, scale_mode: _weights_like(gram))
+torch.library.register_fake("fastmtl::config_weights")(lambda gram, pref: _weights_like(gram))
+
+
+@torch.library.register_fake("fastmtl::dual_cone_projection")
+def _dual_cone_projection_fake(gram, u, norm_eps, reg_eps):
+    return u.new_empty(u.shape)
+
+
+@torch.library.register_fake("fastmtl::gradvac_weights")
+def _gradvac_weights_fake(gram, order, targets, beta, eps):
+    return _weights_like(gram), targets.new_empty(targets.shape)
+
+
+def _not_differentiable(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastmtl.ops.{name} is not differentiable: aggregation weights are constants of the update. "
+            "Detach the Gram matrix (the classes of fastmtl.aggregation do) before calling it."
+        )
+
+    return backward
+
+
+for _name in __all__:
+    torch.library.register_autograd(f"fastmtl::{_name}", _not_differentiable(_name))

@@ -1,0 +1,52 @@
+"""Loss-based task weighting: per-task losses ``[T]`` (and, for some methods, the ``[T, T]`` Gram
+matrix of the per-task gradients) -> the scalar loss to backpropagate.
+
+Every method is a :class:`Weighting` module with one call, ``method(losses, gram=None)``,
+``num_tasks`` as its first argument, and ``method.weights``: the effective weights of the last
+call, ``d(returned loss) / d(losses)``, detached. Their state — learnable parameters, running
+statistics, generators, optimizer moments — is saved by ``state_dict()``.
+
+Weighting acts on the losses; the gradient-based methods, which act on the per-task gradients
+(MGDA, PCGrad, ...), are in :mod:`fastmtl.aggregation`.
+
+============  ===========================================  ===================================  ==========================================
+method        paper                                        needs                                returns
+============  ===========================================  ===================================  ==========================================
+``EW``        equal weighting (baseline)                   losses                               ``sum L_t``
+``UW``        Kendall et al., CVPR 2018                    losses, learnable parameters         ``sum L_t / (2 exp s_t) + s_t / 2``
+``DWA``       Liu et al., CVPR 2019                        losses, history (``end_epoch()``)    ``sum w_t L_t``, ``w`` from epoch-mean ratios
+``RLW``       Lin et al., TMLR 2022 (arXiv 2021)           losses (random draws)                ``sum w_t L_t``, ``w = softmax(randn(T))``
+``GradNorm``  Chen et al., ICML 2018                       losses, history, gram (diagonal)     ``sum w_t L_t``, ``w`` stepped after each call
+``FAMO``      Liu et al., NeurIPS 2023                     losses, history (``update()``)       ``sum z_t log(L_t - min_t + eps) / c``
+``DBMTL``     Lin et al., arXiv 2023                       losses, history, gram (diagonal)     ``sum alpha_t log(L_t + eps)``
+``IMTLL``     Liu et al., ICLR 2021 (IMTL-L)               losses, learnable parameters         ``sum exp(s_t) L_t - s_t``
+``GLS``       Chennupati et al., CVPR-W 2019               losses                               ``(prod L_t)^(1/T)``
+============  ===========================================  ===================================  ==========================================
+
+"learnable parameters": ``method.parameters()`` must go to the optimizer with the model's.
+"history": the method keeps state across calls; restore it with ``load_state_dict`` when resuming.
+"gram": ``G_st = <grad L_s, grad L_t>`` over the shared parameters (``method.requires_gram``).
+
+>>> import torch
+>>> from fastmtl.weighting import UW
+>>> shared = torch.nn.Linear(3, 2)
+>>> weighting = UW(num_tasks=2)
+>>> optimizer = torch.optim.SGD([*shared.parameters(), *weighting.parameters()], lr=0.1)
+>>> out = shared(torch.randn(8, 3))
+>>> losses = out.pow(2).mean(dim=0)
+>>> weighting(losses).backward()
+>>> optimizer.step()
+"""
+
+from ._base import Weighting
+from .dbmtl import DBMTL
+from .dwa import DWA
+from .equal import EW
+from .famo import FAMO
+from .gls import GLS
+from .gradnorm import GradNorm
+from .imtl import IMTLL
+from .rlw import RLW
+from .uncertainty import UW
+
+__all__ = ["Weighting", "EW", "UW", "DWA", "RLW", "GradNorm", "FAMO", "DBMTL", "IMTLL", "GLS"]
