@@ -42,7 +42,9 @@ class PCGrad(_Seeded):
     """Projecting conflicting gradients (Yu et al. 2020, Algorithm 1): for each task, in a random order
     of the others, remove from its (modified) gradient the component along any gradient it conflicts
     with; the update is the sum of the modified gradients. Equals the sum of the gradients when no two
-    conflict.
+    conflict. ``reduction="sum"`` (default) sums the modified gradients as the paper's Algorithm 1,
+    torchjd and LibMTL do; ``"mean"`` averages them as the authors' PyTorch code does (then it equals
+    :class:`Mean` when no two gradients conflict).
 
     Computed from the Gram matrix alone (each modified gradient kept as coefficients over the original
     ones) in C++: O(T^3) instead of O(T^2 P). ``seed=None`` uses the global torch RNG and draws the same
@@ -54,15 +56,19 @@ class PCGrad(_Seeded):
     tensor([1., 1.])
     """
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, reduction: str = "sum"):
         super().__init__(seed)
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"fastmtl.aggregation.PCGrad: argument 'reduction' expected 'sum' or 'mean', got {reduction!r}")
+        self.reduction = reduction
 
     def _weights(self, gram):
         N, T = gram.shape[:2]
-        return ops.pcgrad_weights(gram, _draw_order(N, T, self._generator, exclude_self=False))
+        weights = ops.pcgrad_weights(gram, _draw_order(N, T, self._generator, exclude_self=False))
+        return weights / T if self.reduction == "mean" else weights
 
     def _hyperparameters(self):
-        return {"seed": self.seed}
+        return {"seed": self.seed, "reduction": self.reduction}
 
 
 class GradVac(_Seeded):

@@ -205,7 +205,7 @@ def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale
 
 
 # The aggregation ops (Gram matrices -> task weights) live in their own module.
-from .aggregation import (  # noqa: E402
+from .aggregation import (  # noqa: E402, F401
     aligned_mtl_weights,
     cagrad_weights,
     config_weights,

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .tasks import Task, check_tasks
+from ..tasks import Task, check_tasks
 
 __all__ = ["fused_mlp", "multitask_head_loss", "pack_targets", "activation_fn"]
 
@@ -93,3 +93,17 @@ def multitask_head_loss(
         col += task.num_outputs
         tcol += task.target_width
     return torch.stack(losses)
+
+
+# References of the aggregation ops.
+from .aggregation import (  # noqa: E402, F401
+    aligned_mtl_weights,
+    cagrad_weights,
+    config_weights,
+    dual_cone_projection,
+    gradvac_weights,
+    imtlg_weights,
+    min_norm_weights,
+    pcgrad_weights,
+    power_system_weights,
+)
