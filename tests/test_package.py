@@ -34,17 +34,20 @@ def test_import_under_another_torch_raises_import_error_saying_rebuild():
 
 def test_ops_are_registered_under_torch_ops():
     for name in ("fused_mlp", "fused_mlp_backward", "multitask_head_loss", "multitask_head_loss_backward",
-                 "pack_targets"):
+                 "pack_targets", "dual_cone_projection", "min_norm_weights", "cagrad_weights", "power_system_weights",
+                 "pcgrad_weights", "gradvac_weights", "aligned_mtl_weights", "imtlg_weights", "config_weights"):
         assert hasattr(torch.ops.fastmtl, name)
 
 
 WEIGHTING_MODULES = ["equal", "uncertainty", "dwa", "rlw", "gradnorm", "famo", "dbmtl", "imtl", "gls"]
+AGGREGATION_MODULES = ["basic", "mgda", "dual_cone", "cagrad", "surgery", "spectral", "bargaining"]
 
 
 @pytest.mark.parametrize(
     "module",
     ["fastmtl.tasks", "fastmtl.ops", "fastmtl.nn.fused_mlp", "fastmtl.nn.heads", "fastmtl.nn.model"]
-    + ["fastmtl.weighting"] + [f"fastmtl.weighting.{name}" for name in WEIGHTING_MODULES],
+    + ["fastmtl.weighting"] + [f"fastmtl.weighting.{name}" for name in WEIGHTING_MODULES]
+    + ["fastmtl.ops.aggregation", "fastmtl.aggregation"] + [f"fastmtl.aggregation.{name}" for name in AGGREGATION_MODULES],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), verbose=False)

@@ -41,7 +41,7 @@ void solve_power_system(const double* G, int64_t T, double p, double* x_out) {
   std::vector<double> H(n * n);
   for (int64_t a = 0; a < n; ++a)
     for (int64_t c = 0; c < n; ++c) H[a * n + c] = G[active[a] * T + active[c]];
-  for (int64_t a = 0; a < n; ++a) H[a * n + a] += 1e-12 * max_diag;
+  for (int64_t a = 0; a < n; ++a) H[a * n + a] += 1e-14 * max_diag;
 
   const PowerObjective objective{H, n, p};
   std::vector<double> x(n), residual(n), step(n), trial(n), column(n);

@@ -11,7 +11,7 @@ namespace fastmtl::cpu::aggregation {
 // G + diag(p x^(-p-1)), backtracking that keeps x > 0 and decreases F). Stops when every
 // |(G x)_i - x_i^(-p)| <= 1e-14 x_i^(-p) (or no further decrease at rounding level), which takes about 10 steps from x_i = G_ii^(-1/(1+p)).
 // Tasks with a zero gradient (G_ii <= 1e-14 max G) get weight 0: no finite weight balances them.
-// G gets 1e-12 max G_ii on its diagonal so that F stays bounded below when some convex combination
+// G gets 1e-14 max G_ii on its diagonal so that F stays bounded below when some convex combination
 // of gradients is zero (then no exact solution exists and the weights become large, not infinite).
 // G: row-major [T, T]; x: [T].
 void solve_power_system(const double* G, int64_t T, double p, double* x);

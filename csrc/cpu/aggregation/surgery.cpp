@@ -40,14 +40,20 @@ void gradvac_weights(const double* G, int64_t T, const int64_t* order, double be
       for (int64_t m = 0; m < T; ++m) norm_i_sq += cG[m] * ci[m];
       const double norm_i = std::sqrt(std::max(norm_i_sq, 0.0));
       const double norm_j = std::sqrt(std::max(G[j * T + j], 0.0));
-      const double cosine = cG[j] / (norm_i * norm_j + eps);
+      // With eps = 0 a zero (or fully cancelled) gradient would give 0/0: its cosine counts as 0 and
+      // a correction with a zero denominator is skipped, instead of spreading NaN into the weights.
+      const double denominator = norm_i * norm_j + eps;
+      const double cosine = denominator > 0.0 ? cG[j] / denominator : 0.0;
       const double target = targets[i * T + j];
       if (cosine < target) {
         const double sin_now = std::sqrt(std::max(1.0 - cosine * cosine, 0.0));
         const double sin_target = std::sqrt(std::max(1.0 - target * target, 0.0));
-        const double w = norm_i * (target * sin_now - cosine * sin_target) / (norm_j * sin_target + eps);
-        ci[j] += w;
-        for (int64_t m = 0; m < T; ++m) cG[m] += w * G[j * T + m];
+        const double correction_denominator = norm_j * sin_target + eps;
+        if (correction_denominator > 0.0) {
+          const double w = norm_i * (target * sin_now - cosine * sin_target) / correction_denominator;
+          ci[j] += w;
+          for (int64_t m = 0; m < T; ++m) cG[m] += w * G[j * T + m];
+        }
       }
       targets[i * T + j] = (1.0 - beta) * target + beta * cosine;
     }

@@ -87,7 +87,12 @@ class Random(Aggregator):
         self._generator = make_generator(seed)
 
     def _weights(self, gram):
-        draws = torch.randn(gram.shape[:2], dtype=gram.dtype, generator=self._generator)
+        # One draw per matrix, so that a batch gives what the same number of single calls gives (and
+        # what torchjd's Random gives after the same torch.manual_seed): torch.randn of a larger size
+        # is not the concatenation of smaller draws.
+        N, T = gram.shape[:2]
+        draws = torch.stack([torch.randn(T, dtype=gram.dtype, generator=self._generator) for _ in range(N)]) if N else \
+            gram.new_empty(0, T)
         return torch.softmax(draws, dim=-1).to(gram.device)
 
     def _hyperparameters(self):

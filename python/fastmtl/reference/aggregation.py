@@ -165,7 +165,7 @@ def _power_one(G, p):
     if max_diag <= 0:
         return x
     active = G.diagonal() > 1e-14 * max_diag
-    H = G[active][:, active] + 1e-12 * max_diag * torch.eye(int(active.sum()), dtype=G.dtype)
+    H = G[active][:, active] + 1e-14 * max_diag * torch.eye(int(active.sum()), dtype=G.dtype)
     y = H.diagonal() ** (-1.0 / (1.0 + p))
     for _ in range(500):  # damped Newton with a fraction-to-boundary rule, plenty of steps
         residual = H @ y - y ** (-p)
@@ -214,11 +214,13 @@ def gradvac_weights(gram, order, targets, beta, eps):
                 cG = C[i] @ G
                 norm_i = (cG @ C[i]).clamp_min(0).sqrt()
                 norm_j = G[j, j].clamp_min(0).sqrt()
-                cosine = cG[j] / (norm_i * norm_j + eps)
+                denominator = norm_i * norm_j + eps
+                cosine = cG[j] / denominator if denominator > 0 else torch.zeros((), dtype=G.dtype)
                 target = phi[i, j].clone()
-                if cosine < target:
+                correction_denominator = norm_j * (1 - target**2).clamp_min(0).sqrt() + eps
+                if cosine < target and correction_denominator > 0:
                     w = norm_i * (target * (1 - cosine**2).clamp_min(0).sqrt() - cosine * (1 - target**2).clamp_min(0).sqrt())
-                    C[i, j] += w / (norm_j * (1 - target**2).clamp_min(0).sqrt() + eps)
+                    C[i, j] += w / correction_denominator
                 phi[i, j] = (1 - beta) * target + beta * cosine
         out.append(C.sum(0))
     return torch.stack(out).to(gram.dtype), new_targets.to(targets.dtype)
