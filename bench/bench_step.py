@@ -41,12 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
-import os
-import platform
-import socket
-import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -56,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmtl
+from _common import cpu_model, default_output_path, machine_description, summarise, write_json
 
 MISSING_FRACTION = 0.1  # share of each task's labels set missing (NaN or -100)
 MULTICLASS_CLASSES = 5
@@ -464,23 +459,6 @@ def time_round_robin(variants: List[Variant], repeats: int, device) -> Dict[str,
     return samples
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summarise(samples: List[float]) -> dict:
-    return {
-        "median_ms": statistics.median(samples),
-        "p10_ms": percentile(samples, 0.1),
-        "p90_ms": percentile(samples, 0.9),
-        "samples_ms": samples,
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # ratios and goals
 
@@ -583,51 +561,6 @@ def print_result(result: dict, device: str, dtype: torch.dtype) -> None:
         print(f"  goal {goal['goal']:<40} {format_ratio(goal['value']):>8}  {goal['status']}")
 
 
-def cpu_model() -> str:
-    """lscpu's model name where there is one; platform.processor() is often empty on Linux."""
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in output.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_description(device: str) -> dict:
-    info = {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "fastmtl_build_info": fastmtl.build_info(),
-        "device": device,
-    }
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def default_output_path(device: str, small: bool) -> str:
-    name = "bench_step-" + (socket.gethostname() or "cpu")
-    if torch.device(device).type != "cpu":
-        name += f"-{torch.device(device).type}"
-    if small:
-        name += "-small"  # so a smoke run never overwrites real results
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name + ".json")
-
-
-def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-
-
 # ----------------------------------------------------------------------------------------------
 # command line
 
@@ -669,7 +602,7 @@ def main(argv=None) -> None:
         result = run_size(size, args, args.device, dtype)
         print_result(result, args.device, dtype)
         results.append(result)
-    path = args.out or default_output_path(args.device, args.small)
+    path = args.out or default_output_path("bench_step", args.device, args.small)
     write_json(path, {
         "benchmark": "bench_step",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -156,11 +156,19 @@ def test_empty_batch_and_inputs_not_modified(name):
     assert out.shape[0] == 0
 
 
-def test_not_differentiable_says_so():
-    G = gram(jacobian(3, "generic", 0))[None].requires_grad_()
-    w = ops.min_norm_weights(G)
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        w.sum().backward()
+@pytest.mark.parametrize("name", OPS)
+def test_inputs_that_require_grad_are_refused_saying_to_detach(name):
+    T = 3
+    G = gram(jacobian(T, "generic", 0))[None]
+    args = _calls(T, 0)[name]
+    with pytest.raises(RuntimeError, match="not differentiable.*Detach"):
+        getattr(ops, name)(G.clone().requires_grad_(), *args)
+    floating = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    for i in floating:
+        bad = list(args)
+        bad[i] = args[i].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            getattr(ops, name)(G, *bad)
 
 
 @pytest.mark.parametrize("name", OPS)

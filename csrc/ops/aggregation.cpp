@@ -2,6 +2,10 @@
 // (parallel over the N matrices, or over the N*K projections of UPGrad) and the solvers of
 // csrc/cpu/aggregation/. All solve in double precision; outputs have the Gram's dtype and device.
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <type_traits>
 #include <torch/library.h>
 
 #include "cpu/aggregation/cagrad.h"
@@ -37,25 +41,26 @@ void check_nonnegative(const char* op, const char* arg, double value) {
 
 at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& u, double norm_eps, double reg_eps) {
   constexpr const char* kOp = "dual_cone_projection";
-  at::Tensor g = checked_gram(kOp, gram);
-  const int64_t N = g.size(0), T = g.size(1);
+  at::Tensor H = checked_gram(kOp, gram);
+  const int64_t N = H.size(0), T = H.size(1);
   TORCH_CHECK_VALUE(u.dim() == 3 && u.size(0) == N && u.size(2) == T, "fastmtl.dual_cone_projection: argument 'u' "
                     "expected shape [N, K, T] = [", N, ", K, ", T, "] (N and T of 'gram'), got ", shape_str(u.sizes()));
-  check_float_dtype(u, kOp, "u");
-  TORCH_CHECK_VALUE(at::isfinite(u).all().item<bool>(), "fastmtl.dual_cone_projection: argument 'u' expected "
-                    "finite values, got NaN or infinity");
   check_nonnegative(kOp, "norm_eps", norm_eps);
   check_nonnegative(kOp, "reg_eps", reg_eps);
-  // torchjd's normalisation: H = G / tr(G) (0 when tr(G) < norm_eps) + reg_eps I, positive definite
-  // for reg_eps > 0 and scale-invariant.
-  at::Tensor trace = g.diagonal(0, 1, 2).sum(-1, true).unsqueeze(-1);
-  at::Tensor H = at::where(trace < norm_eps, at::zeros_like(g), g / trace) +
-                 reg_eps * at::eye(T, g.options()).unsqueeze(0);
-  H = H.contiguous();
-  at::Tensor uu = u.to(at::kCPU, at::kDouble).contiguous();
-  const int64_t K = uu.size(1);
-  at::Tensor out = at::empty({N, K, T}, g.options());
-  const double* hp = H.const_data_ptr<double>();
+  const int64_t K = u.size(1);
+  at::Tensor uu = checked_copy(kOp, u, "u");
+  // torchjd's normalisation, in place on our copy: H = G / tr(G) (0 when tr(G) < norm_eps) + reg_eps I,
+  // positive definite for reg_eps > 0 and scale-invariant.
+  double* hp = H.mutable_data_ptr<double>();
+  for (int64_t n = 0; n < N; ++n) {
+    double* G = hp + n * T * T;
+    double trace = 0.0;
+    for (int64_t i = 0; i < T; ++i) trace += G[i * T + i];
+    const double scale = trace < norm_eps ? 0.0 : 1.0 / trace;
+    for (int64_t k = 0; k < T * T; ++k) G[k] *= scale;
+    for (int64_t i = 0; i < T; ++i) G[i * T + i] += reg_eps;
+  }
+  at::Tensor out = at::empty({N, K, T}, H.options());
   const double* up = uu.const_data_ptr<double>();
   double* op = out.mutable_data_ptr<double>();
   at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
@@ -130,11 +135,10 @@ std::tuple<at::Tensor, at::Tensor> gradvac_weights_entry(const at::Tensor& gram,
   at::Tensor g = checked_gram(kOp, gram);
   const int64_t N = g.size(0), T = g.size(1);
   at::Tensor o = checked_order(kOp, order, N, T, T - 1, true);
-  check_batch_vectors(kOp, targets, "targets", g, 2);
+  at::Tensor new_targets = checked_batch_vectors(kOp, targets, "targets", g, 2);
   TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "fastmtl.gradvac_weights: argument 'beta' expected a value in "
                     "[0, 1], got ", beta);
   check_nonnegative(kOp, "eps", eps);
-  at::Tensor new_targets = targets.to(at::kCPU, at::kDouble).clone().contiguous();
   const int64_t* op = o.const_data_ptr<int64_t>();
   double* tp = new_targets.mutable_data_ptr<double>();
   at::Tensor weights = per_matrix(g, [=](int64_t n, const double* G, double* out) {
@@ -154,13 +158,12 @@ AlignedScale parse_scale(const std::string& name) {
 at::Tensor aligned_mtl_weights_entry(const at::Tensor& gram, const at::Tensor& pref, const std::string& scale_mode) {
   constexpr const char* kOp = "aligned_mtl_weights";
   at::Tensor g = checked_gram(kOp, gram);
-  check_batch_vectors(kOp, pref, "pref", g, 1);
+  at::Tensor p = checked_batch_vectors(kOp, pref, "pref", g, 1);
   const AlignedScale scale = parse_scale(scale_mode);
   const int64_t T = g.size(1);
   auto [eigenvalues, eigenvectors] = at::linalg_eigh(g, "U");
   eigenvalues = eigenvalues.contiguous();
   eigenvectors = eigenvectors.contiguous();
-  at::Tensor p = pref.to(at::kCPU, at::kDouble).contiguous();
   const double* lp = eigenvalues.const_data_ptr<double>();
   const double* vp = eigenvectors.const_data_ptr<double>();
   const double* pp = p.const_data_ptr<double>();
@@ -187,7 +190,7 @@ at::Tensor imtlg_weights_entry(const at::Tensor& gram) {
 at::Tensor config_weights_entry(const at::Tensor& gram, const at::Tensor& pref) {
   constexpr const char* kOp = "config_weights";
   at::Tensor g = checked_gram(kOp, gram);
-  check_batch_vectors(kOp, pref, "pref", g, 1);
+  at::Tensor p = checked_batch_vectors(kOp, pref, "pref", g, 1);
   const int64_t N = g.size(0), T = g.size(1);
   at::Tensor cosines = at::empty_like(g);
   at::Tensor inverse_norms = at::empty({N, T}, g.options());
@@ -197,7 +200,6 @@ at::Tensor config_weights_entry(const at::Tensor& gram, const at::Tensor& pref) 
   auto [eigenvalues, eigenvectors] = at::linalg_eigh(cosines);
   eigenvalues = eigenvalues.contiguous();
   eigenvectors = eigenvectors.contiguous();
-  at::Tensor p = pref.to(at::kCPU, at::kDouble).contiguous();
   const double* lp = eigenvalues.const_data_ptr<double>();
   const double* vp = eigenvectors.const_data_ptr<double>();
   const double* ip = inverse_norms.const_data_ptr<double>();
@@ -209,6 +211,73 @@ at::Tensor config_weights_entry(const at::Tensor& gram, const at::Tensor& pref) 
 }
 
 }  // namespace
+
+// Autograd: aggregation weights are constants of the update, so these ops have no derivative. Rather
+// than a backward that fails later (or the fallback's warning), a Gram matrix that requires grad is
+// refused up front with a message that says to detach it; the classes of fastmtl.aggregation do.
+void refuse_grad(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(!t.requires_grad(), "fastmtl.", op, " is not differentiable: aggregation weights are constants of ",
+              "the update. Detach the Gram matrix (and other inputs) first; the classes of fastmtl.aggregation do.");
+}
+
+// Checks the tensor arguments, then calls the op again below autograd, through the dispatcher (so that
+// Python modes and tracing see the op itself, not the ATen calls inside its kernel).
+template <typename Sig, typename... Args>
+auto below_autograd(const c10::TypedOperatorHandle<Sig>& op, const char* name, const Args&... args) {
+  ((void)[&] {
+    if constexpr (std::is_same_v<std::decay_t<Args>, at::Tensor>) refuse_grad(name, args);
+  }(), ...);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(args...);
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using GramOnly = at::Tensor(const at::Tensor&);
+
+TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
+  m.impl("dual_cone_projection", [](const at::Tensor& g, const at::Tensor& u, double a, double b) {
+    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double)>("fastmtl::dual_cone_projection");
+    return below_autograd(op, "dual_cone_projection", g, u, a, b);
+  });
+  m.impl("min_norm_weights", [](const at::Tensor& g) {
+    static auto op = handle<GramOnly>("fastmtl::min_norm_weights");
+    return below_autograd(op, "min_norm_weights", g);
+  });
+  m.impl("cagrad_weights", [](const at::Tensor& g, double c, double e) {
+    static auto op = handle<at::Tensor(const at::Tensor&, double, double)>("fastmtl::cagrad_weights");
+    return below_autograd(op, "cagrad_weights", g, c, e);
+  });
+  m.impl("power_system_weights", [](const at::Tensor& g, double e) {
+    static auto op = handle<at::Tensor(const at::Tensor&, double)>("fastmtl::power_system_weights");
+    return below_autograd(op, "power_system_weights", g, e);
+  });
+  m.impl("pcgrad_weights", [](const at::Tensor& g, const at::Tensor& o) {
+    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("fastmtl::pcgrad_weights");
+    return below_autograd(op, "pcgrad_weights", g, o);
+  });
+  m.impl("gradvac_weights", [](const at::Tensor& g, const at::Tensor& o, const at::Tensor& t, double b, double e) {
+    static auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                               double, double)>("fastmtl::gradvac_weights");
+    return below_autograd(op, "gradvac_weights", g, o, t, b, e);
+  });
+  m.impl("aligned_mtl_weights", [](const at::Tensor& g, const at::Tensor& p, const std::string& s) {
+    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::string&)>(
+        "fastmtl::aligned_mtl_weights");
+    return below_autograd(op, "aligned_mtl_weights", g, p, s);
+  });
+  m.impl("imtlg_weights", [](const at::Tensor& g) {
+    static auto op = handle<GramOnly>("fastmtl::imtlg_weights");
+    return below_autograd(op, "imtlg_weights", g);
+  });
+  m.impl("config_weights", [](const at::Tensor& g, const at::Tensor& p) {
+    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("fastmtl::config_weights");
+    return below_autograd(op, "config_weights", g, p);
+  });
+}
 
 // The solvers run on the CPU whatever the device of the Gram matrix, so both keys get the same entries.
 #define FASTMTL_REGISTER_AGGREGATION_OPS(m)                          \

@@ -5,35 +5,52 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "ops/checks.h"
 
 namespace fastmtl::ops {
 
-// Checks shape, dtype, finiteness and symmetry and returns the Gram matrices as contiguous double
-// CPU tensors, symmetrised ((G + G^T) / 2) so that the solvers can rely on exact symmetry.
+// Checks shape, dtype, finiteness and symmetry and returns the Gram matrices as a contiguous double
+// CPU copy, symmetrised ((G + G^T) / 2) so that the solvers can rely on exact symmetry. One pass
+// over the copy: these ops run once per training step on tiny matrices, where a chain of ATen
+// reductions (isfinite, abs, max, item, ...) would cost more than the solve.
 inline at::Tensor checked_gram(const char* op, const at::Tensor& gram) {
   TORCH_CHECK_VALUE(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.size(1) >= 1, "fastmtl.", op,
                     ": argument 'gram' expected a batch of square Gram matrices [N, T, T] with T >= 1, got shape ",
                     shape_str(gram.sizes()));
   check_float_dtype(gram, op, "gram");
-  at::Tensor g = gram.to(at::kCPU, at::kDouble).contiguous();
-  if (g.numel() == 0) return g;
-  TORCH_CHECK_VALUE(at::isfinite(g).all().item<bool>(), "fastmtl.", op,
-                    ": argument 'gram' expected finite values, got NaN or infinity");
-  const double largest = g.abs().max().item<double>();
+  at::Tensor g = gram.to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const int64_t N = g.size(0), T = g.size(1);
+  double* p = g.mutable_data_ptr<double>();
   // A Gram matrix computed in float32 is symmetric to about 1e-7 of its largest entry.
-  const double tolerance = (gram.scalar_type() == at::kFloat ? 1e-4 : 1e-8) * largest;
-  const double asymmetry = (g - g.transpose(1, 2)).abs().max().item<double>();
-  TORCH_CHECK_VALUE(asymmetry <= tolerance, "fastmtl.", op,
-                    ": argument 'gram' expected symmetric matrices (G[s, t] = <g_s, g_t> = G[t, s]), got "
-                    "max |G - G^T| = ", asymmetry, " with max |G| = ", largest);
-  const double most_negative_diagonal = g.diagonal(0, 1, 2).min().item<double>();
-  TORCH_CHECK_VALUE(most_negative_diagonal >= -tolerance, "fastmtl.", op,
-                    ": argument 'gram' expected a non-negative diagonal (squared gradient norms), got ",
-                    most_negative_diagonal);
-  return ((g + g.transpose(1, 2)) * 0.5).contiguous();
+  const double relative_tolerance = gram.scalar_type() == at::kFloat ? 1e-4 : 1e-8;
+  for (int64_t n = 0; n < N; ++n) {
+    double* G = p + n * T * T;
+    double largest = 0.0, asymmetry = 0.0, lowest_diagonal = 0.0;
+    for (int64_t k = 0; k < T * T; ++k) {
+      TORCH_CHECK_VALUE(std::isfinite(G[k]), "fastmtl.", op, ": argument 'gram' expected finite values, got ",
+                        G[k], " at [", n, ", ", k / T, ", ", k % T, "]");
+      largest = std::max(largest, std::abs(G[k]));
+    }
+    for (int64_t i = 0; i < T; ++i) {
+      lowest_diagonal = std::min(lowest_diagonal, G[i * T + i]);
+      for (int64_t j = i + 1; j < T; ++j) {
+        asymmetry = std::max(asymmetry, std::abs(G[i * T + j] - G[j * T + i]));
+        const double mean = 0.5 * (G[i * T + j] + G[j * T + i]);
+        G[i * T + j] = G[j * T + i] = mean;
+      }
+    }
+    TORCH_CHECK_VALUE(asymmetry <= relative_tolerance * largest, "fastmtl.", op,
+                      ": argument 'gram' expected symmetric matrices (G[s, t] = <g_s, g_t> = G[t, s]), got "
+                      "max |G - G^T| = ", asymmetry, " with max |G| = ", largest, " in matrix ", n);
+    TORCH_CHECK_VALUE(lowest_diagonal >= -relative_tolerance * largest, "fastmtl.", op,
+                      ": argument 'gram' expected a non-negative diagonal (squared gradient norms), got ",
+                      lowest_diagonal, " in matrix ", n);
+  }
+  return g;
 }
 
 // Machine epsilon of the dtype the Gram matrix arrived in: the rank cut-off of the spectral methods
@@ -47,8 +64,19 @@ inline at::Tensor like_gram(const at::Tensor& result, const at::Tensor& gram) {
   return result.to(gram.device(), gram.scalar_type());
 }
 
-inline void check_batch_vectors(const char* op, const at::Tensor& t, const char* arg, const at::Tensor& gram,
-                                int64_t inner_dims) {
+// A floating argument as a finite, contiguous double CPU copy.
+inline at::Tensor checked_copy(const char* op, const at::Tensor& t, const char* arg) {
+  check_float_dtype(t, op, arg);
+  at::Tensor c = t.to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const double* p = c.const_data_ptr<double>();
+  for (int64_t k = 0; k < c.numel(); ++k)
+    TORCH_CHECK_VALUE(std::isfinite(p[k]), "fastmtl.", op, ": argument '", arg, "' expected finite values, got ", p[k]);
+  return c;
+}
+
+// A per-matrix argument of shape [N] + [T] * inner_dims as a checked, contiguous double CPU copy.
+inline at::Tensor checked_batch_vectors(const char* op, const at::Tensor& t, const char* arg, const at::Tensor& gram,
+                                        int64_t inner_dims) {
   const int64_t N = gram.size(0), T = gram.size(1);
   bool ok = t.dim() == 1 + inner_dims && t.size(0) == N;
   for (int64_t d = 1; ok && d <= inner_dims; ++d) ok = t.size(d) == T;
@@ -56,9 +84,7 @@ inline void check_batch_vectors(const char* op, const at::Tensor& t, const char*
   for (int64_t d = 0; d < inner_dims; ++d) expected += ", " + std::to_string(T);
   TORCH_CHECK_VALUE(ok, "fastmtl.", op, ": argument '", arg, "' expected shape ", expected,
                     "] (N and T of 'gram'), got ", shape_str(t.sizes()));
-  check_float_dtype(t, op, arg);
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), "fastmtl.", op, ": argument '", arg,
-                    "' expected finite values, got NaN or infinity");
+  return checked_copy(op, t, arg);
 }
 
 }  // namespace fastmtl::ops

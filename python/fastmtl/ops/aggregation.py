@@ -4,7 +4,8 @@ back in the Gram's dtype and on its device. The classes of :mod:`fastmtl.aggrega
 :mod:`fastmtl.reference` has plain-PyTorch versions of each.
 
 The weights of an aggregation method are constants of the update (no method differentiates through
-them), so these ops have no derivative: the registered autograd formula raises if one is asked for.
+them), so these ops have no derivative: their autograd kernel (C++) refuses inputs that require grad,
+with a message saying to detach them.
 
 >>> import torch, fastmtl
 >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)   # two conflicting gradients
@@ -103,17 +104,3 @@ def _dual_cone_projection_fake(gram, u, norm_eps, reg_eps):
 @torch.library.register_fake("fastmtl::gradvac_weights")
 def _gradvac_weights_fake(gram, order, targets, beta, eps):
     return _weights_like(gram), targets.new_empty(targets.shape)
-
-
-def _not_differentiable(name):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"fastmtl.ops.{name} is not differentiable: aggregation weights are constants of the update. "
-            "Detach the Gram matrix (the classes of fastmtl.aggregation do) before calling it."
-        )
-
-    return backward
-
-
-for _name in __all__:
-    torch.library.register_autograd(f"fastmtl::{_name}", _not_differentiable(_name))
