@@ -2,113 +2,118 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "cpu/aggregation/cholesky.h"
+#include "cpu/aggregation/dense.h"
 
 namespace fastmtl::cpu::aggregation {
 namespace {
 
-// Solves H_FF z_F = -H_{F,A} u_A for the free set F (A: the variables held at their bounds).
-void solve_free_block(const double* H, const double* u, int64_t T, const std::vector<int64_t>& free_set,
-                      const std::vector<char>& is_free, const GrowingCholesky& chol, std::vector<double>& z) {
-  const int64_t n = static_cast<int64_t>(free_set.size());
-  z.assign(n, 0.0);
-  for (int64_t k = 0; k < n; ++k) {
-    const double* row = H + free_set[k] * T;
-    double s = 0.0;
-    for (int64_t i = 0; i < T; ++i)
-      if (!is_free[i]) s -= row[i] * u[i];
-    z[k] = s;
-  }
-  chol.solve(z.data());
-}
+// The working state of one problem. u is sparse in UPGrad (one entry per projection), so sums over
+// the bound variables run over the bound entries with u_i != 0 only.
+struct PivotingState {
+  const double* H;
+  const double* u;
+  int64_t T;
+  std::vector<char> is_free;
+  std::vector<int64_t> free_set, bound_nonzero;
+  std::vector<double> free_values;
+  DenseCholesky chol;
 
-void refactor(const double* H, int64_t T, const std::vector<int64_t>& free_set, GrowingCholesky& chol,
-              std::vector<double>& column) {
-  chol.clear();
-  for (size_t k = 0; k < free_set.size(); ++k) {
-    for (size_t j = 0; j < k; ++j) column[j] = H[free_set[j] * T + free_set[k]];
-    chol.append(column.data(), H[free_set[k] * T + free_set[k]], 0.0);
+  PivotingState(const double* h, const double* lower, int64_t t) : H(h), u(lower), T(t), is_free(t, 0), chol(t) {}
+
+  // v_F solving H_FF v_F = -H_FA u_A; false if H_FF is not numerically positive definite.
+  bool solve_free_block() {
+    free_set.clear();
+    bound_nonzero.clear();
+    for (int64_t i = 0; i < T; ++i) {
+      if (is_free[i]) free_set.push_back(i);
+      else if (u[i] != 0.0) bound_nonzero.push_back(i);
+    }
+    const size_t n = free_set.size();
+    double* block = chol.matrix(static_cast<int64_t>(n));
+    for (size_t k = 0; k < n; ++k) {
+      const double* row = H + free_set[k] * T;
+      for (size_t j = k; j < n; ++j) block[k * n + j] = row[free_set[j]];
+    }
+    if (!chol.factor()) return false;
+    free_values.assign(n, 0.0);
+    for (size_t k = 0; k < n; ++k) {
+      const double* row = H + free_set[k] * T;
+      double s = 0.0;
+      for (int64_t i : bound_nonzero) s -= row[i] * u[i];
+      free_values[k] = s;
+    }
+    chol.solve(free_values.data());
+    return true;
   }
-}
+
+  // (H v)_i for a bound variable i.
+  double multiplier(int64_t i) const {
+    const double* row = H + i * T;
+    double s = 0.0;
+    for (size_t k = 0; k < free_set.size(); ++k) s += row[free_set[k]] * free_values[k];
+    for (int64_t j : bound_nonzero) s += row[j] * u[j];
+    return s;
+  }
+};
 
 }  // namespace
 
-void solve_dual_cone_qp(const double* H, const double* u, int64_t T, double* v) {
-  std::copy(u, u + T, v);
+void solve_dual_cone_qp(const double* H, const double* u, int64_t T, double* v, std::vector<char>& free_guess) {
   double trace = 0.0, u_max = 0.0;
   for (int64_t i = 0; i < T; ++i) {
     trace += H[i * T + i];
     u_max = std::max(u_max, std::abs(u[i]));
   }
-  const double tolerance = 1e-13 * trace * u_max;
+  const double tolerance = 1e-13 * trace * std::max(u_max, 1e-300);
 
-  GrowingCholesky chol(T);
-  std::vector<int64_t> free_set;
-  std::vector<char> is_free(T, 0);
-  std::vector<double> gradient(T), z, column(T);
-  // Each outer step frees one bound; steps back only re-bind variables, so 3T + 10 is generous.
-  for (int64_t outer = 0; outer < 3 * T + 10; ++outer) {
+  PivotingState state(H, u, T);
+  bool guessed = false;
+  if (static_cast<int64_t>(free_guess.size()) == T)
+    for (int64_t i = 0; i < T; ++i) guessed |= (state.is_free[i] = free_guess[i]) != 0;
+  if (!guessed)
+    for (int64_t i = 0; i < T; ++i) state.is_free[i] = dot(H + i * T, u, T) < -tolerance;  // (H u)_i < 0
+
+  std::vector<char> wrong(T);
+  int64_t fewest_failures = T + 1, rounds_without_progress = 0;
+  for (int64_t round = 0; round < 10 * T + 20; ++round) {
+    if (!state.solve_free_block()) break;
+    // A free variable below its bound, or a bound whose multiplier is negative, is on the wrong side.
+    int64_t failures = 0, first_failure = -1;
+    size_t k = 0;
     for (int64_t i = 0; i < T; ++i) {
-      double s = 0.0;
-      for (int64_t k = 0; k < T; ++k) s += H[i * T + k] * v[k];
-      gradient[i] = s;
+      wrong[i] = state.is_free[i] ? state.free_values[k++] < u[i] - tolerance : state.multiplier(i) < -tolerance;
+      if (wrong[i]) {
+        ++failures;
+        if (first_failure < 0) first_failure = i;
+      }
     }
-    int64_t entering = -1;
-    double most_negative = -tolerance;
-    for (int64_t i = 0; i < T; ++i)
-      if (!is_free[i] && gradient[i] < most_negative) {
-        most_negative = gradient[i];
-        entering = i;
-      }
-    if (entering < 0) return;  // every bound's multiplier is non-negative: optimal
-
-    for (size_t k = 0; k < free_set.size(); ++k) column[k] = H[free_set[k] * T + entering];
-    if (!chol.append(column.data(), H[entering * T + entering], 0.0)) return;
-    free_set.push_back(entering);
-    is_free[entering] = 1;
-
-    for (int64_t inner = 0; inner <= T; ++inner) {
-      solve_free_block(H, u, T, free_set, is_free, chol, z);
-      double step = 1.0;
-      int64_t blocking = -1;
-      for (size_t k = 0; k < free_set.size(); ++k) {
-        const int64_t i = free_set[k];
-        if (z[k] <= u[i]) {
-          const double ratio = (v[i] - u[i]) / (v[i] - z[k]);
-          if (ratio < step) {
-            step = ratio;
-            blocking = static_cast<int64_t>(k);
-          }
-        }
-      }
-      if (blocking < 0) {  // the free block's solution is feasible: take it
-        for (size_t k = 0; k < free_set.size(); ++k) v[free_set[k]] = z[k];
-        break;
-      }
-      if (free_set[blocking] == entering && step <= 0.0) {
-        // The entering bound cannot move (its multiplier was negative only by rounding): optimal.
-        is_free[entering] = 0;
-        free_set.pop_back();
-        return;
-      }
-      for (size_t k = 0; k < free_set.size(); ++k) v[free_set[k]] += step * (z[k] - v[free_set[k]]);
-      // Bind the blocking variable and any other that reached its bound, then refactor.
-      std::vector<int64_t> kept;
-      for (size_t k = 0; k < free_set.size(); ++k) {
-        const int64_t i = free_set[k];
-        if (static_cast<int64_t>(k) == blocking || v[i] <= u[i]) {
-          v[i] = u[i];
-          is_free[i] = 0;
-        } else {
-          kept.push_back(i);
-        }
-      }
-      free_set.swap(kept);
-      refactor(H, T, free_set, chol, column);
+    if (failures == 0) {
+      std::copy(u, u + T, v);
+      for (size_t f = 0; f < state.free_set.size(); ++f)
+        v[state.free_set[f]] = std::max(state.free_values[f], u[state.free_set[f]]);  // rounding below the bound
+      free_guess = state.is_free;
+      return;
+    }
+    if (failures < fewest_failures) {
+      fewest_failures = failures;
+      rounds_without_progress = 0;
+    } else {
+      ++rounds_without_progress;
+    }
+    if (rounds_without_progress < 3) {
+      for (int64_t i = 0; i < T; ++i)
+        if (wrong[i]) state.is_free[i] = !state.is_free[i];
+    } else {
+      state.is_free[first_failure] = !state.is_free[first_failure];  // Murty's rule: finite for H > 0
     }
   }
+  // Not reached for positive definite H; keep a feasible point (the bounds) rather than an infeasible one.
+  std::copy(u, u + T, v);
+  for (size_t f = 0; f < state.free_set.size() && f < state.free_values.size(); ++f)
+    v[state.free_set[f]] = std::max(state.free_values[f], u[state.free_set[f]]);
+  free_guess.assign(T, 0);
 }
 
 }  // namespace fastmtl::cpu::aggregation

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -19,6 +21,11 @@ class Aggregator(torch.nn.Module):
     """
 
     _checks_values_in_op = True
+
+    def __call__(self, gram: torch.Tensor) -> torch.Tensor:
+        # Straight to forward: these modules have no hooks to run, and nn.Module's call machinery costs
+        # a noticeable share of a call that solves a T x T problem in microseconds.
+        return self.forward(gram)
 
     def forward(self, gram: torch.Tensor) -> torch.Tensor:
         batched = _checked_shape(type(self).__name__, gram)
@@ -73,15 +80,22 @@ def _check_values(method: str, gram: torch.Tensor) -> None:
 
 
 def checked_pref(method: str, pref, T: int, like: torch.Tensor, default: float) -> torch.Tensor:
-    """The preference vector as an [N, T] tensor like ``like`` (the batched Gram)."""
+    """The preference vector as an [N, T] tensor like ``like`` (the batched Gram). The ops read it on
+    the CPU in double precision, so it is made there (a CUDA Gram's weights are solved on the CPU too)."""
     if pref is None:
-        return like.new_full((like.shape[0], T), default)
+        return _default_pref(like.shape[0], T, default)
     if pref.dim() != 1 or pref.shape[0] != T:
         raise ValueError(
             f"fastmtl.aggregation.{method}: argument 'pref_vector' expected shape [{T}] (one entry per task of "
             f"'gram'), got {list(pref.shape)}"
         )
-    return pref.to(like.device, like.dtype).expand(like.shape[0], T)
+    return pref.to(torch.float64).expand(like.shape[0], T)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_pref(N: int, T: int, value: float) -> torch.Tensor:
+    # Read-only by the ops: one tensor per shape instead of a new one per call.
+    return torch.full((N, T), value, dtype=torch.float64)
 
 
 def check_vector(method: str, name: str, vector) -> torch.Tensor | None:

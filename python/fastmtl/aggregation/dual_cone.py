@@ -39,7 +39,7 @@ class UPGrad(Aggregator):
         T = gram.shape[-1]
         pref = checked_pref("UPGrad", self.pref_vector, T, gram, 1.0 / T)
         u = torch.diag_embed(pref)  # [N, T, T]: row t projects pref_t g_t
-        return ops.dual_cone_projection(gram, u, self.norm_eps, self.reg_eps).sum(dim=1)
+        return ops.dual_cone_projection(gram, u, self.norm_eps, self.reg_eps).sum(dim=1).to(gram.dtype)
 
     def _hyperparameters(self):
         return {"norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
@@ -67,7 +67,7 @@ class DualProj(Aggregator):
     def _weights(self, gram):
         T = gram.shape[-1]
         pref = checked_pref("DualProj", self.pref_vector, T, gram, 1.0 / T)
-        return ops.dual_cone_projection(gram, pref.unsqueeze(1), self.norm_eps, self.reg_eps).squeeze(1)
+        return ops.dual_cone_projection(gram, pref.unsqueeze(1), self.norm_eps, self.reg_eps).squeeze(1).to(gram.dtype)
 
     def _hyperparameters(self):
         return {"norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
