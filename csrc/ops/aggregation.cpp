@@ -5,6 +5,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <torch/library.h>
 
@@ -21,14 +22,21 @@ namespace {
 
 using namespace fastmtl::cpu::aggregation;
 
-// Runs fn(n, gram_n, out_n) for every matrix of the batch in parallel.
+// How many T x T problems one thread should take at least: waking the other threads costs tens of
+// microseconds, more than a whole small problem (~T^3 flops), so small batches run on one thread.
+int64_t problems_per_thread(int64_t T) {
+  constexpr int64_t kFlopsWorthAThread = 200000;
+  return std::max<int64_t>(1, kFlopsWorthAThread / std::max<int64_t>(T * T * T, 1));
+}
+
+// Runs fn(n, gram_n, out_n) for every matrix of the batch, in parallel where that pays.
 template <typename Fn>
 at::Tensor per_matrix(const at::Tensor& g, Fn fn) {
   const int64_t N = g.size(0), T = g.size(1);
   at::Tensor out = at::zeros({N, T}, g.options());
   const double* gp = g.const_data_ptr<double>();
   double* op = out.mutable_data_ptr<double>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, problems_per_thread(T), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) fn(n, gp + n * T * T, op + n * T);
   });
   return out;
@@ -65,7 +73,7 @@ at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& 
   double* op = out.mutable_data_ptr<double>();
   // Each problem starts from the free set its own (H u)_i < 0 suggests: about 3 pivoting rounds at
   // T = 40, fewer than warm starts from the free set of a neighbouring problem needed (measured).
-  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * K, problems_per_thread(T), [&](int64_t begin, int64_t end) {
     std::vector<char> free_guess;
     for (int64_t p = begin; p < end; ++p) {
       free_guess.clear();

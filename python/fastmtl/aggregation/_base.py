@@ -125,3 +125,22 @@ def make_generator(seed):
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     return generator
+
+
+class SeededAggregator(Aggregator):
+    """A method that draws random numbers: from a private generator seeded once with ``seed``, or from
+    the global torch RNG when ``seed`` is None. The private generator's state is in ``state_dict``."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+        self._generator = make_generator(seed)
+
+    def get_extra_state(self):
+        return {"generator": None if self._generator is None else self._generator.get_state()}
+
+    def set_extra_state(self, state):
+        if state["generator"] is not None:
+            if self._generator is None:
+                self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])

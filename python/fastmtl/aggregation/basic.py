@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Aggregator, check_vector, make_generator
+from ._base import Aggregator, SeededAggregator, check_vector
 
 
 class Mean(Aggregator):
@@ -65,7 +65,7 @@ class Constant(Aggregator):
         return {"weights": self.weights.tolist()}
 
 
-class Random(Aggregator):
+class Random(SeededAggregator):
     """Random loss weighting as an aggregator (RLW; Lin et al. 2022, "Reasonable Effectiveness of
     Random Weighting"): ``softmax(randn(T))``, drawn anew at every call.
 
@@ -82,9 +82,7 @@ class Random(Aggregator):
     _checks_values_in_op = False
 
     def __init__(self, seed: int | None = None):
-        super().__init__()
-        self.seed = seed
-        self._generator = make_generator(seed)
+        super().__init__(seed)
 
     def _weights(self, gram):
         # One draw per matrix, so that a batch gives what the same number of single calls gives (and
@@ -97,12 +95,3 @@ class Random(Aggregator):
 
     def _hyperparameters(self):
         return {"seed": self.seed}
-
-    def get_extra_state(self):
-        return {"generator": None if self._generator is None else self._generator.get_state()}
-
-    def set_extra_state(self, state):
-        if state["generator"] is not None:
-            if self._generator is None:
-                self._generator = torch.Generator()
-            self._generator.set_state(state["generator"])

@@ -8,7 +8,26 @@ from .. import ops
 from ._base import Aggregator, check_scalar, check_vector, checked_pref
 
 
-class UPGrad(Aggregator):
+class _DualConeMethod(Aggregator):
+    """The shared hyperparameters of UPGrad and DualProj: the preference vector and torchjd's
+    normalisation (``norm_eps``) and regularisation (``reg_eps``) of the Gram matrix."""
+
+    def __init__(self, pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4):
+        super().__init__()
+        name = type(self).__name__
+        self.pref_vector = check_vector(name, "pref_vector", pref_vector)
+        self.norm_eps = check_scalar(name, "norm_eps", norm_eps)
+        self.reg_eps = check_scalar(name, "reg_eps", reg_eps)
+
+    def _pref(self, gram):
+        T = gram.shape[-1]
+        return checked_pref(type(self).__name__, self.pref_vector, T, gram, 1.0 / T)
+
+    def _hyperparameters(self):
+        return {"norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
+
+
+class UPGrad(_DualConeMethod):
     """Unconflicting projection of gradients (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective
     Optimization"): every gradient ``pref_t g_t`` is projected onto the dual cone of all gradients (the
     directions that conflict with none of them) and the projections are summed. The update has a
@@ -29,23 +48,12 @@ class UPGrad(Aggregator):
     True
     """
 
-    def __init__(self, pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4):
-        super().__init__()
-        self.pref_vector = check_vector("UPGrad", "pref_vector", pref_vector)
-        self.norm_eps = check_scalar("UPGrad", "norm_eps", norm_eps)
-        self.reg_eps = check_scalar("UPGrad", "reg_eps", reg_eps)
-
     def _weights(self, gram):
-        T = gram.shape[-1]
-        pref = checked_pref("UPGrad", self.pref_vector, T, gram, 1.0 / T)
-        u = torch.diag_embed(pref)  # [N, T, T]: row t projects pref_t g_t
+        u = torch.diag_embed(self._pref(gram))  # [N, T, T]: row t projects pref_t g_t
         return ops.dual_cone_projection(gram, u, self.norm_eps, self.reg_eps).sum(dim=1).to(gram.dtype)
 
-    def _hyperparameters(self):
-        return {"norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
 
-
-class DualProj(Aggregator):
+class DualProj(_DualConeMethod):
     """The projection of the preference-weighted mean gradient onto the dual cone of the gradients (the
     update of GEM, Lopez-Paz & Ranzato 2017, eq. 11). Same solver and normalisation as :class:`UPGrad`,
     one projection instead of T.
@@ -58,16 +66,5 @@ class DualProj(Aggregator):
     True
     """
 
-    def __init__(self, pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4):
-        super().__init__()
-        self.pref_vector = check_vector("DualProj", "pref_vector", pref_vector)
-        self.norm_eps = check_scalar("DualProj", "norm_eps", norm_eps)
-        self.reg_eps = check_scalar("DualProj", "reg_eps", reg_eps)
-
     def _weights(self, gram):
-        T = gram.shape[-1]
-        pref = checked_pref("DualProj", self.pref_vector, T, gram, 1.0 / T)
-        return ops.dual_cone_projection(gram, pref.unsqueeze(1), self.norm_eps, self.reg_eps).squeeze(1).to(gram.dtype)
-
-    def _hyperparameters(self):
-        return {"norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
+        return ops.dual_cone_projection(gram, self._pref(gram).unsqueeze(1), self.norm_eps, self.reg_eps).squeeze(1).to(gram.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ._base import Aggregator, check_scalar, make_generator
+from ._base import SeededAggregator, check_scalar
 
 
 def _draw_order(N: int, T: int, generator, exclude_self: bool) -> torch.Tensor:
@@ -22,23 +22,7 @@ def _draw_order(N: int, T: int, generator, exclude_self: bool) -> torch.Tensor:
     return torch.stack(rows).reshape(N, T, T - 1 if exclude_self else T)
 
 
-class _Seeded(Aggregator):
-    def __init__(self, seed):
-        super().__init__()
-        self.seed = seed
-        self._generator = make_generator(seed)
-
-    def get_extra_state(self):
-        return {"generator": None if self._generator is None else self._generator.get_state()}
-
-    def set_extra_state(self, state):
-        if state["generator"] is not None:
-            if self._generator is None:
-                self._generator = torch.Generator()
-            self._generator.set_state(state["generator"])
-
-
-class PCGrad(_Seeded):
+class PCGrad(SeededAggregator):
     """Projecting conflicting gradients (Yu et al. 2020, Algorithm 1): for each task, in a random order
     of the others, remove from its (modified) gradient the component along any gradient it conflicts
     with; the update is the sum of the modified gradients. Equals the sum of the gradients when no two
@@ -71,7 +55,7 @@ class PCGrad(_Seeded):
         return {"seed": self.seed, "reduction": self.reduction}
 
 
-class GradVac(_Seeded):
+class GradVac(SeededAggregator):
     """Gradient vaccine (Wang et al. 2021): like PCGrad, but pulls each pair's cosine similarity up to an
     exponential moving average of the cosines seen so far instead of to zero.
 
