@@ -29,7 +29,7 @@ class Aggregator(torch.nn.Module):
 
     def forward(self, gram: torch.Tensor) -> torch.Tensor:
         batched = _checked_shape(type(self).__name__, gram)
-        g = gram.detach()
+        g = gram.detach() if gram.requires_grad else gram
         g = g if batched else g.unsqueeze(0)
         if not self._checks_values_in_op:
             _check_values(type(self).__name__, g)

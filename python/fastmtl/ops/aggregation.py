@@ -30,6 +30,8 @@ __all__ = [
     "config_weights",
 ]
 
+# The OpOverload (.default) is called directly: resolving the overload packet costs microseconds per
+# call, a visible share for these small problems.
 _fastmtl = torch.ops.fastmtl
 
 
@@ -37,49 +39,49 @@ def dual_cone_projection(gram: torch.Tensor, u: torch.Tensor, norm_eps: float = 
     """For each ``u [N, K, T]``: the ``v >= u`` minimising ``v^T H v``, ``H = G / tr(G) + reg_eps I``
     (``G / tr(G)`` is replaced by 0 when ``tr(G) < norm_eps``). ``J^T v`` is the projection of ``J^T u``
     onto the dual cone of the gradients (Quinton & Rey 2024, Prop. 1): UPGrad and DualProj."""
-    return _fastmtl.dual_cone_projection(gram, u, norm_eps, reg_eps)
+    return _fastmtl.dual_cone_projection.default(gram, u, norm_eps, reg_eps)
 
 
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     """MGDA: weights on the simplex of the minimum-norm point of the convex hull of the gradients."""
-    return _fastmtl.min_norm_weights(gram)
+    return _fastmtl.min_norm_weights.default(gram)
 
 
 def cagrad_weights(gram: torch.Tensor, c: float, norm_eps: float = 1e-4) -> torch.Tensor:
     """CAGrad's weights, ``1/T + (phi/|g_w|) w`` with ``w`` minimising ``b^T w + phi |g_w|`` on the simplex."""
-    return _fastmtl.cagrad_weights(gram, c, norm_eps)
+    return _fastmtl.cagrad_weights.default(gram, c, norm_eps)
 
 
 def power_system_weights(gram: torch.Tensor, exponent: float) -> torch.Tensor:
     """The ``x > 0`` with ``G x = x^(-exponent)``: Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha)."""
-    return _fastmtl.power_system_weights(gram, exponent)
+    return _fastmtl.power_system_weights.default(gram, exponent)
 
 
 def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """PCGrad's update as weights; ``order [N, T, T]`` (int64): the visiting order of the tasks for each task."""
-    return _fastmtl.pcgrad_weights(gram, order)
+    return _fastmtl.pcgrad_weights.default(gram, order)
 
 
 def gradvac_weights(gram, order, targets, beta: float, eps: float):
     """GradVac's update as weights and the updated EMA cosine targets; ``order [N, T, T - 1]`` lists the
     other tasks of each task, ``targets [N, T, T]``. Returns ``(weights [N, T], new_targets [N, T, T])``."""
-    return _fastmtl.gradvac_weights(gram, order, targets, beta, eps)
+    return _fastmtl.gradvac_weights.default(gram, order, targets, beta, eps)
 
 
 def aligned_mtl_weights(gram: torch.Tensor, pref: torch.Tensor, scale_mode: str = "min") -> torch.Tensor:
     """Aligned-MTL: ``sqrt(scale) V diag(lambda^-1/2) V^T pref`` over the Gram's non-null eigenpairs."""
-    return _fastmtl.aligned_mtl_weights(gram, pref, scale_mode)
+    return _fastmtl.aligned_mtl_weights.default(gram, pref, scale_mode)
 
 
 def imtlg_weights(gram: torch.Tensor) -> torch.Tensor:
     """IMTL-G: ``v / sum(v)`` with ``v = G^+ d``, ``d_i = |g_i|`` (zeros when ``sum(v)`` vanishes)."""
-    return _fastmtl.imtlg_weights(gram)
+    return _fastmtl.imtlg_weights.default(gram)
 
 
 def config_weights(gram: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
     """ConFIG: the direction with the same cosine ``pref_i`` to every unit gradient, scaled to
     ``sum_i <g_i, u/|u|>``, as weights of the gradients."""
-    return _fastmtl.config_weights(gram, pref)
+    return _fastmtl.config_weights.default(gram, pref)
 
 
 # Fake kernels: shapes only, for torch.compile and opcheck.
