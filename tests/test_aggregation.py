@@ -348,3 +348,19 @@ def test_gram_on_another_device_gives_weights_there(device):
         w = make()(G)
         assert w.device == G.device
         assert_rel_close(w, make()(G.cpu()), 1e-12)
+
+
+def test_one_hundred_and_twenty_eight_tasks():
+    # The solvers' documented range goes to T >= 128: check against torchjd (one Gram matrix each; its
+    # Nash-MTL takes tens of seconds there, so ours is checked on its own system).
+    J = jacobian(128, "conflicting", 128, P=300)
+    G = gram(J)
+    assert_rel_close(agg.UPGrad()(G), tjd.UPGradWeighting()(G), 1e-6, "UPGrad")
+    assert _rel_update_error(agg.MGDA()(G), _exact_min_norm(G) @ J, J) <= 1e-8
+    got, want = agg.CAGrad(0.5)(G), tjd.CAGradWeighting(0.5)(G)
+    assert _rel_update_error(got, want @ J, J) <= 2e-3
+    assert _cagrad_objective(G, got, 0.5) <= _cagrad_objective(G, want, 0.5) + 1e-12
+    nash = agg.NashMTL(max_norm=0)(G)
+    assert float((nash * (G @ nash) - 1).abs().max()) <= 1e-8
+    for make in (agg.PCGrad, agg.GradVac, agg.IMTLG, agg.AlignedMTL, agg.ConFIG, agg.FairGrad, agg.DualProj):
+        assert bool(torch.isfinite(make()(G)).all())
