@@ -107,3 +107,4 @@ from .aggregation import (  # noqa: E402, F401
     pcgrad_weights,
     power_system_weights,
 )
+from .engine import mtl_backward  # noqa: E402, F401
