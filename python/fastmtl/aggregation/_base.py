@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import abc
 import functools
 
 import torch
 
 
-class Aggregator(torch.nn.Module):
+class Aggregator(torch.nn.Module, abc.ABC):
     """Gram matrix of the per-task gradients -> task weights.
 
     ``weights = method(gram)`` with ``gram [T, T]`` (``G[s, t] = <g_s, g_t>``) gives ``weights [T]``,
@@ -36,8 +37,9 @@ class Aggregator(torch.nn.Module):
         weights = self._weights(g)
         return weights if batched else weights.squeeze(0)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+        """Weights [N, T] of a batch of Gram matrices [N, T, T] (already shape-checked and detached)."""
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._hyperparameters().items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 
@@ -22,7 +23,7 @@ def check_number(value, name: str, owner: str, expected: str, ok) -> float:
     return float(value)
 
 
-class Weighting(nn.Module):
+class Weighting(nn.Module, abc.ABC):
     """Per-task losses (and, for some methods, the Gram matrix of the per-task gradients) -> the
     scalar loss to backpropagate.
 
@@ -60,9 +61,9 @@ class Weighting(nn.Module):
         self._last_weights = weights.detach()
         return loss
 
+    @abc.abstractmethod
     def _loss_and_weights(self, losses: Tensor, gram: Tensor | None) -> tuple[Tensor, Tensor]:
         """(scalar loss, d loss / d losses). Inputs already checked; must not modify them."""
-        raise NotImplementedError
 
     @property
     def weights(self) -> Tensor:
