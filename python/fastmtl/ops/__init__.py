@@ -205,14 +205,4 @@ def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale
 
 
 # The aggregation ops (Gram matrices -> task weights) live in their own module.
-from .aggregation import (  # noqa: E402, F401
-    aligned_mtl_weights,
-    cagrad_weights,
-    config_weights,
-    dual_cone_projection,
-    gradvac_weights,
-    imtlg_weights,
-    min_norm_weights,
-    pcgrad_weights,
-    power_system_weights,
-)
+from .aggregation import *  # noqa: E402, F401, F403  (its __all__: the aggregation ops)

@@ -96,15 +96,5 @@ def multitask_head_loss(
 
 
 # References of the aggregation ops.
-from .aggregation import (  # noqa: E402, F401
-    aligned_mtl_weights,
-    cagrad_weights,
-    config_weights,
-    dual_cone_projection,
-    gradvac_weights,
-    imtlg_weights,
-    min_norm_weights,
-    pcgrad_weights,
-    power_system_weights,
-)
+from .aggregation import *  # noqa: E402, F401, F403  (its __all__: the aggregation ops)
 from .engine import mtl_backward  # noqa: E402, F401
