@@ -71,14 +71,8 @@ at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& 
   at::Tensor out = at::empty({N, K, T}, H.options());
   const double* up = uu.const_data_ptr<double>();
   double* op = out.mutable_data_ptr<double>();
-  // Each problem starts from the free set its own (H u)_i < 0 suggests: about 3 pivoting rounds at
-  // T = 40, fewer than warm starts from the free set of a neighbouring problem needed (measured).
   at::parallel_for(0, N * K, problems_per_thread(T), [&](int64_t begin, int64_t end) {
-    std::vector<char> free_guess;
-    for (int64_t p = begin; p < end; ++p) {
-      free_guess.clear();
-      solve_dual_cone_qp(hp + (p / K) * T * T, up + p * T, T, op + p * T, free_guess);
-    }
+    for (int64_t p = begin; p < end; ++p) solve_dual_cone_qp(hp + (p / K) * T * T, up + p * T, T, op + p * T);
   });
   return out.to(gram.device(), u.scalar_type());
 }

@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 namespace fastmtl::cpu::aggregation {
 
@@ -13,11 +12,10 @@ namespace fastmtl::cpu::aggregation {
 // lambda = H v >= 0, lambda_i (v_i - u_i) = 0: guess the free set F (v_i > u_i), solve
 // H_FF v_F = -H_FA u_A by Cholesky, and move every variable whose sign condition fails to the other
 // side; if a round does not reduce the number of failures three times, move one at a time (Murty's
-// least-index rule, which terminates for positive definite H). `free_guess` (a warm start, e.g. the
-// free set of a neighbouring problem) is read and replaced by the final free set; an empty guess
-// starts from the bounds that (H u)_i < 0 says to free. The result satisfies the conditions up to
+// least-index rule, which terminates for positive definite H). It starts from the bounds that
+// (H u)_i < 0 says to free. The result satisfies the conditions up to
 // rounding: v_F >= u_F, lambda_A >= -1e-13 tr(H) max|u|.
 // H: row-major [T, T]; u, v: [T].
-void solve_dual_cone_qp(const double* H, const double* u, int64_t T, double* v, std::vector<char>& free_guess);
+void solve_dual_cone_qp(const double* H, const double* u, int64_t T, double* v);
 
 }  // namespace fastmtl::cpu::aggregation
