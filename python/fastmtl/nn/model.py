@@ -65,6 +65,21 @@ class MultiTaskModel(nn.Module):
         """Scalar ``sum_t task.weight * L_t``."""
         return torch.dot(self.losses(x, targets), self.heads.task_weights)
 
+    def mtl_backward(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor], aggregator, mode: str = "exact",
+                     **kwargs):
+        """Backward of one multi-task step with an aggregated update of the trunk: the trunk's
+        parameters get ``sum_t a_t grad(w_t L_t)`` with ``a = aggregator(G)``, each head the gradient
+        of its own ``task.weight * L_t``. Accumulates into ``.grad`` like ``backward``. Returns an
+        :class:`fastmtl.engine.MTLBackwardResult` (losses ``[T]`` unweighted, weights, gram)."""
+        from ..engine import mtl_backward
+
+        z = self.trunk(x)
+        losses = self.heads.losses(z, targets)
+        result = mtl_backward(losses * self.heads.task_weights, z, aggregator,
+                              shared_params=list(self.trunk.parameters()), mode=mode, **kwargs)
+        result.losses = losses.detach()
+        return result
+
     @torch.no_grad()
     def load_plain_weights(self, trunk: nn.Sequential, heads) -> "MultiTaskModel":
         """Loads the weights of the equivalent plain PyTorch model: ``trunk`` an ``nn.Sequential``
