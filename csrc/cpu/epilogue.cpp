@@ -105,6 +105,36 @@ void activation_backward(Activation act, int64_t rows, int64_t cols, const T* gr
 }
 
 template <typename T>
+void activation_backward_tasks(Activation act, int64_t rows, int64_t tasks, int64_t cols, const T* grad,
+                               const T* saved, T* delta, T* bias_grad) {
+  dispatch_activation(act, [&](auto tag) {
+    constexpr Activation A = decltype(tag)::value;
+    auto row_map = [&](int64_t i) {
+      const T* s = saved + i * cols;
+      for (int64_t t = 0; t < tasks; ++t) {
+        const T* g = grad + (i * tasks + t) * cols;
+        T* d = delta + (i * tasks + t) * cols;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) d[j] = act_backward<A>(g[j], s[j]);
+      }
+    };
+    if (!bias_grad) {
+      for_row_blocks(rows, tasks * cols, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) row_map(i);
+      });
+      return;
+    }
+    // Row i's tasks * cols deltas are contiguous: their column sums are bias_grad [tasks, cols].
+    rows_with_column_sum(rows, tasks * cols, bias_grad, [&](int64_t i, double* part) {
+      row_map(i);
+      const T* d = delta + i * tasks * cols;
+#pragma omp simd
+      for (int64_t k = 0; k < tasks * cols; ++k) part[k] += static_cast<double>(d[k]);
+    });
+  });
+}
+
+template <typename T>
 void scale_columns(int64_t rows, int64_t cols, const T* in, const T* col_scale, T* out, T* col_sum) {
   if (!col_sum) {
     for_row_blocks(rows, cols, [&](int64_t r0, int64_t r1) {
@@ -129,6 +159,7 @@ void scale_columns(int64_t rows, int64_t cols, const T* in, const T* col_scale, 
   template void bias_activation_forward<T>(Activation, int64_t, int64_t, T*, const T*, T*);       \
   template void activation_apply<T>(Activation, int64_t, const T*, T*);                          \
   template void activation_backward<T>(Activation, int64_t, int64_t, const T*, const T*, T*, T*); \
+  template void activation_backward_tasks<T>(Activation, int64_t, int64_t, int64_t, const T*, const T*, T*, T*); \
   template void scale_columns<T>(int64_t, int64_t, const T*, const T*, T*, T*);
 FASTMTL_INSTANTIATE(float)
 FASTMTL_INSTANTIATE(double)

@@ -25,6 +25,13 @@ template <typename T>
 void activation_backward(Activation act, int64_t rows, int64_t cols, const T* grad, const T* saved,
                          T* delta, T* bias_grad);
 
+// The same for `tasks` cotangents stacked per row (the per-task backward of one layer: every task's
+// cotangent meets the same activation derivative): grad and delta are [rows, tasks, cols], saved is
+// [rows, cols], and, if bias_grad, bias_grad[t, j] = sum_i delta[i, t, j] (same deterministic order).
+template <typename T>
+void activation_backward_tasks(Activation act, int64_t rows, int64_t tasks, int64_t cols, const T* grad,
+                               const T* saved, T* delta, T* bias_grad);
+
 // One pass: out[i, j] = in[i, j] * col_scale[j] and, if col_sum, col_sum[j] = sum_i out[i, j]
 // (same deterministic order as above). out may alias in.
 template <typename T>

@@ -28,6 +28,25 @@ TORCH_LIBRARY(fastmtl, m) {
       "pack_targets(Tensor[] targets, str[] names, str[] losses, int[] num_outputs, ScalarType dtype) "
       "-> Tensor");
 
+  // The per-task engine of the fused model (csrc/cpu/mtl_engine.h): it reads what fused_mlp and
+  // multitask_head_loss returned. task_weights: the weight of each task's loss. Not differentiable.
+  // Returns (gram [T, T], jacobian [T, P] or [0], the Gram path each layer took [L] int64).
+  m.def(
+      "mtl_trunk_gram(Tensor x, Tensor[] weights, Tensor out, Tensor[] saved, str activation, bool has_bias, "
+      "Tensor head_weight, Tensor logit_grad, Tensor count_scale, Tensor task_weights, int[] num_outputs, "
+      "str gram_path, bool keep_jacobian) -> (Tensor, Tensor, Tensor)");
+  // The Gram of the per-task gradients of the trunk output (representation mode).
+  m.def(
+      "mtl_representation_gram(Tensor head_weight, Tensor logit_grad, Tensor count_scale, Tensor task_weights, "
+      "int[] num_outputs) -> Tensor");
+  // One backward: heads from head_task_weights, trunk from trunk_task_weights. Returns
+  // (d head_weight, d head_bias or [0], dx or [0], dW per layer, db per layer or empty).
+  m.def(
+      "mtl_weighted_backward(Tensor x, Tensor[] weights, Tensor out, Tensor[] saved, str activation, bool has_bias, "
+      "Tensor head_weight, bool head_has_bias, Tensor logit_grad, Tensor count_scale, Tensor head_task_weights, "
+      "Tensor trunk_task_weights, int[] num_outputs, bool need_input_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[])");
+
   // Aggregation: batches of Gram matrices gram [N, T, T] -> task weights [N, T], solved in double
   // precision on the CPU (csrc/cpu/aggregation/). Non-differentiable: the weights are constants of
   // the update, as in every method they implement.

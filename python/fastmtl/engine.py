@@ -10,18 +10,26 @@ per-task gradients goes to the aggregator, and the update ``sum_t a_t g_t`` is w
 ``.grad``. ``mode="rep"`` (MGDA-UB, Sener & Koltun 2018) aggregates the cotangents of the features
 instead and needs one ordinary backward through the trunk.
 
-The fused path for fastmtl's own MultiTaskModel (``model.mtl_backward``), which never forms the
-T x P Jacobian, is not built yet; this generic path does form it (T x P in the parameters' dtype).
+This generic path forms the T x P Jacobian (in the parameters' dtype). The fused path for fastmtl's
+own MultiTaskModel with a FusedMLP trunk (``model.mtl_backward``, :func:`fused_model_backward`)
+never does unless asked: its C++ ops push the T cotangents down the trunk as one matrix, add each
+layer's share of the Gram matrix (materialised or by the ghost product) and apply the weights with
+one ordinary backward.
+
+``gram_every=k`` recomputes the weights on every k-th call and reuses them in between (Nash-MTL's
+``update_weights_every``): such a call is one ordinary backward with the kept weights.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["MTLBackwardResult", "mtl_backward"]
+__all__ = ["MTLBackwardResult", "mtl_backward", "fused_model_backward"]
 
 MODES = ("exact", "rep")
 
@@ -30,12 +38,14 @@ MODES = ("exact", "rep")
 class MTLBackwardResult:
     """What one ``mtl_backward`` call computed (all detached): the losses ``[T]``, the aggregator's
     weights ``[T]``, the Gram matrix ``[T, T]`` it saw, and the Jacobian ``[T, P]`` of the shared
-    parameters when ``keep_jacobian=True`` (exact mode)."""
+    parameters when ``keep_jacobian=True`` (exact mode). With ``gram_every > 1``, ``gram_computed``
+    says whether this call computed the Gram matrix and weights (else they are the kept ones)."""
 
     losses: torch.Tensor
     weights: torch.Tensor
     gram: torch.Tensor
     jacobian: Optional[torch.Tensor] = None
+    gram_computed: bool = True
 
 
 def _fail(argument: str, expected: str, got: str):
@@ -81,9 +91,11 @@ def _batched_vjp(outputs, inputs, cotangents, retain_graph: bool):
             for g, x in zip(grads, inputs)]
 
 
-def _accumulate(param: torch.Tensor, update: torch.Tensor) -> None:
+def _accumulate(param: torch.Tensor, update: torch.Tensor, owned: bool = False) -> None:
+    """param.grad += update, as AccumulateGrad does; ``owned``: update is a fresh tensor nobody
+    else holds, so it can become .grad without a copy."""
     if param.grad is None:
-        param.grad = update.detach().clone()
+        param.grad = update.detach() if owned else update.detach().clone()
     else:
         param.grad.add_(update.detach())
 
@@ -99,6 +111,42 @@ def _checked_weights(aggregator, gram: torch.Tensor) -> torch.Tensor:
     return weights.detach()
 
 
+class _WeightSchedule:
+    """``gram_every=k``: whether this call recomputes the weights, and the weights (and Gram) kept
+    from the last call that did. Changing the aggregator, mode, number of tasks or k starts over."""
+
+    def __init__(self):
+        self.calls, self.key, self.weights, self.gram = 0, None, None, None
+
+    def due(self, key, every: int) -> bool:
+        if key != self.key or self.weights is None:
+            self.calls, self.key = 0, key
+        due = self.calls % every == 0
+        self.calls += 1
+        return due
+
+    def keep(self, weights: torch.Tensor, gram: torch.Tensor) -> None:
+        self.weights, self.gram = weights, gram
+
+
+# Schedules of the generic mtl_backward, one per aggregator object (dropped with it).
+_schedules: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _check_gram_every(gram_every) -> int:
+    if isinstance(gram_every, bool) or not isinstance(gram_every, int) or gram_every < 1:
+        _fail("gram_every", "an int >= 1 (recompute the weights every k calls)", repr(gram_every))
+    return gram_every
+
+
+def _schedule_of(aggregator) -> _WeightSchedule:
+    try:
+        return _schedules.setdefault(aggregator, _WeightSchedule())
+    except TypeError:
+        _fail("aggregator", "an object that can be weakly referenced when gram_every > 1 (its weights are kept "
+              "with it)", type(aggregator).__name__)
+
+
 def mtl_backward(
     losses: torch.Tensor,
     features: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -106,6 +154,7 @@ def mtl_backward(
     shared_params: Optional[Iterable[torch.Tensor]] = None,
     mode: str = "exact",
     keep_jacobian: bool = False,
+    gram_every: int = 1,
 ) -> MTLBackwardResult:
     """Backward of a multi-task step with an aggregated update of the shared parameters.
 
@@ -118,8 +167,9 @@ def mtl_backward(
     get ``sum_t a_t dL_t/dtheta``; every other parameter the losses depend on (the heads) gets the
     gradient of ``sum_t L_t``, its own task's gradient when heads are separate. ``mode="exact"``: G
     over the shared parameters; ``mode="rep"``: G of the per-task gradients of the features
-    (MGDA-UB), then one ordinary backward of ``sum_t a_t dL_t/dz`` through the trunk. The graph is
-    freed afterwards.
+    (MGDA-UB), then one ordinary backward of ``sum_t a_t dL_t/dz`` through the trunk.
+    ``gram_every=k``: the weights are recomputed on every k-th call with this aggregator object and
+    reused in between, where the call is one ordinary weighted backward. The graph is freed afterwards.
 
     >>> import torch, fastmtl
     >>> from fastmtl.aggregation import UPGrad
@@ -138,19 +188,12 @@ def mtl_backward(
         _fail("losses", "a 1-D tensor [T] of per-task losses with T >= 1", str(got))
     if not losses.requires_grad:
         _fail("losses", "a tensor in an autograd graph (requires_grad)", "a tensor that does not require grad")
+    gram_every = _check_gram_every(gram_every)
     feats = _as_tensors(features)
     for i, f in enumerate(feats):
         if not f.requires_grad:
             _fail("features", "tensors that require grad (the trunk's outputs)", f"features[{i}] without grad")
     T = losses.shape[0]
-    eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
-
-    # Per-task cotangents of the features: [T, *feature.shape] each.
-    try:
-        cotangents = _batched_vjp([losses], feats, [eye], retain_graph=True)
-    except RuntimeError as error:
-        raise ValueError(f"fastmtl.mtl_backward: argument 'features' could not be differentiated against "
-                         f"'losses' ({error})") from None
     if shared_params is None:
         shared = _graph_leaves(feats)
     else:
@@ -162,6 +205,18 @@ def mtl_backward(
         _fail("shared_params", "at least one parameter the features depend on", "none")
     shared_ids = {id(p) for p in shared}
     heads = [p for p in _graph_leaves([losses]) if id(p) not in shared_ids]
+
+    schedule = _schedule_of(aggregator) if gram_every > 1 else None
+    if schedule is not None and not schedule.due((mode, T, gram_every), gram_every):
+        return _reuse_weights(losses, feats, shared, heads, schedule)
+
+    # Per-task cotangents of the features: [T, *feature.shape] each.
+    eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
+    try:
+        cotangents = _batched_vjp([losses], feats, [eye], retain_graph=True)
+    except RuntimeError as error:
+        raise ValueError(f"fastmtl.mtl_backward: argument 'features' could not be differentiated against "
+                         f"'losses' ({error})") from None
 
     # Heads: the gradient of sum_t L_t, through the task-specific parts only. The same backward
     # tells whether the losses depend on the features at all.
@@ -192,4 +247,85 @@ def mtl_backward(
             _accumulate(p, torch.tensordot(weights.to(g.dtype), g, dims=1))
         if keep_jacobian:
             jacobian = flat.detach()
+    if schedule is not None:
+        schedule.keep(weights, gram.detach())
     return MTLBackwardResult(losses=losses.detach(), weights=weights, gram=gram.detach(), jacobian=jacobian)
+
+
+def _reuse_weights(losses, feats, shared, heads, schedule: _WeightSchedule) -> MTLBackwardResult:
+    """A call between Gram computations: heads get the gradient of sum_t L_t, the shared parameters
+    that of sum_t a_t L_t with the kept weights a (one backward through the trunk)."""
+    weights = schedule.weights
+    head_grads = torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True) if heads else ()
+    feature_grads = torch.autograd.grad(losses, feats, grad_outputs=weights.to(losses.dtype), retain_graph=True)
+    for p, g in zip(heads, head_grads):
+        if g is not None:
+            _accumulate(p, g)
+    for p, g in zip(shared, torch.autograd.grad(feats, shared, grad_outputs=feature_grads, allow_unused=True)):
+        if g is not None:
+            _accumulate(p, g)
+    return MTLBackwardResult(losses=losses.detach(), weights=weights, gram=schedule.gram, gram_computed=False)
+
+
+def fused_model_backward(
+    model,
+    x: torch.Tensor,
+    targets,
+    aggregator: Callable[[torch.Tensor], torch.Tensor],
+    mode: str = "exact",
+    gram_every: int = 1,
+    keep_jacobian: bool = False,
+    gram_path: str = "auto",
+) -> MTLBackwardResult:
+    """``model.mtl_backward`` for a MultiTaskModel with a FusedMLP trunk: the step's forward once
+    (fused_mlp, multitask_head_loss), the Gram matrix by ``fastmtl::mtl_trunk_gram`` (exact) or
+    ``fastmtl::mtl_representation_gram`` (rep), the aggregator, then ``fastmtl::mtl_weighted_backward``
+    (heads: their own ``task.weight * L_t``; trunk: ``sum_t a_t task.weight_t dL_t``), accumulated
+    into ``.grad``. Parameters upstream of ``x`` (if ``x`` requires grad) get the trunk's weighted
+    gradient through autograd. No T x P Jacobian unless ``keep_jacobian`` (exact mode)."""
+    from .ops.engine import GRAM_PATHS
+
+    if mode not in MODES:
+        _fail("mode", f"one of {MODES}", repr(mode))
+    if gram_path not in GRAM_PATHS:
+        _fail("gram_path", f"one of {GRAM_PATHS}", repr(gram_path))
+    gram_every = _check_gram_every(gram_every)
+    trunk, heads = model.trunk, model.heads
+    weights = list(trunk.weights._parameters.values())
+    biases = list(trunk.biases._parameters.values()) if trunk.biases is not None else []
+    packed = heads.pack_targets(targets, x.dtype) if isinstance(targets, Mapping) else targets
+    names, num_outputs = heads._loss_names, heads._num_outputs
+    task_weights = heads.task_weights.to(x.dtype)
+    schedule = model.__dict__.setdefault("_mtl_weight_schedule", _WeightSchedule())
+
+    with torch.no_grad():
+        out, saved = torch.ops.fastmtl.fused_mlp.default(x, weights, biases, trunk.activation)
+        losses, logit_grad, count_scale = torch.ops.fastmtl.multitask_head_loss.default(
+            out, heads.weight, heads.bias, packed, names, num_outputs
+        )
+        jacobian = None
+        computed = schedule.due((type(aggregator), mode, len(num_outputs), gram_every), gram_every)
+        if computed:
+            if mode == "exact":
+                gram, jacobian, _paths = torch.ops.fastmtl.mtl_trunk_gram.default(
+                    x, weights, out, saved, trunk.activation, bool(biases), heads.weight, logit_grad, count_scale,
+                    task_weights, num_outputs, gram_path, keep_jacobian,
+                )
+                jacobian = jacobian if keep_jacobian else None
+            else:
+                gram = torch.ops.fastmtl.mtl_representation_gram.default(
+                    heads.weight, logit_grad, count_scale, task_weights, num_outputs
+                )
+            schedule.keep(_checked_weights(aggregator, gram), gram)
+        head_w, head_b, grad_x, grad_ws, grad_bs = torch.ops.fastmtl.mtl_weighted_backward.default(
+            x, weights, out, saved, trunk.activation, bool(biases), heads.weight, heads.bias is not None, logit_grad,
+            count_scale, task_weights, schedule.weights.to(x.dtype) * task_weights, num_outputs, x.requires_grad,
+        )
+    params = [heads.weight] + ([heads.bias] if heads.bias is not None else []) + weights + biases
+    for p, g in zip(params, [head_w] + ([head_b] if heads.bias is not None else []) + list(grad_ws) + list(grad_bs)):
+        if p.requires_grad:
+            _accumulate(p, g, owned=True)
+    if x.requires_grad:
+        torch.autograd.backward(x, grad_x)
+    return MTLBackwardResult(losses=losses, weights=schedule.weights, gram=schedule.gram, jacobian=jacobian,
+                             gram_computed=computed)

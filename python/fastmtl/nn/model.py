@@ -65,18 +65,58 @@ class MultiTaskModel(nn.Module):
         """Scalar ``sum_t task.weight * L_t``."""
         return torch.dot(self.losses(x, targets), self.heads.task_weights)
 
-    def mtl_backward(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor], aggregator, mode: str = "exact",
-                     **kwargs):
-        """Backward of one multi-task step with an aggregated update of the trunk: the trunk's
-        parameters get ``sum_t a_t grad(w_t L_t)`` with ``a = aggregator(G)``, each head the gradient
-        of its own ``task.weight * L_t``. Accumulates into ``.grad`` like ``backward``. Returns an
-        :class:`fastmtl.engine.MTLBackwardResult` (losses ``[T]`` unweighted, weights, gram)."""
-        from ..engine import mtl_backward
+    def mtl_backward(
+        self,
+        x: torch.Tensor,
+        targets: Union[Mapping, torch.Tensor],
+        aggregator,
+        mode: str = "exact",
+        gram_every: int = 1,
+        keep_jacobian: bool = False,
+        gram_path: str = "auto",
+    ):
+        """Backward of one multi-task step with an aggregated update of the trunk.
 
+        The trunk's parameters get ``sum_t a_t grad(task.weight_t * L_t)`` with ``a =
+        aggregator(G)``, ``G`` the Gram matrix of those per-task gradients; each head gets the
+        gradient of its own ``task.weight * L_t``. Accumulates into ``.grad`` like ``backward``.
+
+        Args:
+            x, targets: as for :meth:`losses`.
+            aggregator: Gram ``[T, T]`` -> weights ``[T]``, e.g. ``fastmtl.aggregation.UPGrad()``.
+            mode: ``"exact"`` (G over the trunk's parameters) or ``"rep"`` (G over the gradients of
+                the trunk output, MGDA-UB: approximate, nearly free).
+            gram_every: recompute the weights every k calls (same aggregator type, mode and tasks)
+                and reuse them in between, where a call is one ordinary weighted backward.
+            keep_jacobian: also return the ``[T, P]`` Jacobian of the trunk's parameters (exact mode).
+            gram_path: per-layer Gram algorithm of a FusedMLP trunk: ``"auto"`` (cost model),
+                ``"materialise"`` or ``"ghost"``.
+
+        With a :class:`FusedMLP` trunk the step runs in fused C++ ops with no ``T x P`` Jacobian
+        (:func:`fastmtl.engine.fused_model_backward`); any other trunk goes through
+        :func:`fastmtl.mtl_backward`. Returns an :class:`fastmtl.engine.MTLBackwardResult`
+        (``losses`` are the unweighted ``L_t``).
+
+        >>> import torch, fastmtl
+        >>> tasks = [fastmtl.Task("y", "regression"), fastmtl.Task("c", "multiclass", num_outputs=3)]
+        >>> model = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(10, [32, 32]), fastmtl.nn.MultiTaskHeads(32, tasks))
+        >>> targets = {"y": torch.randn(6), "c": torch.tensor([0, 2, 1, -100, 0, 1])}
+        >>> result = model.mtl_backward(torch.randn(6, 10), targets, fastmtl.aggregation.UPGrad())
+        >>> result.gram.shape, model.trunk.weights[0].grad.shape
+        (torch.Size([2, 2]), torch.Size([32, 10]))
+        """
+        from ..engine import fused_model_backward, mtl_backward
+
+        if isinstance(self.trunk, FusedMLP):
+            return fused_model_backward(self, x, targets, aggregator, mode=mode, gram_every=gram_every,
+                                        keep_jacobian=keep_jacobian, gram_path=gram_path)
+        if gram_path != "auto":
+            raise ValueError(f"MultiTaskModel.mtl_backward: argument 'gram_path' applies to a FusedMLP trunk only, "
+                             f"got {gram_path!r} with a {type(self.trunk).__name__} trunk")
         z = self.trunk(x)
         losses = self.heads.losses(z, targets)
-        result = mtl_backward(losses * self.heads.task_weights, z, aggregator,
-                              shared_params=list(self.trunk.parameters()), mode=mode, **kwargs)
+        result = mtl_backward(losses * self.heads.task_weights, z, aggregator, shared_params=list(self.trunk.parameters()),
+                              mode=mode, keep_jacobian=keep_jacobian, gram_every=gram_every)
         result.losses = losses.detach()
         return result
 

@@ -206,3 +206,5 @@ def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale
 
 # The aggregation ops (Gram matrices -> task weights) live in their own module.
 from .aggregation import *  # noqa: E402, F401, F403  (its __all__: the aggregation ops)
+# The per-task engine ops of fastmtl's own model.
+from .engine import *  # noqa: E402, F401, F403  (its __all__: task_gram, GRAM_PATHS, GRAM_MODES)

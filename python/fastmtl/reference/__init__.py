@@ -97,4 +97,4 @@ def multitask_head_loss(
 
 # References of the aggregation ops.
 from .aggregation import *  # noqa: E402, F401, F403  (its __all__: the aggregation ops)
-from .engine import mtl_backward  # noqa: E402, F401
+from .engine import mtl_backward, task_gram  # noqa: E402, F401

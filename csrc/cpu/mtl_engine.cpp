@@ -1,0 +1,204 @@
+#include "cpu/mtl_engine.h"
+
+#include <ATen/Parallel.h>
+
+#include "cpu/epilogue.h"
+#include "cpu/fused_mlp.h"
+
+namespace fastmtl::cpu {
+namespace {
+
+// Per logit column j of task t: task_scale[t] * count_scale[t] (the task's weight over its count).
+template <typename T>
+std::vector<T> column_scale(const std::vector<int64_t>& num_outputs, const at::Tensor& task_scale,
+                            const at::Tensor& count_scale) {
+  const T* w = task_scale.const_data_ptr<T>();
+  const T* s = count_scale.const_data_ptr<T>();
+  std::vector<T> scale;
+  for (size_t t = 0; t < num_outputs.size(); ++t) scale.insert(scale.end(), num_outputs[t], w[t] * s[t]);
+  return scale;
+}
+
+// out[b, t, :] = sum over task t's logit columns j of logit_grad[b, j] * col_scale[j] * head[j, :]:
+// every task's cotangent of the trunk output, B*C*d multiply-adds (one GEMM over all [B*T, C]
+// would cost T times more, almost all of it on zeros).
+template <typename T>
+void task_cotangents(const std::vector<int64_t>& num_outputs, int64_t rows, int64_t logit_cols, int64_t features,
+                     const T* logit_grad, const T* col_scale, const T* head, T* out) {
+  const int64_t tasks = static_cast<int64_t>(num_outputs.size());
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, logit_cols * features));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b) {
+      int64_t col = 0;
+      for (int64_t t = 0; t < tasks; ++t) {
+        T* o = out + (b * tasks + t) * features;
+        std::fill(o, o + features, T(0));
+        for (int64_t j = col; j < col + num_outputs[t]; ++j) {
+          const T s = logit_grad[b * logit_cols + j] * col_scale[j];
+          if (s == T(0)) continue;  // missing labels: nothing to add
+          const T* h = head + j * features;
+#pragma omp simd
+          for (int64_t k = 0; k < features; ++k) o[k] += s * h[k];
+        }
+        col += num_outputs[t];
+      }
+    }
+  });
+}
+
+// [B, T, cols] (row-major, one row per b) as [T, B*cols]: task t's whole cotangent in row t.
+at::Tensor rows_per_task(const at::Tensor& m, int64_t rows, int64_t tasks, int64_t cols) {
+  return m.view({rows, tasks, cols}).transpose(0, 1).reshape({tasks, rows * cols});
+}
+
+}  // namespace
+
+double materialise_cost(int64_t tasks, int64_t rows, int64_t d_in, int64_t d_out) {
+  const double params = double(d_in) * double(d_out);
+  return double(tasks) * double(rows) * params + double(tasks) * double(tasks) * params;
+}
+
+double ghost_cost(int64_t tasks, int64_t rows, int64_t d_in, int64_t d_out) {
+  const double b = double(rows), t = double(tasks);
+  return b * b * double(d_in) + t * b * b * double(d_out) + t * t * b * double(d_out);
+}
+
+TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+                          const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
+                          const at::Tensor& head_weight, const at::Tensor& logit_grad, const at::Tensor& count_scale,
+                          const at::Tensor& task_weights, const std::vector<int64_t>& num_outputs, GramPath path,
+                          bool keep_jacobian) {
+  const int64_t num_layers = static_cast<int64_t>(weights.size());
+  const int64_t rows = x.size(0);
+  const int64_t tasks = static_cast<int64_t>(num_outputs.size());
+  const int64_t features = head_weight.size(1);
+  const bool keep_pre = saved_kind(act) == SavedKind::Pre;
+  const auto options = x.options();
+
+  // Row b*T + t: task t's cotangent of row b of the current layer's output.
+  at::Tensor grad = at::empty({rows * tasks, features}, options);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_task_cotangents", [&] {
+    const std::vector<scalar_t> scale = column_scale<scalar_t>(num_outputs, task_weights, count_scale);
+    task_cotangents<scalar_t>(num_outputs, rows, head_weight.size(0), features, logit_grad.const_data_ptr<scalar_t>(),
+                              scale.data(), head_weight.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>());
+  });
+
+  // Jacobian column offsets, in FusedMLP.parameters() order: every weight, then every bias.
+  std::vector<int64_t> weight_offset(num_layers), bias_offset(num_layers);
+  int64_t num_params = 0;
+  for (int64_t l = 0; l < num_layers; ++l) weight_offset[l] = std::exchange(num_params, num_params + weights[l].numel());
+  if (has_bias)
+    for (int64_t l = 0; l < num_layers; ++l) bias_offset[l] = std::exchange(num_params, num_params + weights[l].size(0));
+
+  TrunkGram result;
+  result.gram = at::zeros({tasks, tasks}, options);
+  result.jacobian = keep_jacobian ? at::empty({tasks, num_params}, options) : at::empty({0}, options);
+  result.layer_paths = at::empty({num_layers}, at::kLong);
+  int64_t* paths = result.layer_paths.mutable_data_ptr<int64_t>();
+
+  for (int64_t l = num_layers - 1; l >= 0; --l) {
+    const int64_t d_out = weights[l].size(0), d_in = weights[l].size(1);
+    const at::Tensor& deriv_source = keep_pre ? saved[l] : (l + 1 == num_layers ? out : saved[l]);
+    at::Tensor layer_input;
+    if (l == 0) {
+      layer_input = x;
+    } else if (keep_pre) {
+      layer_input = at::empty({rows, d_in}, options);  // act(pre-activation), recomputed as in backward
+    } else {
+      layer_input = saved[l - 1];
+    }
+    const bool delta_is_grad = act == Activation::Identity && !has_bias;
+    at::Tensor delta = delta_is_grad ? grad : at::empty({rows * tasks, d_out}, options);
+    at::Tensor bias_grad = has_bias ? at::empty({tasks, d_out}, options) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_task_backward", [&] {
+      if (l > 0 && keep_pre)
+        activation_apply<scalar_t>(act, rows * d_in, saved[l - 1].const_data_ptr<scalar_t>(),
+                                   layer_input.mutable_data_ptr<scalar_t>());
+      if (!delta_is_grad)
+        activation_backward_tasks<scalar_t>(act, rows, tasks, d_out, grad.const_data_ptr<scalar_t>(),
+                                            deriv_source.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<scalar_t>(),
+                                            has_bias ? bias_grad.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+
+    GramPath chosen = path;
+    if (keep_jacobian) chosen = GramPath::Materialise;  // the Jacobian is the materialised g_t
+    if (chosen == GramPath::Auto)
+      chosen = ghost_cost(tasks, rows, d_in, d_out) < materialise_cost(tasks, rows, d_in, d_out) ? GramPath::Ghost
+                                                                                                  : GramPath::Materialise;
+    paths[l] = static_cast<int64_t>(chosen);
+    const at::Tensor delta_rows = delta.view({rows, tasks * d_out});
+    if (chosen == GramPath::Materialise) {
+      // All T weight gradients in one GEMM: [T*d_out, B] x [B, d_in], row t*d_out + i of task t.
+      const at::Tensor per_task = at::mm(delta_rows.t(), layer_input).view({tasks, d_out * d_in});
+      result.gram.addmm_(per_task, per_task.t());
+      if (has_bias) result.gram.addmm_(bias_grad, bias_grad.t());
+      if (keep_jacobian) {
+        result.jacobian.narrow(1, weight_offset[l], d_out * d_in).copy_(per_task);
+        if (has_bias) result.jacobian.narrow(1, bias_offset[l], d_out).copy_(bias_grad);
+      }
+    } else {
+      // <delta_s^T X, delta_t^T X> = <delta_s, (X X^T) delta_t>; the bias gradients sum_b delta add
+      // <delta_s, 1 1^T delta_t>, hence K + 1.
+      at::Tensor kernel = at::mm(layer_input, layer_input.t());
+      if (has_bias) kernel.add_(1);
+      const at::Tensor kernel_delta = at::mm(kernel, delta_rows);
+      result.gram.addmm_(rows_per_task(delta, rows, tasks, d_out), rows_per_task(kernel_delta, rows, tasks, d_out).t());
+    }
+    if (l > 0) grad = at::mm(delta, weights[l]);  // all tasks' cotangents of the layer's input
+  }
+  // Both paths are symmetric in exact arithmetic, not in rounding; the aggregators expect symmetry.
+  result.gram = (result.gram + result.gram.t()).mul_(0.5);
+  return result;
+}
+
+at::Tensor representation_gram(const at::Tensor& head_weight, const at::Tensor& logit_grad,
+                               const at::Tensor& count_scale, const at::Tensor& task_weights,
+                               const std::vector<int64_t>& num_outputs) {
+  const int64_t rows = logit_grad.size(0), logit_cols = logit_grad.size(1);
+  const int64_t tasks = static_cast<int64_t>(num_outputs.size());
+  at::Tensor scaled = at::empty_like(logit_grad);
+  AT_DISPATCH_FLOATING_TYPES(logit_grad.scalar_type(), "fastmtl_representation_gram", [&] {
+    const std::vector<scalar_t> scale = column_scale<scalar_t>(num_outputs, task_weights, count_scale);
+    scale_columns<scalar_t>(rows, logit_cols, logit_grad.const_data_ptr<scalar_t>(), scale.data(),
+                            scaled.mutable_data_ptr<scalar_t>(), nullptr);
+  });
+  // <S_s H_s, S_t H_t> summed over rows = sum over the (s, t) block of (S^T S) * (H H^T).
+  const at::Tensor products = at::mm(scaled.t(), scaled).mul_(at::mm(head_weight, head_weight.t()));
+  at::Tensor membership = at::zeros({tasks, logit_cols}, logit_grad.options());  // [T, C]: column j is task t's
+  int64_t col = 0;
+  for (int64_t t = 0; t < tasks; ++t) {
+    membership[t].narrow(0, col, num_outputs[t]).fill_(1);
+    col += num_outputs[t];
+  }
+  at::Tensor gram = at::mm(at::mm(membership, products), membership.t());
+  return (gram + gram.t()).mul_(0.5);
+}
+
+WeightedBackward weighted_backward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+                                   const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
+                                   const at::Tensor& head_weight, bool head_has_bias, const at::Tensor& logit_grad,
+                                   const at::Tensor& count_scale, const at::Tensor& head_task_weights,
+                                   const at::Tensor& trunk_task_weights, const std::vector<int64_t>& num_outputs,
+                                   bool need_input_grad) {
+  const int64_t rows = logit_grad.size(0), logit_cols = logit_grad.size(1);
+  WeightedBackward result;
+  at::Tensor head_logit_grad = at::empty_like(logit_grad);
+  at::Tensor trunk_logit_grad = at::empty_like(logit_grad);
+  result.head_bias_grad = at::empty({head_has_bias ? logit_cols : 0}, logit_grad.options());
+  AT_DISPATCH_FLOATING_TYPES(logit_grad.scalar_type(), "fastmtl_weighted_backward", [&] {
+    const scalar_t* raw = logit_grad.const_data_ptr<scalar_t>();
+    const std::vector<scalar_t> head_scale = column_scale<scalar_t>(num_outputs, head_task_weights, count_scale);
+    const std::vector<scalar_t> trunk_scale = column_scale<scalar_t>(num_outputs, trunk_task_weights, count_scale);
+    scale_columns<scalar_t>(rows, logit_cols, raw, head_scale.data(), head_logit_grad.mutable_data_ptr<scalar_t>(),
+                            head_has_bias ? result.head_bias_grad.mutable_data_ptr<scalar_t>() : nullptr);
+    scale_columns<scalar_t>(rows, logit_cols, raw, trunk_scale.data(), trunk_logit_grad.mutable_data_ptr<scalar_t>(),
+                            nullptr);
+  });
+  result.head_weight_grad = at::mm(head_logit_grad.t(), out);
+  const at::Tensor grad_out = at::mm(trunk_logit_grad, head_weight);
+  std::tie(result.input_grad, result.weight_grads, result.bias_grads) =
+      fused_mlp_backward(grad_out, x, weights, out, saved, act, has_bias, need_input_grad);
+  return result;
+}
+
+}  // namespace fastmtl::cpu
