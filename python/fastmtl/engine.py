@@ -291,6 +291,9 @@ def fused_model_backward(
         _fail("gram_path", f"one of {GRAM_PATHS}", repr(gram_path))
     gram_every = _check_gram_every(gram_every)
     trunk, heads = model.trunk, model.heads
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != trunk.in_features:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        _fail("x", f"a [B, {trunk.in_features}] tensor (the trunk's input)", str(got))
     weights = list(trunk.weights._parameters.values())
     biases = list(trunk.biases._parameters.values()) if trunk.biases is not None else []
     packed = heads.pack_targets(targets, x.dtype) if isinstance(targets, Mapping) else targets
