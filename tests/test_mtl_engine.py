@@ -169,6 +169,17 @@ def test_odd_shapes(B, num_tasks, widths):
             compare(model, x, targets, agg.UPGrad, mode=mode, gram_path=path)
 
 
+def test_wide_inputs_are_materialised_in_column_chunks():
+    # 150 inputs and 3 rows: the gradients of layer 0 (and 130 inputs of layer 1) are materialised
+    # in chunks of 64 columns; the Gram and the Jacobian assembled from them match the reference.
+    tasks = mixed_tasks(5)
+    model = make_model(tasks, widths=(130, 7), in_features=150)
+    x, targets = make_batch(tasks, B=3, in_features=150)
+    got, want = compare(model, x, targets, agg.UPGrad, gram_path="materialise", keep_jacobian=True)
+    assert_rel_close(got.jacobian, want.jacobian, 1e-12, "jacobian")
+    compare(model, x, targets, agg.UPGrad, gram_path="ghost")
+
+
 def test_a_task_without_labels_has_a_zero_row_and_nothing_is_nan():
     model = make_model(TASKS)
     x, targets = make_batch(TASKS, unlabelled=(TASKS[1].name,))

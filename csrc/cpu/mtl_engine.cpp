@@ -46,10 +46,14 @@ void task_cotangents(const std::vector<int64_t>& num_outputs, int64_t rows, int6
   });
 }
 
-// [B, T, cols] (row-major, one row per b) as [T, B*cols]: task t's whole cotangent in row t.
-at::Tensor rows_per_task(const at::Tensor& m, int64_t rows, int64_t tasks, int64_t cols) {
-  return m.view({rows, tasks, cols}).transpose(0, 1).reshape({tasks, rows * cols});
-}
+// Columns of X per materialised chunk of the T weight gradients [T*d_out, chunk]: at most as many
+// as the batch has rows, so the chunk never outgrows the cotangent buffer [B*T, d_out] it is
+// computed from (the sum of the chunks' Grams is the layer's Gram: chunks split the parameters).
+int64_t materialise_chunk(int64_t rows, int64_t d_in) { return std::min(d_in, std::max<int64_t>(rows, 64)); }
+
+// Tasks per ghost chunk: K delta for a chunk of tasks is [B, chunk*d_out], at most a quarter of
+// the cotangent buffer.
+int64_t ghost_task_chunk(int64_t tasks) { return std::max<int64_t>(1, (tasks + 3) / 4); }
 
 }  // namespace
 
@@ -107,18 +111,18 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
     } else {
       layer_input = saved[l - 1];
     }
-    const bool delta_is_grad = act == Activation::Identity && !has_bias;
-    at::Tensor delta = delta_is_grad ? grad : at::empty({rows * tasks, d_out}, options);
+    // delta = grad * act'(...) overwrites grad in place (it is this function's own buffer).
     at::Tensor bias_grad = has_bias ? at::empty({tasks, d_out}, options) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_task_backward", [&] {
       if (l > 0 && keep_pre)
         activation_apply<scalar_t>(act, rows * d_in, saved[l - 1].const_data_ptr<scalar_t>(),
                                    layer_input.mutable_data_ptr<scalar_t>());
-      if (!delta_is_grad)
+      if (act != Activation::Identity || has_bias)
         activation_backward_tasks<scalar_t>(act, rows, tasks, d_out, grad.const_data_ptr<scalar_t>(),
-                                            deriv_source.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<scalar_t>(),
+                                            deriv_source.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(),
                                             has_bias ? bias_grad.mutable_data_ptr<scalar_t>() : nullptr);
     });
+    const at::Tensor& delta = grad;
 
     GramPath chosen = path;
     if (keep_jacobian) chosen = GramPath::Materialise;  // the Jacobian is the materialised g_t
@@ -128,21 +132,33 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
     paths[l] = static_cast<int64_t>(chosen);
     const at::Tensor delta_rows = delta.view({rows, tasks * d_out});
     if (chosen == GramPath::Materialise) {
-      // All T weight gradients in one GEMM: [T*d_out, B] x [B, d_in], row t*d_out + i of task t.
-      const at::Tensor per_task = at::mm(delta_rows.t(), layer_input).view({tasks, d_out * d_in});
-      result.gram.addmm_(per_task, per_task.t());
-      if (has_bias) result.gram.addmm_(bias_grad, bias_grad.t());
-      if (keep_jacobian) {
-        result.jacobian.narrow(1, weight_offset[l], d_out * d_in).copy_(per_task);
-        if (has_bias) result.jacobian.narrow(1, bias_offset[l], d_out).copy_(bias_grad);
+      // All T weight gradients of a chunk of input columns in one GEMM: [T*d_out, B] x [B, chunk],
+      // row t*d_out + i of task t, i.e. [T, d_out*chunk] with task t's entries in row t.
+      const int64_t chunk = materialise_chunk(rows, d_in);
+      for (int64_t c0 = 0; c0 < d_in; c0 += chunk) {
+        const int64_t width = std::min(chunk, d_in - c0);
+        const at::Tensor per_task = at::mm(delta_rows.t(), layer_input.narrow(1, c0, width)).view({tasks, -1});
+        result.gram.addmm_(per_task, per_task.t());
+        if (keep_jacobian)
+          result.jacobian.narrow(1, weight_offset[l], d_out * d_in).view({tasks, d_out, d_in}).narrow(2, c0, width)
+              .copy_(per_task.view({tasks, d_out, width}));
       }
+      if (has_bias) result.gram.addmm_(bias_grad, bias_grad.t());
+      if (keep_jacobian && has_bias) result.jacobian.narrow(1, bias_offset[l], d_out).copy_(bias_grad);
     } else {
       // <delta_s^T X, delta_t^T X> = <delta_s, (X X^T) delta_t>; the bias gradients sum_b delta add
-      // <delta_s, 1 1^T delta_t>, hence K + 1.
+      // <delta_s, 1 1^T delta_t>, hence K + 1. Per chunk of tasks c: K delta_c, then
+      // G[:, c] = sum over rows b of delta_b (K delta_c)_b^T, a batch of [T, d_out] x [d_out, |c|].
       at::Tensor kernel = at::mm(layer_input, layer_input.t());
       if (has_bias) kernel.add_(1);
-      const at::Tensor kernel_delta = at::mm(kernel, delta_rows);
-      result.gram.addmm_(rows_per_task(delta, rows, tasks, d_out), rows_per_task(kernel_delta, rows, tasks, d_out).t());
+      const at::Tensor delta_by_row = delta.view({rows, tasks, d_out});
+      const int64_t chunk = ghost_task_chunk(tasks);
+      for (int64_t t0 = 0; t0 < tasks; t0 += chunk) {
+        const int64_t count = std::min(chunk, tasks - t0);
+        const at::Tensor kernel_delta = at::mm(kernel, delta_rows.narrow(1, t0 * d_out, count * d_out));
+        const at::Tensor by_row = at::bmm(delta_by_row, kernel_delta.view({rows, count, d_out}).transpose(1, 2));
+        result.gram.narrow(1, t0, count).add_(by_row.sum(0));
+      }
     }
     if (l > 0) grad = at::mm(delta, weights[l]);  // all tasks' cotangents of the layer's input
   }
