@@ -263,6 +263,9 @@ def test_a_plain_trunk_goes_through_the_generic_engine():
     model = fastmtl.nn.MultiTaskModel(trunk, fastmtl.nn.MultiTaskHeads(7, TASKS)).double()
     x, targets = make_batch(TASKS)
     compare(model, x, targets, agg.UPGrad)
+    # gram_every keeps its schedule on the model here too: a fresh aggregator per call continues it.
+    flags = [model.mtl_backward(x, targets, agg.UPGrad(), gram_every=2).gram_computed for _ in range(3)]
+    assert flags == [True, False, True]
     with pytest.raises(ValueError, match="'gram_path' applies to a FusedMLP trunk only"):
         model.mtl_backward(x, targets, agg.UPGrad(), gram_path="ghost")
 

@@ -35,7 +35,8 @@ def test_import_under_another_torch_raises_import_error_saying_rebuild():
 def test_ops_are_registered_under_torch_ops():
     for name in ("fused_mlp", "fused_mlp_backward", "multitask_head_loss", "multitask_head_loss_backward",
                  "pack_targets", "dual_cone_projection", "min_norm_weights", "cagrad_weights", "power_system_weights",
-                 "pcgrad_weights", "gradvac_weights", "aligned_mtl_weights", "imtlg_weights", "config_weights"):
+                 "pcgrad_weights", "gradvac_weights", "aligned_mtl_weights", "imtlg_weights", "config_weights",
+                 "mtl_trunk_gram", "mtl_representation_gram", "mtl_weighted_backward"):
         assert hasattr(torch.ops.fastmtl, name)
 
 
@@ -47,7 +48,7 @@ AGGREGATION_MODULES = ["basic", "mgda", "dual_cone", "cagrad", "surgery", "spect
     "module",
     ["fastmtl.tasks", "fastmtl.ops", "fastmtl.nn.fused_mlp", "fastmtl.nn.heads", "fastmtl.nn.model"]
     + ["fastmtl.weighting"] + [f"fastmtl.weighting.{name}" for name in WEIGHTING_MODULES]
-    + ["fastmtl.engine", "fastmtl.ops.aggregation", "fastmtl.aggregation"] + [f"fastmtl.aggregation.{name}" for name in AGGREGATION_MODULES],
+    + ["fastmtl.engine", "fastmtl.ops.engine", "fastmtl.ops.aggregation", "fastmtl.aggregation"] + [f"fastmtl.aggregation.{name}" for name in AGGREGATION_MODULES],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), verbose=False)

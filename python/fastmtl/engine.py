@@ -133,10 +133,22 @@ class _WeightSchedule:
 _schedules: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        _fail("mode", f"one of {MODES}", repr(mode))
+    return mode
+
+
 def _check_gram_every(gram_every) -> int:
     if isinstance(gram_every, bool) or not isinstance(gram_every, int) or gram_every < 1:
         _fail("gram_every", "an int >= 1 (recompute the weights every k calls)", repr(gram_every))
     return gram_every
+
+
+def model_schedule(model) -> _WeightSchedule:
+    """The gram_every schedule of a model's mtl_backward: kept on the model, so that any aggregator
+    of the same type (a fresh ``UPGrad()`` per call, say) continues it."""
+    return model.__dict__.setdefault("_mtl_weight_schedule", _WeightSchedule())
 
 
 def _schedule_of(aggregator) -> _WeightSchedule:
@@ -181,14 +193,20 @@ def mtl_backward(
     >>> result.gram.shape, trunk.weight.grad.shape, heads.weight.grad.shape
     (torch.Size([2, 2]), torch.Size([8, 4]), torch.Size([2, 8]))
     """
-    if mode not in MODES:
-        _fail("mode", f"one of {MODES}", repr(mode))
+    _check_mode(mode)
     if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() < 1:
         got = list(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         _fail("losses", "a 1-D tensor [T] of per-task losses with T >= 1", str(got))
     if not losses.requires_grad:
         _fail("losses", "a tensor in an autograd graph (requires_grad)", "a tensor that does not require grad")
-    gram_every = _check_gram_every(gram_every)
+    schedule = _schedule_of(aggregator) if _check_gram_every(gram_every) > 1 else None
+    return _generic_backward(losses, features, aggregator, shared_params, mode, keep_jacobian, gram_every, schedule)
+
+
+def _generic_backward(losses, features, aggregator, shared_params, mode, keep_jacobian, gram_every,
+                      schedule: Optional[_WeightSchedule]) -> MTLBackwardResult:
+    """mtl_backward after the checks of its scalar arguments; ``schedule``: where the weights of
+    ``gram_every`` are kept (the aggregator's, or a model's), None when every call computes them."""
     feats = _as_tensors(features)
     for i, f in enumerate(feats):
         if not f.requires_grad:
@@ -206,8 +224,7 @@ def mtl_backward(
     shared_ids = {id(p) for p in shared}
     heads = [p for p in _graph_leaves([losses]) if id(p) not in shared_ids]
 
-    schedule = _schedule_of(aggregator) if gram_every > 1 else None
-    if schedule is not None and not schedule.due((mode, T, gram_every), gram_every):
+    if schedule is not None and not schedule.due((type(aggregator), mode, T, gram_every), gram_every):
         return _reuse_weights(losses, feats, shared, heads, schedule)
 
     # Per-task cotangents of the features: [T, *feature.shape] each.
@@ -285,8 +302,7 @@ def fused_model_backward(
     gradient through autograd. No T x P Jacobian unless ``keep_jacobian`` (exact mode)."""
     from .ops.engine import GRAM_PATHS
 
-    if mode not in MODES:
-        _fail("mode", f"one of {MODES}", repr(mode))
+    _check_mode(mode)
     if gram_path not in GRAM_PATHS:
         _fail("gram_path", f"one of {GRAM_PATHS}", repr(gram_path))
     gram_every = _check_gram_every(gram_every)
@@ -299,7 +315,7 @@ def fused_model_backward(
     packed = heads.pack_targets(targets, x.dtype) if isinstance(targets, Mapping) else targets
     names, num_outputs = heads._loss_names, heads._num_outputs
     task_weights = heads.task_weights.to(x.dtype)
-    schedule = model.__dict__.setdefault("_mtl_weight_schedule", _WeightSchedule())
+    schedule = model_schedule(model)
 
     with torch.no_grad():
         out, saved = torch.ops.fastmtl.fused_mlp.default(x, weights, biases, trunk.activation)

@@ -105,7 +105,7 @@ class MultiTaskModel(nn.Module):
         >>> result.gram.shape, model.trunk.weights[0].grad.shape
         (torch.Size([2, 2]), torch.Size([32, 10]))
         """
-        from ..engine import fused_model_backward, mtl_backward
+        from ..engine import _check_gram_every, _check_mode, _generic_backward, fused_model_backward, model_schedule
 
         if isinstance(self.trunk, FusedMLP):
             return fused_model_backward(self, x, targets, aggregator, mode=mode, gram_every=gram_every,
@@ -115,8 +115,10 @@ class MultiTaskModel(nn.Module):
                              f"got {gram_path!r} with a {type(self.trunk).__name__} trunk")
         z = self.trunk(x)
         losses = self.heads.losses(z, targets)
-        result = mtl_backward(losses * self.heads.task_weights, z, aggregator, shared_params=list(self.trunk.parameters()),
-                              mode=mode, keep_jacobian=keep_jacobian, gram_every=gram_every)
+        _check_mode(mode)
+        schedule = model_schedule(self) if _check_gram_every(gram_every) > 1 else None
+        result = _generic_backward(losses * self.heads.task_weights, z, aggregator, list(self.trunk.parameters()), mode,
+                                   keep_jacobian, gram_every, schedule)
         result.losses = losses.detach()
         return result
 
