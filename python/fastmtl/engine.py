@@ -29,6 +29,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from ._distributed import DataParallelSync
+
 __all__ = ["MTLBackwardResult", "mtl_backward", "fused_model_backward"]
 
 MODES = ("exact", "rep")
@@ -167,6 +169,8 @@ def mtl_backward(
     mode: str = "exact",
     keep_jacobian: bool = False,
     gram_every: int = 1,
+    ddp_gram: str = "local",
+    process_group=None,
 ) -> MTLBackwardResult:
     """Backward of a multi-task step with an aggregated update of the shared parameters.
 
@@ -182,6 +186,11 @@ def mtl_backward(
     (MGDA-UB), then one ordinary backward of ``sum_t a_t dL_t/dz`` through the trunk.
     ``gram_every=k``: the weights are recomputed on every k-th call with this aggregator object and
     reused in between, where the call is one ordinary weighted backward. The graph is freed afterwards.
+
+    Under data parallelism (an initialised ``torch.distributed`` group of several ranks) the
+    gradients written are the mean over ranks, as DDP's; ``ddp_gram`` says how the Gram matrix
+    covers the ranks: ``"local"`` (all-reduce the ranks' Grams), ``"exact"`` (all-reduce the
+    per-task gradients) or ``"none"`` (no communication); see :mod:`fastmtl._distributed`.
 
     >>> import torch, fastmtl
     >>> from fastmtl.aggregation import UPGrad
@@ -200,11 +209,19 @@ def mtl_backward(
     if not losses.requires_grad:
         _fail("losses", "a tensor in an autograd graph (requires_grad)", "a tensor that does not require grad")
     schedule = _schedule_of(aggregator) if _check_gram_every(gram_every) > 1 else None
-    return _generic_backward(losses, features, aggregator, shared_params, mode, keep_jacobian, gram_every, schedule)
+    return _generic_backward(losses, features, aggregator, shared_params, mode, keep_jacobian, gram_every, schedule,
+                             DataParallelSync(ddp_gram, process_group))
+
+
+def _write_gradients(params, grads, sync: DataParallelSync, owned: bool = False) -> None:
+    """Accumulates the step's gradients into .grad, averaged over the ranks first when data-parallel."""
+    for p, g in zip(params, sync.average(list(grads))):
+        if g is not None and p.requires_grad:
+            _accumulate(p, g, owned=owned and not sync.active)
 
 
 def _generic_backward(losses, features, aggregator, shared_params, mode, keep_jacobian, gram_every,
-                      schedule: Optional[_WeightSchedule]) -> MTLBackwardResult:
+                      schedule: Optional[_WeightSchedule], sync: DataParallelSync) -> MTLBackwardResult:
     """mtl_backward after the checks of its scalar arguments; ``schedule``: where the weights of
     ``gram_every`` are kept (the aggregator's, or a model's), None when every call computes them."""
     feats = _as_tensors(features)
@@ -225,7 +242,7 @@ def _generic_backward(losses, features, aggregator, shared_params, mode, keep_ja
     heads = [p for p in _graph_leaves([losses]) if id(p) not in shared_ids]
 
     if schedule is not None and not schedule.due((type(aggregator), mode, T, gram_every), gram_every):
-        return _reuse_weights(losses, feats, shared, heads, schedule)
+        return _reuse_weights(losses, feats, shared, heads, schedule, sync)
 
     # Per-task cotangents of the features: [T, *feature.shape] each.
     eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
@@ -241,46 +258,42 @@ def _generic_backward(losses, features, aggregator, shared_params, mode, keep_ja
     if all(g is None for g in summed[len(heads):]):
         _fail("features", "tensors in the graph of 'losses' (the losses must be computed from them)",
               "features the losses do not depend on")
-    for p, g in zip(heads, summed[: len(heads)]):
-        if g is not None:
-            _accumulate(p, g)
+    head_grads = list(summed[: len(heads)])
 
     jacobian = None
     if mode == "rep":
         flat = torch.cat([c.reshape(T, -1) for c in cotangents], dim=1)
-        gram = flat @ flat.T
+        gram = sync.gram(flat @ flat.T)
         weights = _checked_weights(aggregator, gram.detach())
         combined = [torch.tensordot(weights.to(c.dtype), c, dims=1) for c in cotangents]
-        grads = torch.autograd.grad(feats, shared, grad_outputs=combined, allow_unused=True)
-        for p, g in zip(shared, grads):
-            if g is not None:
-                _accumulate(p, g)
+        shared_grads = list(torch.autograd.grad(feats, shared, grad_outputs=combined, allow_unused=True))
     else:
         per_task = _batched_vjp(feats, shared, cotangents, retain_graph=False)
         flat = torch.cat([g.reshape(T, -1) for g in per_task], dim=1)
-        gram = flat @ flat.T
+        if sync.exact:
+            flat = sync.jacobian(flat)
+            gram = flat @ flat.T
+        else:
+            gram = sync.gram(flat @ flat.T)
         weights = _checked_weights(aggregator, gram.detach())
-        for p, g in zip(shared, per_task):
-            _accumulate(p, torch.tensordot(weights.to(g.dtype), g, dims=1))
+        # The mean over ranks of the local updates is the update of the mean per-task gradients.
+        shared_grads = [torch.tensordot(weights.to(g.dtype), g, dims=1) for g in per_task]
         if keep_jacobian:
             jacobian = flat.detach()
+    _write_gradients(heads + shared, head_grads + shared_grads, sync)
     if schedule is not None:
         schedule.keep(weights, gram.detach())
     return MTLBackwardResult(losses=losses.detach(), weights=weights, gram=gram.detach(), jacobian=jacobian)
 
 
-def _reuse_weights(losses, feats, shared, heads, schedule: _WeightSchedule) -> MTLBackwardResult:
+def _reuse_weights(losses, feats, shared, heads, schedule: _WeightSchedule, sync: DataParallelSync) -> MTLBackwardResult:
     """A call between Gram computations: heads get the gradient of sum_t L_t, the shared parameters
     that of sum_t a_t L_t with the kept weights a (one backward through the trunk)."""
     weights = schedule.weights
     head_grads = torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True) if heads else ()
     feature_grads = torch.autograd.grad(losses, feats, grad_outputs=weights.to(losses.dtype), retain_graph=True)
-    for p, g in zip(heads, head_grads):
-        if g is not None:
-            _accumulate(p, g)
-    for p, g in zip(shared, torch.autograd.grad(feats, shared, grad_outputs=feature_grads, allow_unused=True)):
-        if g is not None:
-            _accumulate(p, g)
+    shared_grads = torch.autograd.grad(feats, shared, grad_outputs=feature_grads, allow_unused=True)
+    _write_gradients(heads + shared, list(head_grads) + list(shared_grads), sync)
     return MTLBackwardResult(losses=losses.detach(), weights=weights, gram=schedule.gram, gram_computed=False)
 
 
@@ -293,13 +306,16 @@ def fused_model_backward(
     gram_every: int = 1,
     keep_jacobian: bool = False,
     gram_path: str = "auto",
+    ddp_gram: str = "local",
+    process_group=None,
 ) -> MTLBackwardResult:
     """``model.mtl_backward`` for a MultiTaskModel with a FusedMLP trunk: the step's forward once
     (fused_mlp, multitask_head_loss), the Gram matrix by ``fastmtl::mtl_trunk_gram`` (exact) or
     ``fastmtl::mtl_representation_gram`` (rep), the aggregator, then ``fastmtl::mtl_weighted_backward``
     (heads: their own ``task.weight * L_t``; trunk: ``sum_t a_t task.weight_t dL_t``), accumulated
     into ``.grad``. Parameters upstream of ``x`` (if ``x`` requires grad) get the trunk's weighted
-    gradient through autograd. No T x P Jacobian unless ``keep_jacobian`` (exact mode)."""
+    gradient through autograd. No T x P Jacobian unless ``keep_jacobian`` (exact mode) or
+    ``ddp_gram="exact"`` under data parallelism (see :mod:`fastmtl._distributed`)."""
     from .ops.engine import GRAM_PATHS
 
     _check_mode(mode)
@@ -316,6 +332,7 @@ def fused_model_backward(
     names, num_outputs = heads._loss_names, heads._num_outputs
     task_weights = heads.task_weights.to(x.dtype)
     schedule = model_schedule(model)
+    sync = DataParallelSync(ddp_gram, process_group)
 
     with torch.no_grad():
         out, saved = torch.ops.fastmtl.fused_mlp.default(x, weights, biases, trunk.activation)
@@ -328,22 +345,26 @@ def fused_model_backward(
             if mode == "exact":
                 gram, jacobian, _paths = torch.ops.fastmtl.mtl_trunk_gram.default(
                     x, weights, out, saved, trunk.activation, bool(biases), heads.weight, logit_grad, count_scale,
-                    task_weights, num_outputs, gram_path, keep_jacobian,
+                    task_weights, num_outputs, gram_path, keep_jacobian or sync.exact,
                 )
+                if sync.exact:
+                    jacobian = sync.jacobian(jacobian)
+                    gram = jacobian @ jacobian.T
+                else:
+                    gram = sync.gram(gram)
                 jacobian = jacobian if keep_jacobian else None
             else:
-                gram = torch.ops.fastmtl.mtl_representation_gram.default(
+                gram = sync.gram(torch.ops.fastmtl.mtl_representation_gram.default(
                     heads.weight, logit_grad, count_scale, task_weights, num_outputs
-                )
+                ))
             schedule.keep(_checked_weights(aggregator, gram), gram)
         head_w, head_b, grad_x, grad_ws, grad_bs = torch.ops.fastmtl.mtl_weighted_backward.default(
             x, weights, out, saved, trunk.activation, bool(biases), heads.weight, heads.bias is not None, logit_grad,
             count_scale, task_weights, schedule.weights.to(x.dtype) * task_weights, num_outputs, x.requires_grad,
         )
     params = [heads.weight] + ([heads.bias] if heads.bias is not None else []) + weights + biases
-    for p, g in zip(params, [head_w] + ([head_b] if heads.bias is not None else []) + list(grad_ws) + list(grad_bs)):
-        if p.requires_grad:
-            _accumulate(p, g, owned=True)
+    grads = [head_w] + ([head_b] if heads.bias is not None else []) + list(grad_ws) + list(grad_bs)
+    _write_gradients(params, grads, sync, owned=True)
     if x.requires_grad:
         torch.autograd.backward(x, grad_x)
     return MTLBackwardResult(losses=losses, weights=schedule.weights, gram=schedule.gram, jacobian=jacobian,

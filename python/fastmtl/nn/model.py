@@ -74,6 +74,8 @@ class MultiTaskModel(nn.Module):
         gram_every: int = 1,
         keep_jacobian: bool = False,
         gram_path: str = "auto",
+        ddp_gram: str = "local",
+        process_group=None,
     ):
         """Backward of one multi-task step with an aggregated update of the trunk.
 
@@ -91,6 +93,10 @@ class MultiTaskModel(nn.Module):
             keep_jacobian: also return the ``[T, P]`` Jacobian of the trunk's parameters (exact mode).
             gram_path: per-layer Gram algorithm of a FusedMLP trunk: ``"auto"`` (cost model),
                 ``"materialise"`` or ``"ghost"``.
+            ddp_gram, process_group: under data parallelism (an initialised ``torch.distributed``
+                group of several ranks) the gradients written are the mean over the ranks, as
+                DDP's, and the Gram matrix covers the ranks by ``"local"`` (all-reduced Grams, no
+                cross-rank terms), ``"exact"`` (all-reduced per-task gradients) or ``"none"``.
 
         With a :class:`FusedMLP` trunk the step runs in fused C++ ops with no ``T x P`` Jacobian
         (:func:`fastmtl.engine.fused_model_backward`); any other trunk goes through
@@ -105,11 +111,13 @@ class MultiTaskModel(nn.Module):
         >>> result.gram.shape, model.trunk.weights[0].grad.shape
         (torch.Size([2, 2]), torch.Size([32, 10]))
         """
+        from .._distributed import DataParallelSync
         from ..engine import _check_gram_every, _check_mode, _generic_backward, fused_model_backward, model_schedule
 
         if isinstance(self.trunk, FusedMLP):
             return fused_model_backward(self, x, targets, aggregator, mode=mode, gram_every=gram_every,
-                                        keep_jacobian=keep_jacobian, gram_path=gram_path)
+                                        keep_jacobian=keep_jacobian, gram_path=gram_path, ddp_gram=ddp_gram,
+                                        process_group=process_group)
         if gram_path != "auto":
             raise ValueError(f"MultiTaskModel.mtl_backward: argument 'gram_path' applies to a FusedMLP trunk only, "
                              f"got {gram_path!r} with a {type(self.trunk).__name__} trunk")
@@ -118,7 +126,7 @@ class MultiTaskModel(nn.Module):
         _check_mode(mode)
         schedule = model_schedule(self) if _check_gram_every(gram_every) > 1 else None
         result = _generic_backward(losses * self.heads.task_weights, z, aggregator, list(self.trunk.parameters()), mode,
-                                   keep_jacobian, gram_every, schedule)
+                                   keep_jacobian, gram_every, schedule, DataParallelSync(ddp_gram, process_group))
         result.losses = losses.detach()
         return result
 
