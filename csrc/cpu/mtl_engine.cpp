@@ -46,10 +46,36 @@ void task_cotangents(const std::vector<int64_t>& num_outputs, int64_t rows, int6
   });
 }
 
-// Columns of X per materialised chunk of the T weight gradients [T*d_out, chunk]: at most as many
-// as the batch has rows, so the chunk never outgrows the cotangent buffer [B*T, d_out] it is
-// computed from (the sum of the chunks' Grams is the layer's Gram: chunks split the parameters).
-int64_t materialise_chunk(int64_t rows, int64_t d_in) { return std::min(d_in, std::max<int64_t>(rows, 64)); }
+// Columns of X per materialised chunk of the T weight gradients [T*d_out, chunk]: a quarter of the
+// batch's rows, so the chunk stays at a quarter of the cotangent buffer [B*T, d_out] it is computed
+// from (the sum of the chunks' Grams is the layer's Gram: chunks split the parameters). At least
+// 64 columns, so that the GEMM keeps a useful width.
+int64_t materialise_chunk(int64_t rows, int64_t d_in) { return std::min(d_in, std::max<int64_t>(rows / 4, 64)); }
+
+// Rows of the [B*T, d] cotangent matrix per step of the in-place propagation below: a quarter, so
+// that the scratch is a quarter of the buffer while each GEMM still has >= B*T/4 rows.
+int64_t propagation_chunk(int64_t total_rows) { return std::max<int64_t>(1, (total_rows + 3) / 4); }
+
+// cotangents [R, d_out] (the first R*d_out entries of `storage`) := cotangents W, [R, d_in], written
+// over the same storage (sized R * max width): one GEMM per row chunk into `scratch`, copied back.
+// The copy never lands on rows still to be read: with d_in <= d_out, chunk [r0, r1) goes to
+// [r0*d_in, r1*d_in), below the unread [r1*d_out, ...), so chunks go upwards; with d_in > d_out
+// they go downwards, the unread [0, r0*d_out) lying below [r0*d_in, ...). This keeps the engine at
+// one [B*T, d] buffer instead of two (the old and the new cotangents).
+void propagate_in_place(at::Tensor& storage, int64_t total_rows, int64_t d_out, const at::Tensor& weight,
+                        at::Tensor& scratch) {
+  const int64_t d_in = weight.size(1);
+  const int64_t chunk = propagation_chunk(total_rows);
+  const at::Tensor source = storage.narrow(0, 0, total_rows * d_out).view({total_rows, d_out});
+  const int64_t num_chunks = (total_rows + chunk - 1) / chunk;
+  for (int64_t i = 0; i < num_chunks; ++i) {
+    const int64_t c = d_in <= d_out ? i : num_chunks - 1 - i;
+    const int64_t r0 = c * chunk, count = std::min(chunk, total_rows - r0);
+    at::Tensor product = scratch.narrow(0, 0, count * d_in).view({count, d_in});
+    at::mm_out(product, source.narrow(0, r0, count), weight);
+    storage.narrow(0, r0 * d_in, count * d_in).view({count, d_in}).copy_(product);
+  }
+}
 
 // Tasks per ghost chunk: K delta for a chunk of tasks is [B, chunk*d_out], at most a quarter of
 // the cotangent buffer.
@@ -79,8 +105,29 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
   const bool keep_pre = saved_kind(act) == SavedKind::Pre;
   const auto options = x.options();
 
-  // Row b*T + t: task t's cotangent of row b of the current layer's output.
-  at::Tensor grad = at::empty({rows * tasks, features}, options);
+  // Row b*T + t: task t's cotangent of row b of the current layer's output. One storage for every
+  // layer's cotangents (sized for the widest), overwritten layer by layer.
+  int64_t max_width = features;
+  for (int64_t l = 1; l < num_layers; ++l) max_width = std::max(max_width, weights[l].size(1));
+  at::Tensor storage = at::empty({rows * tasks * max_width}, options);
+
+  // Each layer's Gram path, then one scratch for the largest temporary any layer needs (the
+  // propagation's row chunk, a materialised chunk of the T gradients, or K delta for a task chunk).
+  std::vector<GramPath> chosen(num_layers);
+  int64_t scratch_size = propagation_chunk(rows * tasks) * max_width;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const int64_t d_out = weights[l].size(0), d_in = weights[l].size(1);
+    chosen[l] = keep_jacobian ? GramPath::Materialise : path;  // the Jacobian is the materialised g_t
+    if (chosen[l] == GramPath::Auto)
+      chosen[l] = ghost_cost(tasks, rows, d_in, d_out) < materialise_cost(tasks, rows, d_in, d_out)
+                      ? GramPath::Ghost
+                      : GramPath::Materialise;
+    const int64_t need = chosen[l] == GramPath::Materialise ? tasks * d_out * materialise_chunk(rows, d_in)
+                                                            : rows * ghost_task_chunk(tasks) * d_out;
+    scratch_size = std::max(scratch_size, need);
+  }
+  at::Tensor scratch = at::empty({scratch_size}, options);
+  at::Tensor grad = storage.narrow(0, 0, rows * tasks * features).view({rows * tasks, features});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_task_cotangents", [&] {
     const std::vector<scalar_t> scale = column_scale<scalar_t>(num_outputs, task_weights, count_scale);
     task_cotangents<scalar_t>(num_outputs, rows, head_weight.size(0), features, logit_grad.const_data_ptr<scalar_t>(),
@@ -124,20 +171,17 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
     });
     const at::Tensor& delta = grad;
 
-    GramPath chosen = path;
-    if (keep_jacobian) chosen = GramPath::Materialise;  // the Jacobian is the materialised g_t
-    if (chosen == GramPath::Auto)
-      chosen = ghost_cost(tasks, rows, d_in, d_out) < materialise_cost(tasks, rows, d_in, d_out) ? GramPath::Ghost
-                                                                                                  : GramPath::Materialise;
-    paths[l] = static_cast<int64_t>(chosen);
+    paths[l] = static_cast<int64_t>(chosen[l]);
     const at::Tensor delta_rows = delta.view({rows, tasks * d_out});
-    if (chosen == GramPath::Materialise) {
+    if (chosen[l] == GramPath::Materialise) {
       // All T weight gradients of a chunk of input columns in one GEMM: [T*d_out, B] x [B, chunk],
       // row t*d_out + i of task t, i.e. [T, d_out*chunk] with task t's entries in row t.
       const int64_t chunk = materialise_chunk(rows, d_in);
       for (int64_t c0 = 0; c0 < d_in; c0 += chunk) {
         const int64_t width = std::min(chunk, d_in - c0);
-        const at::Tensor per_task = at::mm(delta_rows.t(), layer_input.narrow(1, c0, width)).view({tasks, -1});
+        at::Tensor per_task = scratch.narrow(0, 0, tasks * d_out * width).view({tasks * d_out, width});
+        at::mm_out(per_task, delta_rows.t(), layer_input.narrow(1, c0, width));
+        per_task = per_task.view({tasks, d_out * width});
         result.gram.addmm_(per_task, per_task.t());
         if (keep_jacobian)
           result.jacobian.narrow(1, weight_offset[l], d_out * d_in).view({tasks, d_out, d_in}).narrow(2, c0, width)
@@ -155,12 +199,16 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
       const int64_t chunk = ghost_task_chunk(tasks);
       for (int64_t t0 = 0; t0 < tasks; t0 += chunk) {
         const int64_t count = std::min(chunk, tasks - t0);
-        const at::Tensor kernel_delta = at::mm(kernel, delta_rows.narrow(1, t0 * d_out, count * d_out));
+        at::Tensor kernel_delta = scratch.narrow(0, 0, rows * count * d_out).view({rows, count * d_out});
+        at::mm_out(kernel_delta, kernel, delta_rows.narrow(1, t0 * d_out, count * d_out));
         const at::Tensor by_row = at::bmm(delta_by_row, kernel_delta.view({rows, count, d_out}).transpose(1, 2));
         result.gram.narrow(1, t0, count).add_(by_row.sum(0));
       }
     }
-    if (l > 0) grad = at::mm(delta, weights[l]);  // all tasks' cotangents of the layer's input
+    if (l > 0) {  // all tasks' cotangents of the layer's input
+      propagate_in_place(storage, rows * tasks, d_out, weights[l], scratch);
+      grad = storage.narrow(0, 0, rows * tasks * d_in).view({rows * tasks, d_in});
+    }
   }
   // Both paths are symmetric in exact arithmetic, not in rounding; the aggregators expect symmetry.
   result.gram = (result.gram + result.gram.t()).mul_(0.5);
