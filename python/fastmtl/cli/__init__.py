@@ -10,8 +10,9 @@ Needs the apps extra (scikit-learn, matplotlib, tqdm): ``pip install "fastmtl-to
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional, Sequence
+
+import torch
 
 from . import bench, compare, train
 
@@ -32,7 +33,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     option values end with argparse's usage message (exit status 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()  # --threads is for the command, not for the caller's process
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:
         parser.error(f"{args.command}: {error}")
+    finally:
+        torch.set_num_threads(threads)

@@ -36,6 +36,15 @@ def find_bench_dir(explicit=None) -> Path:
                             f"installed package; run from a fastmtl checkout or pass --bench-dir")
 
 
+def _stream(command, cwd) -> int:
+    """Runs ``command``, passing its output line by line through this process's sys.stdout (so that
+    the tables reach whoever captures it); returns its exit status."""
+    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+        for line in child.stdout:
+            print(line, end="", flush=True)
+    return child.returncode
+
+
 def run(args) -> int:
     folder = find_bench_dir(args.bench_dir)
     scripts = {path.stem: path for path in sorted(folder.glob("bench_*.py"))}
@@ -54,7 +63,7 @@ def run(args) -> int:
         if args.no_compile and "--no-compile" in scripts[name].read_text():
             command.append("--no-compile")
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
-        if subprocess.run(command, cwd=folder.parent).returncode != 0:
+        if _stream(command, folder.parent) != 0:
             failed.append(name)
     for line in skipped:
         print(f"skipped {line}")

@@ -22,13 +22,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_command(subparsers, name: str, summary: str, doc: str, default_out: str, method_option) -> argparse.ArgumentParser:
+def add_command(subparsers, name: str, summary: str, doc: str, default_out: str, method_option,
+                default_epochs: int) -> argparse.ArgumentParser:
     """A train-like command: its method option (``method_option(parser)``), the data and training
     options, and ``--out``."""
     parser = subparsers.add_parser(name, help=summary, description=doc.split("\n\n")[0].replace("``", ""))
     method_option(parser)
     add_data_options(parser)
-    add_training_options(parser, default_epochs=20)
+    add_training_options(parser, default_epochs)
     parser.add_argument("--out", default=None, help=f"output folder (default: {default_out})")
     return parser
 

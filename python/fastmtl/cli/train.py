@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
                             help=f"a fastmtl.aggregation or fastmtl.weighting class, any case: "
                                  f"{', '.join(METHODS.values())} (default: UPGrad)")
     parser = add_command(subparsers, "train", "train one MTL method; write metrics JSON, training curves and "
-                         "gradient cosine PNGs", __doc__, "runs/train-<data>-<method>", method_option)
+                         "gradient cosine PNGs", __doc__, "runs/train-<data>-<method>", method_option,
+                         default_epochs=30)
     parser.set_defaults(handler=run)
 
 
