@@ -107,11 +107,13 @@ def test_wrong_names_list_the_valid_ones(argv, listed, capsys, tmp_path):
 
 
 def test_bad_option_values_end_with_a_usage_message(capsys):
-    for argv in (["train", "--epochs", "0"], ["train", "--missing-fraction", "2", *TINY]):
+    for argv in (["train", "--epochs", "0"], ["train", "--missing-fraction", "2", *TINY],
+                 ["train", "--activation", "sigmoid", *TINY]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
-    assert "missing-fraction" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing-fraction" in err and "activation" in err
 
 
 def test_every_method_of_the_api_has_a_command_line_name():
@@ -146,7 +148,7 @@ def test_python_dash_m_fastmtl_runs():
     assert result.returncode == 0 and "compare" in result.stdout
 
 
-def test_core_package_imports_without_the_apps_extra():
+def test_core_package_imports_without_the_apps_extra(tmp_path):
     # Hide scikit-learn, matplotlib and tqdm: the core imports; the apps say which extra to install.
     script = textwrap.dedent("""
         import sys
@@ -162,7 +164,13 @@ def test_core_package_imports_without_the_apps_extra():
         except ImportError as error:
             assert 'pip install "fastmtl-torch[apps]"' in str(error), error
             print("ok")
+        try:
+            fastmtl.cli.main(["train", "--epochs", "1", "--no-progress", "--out", sys.argv[1]])
+        except SystemExit as exit:
+            print("exit", exit.code)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert result.stdout.split() == ["ok", "exit", "1"]
+    assert 'pip install "fastmtl-torch[apps]"' in result.stderr  # the command line's message, no traceback
+    assert "Traceback" not in result.stderr

@@ -87,6 +87,10 @@ def test_multidigits_default_sizes_and_missing_labels():
     assert data.labelled_counts() == {"left": 300, "right": 300, "sum": 300, "parity": 300}
     assert int((data.targets["left"] == -100).sum()) == 100
     assert int(torch.isnan(data.targets["parity"]).sum()) == 100
+    full = multidigits("train", num_samples=400)
+    assert torch.equal(data.features, full.features) and torch.equal(data.source_indices[0], full.source_indices[0])
+    hidden = synthetic_tasks(50, in_features=4, missing_fraction=0.2)
+    assert hidden.labelled_counts() == {"task0": 40, "task1": 40} and hidden.task_weight_vectors.shape == (2, 4)
 
 
 @pytest.mark.parametrize("kwargs, argument", [

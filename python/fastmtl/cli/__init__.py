@@ -38,5 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:
         parser.error(f"{args.command}: {error}")
+    except ImportError as error:  # an optional dependency of the apps is missing: say which extra
+        parser.exit(1, f"{parser.prog} {args.command}: {error}\n")
     finally:
         torch.set_num_threads(threads)

@@ -90,5 +90,7 @@ def multidigits(split: str = "train", seed: int = 0, num_samples: Optional[int] 
         "parity": torch.from_numpy((digit_sum % 2 == 0).astype(np.float32)),
     }
     data = MultiTaskDataset(torch.from_numpy(pairs.reshape(n, -1)), targets, TASKS)
-    data.source_indices = (torch.from_numpy(left), torch.from_numpy(right))
-    return data.with_missing_labels(missing_fraction, seed) if missing_fraction else data
+    if missing_fraction:
+        data = data.with_missing_labels(missing_fraction, seed)
+    data.source_indices = (torch.from_numpy(left), torch.from_numpy(right))  # into load_digits' images
+    return data

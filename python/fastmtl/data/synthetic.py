@@ -76,7 +76,9 @@ def synthetic_tasks(n: int, in_features: int = 100, num_tasks: int = 2, correlat
     tasks = [Task(name, "regression") for name in names]
     targets = {name: y[:, t].float().contiguous() for t, name in enumerate(names)}
     data = MultiTaskDataset(x.float(), targets, tasks)
+    if missing_fraction:
+        data = data.with_missing_labels(missing_fraction, seed)
     data.task_weight_vectors = weights.float()
-    return data.with_missing_labels(missing_fraction, seed) if missing_fraction else data
+    return data
 
 
