@@ -66,7 +66,8 @@ def add_training_options(parser: argparse.ArgumentParser, default_epochs: int) -
     group.add_argument("--gram-every", type=positive_int, default=1,
                        help="aggregators: recompute the weights every k steps (default: 1)")
     group.add_argument("--seed", type=int, default=0, help="data, initial weights and batch order (default: 0)")
-    group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    group.add_argument("--device", default="cpu",
+                       help="torch device of the model and batches (default: cpu; cuda needs a CUDA build of fastmtl)")
     group.add_argument("--threads", type=positive_int, default=1,
                        help="torch.set_num_threads (default: 1: at these sizes waking more threads costs "
                             "more than it saves)")
