@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from . import _C  # noqa: E402,F401  (loading it registers torch.ops.fastmtl.*)
 from . import ops, reference  # noqa: E402
 from . import aggregation, nn, weighting  # noqa: E402,F401
+from . import data, metrics  # noqa: E402,F401  (scikit-learn, for multidigits, is imported when called)
 from .engine import mtl_backward  # noqa: E402,F401
 from .tasks import Task  # noqa: E402
 

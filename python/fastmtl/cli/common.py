@@ -1,0 +1,121 @@
+"""Options, data loading, progress bars and output files that the train and compare commands share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from .._optional import require
+from ..data import DATASETS
+from .names import DATA_SETS, MODE_NAMES, argument_type
+from .training import TrainingConfig
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+    return value
+
+
+def add_command(subparsers, name: str, summary: str, doc: str, default_out: str, method_option,
+                default_epochs: int) -> argparse.ArgumentParser:
+    """A train-like command: its method option (``method_option(parser)``), the data and training
+    options, and ``--out``."""
+    parser = subparsers.add_parser(name, help=summary, description=doc.split("\n\n")[0].replace("``", ""))
+    method_option(parser)
+    add_data_options(parser)
+    add_training_options(parser, default_epochs)
+    parser.add_argument("--out", default=None, help=f"output folder (default: {default_out})")
+    return parser
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", type=argument_type("data set", DATA_SETS), default="multidigits",
+                       help=f"data set, as named in fastmtl.data: {', '.join(DATA_SETS.values())} (default: multidigits)")
+    group.add_argument("--train-samples", type=positive_int, default=None,
+                       help="training samples (default: multidigits 10000, synthetic_tasks 10000)")
+    group.add_argument("--test-samples", type=positive_int, default=None,
+                       help="test samples (default: multidigits 2000, synthetic_tasks 2000)")
+    group.add_argument("--missing-fraction", type=float, default=0.0,
+                       help="share of each task's training labels hidden (default: 0)")
+    group.add_argument("--num-tasks", type=positive_int, default=2, help="synthetic_tasks: tasks (default: 2)")
+    group.add_argument("--correlation", type=float, default=0.5,
+                       help="synthetic_tasks: cosine between the tasks' weight vectors (default: 0.5)")
+    group.add_argument("--in-features", type=positive_int, default=100,
+                       help="synthetic_tasks: input width (default: 100)")
+
+
+def add_training_options(parser: argparse.ArgumentParser, default_epochs: int) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=positive_int, default=default_epochs, help=f"default: {default_epochs}")
+    group.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
+    group.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 1e-3)")
+    group.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256],
+                       help="widths of the shared FusedMLP trunk's layers (default: 256 256)")
+    group.add_argument("--activation", default="relu",
+                       help="trunk activation, as fastmtl.nn.FusedMLP names it (default: relu)")
+    group.add_argument("--mode", type=argument_type("mode", MODE_NAMES), default="exact",
+                       help="aggregators' Gram matrix: exact (trunk parameters) or rep (trunk output, MGDA-UB); "
+                            "default: exact")
+    group.add_argument("--gram-every", type=positive_int, default=1,
+                       help="aggregators: recompute the weights every k steps (default: 1)")
+    group.add_argument("--seed", type=int, default=0, help="data, initial weights and batch order (default: 0)")
+    group.add_argument("--device", default="cpu",
+                       help="torch device of the model and batches (default: cpu; cuda needs a CUDA build of fastmtl)")
+    group.add_argument("--threads", type=positive_int, default=1,
+                       help="torch.set_num_threads (default: 1: at these sizes waking more threads costs "
+                            "more than it saves)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_data(args):
+    """(train, test) MultiTaskDatasets from the data options."""
+    if not 0.0 <= args.missing_fraction <= 1.0 or math.isnan(args.missing_fraction):
+        raise ValueError(f"argument --missing-fraction expected a number in [0, 1], got {args.missing_fraction}")
+    make = DATASETS[args.data]
+    if args.data == "multidigits":
+        train = make("train", seed=args.seed, num_samples=args.train_samples)
+        test = make("test", seed=args.seed, num_samples=args.test_samples)
+    else:
+        shape = dict(in_features=args.in_features, num_tasks=args.num_tasks, correlation=args.correlation,
+                     seed=args.seed)
+        train = make(args.train_samples or 10000, split="train", **shape)
+        test = make(args.test_samples or 2000, split="test", **shape)
+    if args.missing_fraction:
+        train = train.with_missing_labels(args.missing_fraction, seed=args.seed)
+    return train, test
+
+
+def training_config(args, gram_stats_every=None) -> TrainingConfig:
+    torch.set_num_threads(args.threads)
+    return TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden=tuple(args.hidden),
+                          activation=args.activation, mode=args.mode, gram_every=args.gram_every, seed=args.seed,
+                          device=args.device, gram_stats_every=gram_stats_every)
+
+
+def progress_bar(total: int, args, description: str):
+    tqdm = require("tqdm", "the fastmtl command line").tqdm
+    return tqdm(total=total, desc=description, unit="step", disable=args.no_progress, dynamic_ncols=True,
+                mininterval=0.25)
+
+
+def write_json(path: str, payload) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, allow_nan=True)
+        f.write("\n")
+
+
+def output_dir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def run_settings(args) -> dict:
+    """The options as JSON-friendly values, saved with the results."""
+    return {key: value for key, value in vars(args).items() if key not in ("handler",)}

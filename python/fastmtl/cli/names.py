@@ -1,0 +1,52 @@
+"""Command-line names: methods, modes and data sets are named as in the Python API, case-insensitively
+(``--method upgrad`` is ``fastmtl.aggregation.UPGrad``), and a wrong name lists the valid ones."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from typing import Dict
+
+from .. import aggregation, weighting
+from ..data import DATASETS
+from ..engine import MODES
+
+# Constant needs its weights as an argument, which a command line has no way to give.
+_AGGREGATOR_NAMES = [name for name in aggregation.__all__ if name not in ("Aggregator", "Constant")]
+_WEIGHTING_NAMES = [name for name in weighting.__all__ if name != "Weighting"]
+
+#: lower-case name -> the class name in fastmtl.aggregation / fastmtl.weighting
+METHODS: Dict[str, str] = {name.lower(): name for name in _WEIGHTING_NAMES + _AGGREGATOR_NAMES}
+DATA_SETS: Dict[str, str] = {name.lower(): name for name in DATASETS}
+MODE_NAMES: Dict[str, str] = {name.lower(): name for name in MODES}
+
+
+def canonical(what: str, name: str, names: Dict[str, str]) -> str:
+    """The API spelling of ``name`` in ``names``; ValueError listing the valid names otherwise."""
+    try:
+        return names[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(names.values())}") from None
+
+
+def argument_type(what: str, names: Dict[str, str]):
+    """An argparse ``type=`` that maps a name case-insensitively and reports a wrong one with the list."""
+    def parse(name: str) -> str:
+        try:
+            return canonical(what, name, names)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+def is_aggregator(method: str) -> bool:
+    """Whether ``method`` (an API name) is a Gram -> weights aggregator (else a loss weighting)."""
+    return method in _AGGREGATOR_NAMES
+
+
+def make_method(method: str, num_tasks: int, seed: int):
+    """A new instance of the method with its defaults; methods that draw random numbers get ``seed``."""
+    cls = getattr(aggregation, method) if is_aggregator(method) else getattr(weighting, method)
+    kwargs = {"seed": seed} if "seed" in inspect.signature(cls).parameters else {}
+    return cls(**kwargs) if is_aggregator(method) else cls(num_tasks, **kwargs)

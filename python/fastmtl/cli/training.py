@@ -1,0 +1,196 @@
+"""Training and evaluating one model with one MTL method: what the train and compare commands share.
+
+Every run of a command starts from the same initial weights (``seed``) and sees the same batches in
+the same order, so that methods differ only by how they combine the tasks. Loss weightings
+(``fastmtl.weighting``) backpropagate ``method(losses)``; aggregators (``fastmtl.aggregation``) go
+through ``model.mtl_backward``, which gives the Gram matrix of the per-task gradients for free.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .. import nn as fnn
+from .. import ops
+from ..data.dataset import MultiTaskDataset
+from ..metrics import all_task_metrics
+from ..weighting import DWA, FAMO
+from .names import is_aggregator, make_method
+
+POSTFIX_EVERY = 10  # steps between progress-bar loss updates (formatting them costs more than a small step)
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    hidden: Sequence[int] = (256, 256)
+    activation: str = "relu"
+    mode: str = "exact"
+    gram_every: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    # Weightings compute no Gram matrix; the train command's heatmap needs one every this many steps
+    # (outside the timed step). None: none.
+    gram_stats_every: Optional[int] = None
+
+
+@dataclass
+class RunResult:
+    """One trained model: its test metrics, the median time of a training step, the per-step
+    training losses ``[steps][T]`` and, where Gram matrices were seen, the mean gradient cosine
+    similarity of every pair of tasks over training (``[T][T]``)."""
+
+    label: str
+    method: str
+    task_names: List[str]
+    metrics: Dict[str, Dict[str, float]]
+    step_ms: float
+    steps: int
+    train_seconds: float
+    step_losses: List[List[float]] = field(default_factory=list)
+    mean_cosine: Optional[List[List[float]]] = None
+    gram_samples: int = 0
+
+
+def build_model(num_features: int, tasks, config: TrainingConfig) -> fnn.MultiTaskModel:
+    """A FusedMLP trunk and fused heads, initialised from ``config.seed`` (the same weights for every
+    run with the same shapes)."""
+    torch.manual_seed(config.seed)
+    trunk = fnn.FusedMLP(num_features, list(config.hidden), activation=config.activation)
+    return fnn.MultiTaskModel(trunk, fnn.MultiTaskHeads(trunk.out_features, tasks)).to(config.device)
+
+
+@torch.no_grad()
+def evaluate(model: fnn.MultiTaskModel, data: MultiTaskDataset, batch_size: int = 4096) -> Dict[str, Dict[str, float]]:
+    """Test metrics of every task of the model (see fastmtl.metrics) on ``data``."""
+    device = next(model.parameters()).device
+    chunks = [model(x.to(device)) for x, _ in data.batches(batch_size)]
+    logits = {t.name: torch.cat([c[t.name] for c in chunks]).cpu() for t in model.tasks}
+    return all_task_metrics(model.tasks, logits, data.targets)
+
+
+def model_gram(model: fnn.MultiTaskModel, x, targets, mode: str) -> torch.Tensor:
+    """The Gram matrix of the per-task gradients of the trunk (``fastmtl.ops.task_gram``)."""
+    trunk, heads = model.trunk, model.heads
+    biases = None if trunk.biases is None else list(trunk.biases)
+    return ops.task_gram(x, list(trunk.weights), biases, trunk.activation, heads.weight, heads.bias, targets,
+                         heads.tasks, mode=mode)
+
+
+def cosine_of(gram: torch.Tensor) -> torch.Tensor:
+    """Gradient cosine similarities from a Gram matrix; 0 against a task with a zero gradient."""
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    outer = torch.outer(norms, norms)
+    return torch.where(outer > 0, gram / torch.where(outer > 0, outer, 1), 0.0)
+
+
+class _Step:
+    """One optimisation step of ``model`` with ``method``: returns the losses ``[T]`` and the Gram
+    matrix the method saw (None for a weighting that needs none)."""
+
+    def __init__(self, model, method_name: str, config: TrainingConfig):
+        self.model, self.config = model, config
+        self.method = make_method(method_name, len(model.tasks), config.seed)
+        self.aggregates = is_aggregator(method_name)
+        parameters = list(model.parameters())
+        if not self.aggregates:
+            self.method.to(config.device)
+            parameters += list(self.method.parameters())  # UW's and IMTL-L's learnable weights
+        self.optimizer = torch.optim.Adam(parameters, lr=config.lr)
+
+    def __call__(self, x, targets):
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.aggregates:
+            result = self.model.mtl_backward(x, targets, self.method, mode=self.config.mode,
+                                             gram_every=self.config.gram_every)
+            self.optimizer.step()
+            return result.losses, result.gram if result.gram_computed else None
+        losses = self.model.losses(x, targets)
+        gram = model_gram(self.model, x, targets, self.config.mode) if self.method.requires_gram else None
+        self.method(losses, gram).backward()
+        self.optimizer.step()
+        if isinstance(self.method, FAMO):  # FAMO learns from how this batch's losses moved
+            with torch.no_grad():
+                self.method.update(self.model.losses(x, targets))
+        return losses.detach(), gram
+
+    def end_epoch(self) -> None:
+        if isinstance(self.method, DWA):
+            self.method.end_epoch()
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_run(label: str, method_name: str, train: MultiTaskDataset, test: MultiTaskDataset, config: TrainingConfig,
+              progress=None, on_step: Optional[Callable] = None) -> RunResult:
+    """Trains a fresh model on ``train`` with ``method_name`` for ``config.epochs`` and evaluates it on
+    ``test``. ``progress``: a tqdm bar advanced by one per step, its postfix showing the losses."""
+    model = build_model(train.num_features, train.tasks, config)
+    step = _Step(model, method_name, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    step_seconds, step_losses = [], []
+    cosine_sum, gram_samples = None, 0
+    names = train.task_names
+    started = time.perf_counter()
+    for _ in range(config.epochs):
+        for x, targets in train.batches(config.batch_size, shuffle=True, generator=generator):
+            x = x.to(config.device)
+            targets = {k: v.to(config.device) for k, v in targets.items()}
+            _synchronize(config.device)
+            begin = time.perf_counter()
+            losses, gram = step(x, targets)
+            _synchronize(config.device)
+            step_seconds.append(time.perf_counter() - begin)
+            if gram is None and config.gram_stats_every and len(step_seconds) % config.gram_stats_every == 1:
+                gram = model_gram(model, x, targets, config.mode)
+            if gram is not None:
+                cosine = cosine_of(gram.detach().double().cpu())
+                cosine_sum = cosine if cosine_sum is None else cosine_sum + cosine
+                gram_samples += 1
+            step_losses.append(losses.cpu().tolist())
+            if progress is not None:
+                progress.update(1)
+                if len(step_seconds) % POSTFIX_EVERY == 0:
+                    progress.set_postfix_str(label + " " + " ".join(
+                        f"{n}={v:.3g}" for n, v in zip(names, step_losses[-1])), refresh=False)
+        step.end_epoch()
+    train_seconds = time.perf_counter() - started
+    return RunResult(
+        label=label, method=method_name, task_names=names, metrics=evaluate(model, test),
+        step_ms=1000 * statistics.median(step_seconds) if step_seconds else float("nan"), steps=len(step_seconds),
+        train_seconds=train_seconds, step_losses=step_losses,
+        mean_cosine=None if cosine_sum is None else (cosine_sum / gram_samples).tolist(), gram_samples=gram_samples,
+    )
+
+
+def train_single_task_baselines(train: MultiTaskDataset, test: MultiTaskDataset, config: TrainingConfig,
+                                progress=None) -> RunResult:
+    """Independent learning: one model per task (the same trunk shape, its own head), each trained on
+    its task alone. Returns the tasks' test metrics together; ``step_ms`` is the sum of the models'
+    median step times (one step of every task), ``step_losses`` each step's losses side by side."""
+    runs = []
+    for task in train.tasks:
+        single_train = MultiTaskDataset(train.features, {task.name: train.targets[task.name]}, [task])
+        single_test = MultiTaskDataset(test.features, {task.name: test.targets[task.name]}, [task])
+        runs.append(train_run(f"single-task {task.name}", "EW", single_train, single_test, config, progress))
+    return RunResult(
+        label="single-task", method="single-task", task_names=train.task_names,
+        metrics={run.task_names[0]: run.metrics[run.task_names[0]] for run in runs},
+        step_ms=sum(run.step_ms for run in runs), steps=runs[0].steps,
+        train_seconds=sum(run.train_seconds for run in runs),
+        step_losses=[[run.step_losses[i][0] for run in runs] for i in range(runs[0].steps)],
+    )
+
+
+def steps_per_run(train: MultiTaskDataset, config: TrainingConfig) -> int:
+    return config.epochs * -(-len(train) // config.batch_size)

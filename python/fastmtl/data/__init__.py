@@ -1,0 +1,23 @@
+"""Data sets that ship with fastmtl (no downloads), as in-memory torch Datasets.
+
+==================  ===================================================================
+``multidigits``     two 8x8 handwritten digits side by side (scikit-learn's bundled digits);
+                    tasks left, right (10 classes each), sum (regression), parity (binary)
+``synthetic_tasks`` the regression tasks of the MMoE paper, pairwise correlation set by the user
+==================  ===================================================================
+
+Both return a :class:`MultiTaskDataset`: ``dataset[i] = (x, {task name: target})`` for a DataLoader,
+``dataset.batches(batch_size)`` for fast in-memory batching, ``dataset.with_missing_labels(fraction)``
+to hide a share of each task's labels (NaN, or -100 for multiclass, as ``model.losses`` expects).
+``multidigits`` needs scikit-learn (``pip install "fastmtl-torch[apps]"``).
+"""
+
+from .dataset import IGNORE_INDEX, MultiTaskDataset, labelled_mask, missing_value
+from .multidigits import multidigits
+from .synthetic import synthetic_tasks
+
+#: The data sets by the name the command line uses (the function's name).
+DATASETS = {"multidigits": multidigits, "synthetic_tasks": synthetic_tasks}
+
+__all__ = ["DATASETS", "IGNORE_INDEX", "MultiTaskDataset", "labelled_mask", "missing_value", "multidigits",
+           "synthetic_tasks"]
