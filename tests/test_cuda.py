@@ -196,6 +196,13 @@ def cuda_model(tasks, dtype=torch.float32, activation="relu", seed=0):
     ).to("cuda", dtype)
 
 
+def cuda_batch(model, rows, generator, dtype):
+    """(x, packed targets) on CUDA for cuda_model."""
+    x = torch.randn(rows, 24, generator=generator).to("cuda", dtype)
+    targets = random_targets(model.heads.tasks, rows, generator)
+    return x, model.heads.pack_targets({k: v.cuda() for k, v in targets.items()})
+
+
 @needs_cuda
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_torch_compile_fullgraph_on_cuda(activation):
@@ -221,10 +228,7 @@ def test_cuda_graph_capture_and_replay_of_a_training_step(dtype):
     tasks = mixed_tasks(10)
     model = cuda_model(tasks, dtype=dtype)
     gen = torch.Generator().manual_seed(106)
-    batches = []
-    for _ in range(3):
-        x = torch.randn(64, 24, generator=gen).to("cuda", dtype)
-        batches.append((x, model.heads.pack_targets({k: v.cuda() for k, v in random_targets(tasks, 64, gen).items()})))
+    batches = [cuda_batch(model, 64, gen, dtype) for _ in range(3)]
     static_x, static_t = batches[0][0].clone(), batches[0][1].clone()
 
     side = torch.cuda.Stream()
@@ -251,9 +255,12 @@ def test_cuda_graph_capture_and_replay_of_a_training_step(dtype):
         eager_model.zero_grad(set_to_none=True)
         eager_loss = eager_model.loss(x, t)
         eager_loss.backward()
-        assert torch.equal(replayed_loss, eager_loss.detach())
+        # The same kernels on the same data; a tolerance of a few units of the dtype's rounding
+        # only in case cuBLAS picks another algorithm on the capture stream.
+        rtol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert_rel_close(replayed_loss, eager_loss, rtol=rtol, what="loss")
         for g, p in zip(replayed, eager_model.parameters()):
-            assert torch.equal(g, p.grad), "replayed gradients differ from eager ones"
+            assert_rel_close(g, p.grad, rtol=rtol, what="replayed gradient")
 
 
 @needs_cuda
@@ -262,8 +269,7 @@ def test_same_input_same_bits_on_cuda(dtype):
     tasks = mixed_tasks(9)
     model = cuda_model(tasks, dtype=dtype)
     gen = torch.Generator().manual_seed(107)
-    x = torch.randn(1000, 24, generator=gen).to("cuda", dtype)
-    packed = model.heads.pack_targets({k: v.cuda() for k, v in random_targets(tasks, 1000, gen).items()})
+    x, packed = cuda_batch(model, 1000, gen, dtype)
     runs = []
     for _ in range(3):
         model.zero_grad(set_to_none=True)

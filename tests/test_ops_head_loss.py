@@ -188,7 +188,7 @@ def test_opcheck(device):
 # ---- pack_targets
 
 
-def test_pack_targets_matches_reference_and_accepts_bool_and_2d():
+def test_pack_targets_matches_reference_and_accepts_bool_and_2d(device):
     tasks = [Task("r", "regression", num_outputs=2), Task("b", "binary"), Task("c", "multiclass", num_outputs=4),
              Task("s", "regression")]
     targets = {
@@ -198,9 +198,10 @@ def test_pack_targets_matches_reference_and_accepts_bool_and_2d():
         "s": torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64),
         "ignored": torch.zeros(3),
     }
-    packed = ops.pack_targets(targets, tasks, torch.float64)
     expected = reference.pack_targets(targets, tasks, torch.float64)
-    assert packed.shape == (3, 5)
+    packed = ops.pack_targets({k: v.to(device) for k, v in targets.items()}, tasks, torch.float64)
+    assert packed.shape == (3, 5) and packed.device.type == device.type
+    packed = packed.cpu()
     assert torch.equal(torch.nan_to_num(packed, nan=-7.0), torch.nan_to_num(expected, nan=-7.0))
 
 

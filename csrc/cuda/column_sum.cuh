@@ -25,12 +25,13 @@ __global__ void map_elements_kernel(Index n, Index cols, Map map) {
 }
 
 // 32-bit indexing where it fits: the column of an element is a division, 64-bit ones cost several
-// times more and these passes are otherwise bound by memory bandwidth.
+// times more and these passes are otherwise bound by memory bandwidth. Up to 2^31 elements, so that
+// k + grid stride (at most kMaxBlocks * kThreads = 2^21) cannot wrap around in unsigned 32 bits.
 template <typename Map>
 cudaError_t map_elements(int64_t rows, int64_t cols, Map map, cudaStream_t stream) {
   const int64_t n = rows * cols;
   if (n == 0) return cudaGetLastError();
-  if (n <= static_cast<int64_t>(UINT32_MAX)) {
+  if (n <= static_cast<int64_t>(INT32_MAX)) {
     map_elements_kernel<uint32_t><<<blocks_for(n), kThreads, 0, stream>>>(
         static_cast<uint32_t>(n), static_cast<uint32_t>(cols), map);
   } else {

@@ -9,12 +9,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/kernels.h"
+
 namespace fastmtl::cuda {
 
-template <typename T> struct ComputeTypeOf { using type = T; };
-template <> struct ComputeTypeOf<__half> { using type = float; };
-template <> struct ComputeTypeOf<__nv_bfloat16> { using type = float; };
-template <typename T> using compute_t = typename ComputeTypeOf<T>::type;
+// Elementwise math of storage type T runs in this type (kernels.h: float for the 16-bit types).
+template <typename T> using compute_t = typename WideTypeOf<T>::type;
 
 __device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }

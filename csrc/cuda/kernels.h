@@ -19,12 +19,13 @@
 
 namespace fastmtl::cuda {
 
-// The dtype of per-task losses, 1/count scales, task weights and packed targets for inputs of
-// dtype T: T itself, float32 for the 16-bit types (a class index above 256 is not exact in bf16).
-template <typename T> struct LossTypeOf { using type = T; };
-template <> struct LossTypeOf<__half> { using type = float; };
-template <> struct LossTypeOf<__nv_bfloat16> { using type = float; };
-template <typename T> using loss_t = typename LossTypeOf<T>::type;
+// float for the 16-bit storage types, T itself otherwise: the type the kernels compute in, and the
+// dtype of per-task losses, 1/count scales, task weights and packed targets for inputs of type T
+// (a class index above 256 is not exact in bfloat16).
+template <typename T> struct WideTypeOf { using type = T; };
+template <> struct WideTypeOf<__half> { using type = float; };
+template <> struct WideTypeOf<__nv_bfloat16> { using type = float; };
+template <typename T> using loss_t = typename WideTypeOf<T>::type;
 
 // Applies M to every storage type the kernels are instantiated for.
 #define FASTMTL_FOR_EACH_KERNEL_TYPE(M) M(float) M(double) M(__half) M(__nv_bfloat16)
