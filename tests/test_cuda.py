@@ -117,7 +117,7 @@ def test_loss_dtype():
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_16bit_on_cpu_raises_naming_cuda(dtype):
+def test_16bit_on_cpu_raises(dtype):
     x = torch.randn(3, 4, dtype=dtype)
     with pytest.raises(TypeError, match=r"'x' expected dtype torch.float32 or torch.float64, got torch\.b?float16"):
         ops.fused_mlp(x, [torch.randn(2, 4, dtype=dtype)], None, "relu")
