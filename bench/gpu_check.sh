@@ -2,7 +2,7 @@
 # The GPU checks of issue 3 in one scripted run, for a machine with an NVIDIA GPU, nvcc and a CUDA
 # build of torch (nothing is downloaded): build fastmtl with its CUDA kernels, run the CUDA tests
 # and the whole test suite, run the CUDA benchmark in float32 and bfloat16. Every step's output
-# goes to $OUT (default ./gpu_check_out): <step>.log, summary.txt, the benchmark JSON files.
+# goes to $OUT (default /tmp/fastmtl_gpu_check): <step>.log, summary.txt, the benchmark JSON files.
 #
 #   OUT=/tmp/out bench/gpu_check.sh                      # everything
 #   STEPS="env build test_cuda" bench/gpu_check.sh       # a subset (steps run in the order given)
@@ -12,9 +12,11 @@
 # this GPU's architecture unless TORCH_CUDA_ARCH_LIST is set; incremental in build/gpu), test_cuda
 # (test_cuda.py and every test parametrised on the cuda device), test (the whole suite), bench.
 # A failing step is recorded and the next one still runs; the exit status is the number of failed steps.
+# Where one call has a time limit, split the run: STEPS="env build test_cuda test", then STEPS=bench
+# (the benchmark compiles the torch.compile baselines of two sizes in two dtypes: the longest step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/gpu_check_out}"
+OUT="${OUT:-${TMPDIR:-/tmp}/fastmtl_gpu_check}"
 PYTHON="${PYTHON:-python}"
 STEPS="${STEPS:-env build test_cuda test bench}"
 BENCH_ARGS="${BENCH_ARGS:-}"
