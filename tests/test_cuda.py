@@ -151,8 +151,7 @@ def test_opcheck_fused_mlp_on_cuda(dtype, activation):
     ws, bs = leaves(w64, "cuda", dtype), leaves(b64, "cuda", dtype)
     for biases in (bs, []):
         torch.library.opcheck(torch.ops.fastmtl.fused_mlp.default, (x, ws, biases, activation))
-    _out, saved = torch.ops.fastmtl.fused_mlp.default(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], activation)
-    out = _out
+    out, saved = torch.ops.fastmtl.fused_mlp.default(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], activation)
     grad_out = torch.randn_like(out)
     for need_input_grad in (True, False):
         torch.library.opcheck(
