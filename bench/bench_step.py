@@ -16,6 +16,10 @@ weights (copies), the same input ``x`` and the same targets dict (name -> tensor
   (d) gemm floor      only the step's GEMMs (``torch.mm`` on the same shapes into preallocated
                       outputs): what no implementation of this step can beat by much.
 
+Roofline (default on CUDA, ``--roofline`` elsewhere): the trunk alone, fastmtl's FusedMLP forward +
+backward against only its GEMMs (``torch.mm``, same shapes), as achieved TFLOP/s of each and their
+ratio: how close the fused trunk comes to the GEMM floor.
+
 Before timing, every variant but (d) must give fastmtl's total loss and trunk weight gradients
 (rtol 1e-4), so the table never compares different computations.
 
@@ -32,6 +36,7 @@ Run from the repository root:
     python bench/bench_step.py              # the three benchmark sizes (a few minutes with compile)
     python bench/bench_step.py --small      # a tiny size, a smoke run in well under a minute
     python bench/bench_step.py --sizes 2 --repeats 50 --no-compile --threads 1
+    python bench/bench_step.py --device cuda --dtype bfloat16   # the CUDA sizes (4 and 2), roofline
 
 Results go to ``bench/results/bench_step-<hostname>[-<device>][-small].json`` (``--out`` overrides).
 """
@@ -55,7 +60,9 @@ from _common import cpu_model, default_output_path, machine_description, summari
 MISSING_FRACTION = 0.1  # share of each task's labels set missing (NaN or -100)
 MULTICLASS_CLASSES = 5
 IGNORE_INDEX = -100  # missing multiclass label, as torch.nn.functional.cross_entropy's default
-CHECK_RTOL = 1e-4
+# Agreement every variant must show with fastmtl before timing, by dtype: 16-bit variants round
+# differently (where the bias is added, in which dtype losses are reduced).
+CHECK_RTOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 SEED = 0
 
 # The kinds tasks cycle through: (kind, loss, num_outputs).
@@ -78,6 +85,7 @@ class Size:
     min_speedup_vs_eager: Optional[float] = None  # goal: median(a) / median(fastmtl) >= this
     min_speedup_vs_best_compiled: Optional[float] = None  # goal: min(b, c) / fastmtl >= this
     max_ratio_to_floor: Optional[float] = None  # goal: fastmtl / median(d) <= this
+    max_trunk_ratio_to_floor: Optional[float] = None  # goal (roofline): trunk fwd+bwd / its GEMMs <= this
 
     def describe(self) -> str:
         widths = set(self.hidden)
@@ -90,8 +98,17 @@ SIZES = {
     "2": Size("2", 256, 128, (128, 128), 8, 1.6, 1.1, 1.5),
     "3": Size("3", 1024, 128, (512, 512, 512), 8, 1.15, 1.0, 1.5),
 }
+# On CUDA (issue 3): the large T=40 size with its goals, and size 2 (no goals there).
+CUDA_SIZES = {
+    "4": Size("4", 4096, 512, (1024, 1024, 1024), 40, 3.0, 1.3, None, 1.2),
+    "2": Size("2", 256, 128, (128, 128), 8),
+}
 # A smoke run: small enough to compile and time in seconds; no goals (too small to mean anything).
 SMALL_SIZE = Size("small", 64, 32, (64, 64), 3)
+
+
+def sizes_for(device) -> Dict[str, Size]:
+    return CUDA_SIZES if torch.device(device).type == "cuda" else SIZES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +334,45 @@ def make_gemm_floor_step(size: Size, head_rows: int, device, dtype) -> Callable:
     return gemm_floor_step
 
 
+def trunk_flops(size: Size) -> int:
+    """FLOPs of the trunk's GEMMs in forward + backward: per layer 2*B*in*out for the forward, the
+    same for dW, and for dX on every layer but the first (x needs no gradient)."""
+    widths = (size.in_features,) + size.hidden
+    per_layer = [2 * size.batch * fan_in * fan_out for fan_in, fan_out in zip(widths[:-1], widths[1:])]
+    return 3 * sum(per_layer) - per_layer[0]
+
+
+def make_trunk_floor_step(size: Size, device, dtype) -> Callable:
+    """The trunk's GEMMs only (as in (d), without the head): the roofline's floor."""
+    widths = (size.in_features,) + size.hidden
+    new = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    weights = [new(fan_out, fan_in) for fan_in, fan_out in zip(widths[:-1], widths[1:])]
+    activations = [new(size.batch, w) for w in widths]
+    deltas = [new(size.batch, w) for w in widths]
+    weight_grads = [torch.empty_like(w) for w in weights]
+
+    def trunk_floor_step() -> None:
+        for layer, w in enumerate(weights):
+            torch.mm(activations[layer], w.t(), out=activations[layer + 1])
+        for layer in reversed(range(len(weights))):
+            torch.mm(deltas[layer + 1].t(), activations[layer], out=weight_grads[layer])
+            if layer > 0:
+                torch.mm(deltas[layer + 1], weights[layer], out=deltas[layer])
+
+    return trunk_floor_step
+
+
+def make_trunk_step(trunk: nn.Module, x: torch.Tensor) -> Callable:
+    """fastmtl's trunk alone: forward, then backward of a fixed output gradient into .grad."""
+    with torch.no_grad():
+        grad_out = torch.randn_like(trunk(x))
+
+    def trunk_step() -> None:
+        trunk(x).backward(grad_out)
+
+    return trunk_step
+
+
 # ----------------------------------------------------------------------------------------------
 # variants
 
@@ -362,7 +418,7 @@ def backward_step(loss_fn: Callable, x, targets) -> Callable:
     return run_step
 
 
-def make_variants(size: Size, tasks, x, targets, device, dtype, with_compile: bool) -> List[Variant]:
+def make_variants(size: Size, tasks, x, targets, device, dtype, with_compile: bool, roofline: bool) -> List[Variant]:
     plain_trunk = make_plain_trunk(size, device, dtype)
     plain_heads = make_plain_heads(tasks, size.hidden[-1], device, dtype)
     variants = []
@@ -399,6 +455,10 @@ def make_variants(size: Size, tasks, x, targets, device, dtype, with_compile: bo
 
     head_rows = sum(t.num_outputs for t in tasks)
     variants.append(Variant("gemm_floor", "(d) gemm floor", make_gemm_floor_step(size, head_rows, device, dtype)))
+    if roofline:
+        trunk = copy.deepcopy(model.trunk)
+        variants.append(Variant("trunk_fastmtl", "trunk: fastmtl", make_trunk_step(trunk, x), trunk))
+        variants.append(Variant("trunk_floor", "trunk: gemm floor", make_trunk_floor_step(size, device, dtype)))
     return variants
 
 
@@ -406,24 +466,26 @@ def make_variants(size: Size, tasks, x, targets, device, dtype, with_compile: bo
 # correctness check and timing
 
 
-def check_same_computation(variants: List[Variant]) -> None:
-    """Every variant with a loss must match fastmtl's total loss and trunk weight gradients."""
+def check_same_computation(variants: List[Variant], dtype) -> None:
+    """Every variant with a loss must match fastmtl's total loss and trunk weight gradients
+    (compared in float64: a 16-bit model's fastmtl loss is float32, the others' 16-bit)."""
+    rtol = CHECK_RTOL[dtype]
     results = {}
     for variant in variants:
         if variant.trunk is None:
             continue
         variant.zero_grad()
         loss = variant.run_step()
-        results[variant.key] = (loss, [w.grad.detach().clone() for w in trunk_weights_of(variant.trunk)])
+        results[variant.key] = (loss.double(), [w.grad.detach().double() for w in trunk_weights_of(variant.trunk)])
         variant.zero_grad()
     expected_loss, expected_grads = results["fastmtl"]
     for key, (loss, grads) in results.items():
-        torch.testing.assert_close(loss, expected_loss, rtol=CHECK_RTOL, atol=0.0,
+        torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=0.0,
                                    msg=lambda m: f"{key}: total loss differs from fastmtl's\n{m}")
         for layer, (grad, expected) in enumerate(zip(grads, expected_grads)):
             # atol relative to the gradient's scale: entries near zero carry rounding noise only.
-            atol = CHECK_RTOL * expected.abs().max().item()
-            torch.testing.assert_close(grad, expected, rtol=CHECK_RTOL, atol=atol,
+            atol = rtol * expected.abs().max().item()
+            torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol,
                                        msg=lambda m: f"{key}: trunk layer {layer} weight gradient differs\n{m}")
 
 
@@ -464,7 +526,8 @@ def time_round_robin(variants: List[Variant], repeats: int, device) -> Dict[str,
 
 
 def compute_ratios(medians: Dict[str, float]) -> Dict[str, Optional[float]]:
-    """fastmtl's speedups (other / fastmtl, > 1 = fastmtl faster) and fastmtl / floor."""
+    """fastmtl's speedups (other / fastmtl, > 1 = fastmtl faster), fastmtl / floor, and with the
+    roofline the trunk's time over its GEMMs' time."""
     ours = medians["fastmtl"]
     speedup = lambda key: medians[key] / ours if key in medians else None  # noqa: E731
     compiled = [medians[k] for k in ("compiled", "fused_compiled") if k in medians]
@@ -474,6 +537,7 @@ def compute_ratios(medians: Dict[str, float]) -> Dict[str, Optional[float]]:
         "speedup_vs_fused_compiled": speedup("fused_compiled"),
         "speedup_vs_best_compiled": min(compiled) / ours if compiled else None,
         "fastmtl_over_floor": ours / medians["gemm_floor"],
+        "trunk_over_floor": (medians["trunk_fastmtl"] / medians["trunk_floor"]) if "trunk_floor" in medians else None,
     }
 
 
@@ -495,6 +559,8 @@ def evaluate_goals(size: Size, ratios: Dict[str, Optional[float]]) -> List[dict]
         ratios["speedup_vs_best_compiled"], size.min_speedup_vs_best_compiled, True)
     add(f"fastmtl / (d) floor <= {size.max_ratio_to_floor}x",
         ratios["fastmtl_over_floor"], size.max_ratio_to_floor, False)
+    add(f"trunk / its gemm floor <= {size.max_trunk_ratio_to_floor}x",
+        ratios["trunk_over_floor"], size.max_trunk_ratio_to_floor, False)
     return goals
 
 
@@ -514,15 +580,16 @@ def run_size(size: Size, args, device, dtype) -> dict:
     targets = make_targets(tasks, size.batch, device, dtype)
 
     started = time.perf_counter()
-    variants = make_variants(size, tasks, x, targets, device, dtype, with_compile=not args.no_compile)
-    check_same_computation(variants)
+    variants = make_variants(size, tasks, x, targets, device, dtype, with_compile=not args.no_compile,
+                             roofline=args.roofline)
+    check_same_computation(variants, dtype)
     setup_s = time.perf_counter() - started
 
     warm_up(variants, args.warmup, device)
     samples = time_round_robin(variants, args.repeats, device)
     stats = {v.key: summarise(samples[v.key]) for v in variants}
     ratios = compute_ratios({k: s["median_ms"] for k, s in stats.items()})
-    return {
+    result = {
         "size": asdict(size),
         "description": size.describe(),
         "tasks": describe_tasks(tasks),
@@ -531,6 +598,14 @@ def run_size(size: Size, args, device, dtype) -> dict:
         "ratios": ratios,
         "goals": evaluate_goals(size, ratios),
     }
+    if args.roofline:
+        flops = trunk_flops(size)
+        result["roofline"] = {
+            "trunk_gemm_flops": flops,
+            "fastmtl_tflops": flops / (stats["trunk_fastmtl"]["median_ms"] * 1e-3) / 1e12,
+            "floor_tflops": flops / (stats["trunk_floor"]["median_ms"] * 1e-3) / 1e12,
+        }
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,6 +632,10 @@ def print_result(result: dict, device: str, dtype: torch.dtype) -> None:
           f"fastmtl / floor (d) {format_ratio(r['fastmtl_over_floor'])}")
     if not result["goals"]:
         print("  goals: none for this size")
+    if "roofline" in result:
+        roof = result["roofline"]
+        print(f"  roofline: trunk fwd+bwd {roof['fastmtl_tflops']:.3g} TFLOP/s, its GEMMs alone (torch.mm) "
+              f"{roof['floor_tflops']:.3g} TFLOP/s; trunk / floor {format_ratio(r['trunk_over_floor'])}")
     for goal in result["goals"]:
         print(f"  goal {goal['goal']:<40} {format_ratio(goal['value']):>8}  {goal['status']}")
 
@@ -567,11 +646,15 @@ def print_result(result: dict, device: str, dtype: torch.dtype) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=sorted(SIZES),
-                        help="which benchmark sizes to run (default: all)")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(set(SIZES) | set(CUDA_SIZES)),
+                        help=f"which benchmark sizes to run (default: all of the device's: cpu {sorted(SIZES)}, "
+                             f"cuda {sorted(CUDA_SIZES)})")
     parser.add_argument("--small", action="store_true", help="one tiny size instead, for a quick smoke run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
+                        help="float32 (default), float64; bfloat16 and float16 on CUDA only")
+    parser.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the trunk alone against its GEMMs (default: on for cuda, off for cpu)")
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (compiled: +3)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants (b) and (c)")
@@ -584,6 +667,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda: this fastmtl build has no CUDA kernels (fastmtl.build_info()['cuda'] is False)")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    on_cuda = torch.device(args.device).type == "cuda"
+    if args.dtype in ("bfloat16", "float16") and not on_cuda:
+        parser.error(f"--dtype {args.dtype}: fastmtl's 16-bit kernels are CUDA only")
+    table = sizes_for(args.device)
+    args.sizes = args.sizes or sorted(table)
+    unknown = [name for name in args.sizes if name not in table]
+    if unknown:
+        parser.error(f"--sizes {' '.join(unknown)}: not a {args.device} size (choose from {sorted(table)})")
+    if args.roofline is None:
+        args.roofline = on_cuda
     return args
 
 
@@ -592,9 +685,10 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    sizes = [SMALL_SIZE] if args.small else [SIZES[name] for name in args.sizes]
+    sizes = [SMALL_SIZE] if args.small else [sizes_for(args.device)[name] for name in args.sizes]
+    gpu = f", {torch.cuda.get_device_name()}" if torch.device(args.device).type == "cuda" else ""
     print(f"fastmtl {fastmtl.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{cpu_model()}; {args.repeats} repeats, {args.warmup} warm-up steps")
+          f"{cpu_model()}{gpu}; {args.repeats} repeats, {args.warmup} warm-up steps")
     if args.repeats < 20:
         print("note: fewer than 20 repeats: a smoke run, not a measurement")
     results = []
@@ -603,11 +697,13 @@ def main(argv=None) -> None:
         print_result(result, args.device, dtype)
         results.append(result)
     path = args.out or default_output_path("bench_step", args.device, args.small)
+    if args.out is None and args.dtype != "float32":
+        path = path[: -len(".json")] + f"-{args.dtype}.json"  # float32 and bfloat16 runs side by side
     write_json(path, {
         "benchmark": "bench_step",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(args.device),
-        "settings": {"dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
+        "settings": {"dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup, "roofline": args.roofline,
                      "compile": not args.no_compile, "threads": torch.get_num_threads(),
                      "missing_fraction": MISSING_FRACTION,
                      "zero_grad": "set_to_none=True, outside the timed region", "seed": SEED},

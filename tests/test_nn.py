@@ -94,7 +94,7 @@ def test_from_sequential_rejects_what_it_cannot_fuse():
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(2, 2)))
 
 
-def test_model_losses_match_plain_pytorch_model_float32():
+def test_model_losses_match_plain_pytorch_model_float32(device):
     model, trunk, linears, tasks = make_pair(tasks=mixed_tasks(40), dtype=torch.float64)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(37, 12, generator=gen, dtype=torch.float64)
@@ -103,11 +103,14 @@ def test_model_losses_match_plain_pytorch_model_float32():
     weights = torch.tensor([t.weight for t in tasks], dtype=torch.float64)
     ref_grads = torch.autograd.grad((ref * weights).sum(), list(trunk.parameters()) + list(linears.parameters()))
 
-    model32 = copy.deepcopy(model).float()
-    losses = model32.losses(x.float(), targets)
+    model32 = copy.deepcopy(model).to(device, torch.float32)
+    x32 = x.to(device, torch.float32)
+    targets = {k: v.to(device) for k, v in targets.items()}
+    losses = model32.losses(x32, targets)
+    assert losses.device.type == device.type
     assert_rel_close(losses, ref, what="losses")
-    model32.loss(x.float(), targets).backward()
-    assert_rel_close(model32.loss(x.float(), targets), (ref * weights).sum(), what="loss")
+    model32.loss(x32, targets).backward()
+    assert_rel_close(model32.loss(x32, targets), (ref * weights).sum(), what="loss")
     plain_trunk_grads, plain_head_grads = ref_grads[: len(list(trunk.parameters()))], ref_grads[len(list(trunk.parameters())):]
     fused_trunk = [p.grad for pair in zip(model32.trunk.weights, model32.trunk.biases) for p in pair]
     for g, rg in zip(fused_trunk, plain_trunk_grads):

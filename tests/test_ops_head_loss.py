@@ -61,22 +61,23 @@ def test_task_with_nothing_labelled_has_zero_loss_and_zero_gradient(device):
         assert torch.equal(g, torch.zeros_like(g)), "no NaN, no gradient where nothing is labelled"
 
 
-def test_each_regression_column_can_be_missing_on_its_own():
+def test_each_regression_column_can_be_missing_on_its_own(device):
     task = Task("r", "regression", num_outputs=3)
-    z = torch.eye(3, dtype=torch.float64)
-    w = torch.eye(3, dtype=torch.float64)  # logits == z
-    targets = torch.tensor([[0.0, math.nan, 0.0], [math.nan, 0.0, 0.0], [0.0, 0.0, math.nan]], dtype=torch.float64)
+    z = torch.eye(3, dtype=torch.float64, device=device)
+    w = torch.eye(3, dtype=torch.float64, device=device)  # logits == z
+    targets = torch.tensor([[0.0, math.nan, 0.0], [math.nan, 0.0, 0.0], [0.0, 0.0, math.nan]], dtype=torch.float64,
+                           device=device)
     # Labelled entries: 6; squared errors: row0 col0 = 1, row1 col1 = 1, others 0 -> mean 2/6.
     loss = ops.multitask_head_loss(z, w, None, targets, [task])
     assert loss.item() == pytest.approx(2.0 / 6.0, rel=1e-15)
 
 
-def test_hand_computed_losses():
+def test_hand_computed_losses(device):
     tasks = [Task("b", "binary"), Task("c", "multiclass", num_outputs=3), Task("h", "regression", loss="huber"),
              Task("l", "regression", loss="l1")]
-    z = torch.ones(1, 1, dtype=torch.float64)
-    w = torch.tensor([[2.0], [0.0], [1.0], [0.0], [3.0], [-1.0]], dtype=torch.float64)  # logits = w^T
-    targets = torch.tensor([[1.0, 2.0, 0.5, 1.0]], dtype=torch.float64)
+    z = torch.ones(1, 1, dtype=torch.float64, device=device)
+    w = torch.tensor([[2.0], [0.0], [1.0], [0.0], [3.0], [-1.0]], dtype=torch.float64, device=device)  # logits = w^T
+    targets = torch.tensor([[1.0, 2.0, 0.5, 1.0]], dtype=torch.float64, device=device)
     losses = ops.multitask_head_loss(z, w, None, targets, tasks)
     expected = [
         math.log1p(math.exp(-2.0)),                              # bce(2, 1)
@@ -87,20 +88,21 @@ def test_hand_computed_losses():
     assert losses.tolist() == pytest.approx(expected, rel=1e-14)
 
 
-def test_bce_is_stable_for_huge_logits():
-    z = torch.tensor([[1.0], [1.0]], dtype=torch.float32)
-    w = torch.tensor([[200.0]], dtype=torch.float32).requires_grad_()
-    targets = torch.tensor([[0.0], [1.0]])
+def test_bce_is_stable_for_huge_logits(device):
+    z = torch.tensor([[1.0], [1.0]], dtype=torch.float32, device=device)
+    w = torch.tensor([[200.0]], dtype=torch.float32, device=device).requires_grad_()
+    targets = torch.tensor([[0.0], [1.0]], device=device)
     loss = ops.multitask_head_loss(z, w, None, targets, [Task("b", "binary")])
     assert loss.item() == pytest.approx(100.0, rel=1e-6)  # (200 + 0) / 2
     loss.backward()
     assert torch.isfinite(w.grad).all()
 
 
-def test_ce_is_stable_for_huge_logits():
-    z = torch.ones(1, 1)
-    w = torch.tensor([[1000.0], [-1000.0], [0.0]]).requires_grad_()
-    loss = ops.multitask_head_loss(z, w, None, torch.tensor([[1.0]]), [Task("c", "multiclass", num_outputs=3)])
+def test_ce_is_stable_for_huge_logits(device):
+    z = torch.ones(1, 1, device=device)
+    w = torch.tensor([[1000.0], [-1000.0], [0.0]], device=device).requires_grad_()
+    targets = torch.tensor([[1.0]], device=device)
+    loss = ops.multitask_head_loss(z, w, None, targets, [Task("c", "multiclass", num_outputs=3)])
     assert loss.item() == pytest.approx(2000.0, rel=1e-6)
     loss.backward()
     assert torch.isfinite(w.grad).all()
@@ -188,7 +190,7 @@ def test_opcheck(device):
 # ---- pack_targets
 
 
-def test_pack_targets_matches_reference_and_accepts_bool_and_2d():
+def test_pack_targets_matches_reference_and_accepts_bool_and_2d(device):
     tasks = [Task("r", "regression", num_outputs=2), Task("b", "binary"), Task("c", "multiclass", num_outputs=4),
              Task("s", "regression")]
     targets = {
@@ -198,9 +200,10 @@ def test_pack_targets_matches_reference_and_accepts_bool_and_2d():
         "s": torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64),
         "ignored": torch.zeros(3),
     }
-    packed = ops.pack_targets(targets, tasks, torch.float64)
     expected = reference.pack_targets(targets, tasks, torch.float64)
-    assert packed.shape == (3, 5)
+    packed = ops.pack_targets({k: v.to(device) for k, v in targets.items()}, tasks, torch.float64)
+    assert packed.shape == (3, 5) and packed.device.type == device.type
+    packed = packed.cpu()
     assert torch.equal(torch.nan_to_num(packed, nan=-7.0), torch.nan_to_num(expected, nan=-7.0))
 
 
@@ -306,11 +309,12 @@ def test_meta_and_cpu_tensors_mixed_raise():
 
 
 @pytest.mark.parametrize("logit", [-60.0, -20.0, -3.0, -1e-3, 0.0, 0.7, 15.0])
-def test_bce_is_accurate_where_the_loss_is_tiny_or_large(logit):
+def test_bce_is_accurate_where_the_loss_is_tiny_or_large(device, logit):
     # loss(x, t=0) = log1p(exp(x)): for very negative x a float32 result still has full relative
     # accuracy (a naive log(1 + exp(x)) rounds it to 0).
-    z = torch.tensor([[logit]])
-    w = torch.ones(1, 1)
-    got = ops.multitask_head_loss(z, w, None, torch.tensor([[0.0]]), [Task("b", "binary")]).item()
+    z = torch.tensor([[logit]], device=device)
+    w = torch.ones(1, 1, device=device)
+    targets = torch.tensor([[0.0]], device=device)
+    got = ops.multitask_head_loss(z, w, None, targets, [Task("b", "binary")]).item()
     expected = max(logit, 0.0) + math.log1p(math.exp(-abs(logit)))
     assert got == pytest.approx(expected, rel=2e-6)

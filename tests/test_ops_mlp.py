@@ -89,11 +89,11 @@ def test_gradcheck_float64(device, activation, bias):
     assert torch.autograd.gradcheck(fn, (x, *ws, *(bs or [])))
 
 
-def test_mixed_bias_layers_get_gradients_only_where_present():
+def test_mixed_bias_layers_get_gradients_only_where_present(device):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64).to(device)
     ws, bs = make_trunk(4, [5, 3], True, gen)
-    ws, bs = on("cpu", torch.float64, ws), on("cpu", torch.float64, bs)
+    ws, bs = on(device, torch.float64, ws), on(device, torch.float64, bs)
     mixed = [None, bs[1]]
     out = ops.fused_mlp(x, ws, mixed, "silu")
     ref = reference.fused_mlp(x, ws, mixed, "silu")
@@ -144,11 +144,11 @@ def test_inputs_are_not_modified(device):
         assert torch.equal(a.detach(), b)
 
 
-def test_input_gradient_is_skipped_when_not_needed_and_parameters_still_get_theirs():
+def test_input_gradient_is_skipped_when_not_needed_and_parameters_still_get_theirs(device):
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)  # no requires_grad: data, as in training
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device)  # no requires_grad: data, as in training
     ws, bs = make_trunk(3, [5, 2], True, gen)
-    ws, bs = on("cpu", torch.float64, ws), on("cpu", torch.float64, bs)
+    ws, bs = on(device, torch.float64, ws), on(device, torch.float64, bs)
     ops.fused_mlp(x, ws, bs, "tanh").sum().backward()
     reference_grads = torch.autograd.grad(reference.fused_mlp(x, ws, bs, "tanh").sum(), [*ws, *bs])
     for p, g in zip([*ws, *bs], reference_grads):

@@ -8,6 +8,14 @@
 #include <string>
 #include <type_traits>
 
+// The elementwise functions below are shared with the CUDA kernels (csrc/cuda/), so both devices
+// compute exactly the same formulas; under nvcc they are compiled for host and device.
+#if defined(__CUDACC__)
+#define FASTMTL_HOST_DEVICE __host__ __device__
+#else
+#define FASTMTL_HOST_DEVICE
+#endif
+
 namespace fastmtl {
 
 enum class Activation : int64_t { Relu, Gelu, GeluTanh, Silu, Tanh, Identity };
@@ -19,7 +27,7 @@ enum class Activation : int64_t { Relu, Gelu, GeluTanh, Silu, Tanh, Identity };
 //    backward instead of being stored as well.
 enum class SavedKind { Post, Pre };
 
-constexpr SavedKind saved_kind(Activation act) {
+FASTMTL_HOST_DEVICE constexpr SavedKind saved_kind(Activation act) {
   return (act == Activation::Gelu || act == Activation::GeluTanh || act == Activation::Silu)
              ? SavedKind::Pre
              : SavedKind::Post;
@@ -52,7 +60,7 @@ constexpr double kSqrt2OverPi = 0.79788456080286535588;   // sqrt(2/pi)
 constexpr double kGeluTanhCoef = 0.044715;
 
 template <Activation A, typename T>
-inline T act_forward(T a) {
+FASTMTL_HOST_DEVICE inline T act_forward(T a) {
   if constexpr (A == Activation::Relu) {
     return a > T(0) ? a : T(0);
   } else if constexpr (A == Activation::Gelu) {
@@ -73,7 +81,7 @@ inline T act_forward(T a) {
 // output y (tanh) or the pre-activation a (gelu, silu). relu and identity need no derivative:
 // act_backward below handles them directly.
 template <Activation A, typename T>
-inline T act_derivative(T saved) {
+FASTMTL_HOST_DEVICE inline T act_derivative(T saved) {
   static_assert(A != Activation::Relu && A != Activation::Identity, "handled by act_backward");
   if constexpr (A == Activation::Tanh) {
     return T(1) - saved * saved;
@@ -97,7 +105,7 @@ inline T act_derivative(T saved) {
 // which compiles to a vector blend; written as grad * mask, the compiler emitted a branch that
 // mispredicts on half of the (random) mask and a scalar loop, 15x slower.
 template <Activation A, typename T>
-inline T act_backward(T grad, T saved) {
+FASTMTL_HOST_DEVICE inline T act_backward(T grad, T saved) {
   if constexpr (A == Activation::Relu) {
     return saved > T(0) ? grad : T(0);
   } else if constexpr (A == Activation::Identity) {

@@ -45,11 +45,38 @@ inline void check_float_dtype(const at::Tensor& t, const char* op, const std::st
                    dtype_name(t.scalar_type()));
 }
 
+// The dtypes of fused_mlp and multitask_head_loss: float32 and float64 on every device, float16
+// and bfloat16 on CUDA too (float32 math there; the CPU kernels have no 16-bit path).
+inline bool is_16bit_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+inline void check_compute_dtype(const at::Tensor& t, const char* op, const std::string& arg) {
+  if (t.is_cuda() && is_16bit_float(t.scalar_type())) return;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastmtl.", op,
+                   ": argument '", arg, "' expected dtype torch.float32 or torch.float64",
+                   t.is_cuda() ? " (or torch.float16 / torch.bfloat16 on CUDA)" : "", ", got ",
+                   dtype_name(t.scalar_type()));
+}
+
+// The dtype of per-task losses, 1/count scales and packed targets for inputs of dtype t: t itself,
+// float32 for the 16-bit dtypes (a class index above 256 is not exact in bfloat16).
+inline at::ScalarType loss_dtype(at::ScalarType t) { return is_16bit_float(t) ? at::kFloat : t; }
+
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& arg,
                        const char* ref_arg) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "fastmtl.", op, ": argument '", arg,
                    "' expected dtype ", dtype_name(ref.scalar_type()), " (the dtype of '", ref_arg,
                    "'), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "fastmtl.", op, ": argument '", arg, "' expected device ",
+                    ref.device(), " (the device of '", ref_arg, "'), got ", t.device());
+}
+
+// t on ref's device in loss_dtype(ref's dtype): ref's own dtype, or float32 for a 16-bit ref.
+inline void check_loss_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& arg,
+                            const char* ref_arg) {
+  if (!is_16bit_float(ref.scalar_type())) return check_like(t, ref, op, arg, ref_arg);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "fastmtl.", op, ": argument '", arg,
+                   "' expected dtype torch.float32 (losses, scales and targets of a ", dtype_name(ref.scalar_type()),
+                   " '", ref_arg, "' are float32), got ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.device() == ref.device(), "fastmtl.", op, ": argument '", arg, "' expected device ",
                     ref.device(), " (the device of '", ref_arg, "'), got ", t.device());
 }

@@ -17,10 +17,11 @@ inline Activation check_activation(const char* op, const std::string& name) {
   return act;
 }
 
-// x [B, d0] float, weights chained layer to layer (W_l [d_l, d_{l-1}]), all on x's device and dtype.
+// x [B, d0] float (16-bit floats on CUDA too), weights chained layer to layer (W_l [d_l, d_{l-1}]),
+// all on x's device and dtype.
 inline void check_trunk_weights(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& weights) {
   check_dim(x, 2, op, "x");
-  check_float_dtype(x, op, "x");
+  check_compute_dtype(x, op, "x");
   TORCH_CHECK_VALUE(x.size(0) >= 1, "fastmtl.", op, ": argument 'x' expected a batch of at least 1 row, got shape ",
                     shape_str(x.sizes()));
   TORCH_CHECK_VALUE(!weights.empty(), "fastmtl.", op, ": argument 'weights' expected at least one layer, got 0");

@@ -39,7 +39,8 @@ class MultiTaskHeads(nn.Module):
         self.bias = nn.Parameter(torch.empty(total, **factory))
         # Not persistent: derived from the tasks, which are constructor arguments.
         self.register_buffer(
-            "task_weights", torch.tensor([t.weight for t in self.tasks], dtype=self.weight.dtype, device=device),
+            "task_weights",
+            torch.tensor([t.weight for t in self.tasks], dtype=ops.loss_dtype(self.weight.dtype), device=device),
             persistent=False,
         )
         self.reset_parameters()
@@ -59,7 +60,8 @@ class MultiTaskHeads(nn.Module):
 
     def pack_targets(self, targets: Mapping, dtype=None) -> torch.Tensor:
         """The dict of per-task targets as the packed tensor :meth:`losses` also accepts."""
-        return ops._pack_targets(targets, self.tasks, self._loss_names, self._num_outputs, dtype or self.weight.dtype)
+        dtype = dtype or ops.loss_dtype(self.weight.dtype)
+        return ops._pack_targets(targets, self.tasks, self._loss_names, self._num_outputs, dtype)
 
     def losses(self, z: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
         """Per-task losses ``[T]`` in task order, from trunk features ``z`` ``[B, in_features]``.
@@ -67,7 +69,7 @@ class MultiTaskHeads(nn.Module):
         ``targets``: dict name -> tensor (see :class:`fastmtl.Task`) or an already packed tensor.
         """
         if isinstance(targets, Mapping):
-            targets = self.pack_targets(targets, z.dtype)
+            targets = self.pack_targets(targets, ops.loss_dtype(z.dtype))
         result, _logit_grad, _scale = torch.ops.fastmtl.multitask_head_loss.default(
             z, self.weight, self.bias, targets, self._loss_names, self._num_outputs
         )

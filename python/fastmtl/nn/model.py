@@ -63,7 +63,9 @@ class MultiTaskModel(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
         """Scalar ``sum_t task.weight * L_t``."""
-        return torch.dot(self.losses(x, targets), self.heads.task_weights)
+        losses = self.losses(x, targets)
+        # Losses of a 16-bit model are float32 (ops.loss_dtype); module.to(dtype) may have cast the buffer.
+        return torch.dot(losses, self.heads.task_weights.to(losses.dtype))
 
     def mtl_backward(
         self,

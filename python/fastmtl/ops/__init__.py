@@ -17,7 +17,7 @@ import torch
 
 from ..tasks import Task, check_tasks
 
-__all__ = ["fused_mlp", "multitask_head_loss", "pack_targets", "ACTIVATIONS", "PRE_ACTIVATION_SAVED"]
+__all__ = ["fused_mlp", "multitask_head_loss", "pack_targets", "loss_dtype", "ACTIVATIONS", "PRE_ACTIVATION_SAVED"]
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
 # Activations whose backward reads the pre-activation (the C++ forward saves it for every layer);
@@ -119,6 +119,13 @@ def _fused_mlp_backward_fake(grad_out, x, weights, out, saved, activation, has_b
 # multitask_head_loss
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-task losses (and of the packed targets) for inputs of ``dtype``: the
+    same dtype, except float32 for float16 / bfloat16 inputs (CUDA only): their losses are
+    accumulated and returned in float32, and class indices above 256 are not exact in bfloat16."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def task_layout(tasks: Sequence[Task], where: str = "fastmtl.ops.multitask_head_loss"):
     """(tasks tuple, loss names, num_outputs) as the C++ ops take them."""
     tasks = check_tasks(tasks, where)
@@ -174,16 +181,21 @@ def multitask_head_loss(
         z: trunk output ``[B, d]``.
         weight: all heads stacked, ``[sum of num_outputs, d]``, in task order.
         bias: ``[sum of num_outputs]`` or ``None``.
-        targets: packed ``[B, sum of target widths]`` in ``z``'s dtype (see :func:`pack_targets`),
-            or a dict of task name -> tensor, packed here.
+        targets: packed ``[B, sum of target widths]`` in ``loss_dtype(z.dtype)`` (see
+            :func:`pack_targets`), or a dict of task name -> tensor, packed here.
         tasks: the :class:`fastmtl.Task` list, in the order of the rows of ``weight``.
 
     Returns: the per-task losses ``[T]`` (mean over each task's labelled entries; 0 for a task
-    with none). Backward with upstream weights ``w`` gives ``dz = sum_t w_t dL_t/dz``.
+    with none) in ``loss_dtype(z.dtype)``. Backward with upstream weights ``w`` gives
+    ``dz = sum_t w_t dL_t/dz``.
+
+    An invalid target value (bce not 0/1, ce not a class index or -100, regression +-inf) raises
+    ValueError on CPU. On CUDA, where checking would need a host synchronisation every step (and
+    break CUDA-graph capture), it makes that task's loss NaN instead.
     """
     tasks, losses, num_outputs = task_layout(tasks)
     if isinstance(targets, Mapping):
-        targets = _pack_targets(targets, tasks, losses, num_outputs, z.dtype)
+        targets = _pack_targets(targets, tasks, losses, num_outputs, loss_dtype(z.dtype))
     result, _logit_grad, _scale = torch.ops.fastmtl.multitask_head_loss.default(
         z, weight, bias, targets, losses, num_outputs
     )
@@ -194,7 +206,14 @@ def multitask_head_loss(
 def _multitask_head_loss_fake(z, weight, bias, targets, losses, num_outputs):
     _check_devices("multitask_head_loss", "z", z, weight=weight, bias=bias, targets=targets)
     num_tasks = len(losses)
-    return z.new_empty((num_tasks,)), z.new_empty((z.shape[0], weight.shape[0])), z.new_empty((num_tasks,))
+    # Losses and 1/count scales: float32 for 16-bit z, as the CUDA kernel returns them; the
+    # logit gradient stays in z's dtype.
+    per_task = loss_dtype(z.dtype)
+    return (
+        z.new_empty((num_tasks,), dtype=per_task),
+        z.new_empty((z.shape[0], weight.shape[0])),
+        z.new_empty((num_tasks,), dtype=per_task),
+    )
 
 
 @torch.library.register_fake("fastmtl::multitask_head_loss_backward")
