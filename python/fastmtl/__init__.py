@@ -39,6 +39,7 @@ from . import ops, reference  # noqa: E402
 from . import aggregation, nn, weighting  # noqa: E402,F401
 from .engine import mtl_backward  # noqa: E402,F401
 from .tasks import Task  # noqa: E402
+from .convert import ConversionReport, convert  # noqa: E402
 
 
 def build_info() -> dict:
@@ -49,4 +50,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["Task", "build_info", "nn", "ops", "reference", "__version__"]
+__all__ = ["Task", "ConversionReport", "build_info", "convert", "nn", "ops", "reference", "__version__"]

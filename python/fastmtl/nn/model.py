@@ -192,7 +192,12 @@ class MultiTaskModel(nn.Module):
         return self
 
     def freeze_trunk(self) -> "MultiTaskModel":
-        """Stops gradients to the trunk's parameters (``requires_grad = False``): fine-tune the heads only."""
+        """Stops gradients to the trunk's parameters (``requires_grad = False``) and drops their
+        ``.grad``: optimizers skip parameters without one, so the trunk stays bit-identical even
+        under an optimizer built over all parameters (a stale gradient would still move it).
+        Fine-tune the heads only."""
+        for p in self.trunk.parameters():
+            p.grad = None
         return self._set_trunk_trainable(False)
 
     def unfreeze_trunk(self) -> "MultiTaskModel":
