@@ -2,6 +2,10 @@
 and tasks): float32 vs float64, gradcheck, opcheck, odd shapes, bad input, torch.compile."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -328,3 +332,33 @@ def test_compile_fullgraph_forward_and_backward():
     got = torch.autograd.grad(compiled(x, ws, bs, gw, gb), params)
     for a, b in zip(got, eager):
         assert_rel_close(a, b, rtol=1e-6)
+
+
+def test_baseline_isa_loops_match_the_reference_too():
+    # The mixture loops are compiled for AVX2 + FMA and for the baseline ISA, picked at run time
+    # (csrc/cpu/isa.h); FASTMTL_DISABLE_AVX2=1 runs the baseline ones, in a fresh process since
+    # the choice is made once.
+    script = textwrap.dedent("""
+        import torch
+        import fastmtl
+        from fastmtl import ops, reference
+        assert fastmtl.build_info()["cpu_avx2_kernels"] is False
+        gen = torch.Generator().manual_seed(0)
+        for per_task in (False, True):
+            x = torch.randn(*((3, 37, 5) if per_task else (37, 5)), generator=gen, dtype=torch.float64)
+            gw = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+            gb = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+            ex = torch.randn(6, 37, 19, generator=gen, dtype=torch.float64, requires_grad=True)
+            index = [[0, 1, 2, 3], [2, 3, 4, 5], [5, 0, 1, 4]]
+            out = ops.gated_mixture(x.float(), gw.float(), gb.float(), ex.float(), index)
+            ref = reference.gated_mixture(x, gw, gb, ex, index)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+            cot = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+            g, = torch.autograd.grad(ops.gated_mixture(x, gw, gb, ex, index), ex, cot)
+            r, = torch.autograd.grad(ref, ex, cot)
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+        print("ok")
+    """)
+    env = dict(os.environ, FASTMTL_DISABLE_AVX2="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -27,8 +27,8 @@ template <typename T>
 void gated_mixture_forward(const GateLayout& layout, T* gates, const T* gate_bias, const T* experts,
                            const int64_t* index, T* mixtures);
 
-// From d mixtures: grad_logits (gates' layout), grad_experts [E, B, h] (if not null; experts no
-// gate reads get zeros), grad_bias [T, K] (if not null; summed over rows in a fixed order).
+// From d mixtures: grad_logits (gates' layout), grad_experts [E, B, h] (experts no gate reads get
+// zeros), grad_bias [T, K] (if not null; summed over rows in a fixed order).
 template <typename T>
 void gated_mixture_backward(const GateLayout& layout, int64_t num_experts, const T* grad_mixtures, const T* gates,
                             const T* experts, const int64_t* index, T* grad_logits, T* grad_experts, T* grad_bias);
