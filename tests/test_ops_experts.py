@@ -335,7 +335,7 @@ def test_compile_fullgraph_forward_and_backward():
 
 
 def test_baseline_isa_loops_match_the_reference_too():
-    # The mixture loops are compiled for AVX2 + FMA and for the baseline ISA, picked at run time
+    # The epilogue and mixture loops are compiled for AVX2 + FMA and for the baseline ISA, picked at run time
     # (csrc/cpu/isa.h); FASTMTL_DISABLE_AVX2=1 runs the baseline ones, in a fresh process since
     # the choice is made once.
     script = textwrap.dedent("""
@@ -357,6 +357,16 @@ def test_baseline_isa_loops_match_the_reference_too():
             g, = torch.autograd.grad(ops.gated_mixture(x, gw, gb, ex, index), ex, cot)
             r, = torch.autograd.grad(ref, ex, cot)
             torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+        for activation in ("relu", "gelu", "tanh"):
+            x = torch.randn(21, 7, generator=gen, dtype=torch.float64)
+            ws = [torch.randn(3, 9, 7, generator=gen, dtype=torch.float64, requires_grad=True),
+                  torch.randn(3, 5, 9, generator=gen, dtype=torch.float64, requires_grad=True)]
+            bs = [torch.randn(3, 9, generator=gen, dtype=torch.float64, requires_grad=True),
+                  torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)]
+            out, ref = ops.fused_experts(x, ws, bs, activation), reference.fused_experts(x, ws, bs, activation)
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+            for g, r in zip(torch.autograd.grad(out.sum(), ws + bs), torch.autograd.grad(ref.sum(), ws + bs)):
+                torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
         print("ok")
     """)
     env = dict(os.environ, FASTMTL_DISABLE_AVX2="1")
