@@ -314,3 +314,18 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"per-task representations expected shape \[2, B, 4\].*got \[3, 5, 4\]"):
         MultiTaskModel(ThreeReps(), MultiTaskHeads(4, mixed_tasks(2))).losses(
             torch.randn(5, 8), random_targets(mixed_tasks(2), 5, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("module", ["fastmtl.nn.experts", "fastmtl.nn.soft_sharing", "fastmtl.ops.experts", "fastmtl.convert"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.attempted > 0, f"{module} has no examples"
+    assert result.failed == 0
+
+
+def test_ops_registered():
+    for name in ("fused_experts", "fused_experts_backward", "gated_mixture", "gated_mixture_backward"):
+        assert hasattr(torch.ops.fastmtl, name)
