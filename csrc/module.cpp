@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
+#include "cpu/isa.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -15,6 +17,8 @@ PYBIND11_MODULE(_C, m) {
         info["torch_built_against"] = FASTMTL_TORCH_VERSION;
         info["cuda"] = static_cast<bool>(FASTMTL_WITH_CUDA);
         info["threads"] = at::get_num_threads();
+        // Whether the loops compiled twice (csrc/cpu/isa.h) run their AVX2 + FMA version here.
+        info["cpu_avx2_kernels"] = fastmtl::cpu::cpu_has_avx2_fma();
 #if defined(__clang__)
         info["compiler"] = "clang " __clang_version__;
 #elif defined(__GNUC__)

@@ -23,6 +23,24 @@ TORCH_LIBRARY(fastmtl, m) {
   m.def(
       "multitask_head_loss_backward(Tensor grad_losses, Tensor z, Tensor weight, Tensor logit_grad, "
       "Tensor scale, int[] num_outputs, bool has_bias, bool need_z_grad) -> (Tensor, Tensor, Tensor)");
+  // E expert MLPs on one input x [B, d0] (or one input each, [E, B, d0]): weights[l] [E, out_l,
+  // in_l], biases[l] [E, out_l] or none. Returns ([E, B, out_L], saved for backward).
+  m.def("fused_experts(Tensor x, Tensor[] weights, Tensor[] biases, str activation) -> (Tensor, Tensor[])");
+  // Returns (dx, dW per layer, db per layer or empty when the forward had no biases).
+  m.def(
+      "fused_experts_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor out, Tensor[] saved, "
+      "str activation, bool has_bias, bool need_input_grad) -> (Tensor, Tensor[], Tensor[])");
+  // Per-task softmax gates over experts (all gate logits in one GEMM) and the mixtures
+  // sum_k softmax(x_t W_t^T + b_t)_k experts[expert_index[t, k]]. x [B, d] or [T, B, d];
+  // gate_weight [T, K, d]; gate_bias [T, K]; experts [E, B, h]; expert_index: T * K entries, or
+  // empty for K = E and every gate over all experts. Returns (mixtures [T, B, h], gates).
+  m.def(
+      "gated_mixture(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor experts, int[] expert_index) "
+      "-> (Tensor, Tensor)");
+  // Returns (dx or [0], d gate_weight, d gate_bias or [0], d experts).
+  m.def(
+      "gated_mixture_backward(Tensor grad_mixtures, Tensor x, Tensor gate_weight, Tensor experts, Tensor gates, "
+      "int[] expert_index, bool has_bias, bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // Per-task targets (float / bool / integer class indices) into one [B, sum of widths] tensor.
   m.def(
       "pack_targets(Tensor[] targets, str[] names, str[] losses, int[] num_outputs, ScalarType dtype) "

@@ -80,14 +80,16 @@ def _graph_leaves(roots: Sequence[torch.Tensor]) -> list:
 
 def _batched_vjp(outputs, inputs, cotangents, retain_graph: bool):
     """sum_j <cotangents[t][j], d outputs[j] / d inputs> for every t, as [T, *input.shape] per input.
-    One vectorised backward where every op on the way supports it; otherwise one backward per task."""
+    One vectorised backward where every op on the way supports it; otherwise one backward per task.
+    The vectorised attempt keeps the graph: when an op has no batching rule (fastmtl's own ops, for
+    one) it fails part-way, after freeing buffers the per-task fallback still needs."""
     try:
         grads = torch.autograd.grad(outputs, inputs, grad_outputs=cotangents, is_grads_batched=True,
-                                    retain_graph=retain_graph, allow_unused=True)
+                                    retain_graph=True, allow_unused=True)
     except RuntimeError:
         T = cotangents[0].shape[0]
-        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=[c[t] for c in cotangents], retain_graph=True,
-                                    allow_unused=True) for t in range(T)]
+        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=[c[t] for c in cotangents],
+                                    retain_graph=retain_graph or t + 1 < T, allow_unused=True) for t in range(T)]
         grads = tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
     return [torch.zeros((cotangents[0].shape[0],) + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g
             for g, x in zip(grads, inputs)]

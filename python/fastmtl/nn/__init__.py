@@ -3,5 +3,7 @@
 from .fused_mlp import FusedMLP
 from .heads import MultiTaskHeads
 from .model import MultiTaskModel
+from .experts import MMoE, PLE
+from .soft_sharing import SoftSharedLinear
 
-__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel"]
+__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MMoE", "PLE", "SoftSharedLinear"]

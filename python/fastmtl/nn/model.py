@@ -10,13 +10,17 @@ from torch import nn
 
 from .fused_mlp import FusedMLP
 from .heads import MultiTaskHeads
+from .routing import routed_logits, routed_losses
 
 
 class MultiTaskModel(nn.Module):
     """Hard parameter sharing: ``trunk`` (shared parameters) feeds ``heads`` (one per task).
 
     The trunk can be any module mapping ``x`` to ``[B, heads.in_features]`` features; with a
-    :class:`FusedMLP` trunk the whole training step runs in two fused ops.
+    :class:`FusedMLP` trunk the whole training step runs in two fused ops. A trunk with one
+    representation per task (:class:`MMoE`, :class:`PLE`, :class:`SoftSharedLinear`: a
+    ``task_features(x)`` method giving ``[T, B, d]``, or any trunk returning a list of ``T``
+    tensors ``[B, d]``) has task t's head read representation t.
 
     >>> import torch, fastmtl
     >>> tasks = [fastmtl.Task("y", "regression"), fastmtl.Task("c", "multiclass", num_outputs=3)]
@@ -41,6 +45,10 @@ class MultiTaskModel(nn.Module):
             raise ValueError(
                 f"MultiTaskModel: trunk outputs {out_features} features but heads expect in_features={heads.in_features}"
             )
+        trunk_tasks = getattr(trunk, "num_tasks", None)
+        if hasattr(trunk, "task_features") and trunk_tasks is not None and trunk_tasks != len(heads.tasks):
+            raise ValueError(f"MultiTaskModel: the trunk gives {trunk_tasks} per-task representations but heads "
+                             f"have {len(heads.tasks)} tasks")
         self.trunk = trunk
         self.heads = heads
 
@@ -48,9 +56,19 @@ class MultiTaskModel(nn.Module):
     def tasks(self):
         return self.heads.tasks
 
+    def features(self, x: torch.Tensor):
+        """(trunk output, whether it is per task): ``[B, d]`` shared, or ``[T, B, d]`` one per task."""
+        if hasattr(self.trunk, "task_features"):
+            return self.trunk.task_features(x), True
+        z = self.trunk(x)
+        if isinstance(z, (list, tuple)):
+            return torch.stack(list(z)), True
+        return z, False
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Logits per task: dict name -> ``[B, num_outputs]``."""
-        return self.heads(self.trunk(x))
+        z, per_task = self.features(x)
+        return routed_logits(self.heads, z) if per_task else self.heads(z)
 
     def losses(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
         """Per-task losses ``[T]`` in task order (mean over each task's labelled entries, 0 if none).
@@ -59,7 +77,8 @@ class MultiTaskModel(nn.Module):
         binary float or bool ``[B]`` (NaN = missing), multiclass integer indices ``[B]`` (-100 =
         missing) — or the packed tensor of ``model.heads.pack_targets(targets)``.
         """
-        return self.heads.losses(self.trunk(x), targets)
+        z, per_task = self.features(x)
+        return routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
 
     def loss(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
         """Scalar ``sum_t task.weight * L_t``."""
@@ -101,8 +120,9 @@ class MultiTaskModel(nn.Module):
                 cross-rank terms), ``"exact"`` (all-reduced per-task gradients) or ``"none"``.
 
         With a :class:`FusedMLP` trunk the step runs in fused C++ ops with no ``T x P`` Jacobian
-        (:func:`fastmtl.engine.fused_model_backward`); any other trunk goes through
-        :func:`fastmtl.mtl_backward`. Returns an :class:`fastmtl.engine.MTLBackwardResult`
+        (:func:`fastmtl.engine.fused_model_backward`); any other trunk, per-task ones (MMoE, PLE)
+        included, goes through :func:`fastmtl.mtl_backward` (features: the ``[T, B, d]``
+        representations). Returns an :class:`fastmtl.engine.MTLBackwardResult`
         (``losses`` are the unweighted ``L_t``).
 
         >>> import torch, fastmtl
@@ -123,8 +143,8 @@ class MultiTaskModel(nn.Module):
         if gram_path != "auto":
             raise ValueError(f"MultiTaskModel.mtl_backward: argument 'gram_path' applies to a FusedMLP trunk only, "
                              f"got {gram_path!r} with a {type(self.trunk).__name__} trunk")
-        z = self.trunk(x)
-        losses = self.heads.losses(z, targets)
+        z, per_task = self.features(x)
+        losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
         _check_mode(mode)
         schedule = model_schedule(self) if _check_gram_every(gram_every) > 1 else None
         result = _generic_backward(losses * self.heads.task_weights, z, aggregator, list(self.trunk.parameters()), mode,
@@ -143,4 +163,50 @@ class MultiTaskModel(nn.Module):
         else:
             self.trunk.load_state_dict(trunk.state_dict())
         self.heads.load_from_linears(heads)
+        return self
+
+    # ---- transfer learning
+
+    def add_tasks(self, tasks) -> "MultiTaskModel":
+        """Adds heads for new tasks after the existing ones, keeping the trained heads' weights.
+
+        The trunk must give one shared representation (an MMoE or PLE has a gate per task fixed at
+        construction). Returns ``self``; new parameters need adding to the optimizer.
+        """
+        from ..tasks import check_tasks
+
+        new = list(check_tasks(tasks, "MultiTaskModel.add_tasks"))
+        if hasattr(self.trunk, "task_features"):
+            raise ValueError(f"MultiTaskModel.add_tasks: a {type(self.trunk).__name__} trunk has one representation "
+                             f"per task, fixed at construction; build a new trunk for {len(self.tasks) + len(new)} tasks")
+        old = self.heads
+        taken = set(old.task_names)
+        for t in new:
+            if t.name in taken:
+                raise ValueError(f"MultiTaskModel.add_tasks: argument 'tasks' has task {t.name!r}, which the model has already")
+        heads = MultiTaskHeads(old.in_features, list(old.tasks) + new, device=old.weight.device, dtype=old.weight.dtype)
+        rows = old.weight.shape[0]
+        with torch.no_grad():
+            heads.weight[:rows].copy_(old.weight)
+            heads.bias[:rows].copy_(old.bias)
+        heads.train(old.training)
+        self.heads = heads
+        return self
+
+    def freeze_trunk(self) -> "MultiTaskModel":
+        """Stops gradients to the trunk's parameters (``requires_grad = False``) and drops their
+        ``.grad``: optimizers skip parameters without one, so the trunk stays bit-identical even
+        under an optimizer built over all parameters (a stale gradient would still move it).
+        Fine-tune the heads only."""
+        for p in self.trunk.parameters():
+            p.grad = None
+        return self._set_trunk_trainable(False)
+
+    def unfreeze_trunk(self) -> "MultiTaskModel":
+        """Undoes :meth:`freeze_trunk`."""
+        return self._set_trunk_trainable(True)
+
+    def _set_trunk_trainable(self, trainable: bool) -> "MultiTaskModel":
+        for p in self.trunk.parameters():
+            p.requires_grad_(trainable)
         return self

@@ -58,7 +58,7 @@ def fused_mlp(
     return out
 
 
-def _bias_list(biases, weights):
+def _bias_list(biases, weights, op: str = "fused_mlp"):
     """The op takes a bias for every layer or none. Layers without one among layers with one get a
     constant zero bias (its gradient is dropped): the op cannot take a list holding None, because
     torch.library's autograd gives no gradient to such a list."""
@@ -69,9 +69,10 @@ def _bias_list(biases, weights):
         return []
     if len(biases) != len(weights):
         raise ValueError(
-            f"fastmtl.fused_mlp: argument 'biases' expected {len(weights)} entries (one per layer), got {len(biases)}"
+            f"fastmtl.{op}: argument 'biases' expected {len(weights)} entries (one per layer), got {len(biases)}"
         )
-    return [w.new_zeros(w.shape[0]) if b is None else b for b, w in zip(biases, weights)]
+    # The bias of a weight [..., out, in] is [..., out] (per expert for fused_experts).
+    return [w.new_zeros(w.shape[:-1]) if b is None else b for b, w in zip(biases, weights)]
 
 
 def _check_activation(activation: str) -> None:
@@ -227,3 +228,5 @@ def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale
 from .aggregation import *  # noqa: E402, F401, F403  (its __all__: the aggregation ops)
 # The per-task engine ops of fastmtl's own model.
 from .engine import *  # noqa: E402, F401, F403  (its __all__: task_gram, GRAM_PATHS, GRAM_MODES)
+# The Mixture-of-Experts ops (fused_experts, gated_mixture).
+from .experts import *  # noqa: E402, F401, F403  (its __all__)

@@ -1,0 +1,206 @@
+"""fastmtl.convert: replaces the runs of Linear + activation layers of an existing PyTorch model by
+FusedMLPs carrying the same weights.
+
+Only ``nn.Sequential`` runs are replaced: a Sequential is called as a whole, so swapping some of
+its consecutive elements for one module computing the same function is safe whatever the model's
+own forward does with it. A Linear a custom forward calls directly is left alone (its call site is
+code, not structure), and so reported.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .nn.fused_mlp import FusedMLP, activation_name_of
+
+__all__ = ["convert", "ConversionReport"]
+
+_SUPPORTED = "ReLU, GELU, SiLU, Tanh, Identity"
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: ``replaced`` ``(path, description)`` pairs, ``left_alone``
+    ``(path, reason)`` pairs. Paths are module names as in ``model.named_modules()`` (of the
+    original model; an element of a Sequential is ``"path.index"``)."""
+
+    replaced: List[Tuple[str, str]] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fastmtl.convert: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"]
+        lines += [f"  replaced   {path or '<model>'}: {what}" for path, what in self.replaced]
+        lines += [f"  left alone {path or '<model>'}: {why}" for path, why in self.left_alone]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Layer:
+    """One layer a run is made of: a (Linear, activation) pair or one layer of a FusedMLP."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    activation: str
+
+
+def _join(prefix: str, name) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _layers_of_fused(module: FusedMLP) -> List[_Layer]:
+    biases = module.biases if module.biases is not None else [None] * len(module.weights)
+    return [_Layer(w, b, module.activation) for w, b in zip(module.weights, biases)]
+
+
+def _compatible(run: List[_Layer], layer: _Layer) -> Optional[str]:
+    """Why ``layer`` cannot extend ``run`` (None if it can)."""
+    last = run[-1]
+    if layer.activation != last.activation:
+        return f"activation changes from {last.activation} to {layer.activation}"
+    if (layer.bias is None) != (last.bias is None):
+        return "a Linear with a bias next to one without"
+    if layer.weight.shape[1] != last.weight.shape[0]:
+        return f"widths do not chain ({last.weight.shape[0]} then {layer.weight.shape[1]} in)"
+    if layer.weight.dtype != last.weight.dtype or layer.weight.device != last.weight.device:
+        return "dtype or device changes"
+    return None
+
+
+def _fused_from(layers: List[_Layer]) -> FusedMLP:
+    first = layers[0]
+    fused = FusedMLP(first.weight.shape[1], [l.weight.shape[0] for l in layers], activation=first.activation,
+                     bias=first.bias is not None, device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            fused.weights[i].copy_(layer.weight)
+            if layer.bias is not None:
+                fused.biases[i].copy_(layer.bias)
+    # Trainability follows the original weights (a frozen run stays frozen).
+    for i, layer in enumerate(layers):
+        fused.weights[i].requires_grad_(layer.weight.requires_grad)
+        if layer.bias is not None:
+            fused.biases[i].requires_grad_(layer.bias.requires_grad)
+    return fused
+
+
+def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport) -> nn.Module:
+    """Returns the replacement of ``seq`` (itself if nothing changed, a FusedMLP if it is one run)."""
+    modules = list(seq)
+    out: List[nn.Module] = []
+    run: List[_Layer] = []
+    run_paths: List[str] = []
+    run_has_linear = False
+    run_members: List[nn.Module] = []
+
+    def close_run():
+        nonlocal run, run_paths, run_has_linear, run_members
+        # A run of FusedMLPs only (converted inner Sequentials, say) is merged when there are several.
+        if run and (run_has_linear or len(run_members) > 1):
+            out.append(_fused_from(run))
+            widths = "x".join(str(l.weight.shape[0]) for l in run)
+            where = run_paths[0] if len(run_paths) == 1 else f"{run_paths[0]}..{run_paths[-1].rsplit('.', 1)[-1]}"
+            report.replaced.append((where, f"{len(run)} x (Linear, {run[0].activation}) -> FusedMLP("
+                                           f"in={run[0].weight.shape[1]}, widths={widths})"))
+        else:
+            out.extend(run_members)
+        run, run_paths, run_has_linear, run_members = [], [], False, []
+
+    i = 0
+    while i < len(modules):
+        m, name = modules[i], _join(path, i)
+        if isinstance(m, FusedMLP):
+            layers = _layers_of_fused(m)
+        elif type(m) is nn.Linear:
+            follower = modules[i + 1] if i + 1 < len(modules) else None
+            act = activation_name_of(follower) if follower is not None else None
+            if act is None:
+                close_run()
+                why = ("last module of the Sequential, no activation after it" if follower is None else
+                       f"followed by {type(follower).__name__}, not a supported activation ({_SUPPORTED})")
+                report.left_alone.append((name, f"Linear {why}"))
+                out.append(m)
+                i += 1
+                continue
+            layers = [_Layer(m.weight, m.bias, act)]
+        else:
+            close_run()
+            if activation_name_of(m) is None and not isinstance(m, nn.Sequential):
+                report.left_alone.append((name, f"{type(m).__name__}: not a Linear or supported activation"))
+            out.append(m)
+            i += 1
+            continue
+        reason = _compatible(run, layers[0]) if run else None
+        if reason is not None:
+            close_run()
+        run.extend(layers)
+        run_paths.append(name)
+        if isinstance(m, FusedMLP):
+            run_members.append(m)
+            i += 1
+        else:
+            run_has_linear = True
+            run_members.extend(modules[i:i + 2])
+            i += 2
+    close_run()
+    if len(out) == 1 and isinstance(out[0], FusedMLP) and len(modules) > 1:
+        return out[0]
+    if len(out) == len(modules) and all(a is b for a, b in zip(out, modules)):
+        return seq
+    return nn.Sequential(*out)
+
+
+def _walk(module: nn.Module, path: str, report: ConversionReport, in_sequential: bool = False) -> nn.Module:
+    """Converts the children of ``module`` bottom up, then ``module`` itself if it is a Sequential."""
+    is_sequential = type(module) is nn.Sequential
+    for name, child in list(module.named_children()):
+        new = _walk(child, _join(path, name), report, is_sequential)
+        if new is not child:
+            setattr(module, name, new)
+    if is_sequential:
+        return _convert_sequential(module, path, report)
+    if type(module) is nn.Linear and not in_sequential:
+        report.left_alone.append((path, "Linear outside an nn.Sequential (called by a custom forward; for per-task heads "
+                                        "see MultiTaskHeads.from_linears)"))
+    return module
+
+
+def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> Tuple[nn.Module, ConversionReport]:
+    """Replaces every ``nn.Sequential`` run of ``nn.Linear`` layers each followed by a supported
+    activation module (ReLU, GELU, SiLU, Tanh, Identity; the same one throughout the run, biases all
+    present or all absent) by an equivalent :class:`fastmtl.nn.FusedMLP` with the same weights.
+    Nested Sequentials are converted bottom up, and runs that meet across them merge. Outputs and
+    gradients equal the original's to float32 rounding.
+
+    Args:
+        model: any ``nn.Module``; its forward may be custom, only Sequential structure is rewritten.
+        inplace: modify ``model`` itself (default: a deep copy).
+        strict: raise ``ValueError`` if any Linear had to be left alone.
+
+    Returns: ``(new_model, report)``; ``print(report)`` lists what was replaced and what was left
+    alone, and why.
+
+    >>> import torch, fastmtl
+    >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+    ...                             torch.nn.Linear(8, 1))
+    >>> fused, report = fastmtl.convert(plain)
+    >>> [type(m).__name__ for m in fused]
+    ['FusedMLP', 'Linear']
+    >>> x = torch.randn(3, 4)
+    >>> torch.allclose(fused(x), plain(x), atol=1e-6)
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastmtl.convert: argument 'model' expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool) or not isinstance(strict, bool):
+        raise TypeError("fastmtl.convert: arguments 'inplace' and 'strict' expected bools")
+    target = model if inplace else copy.deepcopy(model)
+    report = ConversionReport()
+    result = _walk(target, "", report)
+    if strict and any(why.startswith("Linear") for _, why in report.left_alone):
+        raise ValueError("fastmtl.convert(strict=True): could not convert everything:\n" + str(report))
+    return result, report

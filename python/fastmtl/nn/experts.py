@@ -1,0 +1,228 @@
+"""Mixture-of-Experts trunks: MMoE (Ma et al. 2018) and PLE / CGC (Tang et al. 2020).
+
+Every level's experts run in one :func:`fastmtl.ops.fused_experts` call and every level's task
+gates and mixtures in one :func:`fastmtl.ops.gated_mixture` call, where the recommendation
+libraries loop over experts and tasks in Python.
+
+Both give one representation per task: ``forward(x)`` a list of ``T`` tensors ``[B, h]``,
+``task_features(x)`` the same stacked ``[T, B, h]`` (what :class:`MultiTaskModel` reads).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+from ._init import linear_init_
+
+
+def _check_count(owner: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}: argument '{name}' expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _widths(owner: str, expert_hidden) -> List[int]:
+    widths = [expert_hidden] if isinstance(expert_hidden, int) else list(expert_hidden)
+    if not widths:
+        raise ValueError(f"{owner}: argument 'expert_hidden' expected at least one layer width, got []")
+    for i, w in enumerate(widths):
+        _check_count(owner, f"expert_hidden[{i}]", w, 1)
+    return widths
+
+
+class ExpertBank(nn.Module):
+    """E expert MLPs with the same widths, stored stacked (``weights[l]``: ``[E, out_l, in_l]``) and
+    run by one fused op call. Each expert is initialised like its own ``nn.Linear`` layers."""
+
+    def __init__(self, in_features: int, num_experts: int, widths: Sequence[int], activation: str, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_experts = num_experts
+        self.activation = activation
+        fan_ins = [in_features] + list(widths[:-1])
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(num_experts, n, k, **factory)) for n, k in zip(widths, fan_ins)])
+        self.biases = nn.ParameterList(
+            [nn.Parameter(torch.empty(num_experts, n, **factory)) for n in widths]) if bias else None
+        self.reset_parameters()
+
+    @property
+    def out_features(self) -> int:
+        return self.weights[-1].shape[1]
+
+    def reset_parameters(self) -> None:
+        for i, w in enumerate(self.weights):
+            for e in range(self.num_experts):
+                linear_init_(w[e], self.biases[i][e] if self.biases is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, d]`` (shared) or ``[E, B, d]`` (one input per expert) -> ``[E, B, out]``."""
+        weights = list(self.weights._parameters.values())
+        biases = list(self.biases._parameters.values()) if self.biases is not None else []
+        return torch.ops.fastmtl.fused_experts.default(x, weights, biases, self.activation)[0]
+
+
+class TaskGates(nn.Module):
+    """G softmax gates over experts (``weight`` ``[G, K, d]``, ``bias`` ``[G, K]``), each gate
+    weighing the K experts of its row of ``expert_index`` (all experts when None). Initialised
+    like one ``nn.Linear(d, K)`` per gate."""
+
+    def __init__(self, in_features: int, num_gates: int, width: int, expert_index=None, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_gates, width, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_gates, width, **factory))
+        self.expert_index = ops.expert_index_list(expert_index)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for g in range(self.weight.shape[0]):
+            linear_init_(self.weight[g], self.bias[g])
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x ``[B, d]`` or ``[G, B, d]``, experts ``[E, B, h]`` -> mixtures ``[G, B, h]``."""
+        return torch.ops.fastmtl.gated_mixture.default(x, self.weight, self.bias, experts, self.expert_index)[0]
+
+
+def _check_input(owner: str, x: torch.Tensor, in_features: int) -> None:
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"{owner}: input expected shape [B, {in_features}], got {list(x.shape)}")
+
+
+class MMoE(nn.Module):
+    """Multi-gate Mixture-of-Experts: ``num_experts`` expert MLPs on the input, one softmax gate per
+    task over all of them; task t's representation is ``sum_e gate_t(x)_e * expert_e(x)``.
+
+    Args:
+        in_features: input width.
+        num_experts: number of experts (>= 1).
+        expert_hidden: the layer widths of every expert (an int for one layer).
+        num_tasks: number of tasks (one gate each).
+        activation: after every expert layer, as :class:`FusedMLP`.
+
+    ``forward(x)`` -> list of ``num_tasks`` tensors ``[B, expert_hidden[-1]]``.
+
+    >>> import torch, fastmtl
+    >>> mmoe = fastmtl.nn.MMoE(16, num_experts=4, expert_hidden=[32, 8], num_tasks=3)
+    >>> [z.shape for z in mmoe(torch.randn(5, 16))]
+    [torch.Size([5, 8]), torch.Size([5, 8]), torch.Size([5, 8])]
+    """
+
+    def __init__(self, in_features: int, num_experts: int, expert_hidden: Union[int, Sequence[int]], num_tasks: int,
+                 activation: str = "relu", device=None, dtype=None):
+        super().__init__()
+        _check_count("MMoE", "in_features", in_features, 1)
+        _check_count("MMoE", "num_experts", num_experts, 1)
+        _check_count("MMoE", "num_tasks", num_tasks, 1)
+        widths = _widths("MMoE", expert_hidden)
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"MMoE: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+        self.in_features, self.num_experts, self.num_tasks = in_features, num_experts, num_tasks
+        self.expert_hidden = tuple(widths)
+        self.experts = ExpertBank(in_features, num_experts, widths, activation, device=device, dtype=dtype)
+        self.gates = TaskGates(in_features, num_tasks, num_experts, device=device, dtype=dtype)
+
+    @property
+    def out_features(self) -> int:
+        return self.expert_hidden[-1]
+
+    def task_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The task representations stacked: ``[num_tasks, B, out_features]``."""
+        _check_input("MMoE", x, self.in_features)
+        return self.gates(x, self.experts(x))
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return list(self.task_features(x).unbind(0))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_experts={self.num_experts}, "
+                f"expert_hidden={list(self.expert_hidden)}, num_tasks={self.num_tasks}")
+
+
+class PLE(nn.Module):
+    """Progressive Layered Extraction. Each level has ``num_shared_experts`` shared experts and
+    ``num_task_experts`` experts per task; task t's gate mixes the shared experts and its own. With
+    ``num_levels = 1`` this is CGC (Customized Gate Control). Below the last level a shared gate
+    mixes all experts into the next level's shared input, and task t's experts and gate read task
+    t's representation of the level below.
+
+    ``forward(x)`` -> list of ``num_tasks`` tensors ``[B, expert_hidden[-1]]``.
+
+    >>> import torch, fastmtl
+    >>> ple = fastmtl.nn.PLE(16, num_shared_experts=2, num_task_experts=1, expert_hidden=[8], num_tasks=3, num_levels=2)
+    >>> [z.shape for z in ple(torch.randn(5, 16))]
+    [torch.Size([5, 8]), torch.Size([5, 8]), torch.Size([5, 8])]
+    """
+
+    def __init__(self, in_features: int, num_shared_experts: int, num_task_experts: int,
+                 expert_hidden: Union[int, Sequence[int]], num_tasks: int, num_levels: int = 1,
+                 activation: str = "relu", device=None, dtype=None):
+        super().__init__()
+        _check_count("PLE", "in_features", in_features, 1)
+        _check_count("PLE", "num_shared_experts", num_shared_experts, 0)
+        _check_count("PLE", "num_task_experts", num_task_experts, 0)
+        _check_count("PLE", "num_tasks", num_tasks, 1)
+        _check_count("PLE", "num_levels", num_levels, 1)
+        if num_shared_experts + num_task_experts == 0:
+            raise ValueError("PLE: arguments 'num_shared_experts' and 'num_task_experts' expected at least one "
+                             "expert per gate, got 0 and 0")
+        widths = _widths("PLE", expert_hidden)
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"PLE: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+        self.in_features, self.num_tasks, self.num_levels = in_features, num_tasks, num_levels
+        self.num_shared_experts, self.num_task_experts = num_shared_experts, num_task_experts
+        self.expert_hidden = tuple(widths)
+        S, P, T = num_shared_experts, num_task_experts, num_tasks
+        num_experts = S + T * P
+        # Experts of a level: the S shared ones first, then task t's P at S + t * P.
+        task_index = [list(range(S)) + list(range(S + t * P, S + (t + 1) * P)) for t in range(T)]
+        # Below the first level, expert e reads representation source[e]: task t's (t) or the shared one (T).
+        self._expert_source = [T] * S + [t for t in range(T) for _ in range(P)]
+        factory = {"device": device, "dtype": dtype}
+        self.experts = nn.ModuleList()
+        self.task_gates = nn.ModuleList()
+        self.shared_gates = nn.ModuleList()
+        fan_in = in_features
+        for level in range(num_levels):
+            self.experts.append(ExpertBank(fan_in, num_experts, widths, activation, **factory))
+            self.task_gates.append(TaskGates(fan_in, T, S + P, task_index, **factory))
+            if level + 1 < num_levels and S > 0:  # the next level's shared experts read its mixture
+                self.shared_gates.append(TaskGates(fan_in, 1, num_experts, **factory))
+            fan_in = widths[-1]
+        self.register_buffer("_source_index", torch.tensor(self._expert_source, dtype=torch.long, device=device),
+                             persistent=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.expert_hidden[-1]
+
+    def task_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The task representations stacked: ``[num_tasks, B, out_features]``."""
+        _check_input("PLE", x, self.in_features)
+        shared, tasks = x, None
+        for level in range(self.num_levels):
+            if level == 0:
+                expert_input, gate_input = x, x
+            else:
+                # [T + 1, B, h]: the task representations, then the shared one.
+                sources = torch.cat([tasks, shared.unsqueeze(0)]) if self.num_shared_experts else tasks
+                expert_input, gate_input = sources.index_select(0, self._source_index), tasks
+            experts = self.experts[level](expert_input)
+            new_tasks = self.task_gates[level](gate_input, experts)
+            if level + 1 < self.num_levels and self.num_shared_experts:
+                shared = self.shared_gates[level](shared, experts)[0]
+            tasks = new_tasks
+        return tasks
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return list(self.task_features(x).unbind(0))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_shared_experts={self.num_shared_experts}, "
+                f"num_task_experts={self.num_task_experts}, expert_hidden={list(self.expert_hidden)}, "
+                f"num_tasks={self.num_tasks}, num_levels={self.num_levels}")

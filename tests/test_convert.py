@@ -1,0 +1,178 @@
+"""fastmtl.convert on hand-written models (custom forward, nested Sequentials) against the
+originals; MultiTaskHeads.from_linears."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastmtl
+from fastmtl import Task
+from fastmtl.nn import FusedMLP, MultiTaskHeads
+from conftest import assert_rel_close
+
+PLAIN_ACTIVATIONS = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
+    "tanh": nn.Tanh, "identity": nn.Identity,
+}
+
+
+class HandWritten(nn.Module):
+    """A plain PyTorch MTL model with its own forward: a residual skip and per-task towers."""
+
+    def __init__(self, activation="relu"):
+        super().__init__()
+        act = PLAIN_ACTIVATIONS[activation]
+        self.body = nn.Sequential(nn.Linear(12, 32), act(), nn.Linear(32, 16), act())
+        self.skip = nn.Linear(12, 16)
+        self.towers = nn.ModuleDict({
+            "click": nn.Sequential(nn.Linear(16, 8), act(), nn.Linear(8, 1)),
+            "rating": nn.Sequential(nn.Linear(16, 8), nn.LeakyReLU(), nn.Linear(8, 5)),
+        })
+
+    def forward(self, x):
+        z = self.body(x) + self.skip(x)
+        return {name: tower(z) for name, tower in self.towers.items()}
+
+
+def compare(original, converted, x, rtol=1e-6):
+    """Outputs and the gradients of the input and of every parameter of the original that the
+    converted model still holds (matched by value: the conversion copies weights)."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, out2 = original(x1), converted(x2)
+    if isinstance(out1, dict):
+        assert out1.keys() == out2.keys()
+        out1, out2 = list(out1.values()), list(out2.values())
+    else:
+        out1, out2 = [out1], [out2]
+    gen = torch.Generator().manual_seed(0)
+    cots = [torch.randn(o.shape, generator=gen) for o in out1]
+    for a, b in zip(out2, out1):
+        assert_rel_close(a, b, rtol=rtol, what="output")
+    sum((o * c).sum() for o, c in zip(out1, cots)).backward()
+    sum((o * c).sum() for o, c in zip(out2, cots)).backward()
+    assert_rel_close(x2.grad, x1.grad, rtol=rtol, what="input gradient")
+    # Every original parameter's gradient appears among the converted model's, as a whole
+    # parameter or as a layer of a FusedMLP built from it.
+    converted_params = [p for p in converted.parameters()]
+    for name, p in original.named_parameters():
+        match = [q for q in converted_params if q.shape == p.shape and torch.equal(q.detach(), p.detach())]
+        assert match, f"no converted parameter carries {name}"
+        assert_rel_close(match[0].grad, p.grad, rtol=rtol, what=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("activation", list(PLAIN_ACTIVATIONS))
+def test_hand_written_model_with_custom_forward(activation):
+    torch.manual_seed(0)
+    model = HandWritten(activation)
+    converted, report = fastmtl.convert(model)
+    assert isinstance(converted.body, FusedMLP) and converted.body.hidden_features == (32, 16)
+    assert isinstance(converted.towers["click"][0], FusedMLP) and isinstance(converted.towers["click"][1], nn.Linear)
+    assert not any(isinstance(m, FusedMLP) for m in converted.towers["rating"])  # LeakyReLU is not supported
+    assert type(converted.skip) is nn.Linear
+    left = dict(report.left_alone)
+    assert "skip" in left and "custom forward" in left["skip"]
+    assert "LeakyReLU" in left["towers.rating.0"]
+    assert {p for p, _ in report.replaced} == {"body.0..2", "towers.click.0"}
+    compare(model, converted, torch.randn(37, 12))
+    assert all(type(m) is not FusedMLP for m in model.modules()), "inplace=False leaves the original alone"
+
+
+def test_nested_sequentials_merge_into_one_fused_mlp():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(6, 9), nn.SiLU()),
+        nn.Sequential(nn.Sequential(nn.Linear(9, 7), nn.SiLU()), nn.Linear(7, 5), nn.SiLU()),
+        nn.Linear(5, 3), nn.SiLU(),
+        nn.Dropout(0.0),
+        nn.Linear(3, 2),
+    )
+    converted, report = fastmtl.convert(model)
+    assert isinstance(converted[0], FusedMLP) and converted[0].hidden_features == (9, 7, 5, 3)
+    assert isinstance(converted[1], nn.Dropout) and type(converted[2]) is nn.Linear and len(converted) == 3
+    compare(model, converted, torch.randn(5, 6))
+
+
+def test_runs_split_where_activation_bias_or_width_changes():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(),
+                          nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 3), nn.Tanh())
+    converted, _ = fastmtl.convert(model)
+    kinds = [(m.activation, m.biases is not None, m.hidden_features) for m in converted]
+    assert kinds == [("relu", True, (6,)), ("tanh", True, (6,)), ("tanh", False, (5, 5)), ("tanh", True, (3,))]
+    compare(model, converted, torch.randn(1, 4))
+
+
+def test_whole_sequential_becomes_a_fused_mlp_and_inplace_edits_the_model():
+    torch.manual_seed(3)
+    holder = nn.Module()
+    holder.trunk = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 4), nn.GELU())
+    reference = copy.deepcopy(holder.trunk)
+    same, _ = fastmtl.convert(holder, inplace=True)
+    assert same is holder and isinstance(holder.trunk, FusedMLP) and holder.trunk.activation == "gelu"
+    compare(reference, holder.trunk, torch.randn(8, 3))
+
+
+def test_frozen_layers_stay_frozen():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    converted, _ = fastmtl.convert(model)
+    assert not any(p.requires_grad for p in converted.parameters())
+
+
+def test_unsupported_layer_in_a_run_is_reported_and_strict_raises():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 2), nn.ReLU())
+    converted, report = fastmtl.convert(model)
+    assert [type(m).__name__ for m in converted] == ["FusedMLP", "Linear", "ELU", "FusedMLP"]
+    assert any("followed by ELU, not a supported activation" in why for _, why in report.left_alone)
+    assert "left alone 2: Linear followed by ELU" in str(report)
+    with pytest.raises(ValueError, match=r"(?s)strict=True.*left alone 2: Linear followed by ELU"):
+        fastmtl.convert(model, strict=True)
+
+
+def test_strict_accepts_a_model_whose_linears_all_converted():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(0.1), nn.Linear(4, 2), nn.ReLU())
+    converted, report = fastmtl.convert(model, strict=True)
+    assert len(report.replaced) == 2 and [p for p, _ in report.left_alone] == ["2"]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match=r"'model' expected an nn.Module, got dict"):
+        fastmtl.convert({})
+    with pytest.raises(TypeError, match=r"'inplace' and 'strict' expected bools"):
+        fastmtl.convert(nn.Linear(2, 2), inplace="yes")
+
+
+def test_converted_plain_mtl_model_trains_like_the_original():
+    torch.manual_seed(4)
+    model = HandWritten()
+    converted, _ = fastmtl.convert(model)
+    x = torch.randn(32, 12)
+    y = {"click": torch.randn(32, 1), "rating": torch.randn(32, 5)}
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, converted)]
+    for _ in range(3):
+        for m, opt in zip((model, converted), optimizers):
+            opt.zero_grad()
+            out = m(x)
+            sum(((out[k] - y[k]) ** 2).mean() for k in y).backward()
+            opt.step()
+    for a, b in zip(converted(x).values(), model(x).values()):
+        assert_rel_close(a, b, rtol=1e-5, what="after three steps")
+
+
+def test_heads_from_linears_dict_and_list():
+    torch.manual_seed(5)
+    tasks = [Task("a", "regression", num_outputs=2), Task("b", "multiclass", num_outputs=3), Task("c", "binary")]
+    linears = {"c": nn.Linear(6, 1), "a": nn.Linear(6, 2), "b": nn.Linear(6, 3, bias=False)}
+    z = torch.randn(7, 6)
+    for given in (linears, [linears["a"], linears["b"], linears["c"]], nn.ModuleDict(linears)):
+        heads = MultiTaskHeads.from_linears(given, tasks)
+        out = heads(z)
+        for name, linear in linears.items():
+            assert_rel_close(out[name], linear(z), rtol=1e-6, what=name)
+    with pytest.raises(ValueError, match=r"has no head for tasks \['c'\]"):
+        MultiTaskHeads.from_linears({"a": linears["a"], "b": linears["b"]}, tasks)
+    with pytest.raises(ValueError, match=r"head of task 'a' expected weight shape \[2, 6\], got \[3, 6\]"):
+        MultiTaskHeads.from_linears([linears["b"], linears["b"], linears["c"]], tasks)
