@@ -171,7 +171,7 @@ def test_odd_shapes(B, num_tasks, widths):
 
 def test_wide_inputs_are_materialised_in_column_chunks():
     # 150 inputs and 3 rows: the gradients of layer 0 (and 130 inputs of layer 1) are materialised
-    # in chunks of 64 columns; the Gram and the Jacobian assembled from them match the reference.
+    # in chunks of 128 columns (and 22); the Gram and the Jacobian assembled from them match the reference.
     tasks = mixed_tasks(5)
     model = make_model(tasks, widths=(130, 7), in_features=150)
     x, targets = make_batch(tasks, B=3, in_features=150)
