@@ -17,6 +17,9 @@ aggregated update in ``.grad``. Variants, on copies of the same weights, input a
              ``losses.backward(weights)``
   (c') autogram + fastmtl solver: (c) with fastmtl's UPGrad on its Gramian, so the engines compare
              without torchjd's quadprog-based solver
+  GEMM floors  only the GEMMs of (a) and of exact, on their shapes, into preallocated outputs: what
+             their arithmetic costs on this machine, and, as a ratio, how much of a gap between
+             them is arithmetic and how much is everything else
 
 Before timing, every aggregating exact variant must give the exact engine's trunk gradients (rtol
 1e-3: the UPGrad solvers agree to ~1e-10 on the same Gram; the rest is float32 rounding of different
@@ -170,6 +173,95 @@ def make_variants(size: Size, tasks, x, targets) -> List[Variant]:
     return variants
 
 
+# GEMM floors: only the GEMMs of a step, on its shapes, into preallocated outputs (random data: GEMM
+# time does not depend on the values). They bound what any implementation of that arithmetic can
+# reach here; the ratio of the two floors is the most the engine can gain over the loop without
+# doing less arithmetic.
+
+
+def ghost_is_cheaper(tasks: int, rows: int, d_in: int, d_out: int) -> bool:
+    """The engine's cost model (csrc/cpu/mtl_engine.h), so the floor takes the path the engine takes."""
+    materialise = tasks * rows * d_in * d_out + tasks * tasks * d_in * d_out
+    ghost = rows * rows * d_in + tasks * rows * rows * d_out + tasks * tasks * rows * d_out
+    return ghost < materialise
+
+
+def make_gemm_floors(size: Size, tasks) -> List[Variant]:
+    B, T = size.batch, len(tasks)
+    dims = (size.in_features,) + tuple(size.hidden)
+    d, C = dims[-1], sum(t.num_outputs for t in tasks)
+    weights = [torch.randn(d_out, d_in) for d_in, d_out in zip(dims[:-1], dims[1:])]
+    acts = [torch.randn(B, w) for w in dims]
+    head = torch.randn(C, d)
+    heads = [torch.randn(t.num_outputs, d) for t in tasks]
+    logits, logit_grad = torch.empty(B, C), torch.randn(B, C)
+    deltas = [torch.randn(B, w) for w in dims]
+    weight_grads = [torch.empty_like(w) for w in weights]
+
+    def forward():
+        for l, w in enumerate(weights):
+            torch.mm(acts[l], w.t(), out=acts[l + 1])
+
+    # (a): per task, the head's cotangent, then every layer's dW and (above the first) dX; the Gram
+    # of the stacked Jacobian and the weighted row sum; the heads' own backward, per task.
+    num_params = sum(w.numel() for w in weights)
+    jacobian, gram, update = torch.randn(T, num_params), torch.empty(T, T), torch.empty(1, num_params)
+    head_logits = [torch.empty(B, t.num_outputs) for t in tasks]
+    head_grads = [torch.randn(B, t.num_outputs) for t in tasks]
+    head_weight_grads = [torch.empty_like(h) for h in heads]
+    task_weights = torch.ones(1, T)
+
+    def loop_gemms():
+        forward()
+        for h, out in zip(heads, head_logits):
+            torch.mm(acts[-1], h.t(), out=out)
+        for h, g in zip(heads, head_grads):
+            torch.mm(g, h, out=deltas[-1])
+            for l in reversed(range(len(weights))):
+                torch.mm(deltas[l + 1].t(), acts[l], out=weight_grads[l])
+                if l > 0:
+                    torch.mm(deltas[l + 1], weights[l], out=deltas[l])
+        torch.mm(jacobian, jacobian.t(), out=gram)
+        torch.mm(task_weights, jacobian, out=update)
+        for g, out in zip(head_grads, head_weight_grads):
+            torch.mm(g.t(), acts[-1], out=out)
+
+    # exact: the head GEMM, then per layer the Gram share by the path the cost model picks and the
+    # T cotangents' propagation, then the one weighted backward.
+    task_deltas = [torch.randn(B, T * w) for w in dims]
+    per_task = [torch.empty(T * w.shape[0], w.shape[1]) for w in weights]
+    kernels = torch.empty(B, B)
+    kernel_deltas = [torch.empty(B, T * w) for w in dims]
+    layer_gram, head_grad = torch.empty(T, T), torch.empty_like(head)
+    ghost = [ghost_is_cheaper(T, B, w.shape[1], w.shape[0]) for w in weights]
+
+    def exact_gemms():
+        forward()
+        torch.mm(acts[-1], head.t(), out=logits)
+        for l in reversed(range(len(weights))):
+            d_out, d_in = weights[l].shape
+            delta = task_deltas[l + 1]
+            if ghost[l]:
+                torch.mm(acts[l], acts[l].t(), out=kernels)
+                torch.mm(kernels, delta, out=kernel_deltas[l + 1])
+                torch.bmm(delta.view(B, T, d_out), kernel_deltas[l + 1].view(B, T, d_out).transpose(1, 2))
+            else:
+                torch.mm(delta.t(), acts[l], out=per_task[l])
+                flat = per_task[l].view(T, -1)
+                torch.mm(flat, flat.t(), out=layer_gram)
+            if l > 0:
+                torch.mm(delta.view(B * T, d_out), weights[l], out=task_deltas[l].view(B * T, d_in))
+        torch.mm(logit_grad.t(), acts[-1], out=head_grad)
+        torch.mm(logit_grad, head, out=deltas[-1])
+        for l in reversed(range(len(weights))):
+            torch.mm(deltas[l + 1].t(), acts[l], out=weight_grads[l])
+            if l > 0:
+                torch.mm(deltas[l + 1], weights[l], out=deltas[l])
+
+    return [Variant("loop_gemms", "GEMM floor of (a)", loop_gemms, [], lambda: [], False),
+            Variant("exact_gemms", "GEMM floor of exact", exact_gemms, [], lambda: [], False)]
+
+
 def zero_grad(variant: Variant) -> None:
     for p in variant.params:
         p.grad = None
@@ -243,6 +335,7 @@ def run_size(size: Size, repeats: int, warmup: int) -> dict:
     targets = make_targets(tasks, size.batch, "cpu", torch.float32)
     variants = make_variants(size, tasks, x, targets)
     check_same_update(variants)
+    variants += make_gemm_floors(size, tasks)
     for _ in range(warmup):
         for v in variants:
             timed_step(v)
@@ -266,6 +359,8 @@ def print_result(result: dict) -> None:
     for key, s in stats.items():
         print(f"| {labels[key]} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} | "
               f"{s['median_ms'] / exact:.2f}x | {memory[key] / 2**20:.1f} | {memory[key] / plain_memory:.2f}x |")
+    floors = stats["loop_gemms"]["median_ms"] / stats["exact_gemms"]["median_ms"]
+    print(f"  GEMM floors, (a) / exact: {floors:.2f} (above 1 only where the engine does less GEMM work than (a))")
     for goal in result["goals"]:
         print(f"  goal {goal['goal']}: {goal['value']:.2f} {'met' if goal['met'] else 'MISSED'}")
 
