@@ -11,30 +11,16 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "ops/layer_stack_autograd.h"
+
 namespace fastmtl::ops {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using TensorVec = std::vector<at::Tensor>;
 
-// Typed dispatcher handles (signatures as the kernels in fused_mlp.cpp / multitask_head_loss.cpp).
-const auto& fused_mlp_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::fused_mlp", "")
-                       .typed<std::tuple<at::Tensor, TensorVec>(const at::Tensor&, const TensorVec&, const TensorVec&,
-                                                                const std::string&)>();
-  return op;
-}
-
-const auto& fused_mlp_backward_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::fused_mlp_backward", "")
-                       .typed<std::tuple<at::Tensor, TensorVec, TensorVec>(
-                           const at::Tensor&, const at::Tensor&, const TensorVec&, const at::Tensor&, const TensorVec&,
-                           const std::string&, bool, bool)>();
-  return op;
-}
-
+// Typed dispatcher handles (signatures as the kernels in multitask_head_loss.cpp).
 const auto& head_loss_op() {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::multitask_head_loss", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -50,48 +36,6 @@ const auto& head_loss_backward_op() {
                            const at::Tensor&, c10::ArrayRef<int64_t>, bool, bool)>();
   return op;
 }
-
-// Inputs (flattened by autograd): x, weights[0..L), biases[0..L or 0), activation.
-// Outputs: the trunk output, then the tensors saved for backward (not differentiable).
-struct FusedMlpFunction : public torch::autograd::Function<FusedMlpFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
-                               at::TensorList biases, const std::string& activation) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, saved] = fused_mlp_op().call(x, weights.vec(), biases.vec(), activation);
-    variable_list to_save{x, out};
-    to_save.insert(to_save.end(), weights.begin(), weights.end());
-    to_save.insert(to_save.end(), saved.begin(), saved.end());
-    ctx->save_for_backward(to_save);
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["num_layers"] = static_cast<int64_t>(weights.size());
-    ctx->saved_data["has_bias"] = !biases.empty();
-    ctx->mark_non_differentiable(saved);
-    ctx->set_materialize_grads(false);  // no zero-filled gradients for the saved outputs
-    variable_list outputs{out};
-    outputs.insert(outputs.end(), saved.begin(), saved.end());
-    return outputs;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t num_inputs = 1 + num_layers + (has_bias ? num_layers : 0) + 1;
-    variable_list result(num_inputs);
-    if (!grads[0].defined()) return result;  // the output was not used: no gradients
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& out = saved[1];
-    const TensorVec weights(saved.begin() + 2, saved.begin() + 2 + num_layers);
-    const TensorVec kept(saved.begin() + 2 + num_layers, saved.end());
-    const bool need_input_grad = ctx->needs_input_grad(0);
-    auto [grad_x, grad_weights, grad_biases] = fused_mlp_backward_op().call(
-        grads[0], x, weights, out, kept, ctx->saved_data["activation"].toStringRef(), has_bias, need_input_grad);
-    if (need_input_grad) result[0] = grad_x;
-    for (int64_t l = 0; l < num_layers; ++l) result[1 + l] = grad_weights[l];
-    for (size_t l = 0; l < grad_biases.size(); ++l) result[1 + num_layers + l] = grad_biases[l];
-    return result;
-  }
-};
 
 // Inputs: z, weight, bias (optional), targets, losses, num_outputs.
 // Outputs: losses [T], then logit_grad and scale (saved for backward, not differentiable).
@@ -125,11 +69,10 @@ struct HeadLossFunction : public torch::autograd::Function<HeadLossFunction> {
   }
 };
 
-std::tuple<at::Tensor, TensorVec> fused_mlp_autograd(const at::Tensor& x, const TensorVec& weights,
-                                                     const TensorVec& biases, const std::string& activation) {
-  variable_list outputs = FusedMlpFunction::apply(x, at::TensorList(weights), at::TensorList(biases), activation);
-  return {outputs[0], TensorVec(outputs.begin() + 1, outputs.end())};
-}
+struct FusedMlpOps {
+  static constexpr const char* forward = "fastmtl::fused_mlp";
+  static constexpr const char* backward = "fastmtl::fused_mlp_backward";
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_autograd(
     const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
@@ -141,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_autograd(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
-  m.impl("fused_mlp", &fused_mlp_autograd);
+  m.impl("fused_mlp", &LayerStackFunction<FusedMlpOps>::kernel);
   m.impl("multitask_head_loss", &head_loss_autograd);
 }
 

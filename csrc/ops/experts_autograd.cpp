@@ -1,31 +1,18 @@
-// Autograd of fused_experts and gated_mixture, registered at the Autograd key in C++ for the
-// reasons given in csrc/ops/autograd.cpp: the forward redispatches below autograd, the backward is
-// one call of the *_backward op through the dispatcher (so torch.compile and opcheck trace it).
+// Autograd of fused_experts (the layer-stack Function it shares with fused_mlp) and gated_mixture,
+// registered at the Autograd key in C++ for the reasons given in csrc/ops/autograd.cpp: the forward
+// redispatches below autograd, the backward is one call of the *_backward op through the
+// dispatcher (so torch.compile and opcheck trace it).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "ops/layer_stack_autograd.h"
 
 namespace fastmtl::ops {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using TensorVec = std::vector<at::Tensor>;
-
-const auto& fused_experts_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::fused_experts", "")
-                       .typed<std::tuple<at::Tensor, TensorVec>(const at::Tensor&, const TensorVec&, const TensorVec&,
-                                                                const std::string&)>();
-  return op;
-}
-
-const auto& fused_experts_backward_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::fused_experts_backward", "")
-                       .typed<std::tuple<at::Tensor, TensorVec, TensorVec>(
-                           const at::Tensor&, const at::Tensor&, const TensorVec&, const at::Tensor&, const TensorVec&,
-                           const std::string&, bool, bool)>();
-  return op;
-}
 
 const auto& gated_mixture_op() {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::gated_mixture", "")
@@ -43,44 +30,9 @@ const auto& gated_mixture_backward_op() {
   return op;
 }
 
-// Inputs (flattened by autograd): x, weights[0..L), biases[0..L or 0), activation.
-// Outputs: the expert outputs, then the tensors saved for backward (not differentiable).
-struct FusedExpertsFunction : public torch::autograd::Function<FusedExpertsFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
-                               at::TensorList biases, const std::string& activation) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, saved] = fused_experts_op().call(x, weights.vec(), biases.vec(), activation);
-    variable_list to_save{x, out};
-    to_save.insert(to_save.end(), weights.begin(), weights.end());
-    to_save.insert(to_save.end(), saved.begin(), saved.end());
-    ctx->save_for_backward(to_save);
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["num_layers"] = static_cast<int64_t>(weights.size());
-    ctx->saved_data["has_bias"] = !biases.empty();
-    ctx->mark_non_differentiable(saved);
-    ctx->set_materialize_grads(false);
-    variable_list outputs{out};
-    outputs.insert(outputs.end(), saved.begin(), saved.end());
-    return outputs;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    variable_list result(1 + num_layers + (has_bias ? num_layers : 0) + 1);
-    if (!grads[0].defined()) return result;
-    const variable_list saved = ctx->get_saved_variables();
-    const TensorVec weights(saved.begin() + 2, saved.begin() + 2 + num_layers);
-    const TensorVec kept(saved.begin() + 2 + num_layers, saved.end());
-    const bool need_input_grad = ctx->needs_input_grad(0);
-    auto [grad_x, grad_weights, grad_biases] = fused_experts_backward_op().call(
-        grads[0], saved[0], weights, saved[1], kept, ctx->saved_data["activation"].toStringRef(), has_bias,
-        need_input_grad);
-    if (need_input_grad) result[0] = grad_x;
-    for (int64_t l = 0; l < num_layers; ++l) result[1 + l] = grad_weights[l];
-    for (size_t l = 0; l < grad_biases.size(); ++l) result[1 + num_layers + l] = grad_biases[l];
-    return result;
-  }
+struct FusedExpertsOps {
+  static constexpr const char* forward = "fastmtl::fused_experts";
+  static constexpr const char* backward = "fastmtl::fused_experts_backward";
 };
 
 // Inputs: x, gate_weight, gate_bias (optional), experts, expert_index. Outputs: mixtures, gates
@@ -116,12 +68,6 @@ struct GatedMixtureFunction : public torch::autograd::Function<GatedMixtureFunct
   }
 };
 
-std::tuple<at::Tensor, TensorVec> fused_experts_autograd(const at::Tensor& x, const TensorVec& weights,
-                                                         const TensorVec& biases, const std::string& activation) {
-  variable_list outputs = FusedExpertsFunction::apply(x, at::TensorList(weights), at::TensorList(biases), activation);
-  return {outputs[0], TensorVec(outputs.begin() + 1, outputs.end())};
-}
-
 std::tuple<at::Tensor, at::Tensor> gated_mixture_autograd(const at::Tensor& x, const at::Tensor& gate_weight,
                                                           const std::optional<at::Tensor>& gate_bias,
                                                           const at::Tensor& experts, c10::ArrayRef<int64_t> expert_index) {
@@ -132,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> gated_mixture_autograd(const at::Tensor& x, c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
-  m.impl("fused_experts", &fused_experts_autograd);
+  m.impl("fused_experts", &LayerStackFunction<FusedExpertsOps>::kernel);
   m.impl("gated_mixture", &gated_mixture_autograd);
 }
 

@@ -17,17 +17,15 @@ def fused_experts(
     biases: Optional[Sequence[Optional[torch.Tensor]]],
     activation: str = "relu",
 ) -> torch.Tensor:
-    from . import activation_fn
+    from . import fused_mlp
 
-    act = activation_fn(activation)
+    # Expert e is the plain MLP of its slices of the stacked parameters.
     biases = [None] * len(weights) if biases is None else list(biases)
-    outputs = []
-    for e in range(weights[0].shape[0]):
-        h = x if x.dim() == 2 else x[e]
-        for w, b in zip(weights, biases):
-            h = act(F.linear(h, w[e], None if b is None else b[e]))
-        outputs.append(h)
-    return torch.stack(outputs)
+    return torch.stack([
+        fused_mlp(x if x.dim() == 2 else x[e], [w[e] for w in weights], [None if b is None else b[e] for b in biases],
+                  activation)
+        for e in range(weights[0].shape[0])
+    ])
 
 
 def gated_mixture(
