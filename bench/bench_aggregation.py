@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastmtl.aggregation as agg  # noqa: E402
-from _common import cpu_model, default_output_path, machine_description, summarise, write_json  # noqa: E402
+from _common import cpu_model, default_output_path, machine_description, write_json
+from harness import summarise  # noqa: E402
 
 warnings.filterwarnings("ignore", module="cvxpy")
 POOL = 16

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmtl
-from _common import default_output_path, machine_description, summarise, write_json
+from _common import default_output_path, machine_description, write_json
+from harness import summarise
 
 CHECK_RTOL = 1e-4
 SEED = 0

@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 import fastmtl
-from _common import default_output_path, machine_description, summarise, write_json
+from _common import default_output_path, machine_description, write_json
+from harness import summarise
 from bench_step import make_fastmtl_model, make_plain_heads, make_plain_trunk, make_targets, make_tasks, masked_task_loss
 
 CHECK_RTOL = 1e-3

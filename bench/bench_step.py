@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmtl
-from _common import cpu_model, default_output_path, machine_description, summarise, write_json
+from _common import cpu_model, default_output_path, machine_description, write_json
+from harness import summarise
 
 MISSING_FRACTION = 0.1  # share of each task's labels set missing (NaN or -100)
 MULTICLASS_CLASSES = 5
