@@ -198,10 +198,16 @@ def print_result(result: dict) -> None:
     exact, plain_memory = stats["exact"]["median_ms"], memory["plain"]
     print(f"\n{result['description']}  (median of {result['repeats']} interleaved steps, float32)\n")
     rows = [
-        (labels[key], f"{s['median_ms']:.2f}", f"{s['p10_ms']:.2f}-{s['p90_ms']:.2f}", f"{s['median_ms'] / exact:.2f}x",
-         f"{memory[key] / 2**20:.1f}", f"{memory[key] / plain_memory:.2f}x")
+        (
+            labels[key],
+            f"{s['median_ms']:.2f}",
+            f"{s['p10_ms']:.2f}-{s['p90_ms']:.2f}",
+            f"{s['median_ms'] / exact:.2f}x",
+            f"{memory[key] / 2**20:.1f}",
+            f"{memory[key] / plain_memory:.2f}x",
+        )
         for key, s in stats.items()
-    ]  # fmt: skip
+    ]
     headers = ("variant", "median ms", "p10-p90 ms", "time / exact", "peak MB", "memory / plain")
     print(markdown_table(headers, rows))
     floors = stats["loop_gemms"]["median_ms"] / stats["exact_gemms"]["median_ms"]
