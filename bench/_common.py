@@ -10,9 +10,8 @@ import platform
 import socket
 import subprocess
 
-import torch
-
 import fastmtl
+import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -20,7 +19,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def cpu_model() -> str:
     """lscpu's model name where there is one; platform.processor() is often empty on Linux."""
     try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        output = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=5).stdout
         for line in output.splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()

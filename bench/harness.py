@@ -6,7 +6,20 @@ A benchmark builds a list of :class:`Variant` (one way of doing the same work ea
 compute the same thing (:func:`check_same_result`), times them (:func:`time_variants`), and prints
 and saves what it measured (:func:`markdown_table`, :func:`goals_table`, :func:`write_results`).
 Flags: ``FLAGS = SharedFlags(...); args = FLAGS.parse(parser, argv)`` adds and checks ``--small
---repeats --warmup --threads --device --out`` on a parser that holds the script's own flags.
+--repeats --warmup --threads --device --out`` on a parser that holds the script's own flags. A
+script, in short (run as ``python bench/bench_x.py``: bench/ is on sys.path, so ``import harness``)::
+
+    FLAGS = SharedFlags(repeats=30, warmup=5, small_repeats=5, small_warmup=1)
+    args = FLAGS.parse(argparse.ArgumentParser(description="..."))
+    print_header(args)
+    variants = [Variant("plain", "plain PyTorch", plain_step, grads_to_none(plain), result=grads_of(plain)),
+                Variant("fastmtl", "fastmtl", fused_step, grads_to_none(model), result=grads_of(model))]
+    check_same_result(variants, reference="fastmtl", rtol=1e-4)
+    stats = time_variants(variants, args.repeats, args.warmup, args.device)
+    speedup = stats["plain"]["median_ms"] / stats["fastmtl"]["median_ms"]
+    print(markdown_table(("variant", "median ms"), [(v.label, f"{stats[v.key]['median_ms']:.3f}") for v in variants]))
+    print(goals_table([Goal("fastmtl vs plain", 1.5).evaluate(speedup)]))
+    write_results("bench_x", args, {"stats": stats, "speedup": speedup})
 """
 
 from __future__ import annotations
