@@ -10,6 +10,9 @@ the Jacobian: it gets J [T, 256] with the Gram's J J^T, the others the Gram matr
 Where one torchjd call takes longer than --slow-ms (Nash-MTL and CAGrad at T = 40), its batch time is
 64 x its single-call median, marked "x64" in the table, instead of minutes of measurement.
 
+No same-result check here: whether each method agrees with torchjd's (where torchjd's solver is the
+oracle, to which tolerance, on which Gram matrices) is tests/test_aggregation.py's job, per method.
+
 Goal (issue 4): >= 10x faster than torchjd for UPGrad, MGDA, DualProj, CAGrad and NashMTL at T = 8
 and 40. Results go to bench/results/bench_aggregation-<hostname>[-small].json.
 
