@@ -204,34 +204,59 @@ def test_results_json_has_the_machine_the_settings_and_the_results(tmp_path):
 # ---- every bench script, smallest flags (each a few seconds of CPU)
 
 QUICK = ["--small", "--repeats", "2", "--warmup", "0", "--threads", "1"]  # the shared flags: every script takes them
-# Per script: its cheapest flags and the header of the table it prints (the columns stay as they were).
+# Per script: its cheapest flags, the header of the table it prints and the rows' first cells (the
+# columns and rows stay as they were before the harness).
+MTL_STEP_ROWS = (
+    "fastmtl plain step (summed loss)",
+    "fastmtl exact",
+    "fastmtl rep",
+    "(a) LibMTL-style loop",
+    "(b) torchjd autojac",
+    "(c) torchjd autogram",
+    "(c') autogram + fastmtl UPGrad",
+    "GEMM floor of (a)",
+    "GEMM floor of exact",
+)
 SMOKE_RUNS = {
-    "bench_step": (QUICK + ["--no-compile"], "| variant | median ms | p10 ms | p90 ms | / fastmtl | compile |"),
-    "bench_mtl_step": (QUICK, "| variant | median ms | p10-p90 ms | time / exact | peak MB | memory / plain |"),
-    "bench_arch": (QUICK + ["--no-compile"], "| variant | median ms | p10 ms | p90 ms | fastmtl faster by |"),
+    "bench_step": (
+        QUICK + ["--no-compile"],
+        "| variant | median ms | p10 ms | p90 ms | / fastmtl | compile |",
+        ("(a) eager", "fastmtl", "(d) gemm floor"),
+    ),
+    "bench_mtl_step": (
+        QUICK,
+        "| variant | median ms | p10-p90 ms | time / exact | peak MB | memory / plain |",
+        MTL_STEP_ROWS,
+    ),
+    "bench_arch": (
+        QUICK + ["--no-compile"],
+        "| variant | median ms | p10 ms | p90 ms | fastmtl faster by |",
+        ("loop", "bmm", "fastmtl", "gemm floor", "original", "converted"),
+    ),
     "bench_aggregation": (
         QUICK + ["--tasks", "2", "8", "--methods", "UPGrad", "MGDA"],
         "| method | T | fastmtl | torchjd | speedup | fastmtl x64 | torchjd x64 | speedup x64 |",
+        ("UPGrad | 2", "MGDA | 2", "UPGrad | 8", "MGDA | 8"),
     ),
 }
 NEEDS_TORCHJD = {"bench_mtl_step", "bench_aggregation"}
-SCRIPTS = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
 
 
 def test_the_smoke_runs_name_existing_scripts():
-    assert set(SMOKE_RUNS) <= set(SCRIPTS)
+    # A new bench script on the harness takes QUICK; add it here with its table's header.
+    assert set(SMOKE_RUNS) <= {p.stem for p in BENCH_DIR.glob("bench_*.py")}
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
 def test_bench_script_smoke_run(script, tmp_path):
-    """A script without an entry in SMOKE_RUNS runs with the shared flags only."""
     if script in NEEDS_TORCHJD and importlib.util.find_spec("torchjd") is None:
         pytest.skip("needs torchjd (the test extra)")
-    flags, table_header = SMOKE_RUNS.get(script, (QUICK, None))
+    flags, table_header, rows = SMOKE_RUNS[script]
     out = tmp_path / f"{script}.json"
     command = [sys.executable, str(BENCH_DIR / f"{script}.py"), *flags, "--out", str(out)]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert table_header is None or table_header in done.stdout
+    assert table_header in done.stdout
+    assert all(f"| {row} |" in done.stdout for row in rows), done.stdout
     payload = json.loads(out.read_text())
     assert payload["benchmark"] == script and payload["results"] and payload["settings"]["repeats"] == 2
