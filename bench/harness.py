@@ -48,7 +48,8 @@ class Variant:
     that a variant with many parameters is not charged for a Python loop over them). ``result`` maps
     what ``step`` returned to the tensors the same-result check compares (a dict name -> tensor, or a
     list); None keeps the variant out of the check (a GEMM floor computes nothing comparable).
-    ``extra_warmup`` adds warm-up calls (compiled variants settle their caches)."""
+    ``extra_warmup`` adds warm-up calls (compiled variants settle their caches); ``note`` is a remark
+    for the table (how it was compiled, say)."""
 
     key: str
     label: str
