@@ -29,7 +29,9 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from . import ops
 from ._distributed import DataParallelSync
+from .ops import GRAM_PATHS
 
 __all__ = ["MTLBackwardResult", "mtl_backward", "fused_model_backward"]
 
@@ -318,8 +320,6 @@ def fused_model_backward(
     into ``.grad``. Parameters upstream of ``x`` (if ``x`` requires grad) get the trunk's weighted
     gradient through autograd. No T x P Jacobian unless ``keep_jacobian`` (exact mode) or
     ``ddp_gram="exact"`` under data parallelism (see :mod:`fastmtl._distributed`)."""
-    from .ops.engine import GRAM_PATHS
-
     _check_mode(mode)
     if gram_path not in GRAM_PATHS:
         _fail("gram_path", f"one of {GRAM_PATHS}", repr(gram_path))
@@ -328,25 +328,23 @@ def fused_model_backward(
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != trunk.in_features:
         got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         _fail("x", f"a [B, {trunk.in_features}] tensor (the trunk's input)", str(got))
-    weights = list(trunk.weights._parameters.values())
-    biases = list(trunk.biases._parameters.values()) if trunk.biases is not None else []
+    weights, biases, activation = trunk.op_arguments
     packed = heads.pack_targets(targets, x.dtype) if isinstance(targets, Mapping) else targets
-    names, num_outputs = heads._loss_names, heads._num_outputs
+    num_outputs = heads.num_outputs
     task_weights = heads.task_weights.to(x.dtype)
     schedule = model_schedule(model)
     sync = DataParallelSync(ddp_gram, process_group)
 
     with torch.no_grad():
-        out, saved = torch.ops.fastmtl.fused_mlp.default(x, weights, biases, trunk.activation)
-        losses, logit_grad, count_scale = torch.ops.fastmtl.multitask_head_loss.default(
-            out, heads.weight, heads.bias, packed, names, num_outputs
-        )
+        out, saved = ops.fused_mlp_with_saved(x, weights, biases, activation)
+        losses, logit_grad, count_scale = ops.multitask_head_loss_with_saved(out, heads.weight, heads.bias, packed,
+                                                                              heads.layout)
         jacobian = None
         computed = schedule.due((type(aggregator), mode, len(num_outputs), gram_every), gram_every)
         if computed:
             if mode == "exact":
-                gram, jacobian, _paths = torch.ops.fastmtl.mtl_trunk_gram.default(
-                    x, weights, out, saved, trunk.activation, bool(biases), heads.weight, logit_grad, count_scale,
+                gram, jacobian, _paths = ops.mtl_trunk_gram(
+                    x, weights, out, saved, activation, bool(biases), heads.weight, logit_grad, count_scale,
                     task_weights, num_outputs, gram_path, keep_jacobian or sync.exact,
                 )
                 if sync.exact:
@@ -356,12 +354,12 @@ def fused_model_backward(
                     gram = sync.gram(gram)
                 jacobian = jacobian if keep_jacobian else None
             else:
-                gram = sync.gram(torch.ops.fastmtl.mtl_representation_gram.default(
+                gram = sync.gram(ops.mtl_representation_gram(
                     heads.weight, logit_grad, count_scale, task_weights, num_outputs
                 ))
             schedule.keep(_checked_weights(aggregator, gram), gram)
-        head_w, head_b, grad_x, grad_ws, grad_bs = torch.ops.fastmtl.mtl_weighted_backward.default(
-            x, weights, out, saved, trunk.activation, bool(biases), heads.weight, heads.bias is not None, logit_grad,
+        head_w, head_b, grad_x, grad_ws, grad_bs = ops.mtl_weighted_backward(
+            x, weights, out, saved, activation, bool(biases), heads.weight, heads.bias is not None, logit_grad,
             count_scale, task_weights, schedule.weights.to(x.dtype) * task_weights, num_outputs, x.requires_grad,
         )
     params = [heads.weight] + ([heads.bias] if heads.bias is not None else []) + weights + biases

@@ -62,9 +62,10 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, d]`` (shared) or ``[E, B, d]`` (one input per expert) -> ``[E, B, out]``."""
+        # ParameterList's own iteration costs more than the op's dispatch (see FusedMLP.op_arguments).
         weights = list(self.weights._parameters.values())
-        biases = list(self.biases._parameters.values()) if self.biases is not None else []
-        return torch.ops.fastmtl.fused_experts.default(x, weights, biases, self.activation)[0]
+        biases = list(self.biases._parameters.values()) if self.biases is not None else None
+        return ops.fused_experts(x, weights, biases, self.activation)
 
 
 class TaskGates(nn.Module):
@@ -77,7 +78,7 @@ class TaskGates(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_gates, width, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_gates, width, **factory))
-        self.expert_index = ops.expert_index_list(expert_index)
+        self.expert_index = ops.expert_index_list(expert_index)  # flat, as the op takes it
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,7 +87,7 @@ class TaskGates(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x ``[B, d]`` or ``[G, B, d]``, experts ``[E, B, h]`` -> mixtures ``[G, B, h]``."""
-        return torch.ops.fastmtl.gated_mixture.default(x, self.weight, self.bias, experts, self.expert_index)[0]
+        return ops.gated_mixture_flat(x, self.weight, self.bias, experts, self.expert_index)
 
 
 def _check_input(owner: str, x: torch.Tensor, in_features: int) -> None:
