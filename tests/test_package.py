@@ -48,7 +48,7 @@ AGGREGATION_MODULES = ["basic", "mgda", "dual_cone", "cagrad", "surgery", "spect
     "module",
     ["fastmtl.tasks", "fastmtl.nn.fused_mlp", "fastmtl.nn.heads", "fastmtl.nn.model"]
     + ["fastmtl.weighting"] + [f"fastmtl.weighting.{name}" for name in WEIGHTING_MODULES]
-    + ["fastmtl.engine", "fastmtl.ops.per_task", "fastmtl.ops.trunk", "fastmtl.ops.heads", "fastmtl.ops.aggregation", "fastmtl.aggregation"] + [f"fastmtl.aggregation.{name}" for name in AGGREGATION_MODULES],
+    + ["fastmtl.engine.autograd_engine", "fastmtl.engine.options", "fastmtl.ops.per_task", "fastmtl.ops.trunk", "fastmtl.ops.heads", "fastmtl.ops.aggregation", "fastmtl.aggregation"] + [f"fastmtl.aggregation.{name}" for name in AGGREGATION_MODULES],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), verbose=False)

@@ -16,13 +16,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._validation import check_int_at_least
 from ._init import linear_init_
-
-
-def _check_count(owner: str, name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: argument '{name}' expected an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _widths(owner: str, expert_hidden) -> List[int]:
@@ -30,7 +25,7 @@ def _widths(owner: str, expert_hidden) -> List[int]:
     if not widths:
         raise ValueError(f"{owner}: argument 'expert_hidden' expected at least one layer width, got []")
     for i, w in enumerate(widths):
-        _check_count(owner, f"expert_hidden[{i}]", w, 1)
+        check_int_at_least(owner, f"expert_hidden[{i}]", w, 1)
     return widths
 
 
@@ -117,12 +112,11 @@ class MMoE(nn.Module):
     def __init__(self, in_features: int, num_experts: int, expert_hidden: Union[int, Sequence[int]], num_tasks: int,
                  activation: str = "relu", device=None, dtype=None):
         super().__init__()
-        _check_count("MMoE", "in_features", in_features, 1)
-        _check_count("MMoE", "num_experts", num_experts, 1)
-        _check_count("MMoE", "num_tasks", num_tasks, 1)
+        check_int_at_least("MMoE", "in_features", in_features, 1)
+        check_int_at_least("MMoE", "num_experts", num_experts, 1)
+        check_int_at_least("MMoE", "num_tasks", num_tasks, 1)
         widths = _widths("MMoE", expert_hidden)
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"MMoE: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+        ops.check_activation("MMoE", activation)
         self.in_features, self.num_experts, self.num_tasks = in_features, num_experts, num_tasks
         self.expert_hidden = tuple(widths)
         self.experts = ExpertBank(in_features, num_experts, widths, activation, device=device, dtype=dtype)
@@ -164,17 +158,16 @@ class PLE(nn.Module):
                  expert_hidden: Union[int, Sequence[int]], num_tasks: int, num_levels: int = 1,
                  activation: str = "relu", device=None, dtype=None):
         super().__init__()
-        _check_count("PLE", "in_features", in_features, 1)
-        _check_count("PLE", "num_shared_experts", num_shared_experts, 0)
-        _check_count("PLE", "num_task_experts", num_task_experts, 0)
-        _check_count("PLE", "num_tasks", num_tasks, 1)
-        _check_count("PLE", "num_levels", num_levels, 1)
+        check_int_at_least("PLE", "in_features", in_features, 1)
+        check_int_at_least("PLE", "num_shared_experts", num_shared_experts, 0)
+        check_int_at_least("PLE", "num_task_experts", num_task_experts, 0)
+        check_int_at_least("PLE", "num_tasks", num_tasks, 1)
+        check_int_at_least("PLE", "num_levels", num_levels, 1)
         if num_shared_experts + num_task_experts == 0:
             raise ValueError("PLE: arguments 'num_shared_experts' and 'num_task_experts' expected at least one "
                              "expert per gate, got 0 and 0")
         widths = _widths("PLE", expert_hidden)
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"PLE: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+        ops.check_activation("PLE", activation)
         self.in_features, self.num_tasks, self.num_levels = in_features, num_tasks, num_levels
         self.num_shared_experts, self.num_task_experts = num_shared_experts, num_task_experts
         self.expert_hidden = tuple(widths)

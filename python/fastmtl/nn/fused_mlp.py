@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._validation import check_int_at_least
 from ._init import linear_init_
 
 # Plain PyTorch activation modules and the fused activation each one is.
@@ -58,11 +59,8 @@ class FusedMLP(nn.Module):
         if not widths:
             raise ValueError("FusedMLP: argument 'hidden_features' expected at least one layer width, got []")
         for i, w in enumerate([in_features] + widths):
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                arg = "in_features" if i == 0 else f"hidden_features[{i - 1}]"
-                raise ValueError(f"FusedMLP: argument '{arg}' expected an int >= 1, got {w!r}")
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"FusedMLP: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+            check_int_at_least("FusedMLP", "in_features" if i == 0 else f"hidden_features[{i - 1}]", w, 1)
+        ops.check_activation("FusedMLP", activation)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.hidden_features = tuple(widths)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._validation import check_int_at_least
 from ..tasks import Task, check_tasks
 from ._init import linear_init_
 
@@ -29,8 +30,7 @@ class MultiTaskHeads(nn.Module):
 
     def __init__(self, in_features: int, tasks: Sequence[Task], device=None, dtype=None):
         super().__init__()
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"MultiTaskHeads: argument 'in_features' expected an int >= 1, got {in_features!r}")
+        check_int_at_least("MultiTaskHeads", "in_features", in_features, 1)
         self.layout = ops.task_layout(tasks, "MultiTaskHeads")
         self.tasks = self.layout.tasks
         self.in_features = in_features
@@ -59,6 +59,12 @@ class MultiTaskHeads(nn.Module):
     def num_outputs(self):
         """Each task's number of outputs, in task order: its rows of :attr:`weight`."""
         return self.layout.num_outputs
+
+    @property
+    def op_arguments(self) -> ops.HeadArguments:
+        """The heads as the fused ops take them: ``(weight, bias, layout, task_weights)``, the
+        parameters and buffer themselves. What the engine's fused path reads."""
+        return ops.HeadArguments(self.weight, self.bias, self.layout, self.task_weights)
 
     def reset_parameters(self) -> None:
         # Per-task nn.Linear init has the same distribution for every row: fan_in is in_features.

@@ -14,10 +14,11 @@ has the same functions in plain PyTorch. One module per family of ops:
 """
 
 from . import aggregation
-from .activations import ACTIVATIONS, PRE_ACTIVATION_SAVED
+from .activations import ACTIVATIONS, PRE_ACTIVATION_SAVED, check_activation
 from .aggregation import *  # noqa: F401, F403  (its __all__: the aggregation ops)
 from .experts import expert_index_list, fused_experts, gated_mixture, gated_mixture_flat
 from .heads import (
+    HeadArguments,
     TaskLayout,
     loss_dtype,
     multitask_head_loss,
@@ -38,6 +39,7 @@ from .trunk import MLPArguments, fused_mlp, fused_mlp_with_saved
 __all__ = [
     "ACTIVATIONS",
     "PRE_ACTIVATION_SAVED",
+    "check_activation",
     "fused_mlp",
     "fused_mlp_with_saved",
     "MLPArguments",
@@ -47,6 +49,7 @@ __all__ = [
     "loss_dtype",
     "task_layout",
     "TaskLayout",
+    "HeadArguments",
     "fused_experts",
     "gated_mixture",
     "gated_mixture_flat",

@@ -19,6 +19,7 @@ __all__ = [
     "loss_dtype",
     "task_layout",
     "TaskLayout",
+    "HeadArguments",
 ]
 
 
@@ -34,6 +35,18 @@ class TaskLayout(NamedTuple):
 
 
 Tasks = Union[Sequence[Task], TaskLayout]
+
+
+class HeadArguments(NamedTuple):
+    """Task heads as the fused ops take them: the stacked ``weight`` ``[sum n_t, d]``, ``bias``
+    ``[sum n_t]`` or None, the :class:`TaskLayout` and the task weights ``[T]`` (``task.weight``,
+    what the per-task ops scale each task's loss by). :attr:`fastmtl.nn.MultiTaskHeads.op_arguments`
+    gives those of a module."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    layout: TaskLayout
+    task_weights: torch.Tensor
 
 
 def task_layout(tasks: Tasks, where: str = "fastmtl.ops.multitask_head_loss") -> TaskLayout:

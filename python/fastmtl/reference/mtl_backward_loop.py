@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import MTLBackwardResult
+from ..engine.result import MTLBackwardResult
 
 __all__ = ["mtl_backward", "leaves_of"]
 
 
 def leaves_of(roots):
     """The leaves that require grad and that ``roots`` depend on, in the order the engine documents
-    (:func:`fastmtl.engine.autograd_engine.graph_leaves`): depth first from the last root, a node's
+    (:func:`fastmtl.engine.graph_leaves`): depth first from the last root, a node's
     inputs last to first, each node once. Written here again, recursively, so that the tests check
     the engine's discovery of the shared parameters rather than compare it with itself."""
     found, visited = [], set()
