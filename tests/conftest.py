@@ -11,7 +11,11 @@ import fastmtl
 from fastmtl import Task
 
 TESTS = pathlib.Path(__file__).resolve().parent
-PACKAGE = TESTS.parent / "python" / "fastmtl"
+# The package the tests import, wherever it is installed (site-packages in CI, the source tree in an
+# editable install): its doctests are collected from there, so the modules pytest imports for them
+# are the ones already imported (collecting python/fastmtl of the checkout next to an installed copy
+# fails with "import file mismatch").
+PACKAGE = pathlib.Path(fastmtl.__file__).resolve().parent
 # Docstring examples that need an optional dependency (the 'apps' extra), by module prefix: skipped
 # without it, as the core package's tests are.
 DOCTEST_REQUIREMENTS = {"fastmtl.data.": "sklearn"}
