@@ -60,13 +60,20 @@ def _world(seed: int):
         NUM_USERS, FACTORS, generator=g)
     items = half * torch.randn(NUM_CATEGORIES, FACTORS, generator=g)[item_category] + half * torch.randn(
         NUM_ITEMS, FACTORS, generator=g)
-    shared = torch.randn(FACTORS, generator=g)
-    preference = {t.name: math.sqrt(TASK_CORRELATION) * shared + math.sqrt(1 - TASK_CORRELATION) * torch.randn(
-        FACTORS, generator=g) for t in TASKS}
+    def related(*shape):
+        """One draw per task, every two of them at correlation TASK_CORRELATION."""
+        shared = torch.randn(*shape, generator=g)
+        return {t.name: math.sqrt(TASK_CORRELATION) * shared + math.sqrt(1 - TASK_CORRELATION) * torch.randn(
+            *shape, generator=g) for t in TASKS}
+
+    preference = related(FACTORS)
+    # Main effects: how much a user clicks / buys / likes at all, how appealing an item is; in logs
+    # they carry much of the signal, and an embedding learns them from the field alone.
+    user_bias, item_bias = related(NUM_USERS), related(NUM_ITEMS)
     device_bias = {t.name: 0.3 * torch.randn(NUM_DEVICES, generator=g) for t in TASKS}
     hour_bias = {t.name: 0.3 * torch.sin(2 * math.pi * (torch.arange(NUM_HOURS) / NUM_HOURS + torch.rand(
         1, generator=g))) for t in TASKS}
-    return user_group, item_category, users, items, preference, device_bias, hour_bias
+    return user_group, item_category, users, items, preference, user_bias, item_bias, device_bias, hour_bias
 
 
 def recommender(n: Optional[int] = None, split: str = "train", seed: int = 0) -> MultiTaskDataset:
@@ -75,11 +82,12 @@ def recommender(n: Optional[int] = None, split: str = "train", seed: int = 0) ->
     cardinalities in ``field_cardinalities``, for an embedding front such as
     :class:`fastmtl.nn.FieldEmbedding`) and three binary tasks scored by AUC.
 
-    Each task t has the logit ``b_t + s * <u * w_t, v> + device_t + hour_t`` of the user's and item's
-    latent factors ``u, v`` (half from the user's group / item's category), its preference weights
-    ``w_t`` (correlation 0.5 between tasks) and small biases of the device and the hour, scaled so
-    that the logit's spread is 1.5 and ``b_t`` fixes the base rate (click 20%, conversion 25% of
-    clicks, like 10%). ``click`` and ``like`` are labelled on every impression; ``conversion`` only
+    Each task t has the logit ``b_t + s (user_t + item_t + <u * w_t, v> / sqrt(k)) + device_t + hour_t``:
+    the user's and the item's main effects, the affinity of their k = 8 latent factors ``u, v`` (half
+    from the user's group / item's category) under the task's preference weights ``w_t``, and small
+    biases of the device and the hour; every task-specific draw is correlated 0.5 between tasks;
+    ``s`` makes the logit's spread 1.5 and ``b_t`` fixes the base rate (click 20%, conversion 25%
+    of clicks, like 10%). ``data.probabilities`` holds the true probabilities (the best scores). ``click`` and ``like`` are labelled on every impression; ``conversion`` only
     where the impression was clicked (NaN elsewhere): ESMM's setting (Ma et al. 2018, "Entire Space
     Multi-Task Model"), where the conversion model has a fifth of the labels.
 
@@ -103,7 +111,8 @@ def recommender(n: Optional[int] = None, split: str = "train", seed: int = 0) ->
     n = DEFAULT_SAMPLES[split] if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{where}: argument 'n' expected an int >= 1, got {n!r}")
-    user_group, item_category, users, items, preference, device_bias, hour_bias = _world(seed)
+    (user_group, item_category, users, items, preference, user_bias, item_bias, device_bias,
+     hour_bias) = _world(seed)
 
     g = torch.Generator().manual_seed(4 * seed + 2 + SPLITS.index(split))
     # Popular items and active users appear more often (a mild Zipf law), as in real logs.
@@ -118,21 +127,26 @@ def recommender(n: Optional[int] = None, split: str = "train", seed: int = 0) ->
            for count in (NUM_USERS, NUM_ITEMS, NUM_DEVICES, NUM_HOURS)]
 
     def score(name, scale, u, i, d, h):
-        return scale * ((users[u] * preference[name]) * items[i]).sum(1) + device_bias[name][d] + hour_bias[name][h]
+        affinity = ((users[u] * preference[name]) * items[i]).sum(1) / math.sqrt(FACTORS)  # variance ~1
+        return (scale * (user_bias[name][u] + item_bias[name][i] + affinity) + device_bias[name][d]
+                + hour_bias[name][h])
 
-    targets = {}
+    targets, probabilities = {}, {}
     clicked, ref_click = None, torch.ones(20000)
     for task in TASKS:
         scale = LOGIT_STD / float(score(task.name, 1.0, *ref).std())
         ref_score = score(task.name, scale, *ref)
         observed = ref_click if task.name == "conversion" else torch.ones(20000)
         intercept = _intercept(ref_score, RATES[task.name], observed)
-        label = torch.bernoulli(torch.sigmoid(intercept + score(task.name, scale, user, item, device, hour)),
-                                generator=g)
+        probability = torch.sigmoid(intercept + score(task.name, scale, user, item, device, hour))
+        label = torch.bernoulli(probability, generator=g)
+        probabilities[task.name] = probability
         if task.name == "click":
             clicked, ref_click = label.bool(), torch.sigmoid(intercept + ref_score)
         if task.name == "conversion":  # observed only after a click
             label = torch.where(clicked, label, math.nan)
         targets[task.name] = label.float()
     fields = torch.stack([user, item, user_group[user], item_category[item], device, hour], dim=1).float()
-    return MultiTaskDataset(fields, targets, TASKS, metrics=METRICS, field_cardinalities=CARDINALITIES)
+    data = MultiTaskDataset(fields, targets, TASKS, metrics=METRICS, field_cardinalities=CARDINALITIES)
+    data.probabilities = probabilities  # the true probability of each label: the Bayes-optimal scores
+    return data
