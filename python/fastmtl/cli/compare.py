@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
                             help=f"fastmtl.aggregation / fastmtl.weighting classes, any case (default: "
                                  f"{' '.join(DEFAULT_METHODS)}; recommender: EW UPGrad; all: "
                                  f"{', '.join(METHODS.values())})")
-        parser.add_argument("--regimes", type=argument_type("regime", REGIMES), nargs="+", default=None,
+        parser.add_argument("--regimes", type=argument_type("regime", {r: r for r in REGIMES}), nargs="+", default=None,
                             help="rich: the data set's labels as they are; scarce: each task labelled on its own "
                                  "--labels-per-task rows (default: rich scarce; recommender: rich, its conversion "
                                  "labels are scarce already)")
@@ -172,17 +172,17 @@ def run(args) -> int:
     text, chart_regimes = [], []
     for regime, train, cfg, rows in sections:
         labelled = train.labelled_counts()
-        title = (f"{REGIMES[regime]}: {len(train)} training rows, labelled per task "
+        title = (f"**{REGIMES[regime]}**: {len(train)} training rows, labelled per task "
                  + ", ".join(f"{name} {count}" for name, count in labelled.items())
                  + f"; {cfg.epochs} epochs ({steps_per_run(train, cfg)} steps)")
         table = markdown_table(rows, train.tasks, train.metrics)
-        text.append(f"### {title}\n\n{table}\n")
+        text.append(f"{table}\n\n{title}.\n")  # the caption below: the file starts with the first table
         chart_regimes.append({"regime": REGIMES[regime], "rows": rows})
     if speed is not None:
-        text.append(f"### Time per step: fastmtl against the same method done the usual way (LibMTL's T backward "
-                    f"passes over a retained graph, plain PyTorch model) and the plain summed-loss step; medians "
-                    f"of {speed['rounds']} interleaved steps, batch {speed['batch_size']}\n\n"
-                    f"{speed_comparison.markdown_table(speed)}\n")
+        text.append(f"{speed_comparison.markdown_table(speed)}\n\n**Time per step**: fastmtl against the same "
+                    f"method done the usual way (LibMTL's T backward passes over a retained graph, plain PyTorch "
+                    f"model) and the plain summed-loss step; medians of {speed['rounds']} interleaved steps, batch "
+                    f"{speed['batch_size']}.\n")
     settings = (f"{args.data}, {len(rich_train)} train / {len(test)} test samples, trunk {list(config.hidden)} "
                 f"({config.activation}; {', '.join(archs)}), batch {config.batch_size}, Adam lr {config.lr}, "
                 f"mode {config.mode}, seed {config.seed}, {args.threads} thread(s); single-task: one SharedBottom "
