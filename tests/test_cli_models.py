@@ -5,23 +5,30 @@ fastmtl's model, and the usual way (LibMTL's loop) takes the same step as fastmt
 
 import math
 
+import fastmtl
 import pytest
 import torch
-
-import fastmtl
 from fastmtl.cli.names import make_method
-from fastmtl.cli.speed import PlainModel, markdown_table, make_variants, time_steps
+from fastmtl.cli.speed import PlainModel, make_variants, markdown_table, time_steps
 from fastmtl.cli.training import TrainingConfig, build_model, model_gram
 from fastmtl.data import MultiTaskDataset, recommender
 
-TASKS = [fastmtl.Task("c", "multiclass", num_outputs=3), fastmtl.Task("y", "regression", num_outputs=2),
-         fastmtl.Task("b", "binary"), fastmtl.Task("h", "regression", loss="huber")]
+TASKS = [
+    fastmtl.Task("c", "multiclass", num_outputs=3),
+    fastmtl.Task("y", "regression", num_outputs=2),
+    fastmtl.Task("b", "binary"),
+    fastmtl.Task("h", "regression", loss="huber"),
+]
 
 
 def dense_data(rows=40, seed=0):
     g = torch.Generator().manual_seed(seed)
-    targets = {"c": torch.randint(0, 3, (rows,), generator=g), "y": torch.randn(rows, 2, generator=g),
-               "b": torch.randint(0, 2, (rows,), generator=g).float(), "h": 3 * torch.randn(rows, generator=g)}
+    targets = {
+        "c": torch.randint(0, 3, (rows,), generator=g),
+        "y": torch.randn(rows, 2, generator=g),
+        "b": torch.randint(0, 2, (rows,), generator=g).float(),
+        "h": 3 * torch.randn(rows, generator=g),
+    }
     targets["c"][::5] = -100  # missing labels of every kind
     targets["y"][1::4, 0] = math.nan
     targets["b"][::3] = math.nan
@@ -76,11 +83,13 @@ def test_models_for_categorical_fields_and_the_gram_of_any_trunk(arch):
     config = TrainingConfig(hidden=(6, 6), arch=arch, embedding_dim=3)
     model = build_model(data.num_features, data.tasks, config, data.field_cardinalities)
     assert isinstance(model.trunk, fastmtl.nn.EmbeddedTrunk) and model.trunk.front.cardinalities == tuple(
-        data.field_cardinalities)
+        data.field_cardinalities
+    )
     x, targets = data[:]
     gram = model_gram(model, x, targets, "exact")  # one autograd.grad per task (not a FusedMLP trunk)
     result = build_model(data.num_features, data.tasks, config, data.field_cardinalities).mtl_backward(
-        x, targets, make_method("UPGrad", 3, 0))
+        x, targets, make_method("UPGrad", 3, 0)
+    )
     torch.testing.assert_close(gram, result.gram, rtol=1e-4, atol=1e-7)
     assert model(x)["click"].shape == (64, 1)
 

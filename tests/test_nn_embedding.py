@@ -3,11 +3,10 @@ input checks; EmbeddedTrunk in front of a FusedMLP and an MMoE inside a MultiTas
 
 import doctest
 
-import pytest
-import torch
-
 import fastmtl
 import fastmtl.nn.embedding
+import pytest
+import torch
 from fastmtl.nn import EmbeddedTrunk, FieldEmbedding
 
 CARDINALITIES = [7, 1, 5]  # a field with a single category included
@@ -29,7 +28,7 @@ def test_matches_one_plain_embedding_per_field_and_leaves_the_input_alone(rows):
     plain = [torch.nn.Embedding(c, 3, dtype=torch.float64) for c in CARDINALITIES]
     with torch.no_grad():
         for f, table in enumerate(plain):
-            table.weight.copy_(front.table.weight[int(front.offsets[f]):int(front.offsets[f]) + CARDINALITIES[f]])
+            table.weight.copy_(front.table.weight[int(front.offsets[f]) : int(front.offsets[f]) + CARDINALITIES[f]])
     index = random_fields(rows, generator)
     as_float = index.float()
     before = as_float.clone()
@@ -49,16 +48,20 @@ def test_gradcheck_float64():
     index = random_fields(6, torch.Generator().manual_seed(0))
     weight = front.table.weight.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda w: torch.func.functional_call(front, {"table.weight": w}, (index,)), (weight,))
+        lambda w: torch.func.functional_call(front, {"table.weight": w}, (index,)), (weight,)
+    )
 
 
-@pytest.mark.parametrize("x, message", [
-    (torch.tensor([[0.0, 0.0, 5.0]]), "column 2 expected category indices in \\[0, 5\\), got 5.0"),
-    (torch.tensor([[0.0, 1.0, 0.0]]), "column 1 expected category indices in \\[0, 1\\)"),
-    (torch.tensor([[-1, 0, 0]]), "column 0"),
-    (torch.tensor([[0.5, 0.0, 0.0]]), "column 0 expected category indices"),
-    (torch.zeros(2, 2), "expected shape \\[B, 3\\]"),
-])
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.tensor([[0.0, 0.0, 5.0]]), "column 2 expected category indices in \\[0, 5\\), got 5.0"),
+        (torch.tensor([[0.0, 1.0, 0.0]]), "column 1 expected category indices in \\[0, 1\\)"),
+        (torch.tensor([[-1, 0, 0]]), "column 0"),
+        (torch.tensor([[0.5, 0.0, 0.0]]), "column 0 expected category indices"),
+        (torch.zeros(2, 2), "expected shape \\[B, 3\\]"),
+    ],
+)
 def test_bad_indices_name_the_field(x, message):
     with pytest.raises(ValueError, match=message):
         FieldEmbedding(CARDINALITIES, embedding_dim=2)(x)
@@ -80,14 +83,19 @@ def test_embedded_trunk_trains_every_parameter_with_an_aggregator(body):
     torch.manual_seed(0)
     tasks = [fastmtl.Task("click", "binary"), fastmtl.Task("conversion", "binary"), fastmtl.Task("like", "binary")]
     front = FieldEmbedding(CARDINALITIES, embedding_dim=4)
-    inner = {"shared_bottom": lambda: fastmtl.nn.FusedMLP(12, [9, 5]),
-             "mmoe": lambda: fastmtl.nn.MMoE(12, num_experts=3, expert_hidden=[5], num_tasks=3),
-             "ple": lambda: fastmtl.nn.PLE(12, 1, 1, expert_hidden=[5], num_tasks=3)}[body]()
+    inner = {
+        "shared_bottom": lambda: fastmtl.nn.FusedMLP(12, [9, 5]),
+        "mmoe": lambda: fastmtl.nn.MMoE(12, num_experts=3, expert_hidden=[5], num_tasks=3),
+        "ple": lambda: fastmtl.nn.PLE(12, 1, 1, expert_hidden=[5], num_tasks=3),
+    }[body]()
     model = fastmtl.nn.MultiTaskModel(EmbeddedTrunk(front, inner), fastmtl.nn.MultiTaskHeads(5, tasks))
     x = random_fields(17, torch.Generator().manual_seed(1)).float()
     click = torch.randint(0, 2, (17,)).float()
-    targets = {"click": click, "conversion": torch.where(click > 0, torch.randint(0, 2, (17,)).float(), torch.nan),
-               "like": torch.randint(0, 2, (17,)).float()}
+    targets = {
+        "click": click,
+        "conversion": torch.where(click > 0, torch.randint(0, 2, (17,)).float(), torch.nan),
+        "like": torch.randint(0, 2, (17,)).float(),
+    }
     result = model.mtl_backward(x, targets, fastmtl.aggregation.UPGrad())
     assert result.gram.shape == (3, 3) and bool(torch.isfinite(result.losses).all())
     assert front.table.weight.grad is not None and bool(front.table.weight.grad.abs().sum() > 0)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,14 @@ from .names import make_method
 from .training import TrainingConfig, build_model
 
 WARMUP_ROUNDS = 3  # untimed rounds first: allocator, thread pool and the aggregators' first calls
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-                "tanh": nn.Tanh, "identity": nn.Identity}
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
 
 
 class PlainModel(nn.Module):
@@ -55,16 +62,17 @@ class PlainModel(nn.Module):
         for task in self.tasks:
             linear = nn.Linear(heads.in_features, task.num_outputs)
             with torch.no_grad():
-                linear.weight.copy_(heads.weight[row:row + task.num_outputs])
-                linear.bias.copy_(heads.bias[row:row + task.num_outputs])
+                linear.weight.copy_(heads.weight[row : row + task.num_outputs])
+                linear.bias.copy_(heads.bias[row : row + task.num_outputs])
             self.heads[task.name] = linear
             row += task.num_outputs
         self.to(heads.weight.device)
 
     def features_and_losses(self, x, targets):
         z = self.trunk(x)
-        return z, torch.stack([task.weight * task_loss(task, self.heads[task.name](z), targets[task.name])
-                               for task in self.tasks])
+        return z, torch.stack(
+            [task.weight * task_loss(task, self.heads[task.name](z), targets[task.name]) for task in self.tasks]
+        )
 
 
 def task_loss(task, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -77,8 +85,10 @@ def task_loss(task, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     labelled = mask.sum().clamp_min(1)
     filled = torch.where(mask, target, 0.0)
     if task.kind == "binary":
-        return F.binary_cross_entropy_with_logits(prediction, filled, weight=mask.to(prediction.dtype),
-                                                  reduction="sum") / labelled
+        return (
+            F.binary_cross_entropy_with_logits(prediction, filled, weight=mask.to(prediction.dtype), reduction="sum")
+            / labelled
+        )
     losses = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}
     return losses[task.loss](torch.where(mask, prediction, 0.0), filled, reduction="sum") / labelled
 
@@ -96,6 +106,7 @@ def _plain_step(plain: PlainModel, optimizer):
         _, losses = plain.features_and_losses(x, targets)
         losses.sum().backward()
         optimizer.step()
+
     return step
 
 
@@ -107,6 +118,7 @@ def _fastmtl_step(model, optimizer, aggregator, mode):
         else:
             model.mtl_backward(x, targets, aggregator, mode=mode)
         optimizer.step()
+
     return step
 
 
@@ -118,12 +130,14 @@ def _loop_step(plain: PlainModel, optimizer, aggregator, mode):
         z, losses = plain.features_and_losses(x, targets)
         reference.mtl_backward(losses, z, aggregator, shared_params=shared, mode=mode)
         optimizer.step()
+
     return step
 
 
 def make_variants(train: MultiTaskDataset, methods: Sequence[str], config: TrainingConfig) -> List[Variant]:
     """``plain`` (plain PyTorch, summed loss), ``fastmtl summed`` and, per aggregator in ``methods``,
     ``fastmtl <m>`` and ``loop <m>``: fresh models with the same initial weights."""
+
     def fastmtl_model():
         return build_model(train.num_features, train.tasks, config)
 
@@ -132,38 +146,55 @@ def make_variants(train: MultiTaskDataset, methods: Sequence[str], config: Train
 
     plain = PlainModel(fastmtl_model())
     model = fastmtl_model()
-    variants = [Variant("plain", _plain_step(plain, adam(plain)), plain),
-                Variant("fastmtl summed", _fastmtl_step(model, adam(model), None, config.mode), model)]
+    variants = [
+        Variant("plain", _plain_step(plain, adam(plain)), plain),
+        Variant("fastmtl summed", _fastmtl_step(model, adam(model), None, config.mode), model),
+    ]
     for method in methods:
         model, plain = fastmtl_model(), PlainModel(fastmtl_model())
-        variants.append(Variant(f"fastmtl {method}", _fastmtl_step(
-            model, adam(model), make_method(method, len(train.tasks), config.seed), config.mode), model))
-        variants.append(Variant(f"loop {method}", _loop_step(
-            plain, adam(plain), make_method(method, len(train.tasks), config.seed), config.mode), plain))
+        variants.append(
+            Variant(
+                f"fastmtl {method}",
+                _fastmtl_step(model, adam(model), make_method(method, len(train.tasks), config.seed), config.mode),
+                model,
+            )
+        )
+        variants.append(
+            Variant(
+                f"loop {method}",
+                _loop_step(plain, adam(plain), make_method(method, len(train.tasks), config.seed), config.mode),
+                plain,
+            )
+        )
     return variants
 
 
-def time_steps(train: MultiTaskDataset, methods: Sequence[str], config: TrainingConfig, rounds: int,
-               progress=None) -> dict:
+def time_steps(
+    train: MultiTaskDataset, methods: Sequence[str], config: TrainingConfig, rounds: int, progress=None
+) -> dict:
     """Median ms per step of every variant of :func:`make_variants` over ``rounds`` interleaved rounds
     (after ``WARMUP_ROUNDS``); round r uses batch r of the training data. Returns the table's rows
     (one per aggregator: fastmtl, loop, how many times faster, each against the plain step) and the
     plain steps' medians."""
     if config.arch != "SharedBottom" or train.field_cardinalities is not None:
-        raise ValueError("the speed comparison needs a SharedBottom (FusedMLP) trunk on dense features: it compares "
-                         "fastmtl's fused engine with the plain PyTorch model")
+        raise ValueError(
+            "the speed comparison needs a SharedBottom (FusedMLP) trunk on dense features: it compares "
+            "fastmtl's fused engine with the plain PyTorch model"
+        )
     variants = make_variants(train, methods, config)
     generator = torch.Generator().manual_seed(config.seed)
     batches = []
     while len(batches) < WARMUP_ROUNDS + rounds:
-        batches += [(x.to(config.device), {k: v.to(config.device) for k, v in t.items()})
-                    for x, t in train.batches(config.batch_size, shuffle=True, generator=generator)
-                    if x.shape[0] == config.batch_size]  # a full batch every round: same work
+        batches += [
+            (x.to(config.device), {k: v.to(config.device) for k, v in t.items()})
+            for x, t in train.batches(config.batch_size, shuffle=True, generator=generator)
+            if x.shape[0] == config.batch_size
+        ]  # a full batch every round: same work
     samples: Dict[str, List[float]] = {v.name: [] for v in variants}
     for r in range(WARMUP_ROUNDS + rounds):
         x, targets = batches[r]
         # Rotate the order each round, so that no variant always runs right after the same other one.
-        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+        for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:
             if torch.device(config.device).type == "cuda":
                 torch.cuda.synchronize()
             begin = time.perf_counter()
@@ -176,21 +207,40 @@ def time_steps(train: MultiTaskDataset, methods: Sequence[str], config: Training
             progress.update(1)
     median = {name: statistics.median(values) for name, values in samples.items()}
     plain = median["plain"]
-    rows = [{"method": m, "fastmtl_ms": median[f"fastmtl {m}"], "loop_ms": median[f"loop {m}"],
-             "times_faster": median[f"loop {m}"] / median[f"fastmtl {m}"],
-             "fastmtl_over_plain": median[f"fastmtl {m}"] / plain, "loop_over_plain": median[f"loop {m}"] / plain}
-            for m in methods]
-    return {"rows": rows, "plain_ms": plain, "fastmtl_summed_ms": median["fastmtl summed"], "rounds": rounds,
-            "batch_size": config.batch_size}
+    rows = [
+        {
+            "method": m,
+            "fastmtl_ms": median[f"fastmtl {m}"],
+            "loop_ms": median[f"loop {m}"],
+            "times_faster": median[f"loop {m}"] / median[f"fastmtl {m}"],
+            "fastmtl_over_plain": median[f"fastmtl {m}"] / plain,
+            "loop_over_plain": median[f"loop {m}"] / plain,
+        }
+        for m in methods
+    ]
+    return {
+        "rows": rows,
+        "plain_ms": plain,
+        "fastmtl_summed_ms": median["fastmtl summed"],
+        "rounds": rounds,
+        "batch_size": config.batch_size,
+    }
 
 
 def markdown_table(speed: dict) -> str:
-    lines = ["| method | fastmtl ms/step | usual way (LibMTL loop) ms/step | × faster | fastmtl / plain step | "
-             "loop / plain step |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | fastmtl ms/step | usual way (LibMTL loop) ms/step | × faster | fastmtl / plain step | "
+        "loop / plain step |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in speed["rows"]:
-        lines.append(f"| {row['method']} | {row['fastmtl_ms']:.2f} | {row['loop_ms']:.2f} | "
-                     f"**{row['times_faster']:.2f}×** | {row['fastmtl_over_plain']:.2f} | {row['loop_over_plain']:.2f} |")
-    lines.append(f"| summed loss (plain PyTorch / fastmtl) | {speed['fastmtl_summed_ms']:.2f} | {speed['plain_ms']:.2f} | "
-                 f"{speed['plain_ms'] / speed['fastmtl_summed_ms']:.2f}× | {speed['fastmtl_summed_ms'] / speed['plain_ms']:.2f}"
-                 f" | 1.00 |")
+        lines.append(
+            f"| {row['method']} | {row['fastmtl_ms']:.2f} | {row['loop_ms']:.2f} | "
+            f"**{row['times_faster']:.2f}×** | {row['fastmtl_over_plain']:.2f} | {row['loop_over_plain']:.2f} |"
+        )
+    lines.append(
+        f"| summed loss (plain PyTorch / fastmtl) | {speed['fastmtl_summed_ms']:.2f} | {speed['plain_ms']:.2f} | "
+        f"{speed['plain_ms'] / speed['fastmtl_summed_ms']:.2f}× | {speed['fastmtl_summed_ms'] / speed['plain_ms']:.2f}"
+        f" | 1.00 |"
+    )
     return "\n".join(lines)

@@ -20,7 +20,7 @@ DEFAULT_SAMPLES = {"train": 40000, "test": 20000}
 # that the rarer task (conversion, labelled on ~1 impression in 5) is label-scarce per user.
 NUM_USERS, NUM_ITEMS = 1000, 500
 NUM_USER_GROUPS, NUM_CATEGORIES = 10, 20  # a user's group, an item's category: coarse fields that generalise
-NUM_DEVICES, NUM_HOURS = 3, 24            # of the impression itself
+NUM_DEVICES, NUM_HOURS = 3, 24  # of the impression itself
 FIELDS = ("user", "item", "user_group", "item_category", "device", "hour")
 CARDINALITIES = (NUM_USERS, NUM_ITEMS, NUM_USER_GROUPS, NUM_CATEGORIES, NUM_DEVICES, NUM_HOURS)
 FACTORS = 8
@@ -57,22 +57,30 @@ def _world(seed: int):
     # coarse fields carry half the signal, so a model can generalise to rarely seen users and items.
     half = math.sqrt(0.5)
     users = half * torch.randn(NUM_USER_GROUPS, FACTORS, generator=g)[user_group] + half * torch.randn(
-        NUM_USERS, FACTORS, generator=g)
+        NUM_USERS, FACTORS, generator=g
+    )
     items = half * torch.randn(NUM_CATEGORIES, FACTORS, generator=g)[item_category] + half * torch.randn(
-        NUM_ITEMS, FACTORS, generator=g)
+        NUM_ITEMS, FACTORS, generator=g
+    )
+
     def related(*shape):
         """One draw per task, every two of them at correlation TASK_CORRELATION."""
         shared = torch.randn(*shape, generator=g)
-        return {t.name: math.sqrt(TASK_CORRELATION) * shared + math.sqrt(1 - TASK_CORRELATION) * torch.randn(
-            *shape, generator=g) for t in TASKS}
+        return {
+            t.name: math.sqrt(TASK_CORRELATION) * shared
+            + math.sqrt(1 - TASK_CORRELATION) * torch.randn(*shape, generator=g)
+            for t in TASKS
+        }
 
     preference = related(FACTORS)
     # Main effects: how much a user clicks / buys / likes at all, how appealing an item is; in logs
     # they carry much of the signal, and an embedding learns them from the field alone.
     user_bias, item_bias = related(NUM_USERS), related(NUM_ITEMS)
     device_bias = {t.name: 0.3 * torch.randn(NUM_DEVICES, generator=g) for t in TASKS}
-    hour_bias = {t.name: 0.3 * torch.sin(2 * math.pi * (torch.arange(NUM_HOURS) / NUM_HOURS + torch.rand(
-        1, generator=g))) for t in TASKS}
+    hour_bias = {
+        t.name: 0.3 * torch.sin(2 * math.pi * (torch.arange(NUM_HOURS) / NUM_HOURS + torch.rand(1, generator=g)))
+        for t in TASKS
+    }
     return user_group, item_category, users, items, preference, user_bias, item_bias, device_bias, hour_bias
 
 
@@ -111,8 +119,7 @@ def recommender(n: Optional[int] = None, split: str = "train", seed: int = 0) ->
     n = DEFAULT_SAMPLES[split] if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{where}: argument 'n' expected an int >= 1, got {n!r}")
-    (user_group, item_category, users, items, preference, user_bias, item_bias, device_bias,
-     hour_bias) = _world(seed)
+    (user_group, item_category, users, items, preference, user_bias, item_bias, device_bias, hour_bias) = _world(seed)
 
     g = torch.Generator().manual_seed(4 * seed + 2 + SPLITS.index(split))
     # Popular items and active users appear more often (a mild Zipf law), as in real logs.
@@ -123,13 +130,13 @@ def recommender(n: Optional[int] = None, split: str = "train", seed: int = 0) ->
     # The scale and the intercepts come from the world (a fixed sample of it), not from the split,
     # so train and test impressions follow the same law.
     reference = torch.Generator().manual_seed(4 * seed + 3)
-    ref = [torch.randint(count, (20000,), generator=reference)
-           for count in (NUM_USERS, NUM_ITEMS, NUM_DEVICES, NUM_HOURS)]
+    ref = [
+        torch.randint(count, (20000,), generator=reference) for count in (NUM_USERS, NUM_ITEMS, NUM_DEVICES, NUM_HOURS)
+    ]
 
     def score(name, scale, u, i, d, h):
         affinity = ((users[u] * preference[name]) * items[i]).sum(1) / math.sqrt(FACTORS)  # variance ~1
-        return (scale * (user_bias[name][u] + item_bias[name][i] + affinity) + device_bias[name][d]
-                + hour_bias[name][h])
+        return scale * (user_bias[name][u] + item_bias[name][i] + affinity) + device_bias[name][d] + hour_bias[name][h]
 
     targets, probabilities = {}, {}
     clicked, ref_click = None, torch.ones(20000)

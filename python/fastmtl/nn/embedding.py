@@ -3,7 +3,7 @@ in front of any body (a FusedMLP: Shared-Bottom; MMoE; PLE)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,13 +27,15 @@ class FieldEmbedding(nn.Module):
     torch.Size([2, 8])
     """
 
-    def __init__(self, cardinalities: Sequence[int], embedding_dim: int, init_std: float = 0.01, device=None,
-                 dtype=None):
+    def __init__(
+        self, cardinalities: Sequence[int], embedding_dim: int, init_std: float = 0.01, device=None, dtype=None
+    ):
         super().__init__()
         cardinalities = list(cardinalities) if not isinstance(cardinalities, int) else [cardinalities]
         if not cardinalities or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cardinalities):
-            raise ValueError(f"FieldEmbedding: argument 'cardinalities' expected one int >= 1 per field, got "
-                             f"{cardinalities}")
+            raise ValueError(
+                f"FieldEmbedding: argument 'cardinalities' expected one int >= 1 per field, got {cardinalities}"
+            )
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"FieldEmbedding: argument 'embedding_dim' expected an int >= 1, got {embedding_dim!r}")
         self.cardinalities = tuple(cardinalities)
@@ -59,8 +61,9 @@ class FieldEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.num_fields:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"FieldEmbedding: input expected shape [B, {self.num_fields}] (one category index per "
-                             f"field), got {got}")
+            raise ValueError(
+                f"FieldEmbedding: input expected shape [B, {self.num_fields}] (one category index per field), got {got}"
+            )
         if x.dtype == torch.bool or x.is_complex():
             raise TypeError(f"FieldEmbedding: input expected integer or integral float category indices, got {x.dtype}")
         index = x.long()
@@ -71,8 +74,10 @@ class FieldEmbedding(nn.Module):
         if bool(bad.any()):
             field = int(bad.any(0).nonzero()[0])
             value = x[bad[:, field].nonzero()[0, 0], field].item()
-            raise ValueError(f"FieldEmbedding: input column {field} expected category indices in "
-                             f"[0, {self.cardinalities[field]}), got {value}")
+            raise ValueError(
+                f"FieldEmbedding: input column {field} expected category indices in "
+                f"[0, {self.cardinalities[field]}), got {value}"
+            )
         return self.table(index + self.offsets).flatten(1)
 
     def extra_repr(self) -> str:
@@ -101,8 +106,9 @@ class EmbeddedTrunk(nn.Module):
                 raise TypeError(f"EmbeddedTrunk: argument '{name}' expected an nn.Module, got {type(module).__name__}")
         front_out, body_in = getattr(front, "out_features", None), getattr(body, "in_features", None)
         if front_out is not None and body_in is not None and front_out != body_in:
-            raise ValueError(f"EmbeddedTrunk: the front gives {front_out} features but the body expects "
-                             f"in_features={body_in}")
+            raise ValueError(
+                f"EmbeddedTrunk: the front gives {front_out} features but the body expects in_features={body_in}"
+            )
         self.front, self.body = front, body
         if hasattr(body, "out_features"):
             self.out_features = body.out_features
