@@ -104,14 +104,15 @@ def comparison_chart(regimes: Sequence[Mapping], speed, path: str, title: str = 
     delta.axhline(0, color="black", linewidth=1.2)
     delta.text(1.0, 0, " single-task\n models", transform=delta.get_yaxis_transform(), va="center", ha="left",
                fontsize=8)
-    delta.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 6 else 0, ha="right" if len(labels) > 6
-                     else "center")
+    crowded = len(labels) > 6 or max((len(label) for label in labels), default=0) > 9  # would overlap flat
+    delta.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     delta.set_ylabel("Δm% vs one model per task (↑ better)")
     delta.set_title("multi-task performance: above 0, MTL beats the single-task models", fontsize=10)
     low, high = delta.get_ylim()
     delta.set_ylim(low - 0.08 * (high - low), high + 0.08 * (high - low))  # room for the value labels
     delta.grid(axis="y", alpha=0.3)
-    delta.legend(loc="best", fontsize=8)
+    if len(regimes) > 1:  # one regime: the title and the table say which
+        delta.legend(loc="best", fontsize=8)
     if speed:
         axes = figure.add_subplot(grid[1])
         rows = speed["rows"]
