@@ -27,8 +27,9 @@ def positive_int(text: str) -> int:
 DATA_DEFAULTS = {
     "multidigits": {"hidden": [256, 256], "epochs": {"train": 30, "compare": 5}},
     "synthetic_tasks": {"hidden": [256, 256], "epochs": {"train": 30, "compare": 5}},
-    # 40,000 impressions: 313 steps an epoch; small embeddings (6 fields x 8) into a 64-64 trunk, the
-    # scale of the MMoE / PLE papers' towers.
+    # 40,000 impressions: 313 steps an epoch. 6 fields x 8 embedding dimensions (--embedding-dim:
+    # room for the generator's 8 latent factors) = 48 inputs into a 64-64 trunk, a little wider than
+    # its input as the 256-256 trunk is on multidigits' 128 pixels.
     "recommender": {"hidden": [64, 64], "epochs": {"train": 2, "compare": 2}},
 }
 

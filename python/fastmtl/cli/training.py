@@ -66,8 +66,11 @@ class RunResult:
 
 #: The trunks a run can use, by the name the command line gives them.
 ARCHITECTURES = ("SharedBottom", "MMoE", "PLE")
-MMOE_EXPERTS = 4  # the MMoE paper's smallest setting (Ma et al. 2018 use 4 to 8 experts)
-PLE_SHARED_EXPERTS, PLE_TASK_EXPERTS = 1, 1  # per level; PLE's paper (Tang et al. 2020) uses 1 each in its ablations
+# The smallest PLE, one shared and one task expert per level (for 3 tasks: 4 experts of one layer a
+# level, 2 levels), and an MMoE of as many experts (4, of two layers): the same expert layers,
+# so the two mixtures differ in how they gate, not in their size.
+MMOE_EXPERTS = 4
+PLE_SHARED_EXPERTS, PLE_TASK_EXPERTS = 1, 1
 
 
 def build_trunk(num_features: int, num_tasks: int, config: TrainingConfig, field_cardinalities=None):
@@ -219,8 +222,9 @@ def train_run(label: str, method_name: str, train: MultiTaskDataset, test: Multi
 def train_single_task_baselines(train: MultiTaskDataset, test: MultiTaskDataset, config: TrainingConfig,
                                 progress=None) -> RunResult:
     """Independent learning: one model per task (a SharedBottom trunk of the same widths, its own
-    head), each trained on its task alone. Returns the tasks' test metrics together; ``step_ms`` is the sum of the models'
-    median step times (one step of every task), ``step_losses`` each step's losses side by side."""
+    head), each trained on its task alone. Returns the tasks' test metrics together; ``step_ms`` is
+    the sum of the models' median step times (one step of every task), ``step_losses`` each step's
+    losses side by side."""
     runs = []
     single_config = dataclasses.replace(config, arch="SharedBottom")  # one task: nothing to mix or gate
     for task in train.tasks:
