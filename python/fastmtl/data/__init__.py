@@ -11,6 +11,7 @@
 Each returns a :class:`MultiTaskDataset`: ``dataset[i] = (x, {task name: target})`` for a DataLoader,
 ``dataset.batches(batch_size)`` for fast in-memory batching, ``dataset.with_missing_labels(fraction)``
 to hide a share of each task's labels (NaN, or -100 for multiclass, as ``model.losses`` expects).
+``dataset.with_task_subsets(n)`` labels each task on its own n rows only (the label-scarce regime).
 ``multidigits`` needs scikit-learn (``pip install "fastmtl-torch[apps]"``).
 """
 
