@@ -239,8 +239,8 @@ def markdown_table(speed: dict) -> str:
             f"**{row['times_faster']:.2f}×** | {row['fastmtl_over_plain']:.2f} | {row['loop_over_plain']:.2f} |"
         )
     lines.append(
-        f"| summed loss, no gradient method (fastmtl / plain PyTorch) | {speed['fastmtl_summed_ms']:.2f} | {speed['plain_ms']:.2f} | "
-        f"{speed['plain_ms'] / speed['fastmtl_summed_ms']:.2f}× | {speed['fastmtl_summed_ms'] / speed['plain_ms']:.2f}"
-        f" | 1.00 |"
+        f"| summed loss, no gradient method (fastmtl / plain PyTorch) | {speed['fastmtl_summed_ms']:.2f} | "
+        f"{speed['plain_ms']:.2f} | {speed['plain_ms'] / speed['fastmtl_summed_ms']:.2f}× | "
+        f"{speed['fastmtl_summed_ms'] / speed['plain_ms']:.2f} | 1.00 |"
     )
     return "\n".join(lines)
