@@ -72,7 +72,8 @@ def test_train_on_synthetic_tasks_in_rep_mode_with_missing_labels_shows_progress
 
 def test_compare_writes_table_json_and_chart(tmp_path, capsys):
     out = tmp_path / "compare"
-    assert main(["compare", "--methods", "ew", "UPGRAD", "famo", *TINY, "--no-progress", "--out", str(out)]) == 0
+    assert main(["compare", "--methods", "ew", "UPGRAD", "famo", *TINY, "--regimes", "rich", "--speed-rounds", "0",
+                 "--no-progress", "--out", str(out)]) == 0
     report = json.loads((out / "comparison.json").read_text())
     assert [row["label"] for row in report["rows"]] == ["single-task", "EW", "UPGrad", "FAMO"]
     assert report["rows"][0]["delta_m"] == 0.0
@@ -83,6 +84,60 @@ def test_compare_writes_table_json_and_chart(tmp_path, capsys):
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 4
     assert_png(out / "comparison.png")
     assert "| UPGrad |" in capsys.readouterr().out
+
+
+def test_compare_default_regimes_and_the_speed_comparison(tmp_path, capsys):
+    out = tmp_path / "compare"
+    argv = ["compare", "--methods", "ew", "mgda", "upgrad", *TINY, "--labels-per-task", "20", "--speed-rounds", "2",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "comparison.json").read_text())
+    assert all_finite(report)
+    assert report["settings"]["regimes"] == ["rich", "scarce"]  # both by default
+    for regime in ("rich", "scarce"):
+        rows = [row for row in report["rows"] if row["regime"] == regime]
+        assert [row["label"] for row in rows] == ["single-task", "EW", "MGDA", "UPGrad"]
+        assert rows[0]["delta_m"] == 0.0
+    speed = report["speed"]
+    assert [row["method"] for row in speed["rows"]] == ["MGDA", "UPGrad"]  # the aggregators, not EW
+    assert all(row["fastmtl_ms"] > 0 and row["loop_ms"] > 0 and row["times_faster"] > 0 for row in speed["rows"])
+    assert speed["plain_ms"] > 0 and speed["rounds"] == 2
+    text = (out / "comparison.md").read_text()
+    assert "**label-rich**: 256 training rows" in text
+    # 4 tasks x 20 disjoint labelled rows; trained for as many steps as the rich regime (4 per epoch x 2)
+    assert ("**label-scarce**: 80 training rows, labelled per task left 20, right 20, sum 20, parity 20; 4 epochs "
+            "(8 steps)") in text
+    assert "× faster" in text and "| UPGrad |" in text
+    assert_png(out / "comparison.png")
+    assert "LibMTL" in capsys.readouterr().out
+
+
+def test_compare_recommender_trains_every_architecture_and_reports_auc(tmp_path):
+    out = tmp_path / "recommender"
+    argv = ["compare", "--data", "recommender", "--train-samples", "300", "--test-samples", "300", "--epochs", "1",
+            "--batch-size", "100", "--hidden", "6", "--embedding-dim", "2", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "comparison.json").read_text())
+    assert [row["label"] for row in report["rows"]] == [
+        "single-task", "SharedBottom EW", "SharedBottom UPGrad", "MMoE EW", "MMoE UPGrad", "PLE EW", "PLE UPGrad"]
+    assert report["speed"] is None and {row["regime"] for row in report["rows"]} == {"rich"}
+    for row in report["rows"]:
+        assert set(row["metrics"]) == {"click", "conversion", "like"}
+        assert all(set(m) == {"auc"} and 0 <= m["auc"] <= 1 for m in row["metrics"].values())
+    table = (out / "comparison.md").read_text()
+    assert "| method | click AUC ↑ | conversion AUC ↑ | like AUC ↑ | Δm% ↑ | ms/step |" in table
+    assert_png(out / "comparison.png")
+
+
+def test_train_on_the_recommender_with_an_mmoe(tmp_path):
+    out = tmp_path / "train"
+    argv = ["train", "--data", "recommender", "--arch", "mmoe", "--method", "famo", "--train-samples", "200",
+            "--test-samples", "200", "--epochs", "1", "--batch-size", "50", "--hidden", "4", "--no-progress",
+            "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["settings"]["arch"] == "MMoE" and report["steps"] == 4 and report["gram_samples"] == 1
+    assert set(report["test_metrics"]["conversion"]) == {"auc"}
 
 
 def test_bench_runs_a_benchmark_at_its_small_size(tmp_path, capsys):
@@ -97,6 +152,8 @@ def test_bench_runs_a_benchmark_at_its_small_size(tmp_path, capsys):
     (["compare", "--methods", "ew", "famo2"], "FAMO"),
     (["train", "--data", "mnist"], "multidigits, synthetic_tasks"),
     (["train", "--mode", "fast"], "exact, rep"),
+    (["train", "--arch", "dcn"], "SharedBottom, MMoE, PLE"),
+    (["compare", "--regimes", "rich", "poor"], "rich, scarce"),
     (["bench", "--only", "bench_nothing"], "bench_step"),
 ])
 def test_wrong_names_list_the_valid_ones(argv, listed, capsys, tmp_path):
@@ -108,12 +165,15 @@ def test_wrong_names_list_the_valid_ones(argv, listed, capsys, tmp_path):
 
 def test_bad_option_values_end_with_a_usage_message(capsys):
     for argv in (["train", "--epochs", "0"], ["train", "--missing-fraction", "2", *TINY],
-                 ["train", "--activation", "sigmoid", *TINY]):
+                 ["train", "--activation", "sigmoid", *TINY], ["compare", "--labels-per-task", "1000", *TINY],
+                 ["compare", "--data", "recommender", "--speed-rounds", "3", *TINY],
+                 ["compare", "--speed-rounds", "-1", *TINY]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "missing-fraction" in err and "activation" in err
+    assert "missing-fraction" in err and "activation" in err and "labels_per_task" in err
+    assert "speed-rounds" in err
 
 
 def test_every_method_of_the_api_has_a_command_line_name():

@@ -1,5 +1,6 @@
 """fastmtl.data: shapes, label ranges, determinism, the train/test separation of multidigits, the
-correlation of synthetic_tasks, the Dataset interface, label hiding; EW learns multidigits."""
+correlation of synthetic_tasks, the recommender's fields and funnel (conversion labelled only where
+clicked), the Dataset interface, label hiding and the label-scarce subsets; EW learns multidigits."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 
 from fastmtl import Task
 from fastmtl.cli.training import TrainingConfig, train_run
-from fastmtl.data import MultiTaskDataset, multidigits, synthetic_tasks
+from fastmtl.data import MultiTaskDataset, multidigits, recommender, synthetic_tasks
 from fastmtl.data.multidigits import SUM_MAX, source_image_split
 
 sklearn = pytest.importorskip("sklearn", reason="multidigits needs the apps extra (scikit-learn)")
@@ -208,3 +209,97 @@ def test_dataset_bad_inputs_name_the_argument():
         MultiTaskDataset(torch.zeros(4, 2), {"c": torch.zeros(4)}, tasks)
     with pytest.raises(ValueError, match="floating"):
         MultiTaskDataset(torch.zeros(4, 2), {"y": torch.zeros(4, dtype=torch.long)}, [Task("y", "regression")])
+
+
+# ---- recommender
+
+def test_recommender_fields_tasks_and_the_click_conversion_funnel():
+    from fastmtl.data.recommender import CARDINALITIES, RATES
+    data = recommender(20000, seed=3)
+    assert data.features.shape == (20000, 6) and data.task_names == ["click", "conversion", "like"]
+    assert data.field_cardinalities == list(CARDINALITIES)
+    assert data.metrics == {"click": ("auc",), "conversion": ("auc",), "like": ("auc",)}
+    fields = data.features
+    assert torch.equal(fields, fields.round()) and bool((fields >= 0).all())
+    assert bool((fields < torch.tensor(CARDINALITIES, dtype=fields.dtype)).all())
+    # A user always has the same group, an item the same category.
+    for key, derived in ((0, 2), (1, 3)):
+        pairs = {(int(a), int(b)) for a, b in fields[:, [key, derived]]}
+        assert len({a for a, _ in pairs}) == len(pairs)
+    click, conversion, like = (data.targets[n] for n in ("click", "conversion", "like"))
+    assert not bool(torch.isnan(click).any()) and not bool(torch.isnan(like).any())
+    assert torch.equal(~torch.isnan(conversion), click == 1)  # labelled exactly where clicked
+    assert abs(float(click.mean()) - RATES["click"]) < 0.02 and abs(float(like.mean()) - RATES["like"]) < 0.02
+    assert abs(float(torch.nanmean(conversion)) - RATES["conversion"]) < 0.03
+    # The labels follow data.probabilities, which carry the signal a model can learn (AUC well above 0.5).
+    from fastmtl.metrics import auc
+    for name in data.task_names:
+        assert 0.75 < auc(data.probabilities[name], data.targets[name]) < 0.9
+
+
+def test_recommender_is_deterministic_and_splits_share_the_world_not_the_impressions():
+    a, b = recommender(500, seed=1), recommender(500, seed=1)
+    assert torch.equal(a.features, b.features)
+    assert all(torch.equal(torch.nan_to_num(a.targets[n], 9), torch.nan_to_num(b.targets[n], 9)) for n in a.task_names)
+    test = recommender(500, seed=1, split="test")
+    assert not torch.equal(a.features, test.features)
+    # The same user in both splits has the same group: one world.
+    train_group = {int(u): int(g) for u, g in a.features[:, [0, 2]]}
+    shared = [(int(u), int(g)) for u, g in test.features[:, [0, 2]] if int(u) in train_group]
+    assert shared and all(train_group[u] == g for u, g in shared)
+    assert not torch.equal(recommender(500, seed=2).features, a.features)
+
+
+@pytest.mark.parametrize("kwargs, argument", [({"n": 0}, "'n'"), ({"split": "val"}, "'split'"),
+                                              ({"seed": 1.5}, "'seed'")])
+def test_recommender_bad_arguments_name_them(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        recommender(**{"n": 10, **kwargs})
+
+
+# ---- label-scarce subsets, metrics and fields carried along
+
+def test_with_task_subsets_gives_each_task_its_own_rows():
+    data = multidigits("train", num_samples=400)
+    before = {n: t.clone() for n, t in data.targets.items()}
+    scarce = data.with_task_subsets(30, seed=5)
+    assert len(scarce) == 4 * 30 and scarce.labelled_counts() == {"left": 30, "right": 30, "sum": 30, "parity": 30}
+    from fastmtl.data import labelled_mask
+    masks = torch.stack([labelled_mask(t, scarce.targets[t.name]) for t in scarce.tasks])
+    assert torch.equal(masks.sum(0), torch.ones(120, dtype=torch.long))  # every row labelled for exactly one task
+    # The labels kept are the original rows' labels.
+    index = {tuple(row.tolist()): i for i, row in enumerate(data.features)}
+    rows = torch.tensor([index[tuple(row.tolist())] for row in scarce.features])
+    for t in scarce.tasks:
+        kept = masks[scarce.tasks.index(t)]
+        assert torch.equal(scarce.targets[t.name][kept], data.targets[t.name][rows][kept])
+    assert all(torch.equal(before[n], data.targets[n]) for n in before)  # the original is untouched
+    assert torch.equal(data.with_task_subsets(30, seed=5).features, scarce.features)
+    assert not torch.equal(data.with_task_subsets(30, seed=6).features, scarce.features)
+
+
+@pytest.mark.parametrize("labels, message", [(0, "an int >= 1"), (101, "at most 100"), (2.0, "an int >= 1")])
+def test_with_task_subsets_bad_sizes(labels, message):
+    with pytest.raises(ValueError, match=f"with_task_subsets: argument 'labels_per_task' expected {message}"):
+        multidigits("train", num_samples=400).with_task_subsets(labels)
+
+
+def test_metrics_and_fields_survive_subsets_and_hidden_labels():
+    data = recommender(300)
+    for derived in (data.subset(slice(0, 50)), data.with_missing_labels(0.5), data.with_task_subsets(20)):
+        assert derived.metrics == data.metrics and derived.field_cardinalities == data.field_cardinalities
+
+
+def test_dataset_metrics_and_fields_are_checked():
+    tasks = [Task("b", "binary"), Task("y", "regression")]
+    x, targets = torch.tensor([[0.0, 1.0], [2.0, 0.0]]), {"b": torch.tensor([0.0, 1.0]), "y": torch.zeros(2)}
+    data = MultiTaskDataset(x, targets, tasks, metrics={"b": ["auc"]}, field_cardinalities=[3, 2])
+    assert data.metrics == {"b": ("auc",), "y": ("rmse", "mae")}
+    with pytest.raises(ValueError, match="'metrics' names unknown tasks"):
+        MultiTaskDataset(x, targets, tasks, metrics={"c": ["auc"]})
+    with pytest.raises(ValueError, match="'metrics' expected names among rmse, mae"):
+        MultiTaskDataset(x, targets, tasks, metrics={"y": ["auc"]})
+    with pytest.raises(ValueError, match="feature column 0 expected category indices in \\[0, 2\\)"):
+        MultiTaskDataset(x, targets, tasks, field_cardinalities=[2, 2])
+    with pytest.raises(ValueError, match="'field_cardinalities' expected 2 ints"):
+        MultiTaskDataset(x, targets, tasks, field_cardinalities=[3])

@@ -3,6 +3,10 @@
 Metrics by task kind: multiclass and binary ``accuracy`` (higher is better), regression ``rmse``
 and ``mae`` (lower is better), each over the task's labelled entries only (missing labels as in
 ARCHITECTURE.md: NaN, or -100 for multiclass). A task with no labelled entry gets NaN metrics.
+Binary tasks can also be scored by ``auc`` (the area under the ROC curve, higher is better: the
+probability that a random positive scores above a random negative, ties counting one half), the
+metric of click and conversion prediction, where positives are rare and accuracy says little; a
+data set says which metrics its tasks use (``MultiTaskDataset.metrics``).
 
 ``Delta_m% = 100 / T * sum_t mean_{k in metrics of t} s_k (M_k - B_k) / B_k``: the mean relative change
 of every task's metrics against its single-task baseline, ``s_k = +1`` where higher is better and
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -29,8 +33,51 @@ from .data.dataset import labelled_mask
 from .tasks import Task
 
 #: Whether a larger value of the metric is better.
-HIGHER_IS_BETTER = {"accuracy": True, "rmse": False, "mae": False}
+HIGHER_IS_BETTER = {"accuracy": True, "auc": True, "rmse": False, "mae": False}
+#: The default metrics of each task kind.
 METRICS_BY_KIND = {"multiclass": ("accuracy",), "binary": ("accuracy",), "regression": ("rmse", "mae")}
+#: The metrics each task kind can be scored by.
+VALID_METRICS = {"multiclass": ("accuracy",), "binary": ("accuracy", "auc"), "regression": ("rmse", "mae")}
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The area under the ROC curve of ``scores`` (any monotone score: logits, probabilities) for the
+    0/1 ``labels``, over the entries whose label is not NaN: the Mann-Whitney statistic
+    ``(sum of the positives' ranks - P (P + 1) / 2) / (P N)`` with tied scores given their mean rank
+    (so ties count one half). NaN when the labelled entries hold no positive or no negative.
+
+    >>> auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    0.75
+    >>> auc(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([0.0, 1.0, float("nan")]))  # a tie: one half
+    0.5
+    """
+    if not isinstance(scores, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"fastmtl.metrics.auc: arguments 'scores' and 'labels' expected tensors, got "
+                        f"{type(scores).__name__} and {type(labels).__name__}")
+    if scores.dim() != 1 or scores.shape != labels.shape:
+        raise ValueError(f"fastmtl.metrics.auc: arguments 'scores' and 'labels' expected two 1-d tensors of the same "
+                         f"length, got shapes {list(scores.shape)} and {list(labels.shape)}")
+    labels = labels.double()
+    labelled = ~torch.isnan(labels)
+    scores, labels = scores.detach().double()[labelled], labels[labelled]
+    if bool(((labels != 0) & (labels != 1)).any()):
+        raise ValueError("fastmtl.metrics.auc: argument 'labels' expected 0/1 (NaN = missing), got other values")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("fastmtl.metrics.auc: argument 'scores' holds NaN at a labelled entry")
+    positives = int(labels.sum())
+    negatives = labels.numel() - positives
+    if positives == 0 or negatives == 0:
+        return math.nan
+    # Mean ranks of tied scores: sort, find each distinct value's run of equal entries, give every
+    # entry of a run the mean of the run's 1-based positions.
+    ordered, order = torch.sort(scores)
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    run_end = counts.cumsum(0).double()
+    mean_rank = run_end - (counts.double() - 1) / 2
+    ranks = torch.empty_like(scores)
+    ranks[order] = mean_rank[inverse]
+    positive_rank_sum = float(ranks[labels == 1].sum())
+    return (positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def predictions(task: Task, logits: torch.Tensor) -> torch.Tensor:
@@ -43,8 +90,11 @@ def predictions(task: Task, logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 0] if task.num_outputs == 1 else logits
 
 
-def task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
-    """The metrics of one task (see the module docstring) from its logits and targets."""
+def task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor,
+                 metrics: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """The metrics of one task (see the module docstring) from its logits and targets: ``metrics``
+    (names, default ``METRICS_BY_KIND[task.kind]``)."""
+    names = check_metric_names(task, metrics)
     if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
         raise ValueError(f"fastmtl.metrics: task {task.name!r}: argument 'logits' expected [{target.shape[0]}, n] "
                          f"(one row per target), got {list(logits.shape)}")
@@ -55,17 +105,38 @@ def task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor) -> Dict
                          f"predictions of shape {list(predicted.shape)}")
     count = int(labelled.sum())
     if count == 0:
-        return {name: math.nan for name in METRICS_BY_KIND[task.kind]}
+        return {name: math.nan for name in names}
+    values = {}
     if task.kind in ("multiclass", "binary"):
         correct = predicted[labelled] == target[labelled].to(predicted.dtype)
-        return {"accuracy": float(correct.double().mean())}
-    error = (predicted[labelled] - target[labelled]).double()
-    return {"rmse": float(error.square().mean().sqrt()), "mae": float(error.abs().mean())}
+        values["accuracy"] = float(correct.double().mean())
+        if "auc" in names:
+            values["auc"] = auc(logits.detach()[:, 0], target)
+    else:
+        error = (predicted[labelled] - target[labelled]).double()
+        values.update(rmse=float(error.square().mean().sqrt()), mae=float(error.abs().mean()))
+    return {name: values[name] for name in names}
 
 
-def all_task_metrics(tasks: Sequence[Task], logits: Mapping, targets: Mapping) -> Dict[str, Dict[str, float]]:
-    """``{task name: {metric: value}}`` for every task, from dicts name -> logits and name -> targets."""
-    return {task.name: task_metrics(task, logits[task.name], targets[task.name]) for task in tasks}
+def check_metric_names(task: Task, metrics: Optional[Sequence[str]]) -> tuple:
+    """``metrics`` as a tuple (default: the task kind's), ValueError if the kind has no such metric."""
+    if metrics is None:
+        return METRICS_BY_KIND[task.kind]
+    names = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    wrong = [m for m in names if m not in VALID_METRICS[task.kind]]
+    if not names or wrong:
+        raise ValueError(f"fastmtl.metrics: task {task.name!r}: argument 'metrics' expected names among "
+                         f"{', '.join(VALID_METRICS[task.kind])} for a {task.kind} task, got {list(names)}")
+    return names
+
+
+def all_task_metrics(tasks: Sequence[Task], logits: Mapping, targets: Mapping,
+                     metrics: Optional[Mapping] = None) -> Dict[str, Dict[str, float]]:
+    """``{task name: {metric: value}}`` for every task, from dicts name -> logits and name -> targets;
+    ``metrics``: dict task name -> metric names (tasks left out: their kind's default)."""
+    metrics = metrics or {}
+    return {task.name: task_metrics(task, logits[task.name], targets[task.name], metrics.get(task.name))
+            for task in tasks}
 
 
 def relative_change(metric: str, value: float, baseline: float) -> float:

@@ -1,7 +1,8 @@
 """The command line, ``python -m fastmtl <command>``: one module per command.
 
   train    one MTL method on a data set: metrics JSON, training curves, gradient cosine heatmap
-  compare  single-task baselines against MTL methods: a table of metrics, Δm% and ms per step
+  compare  single-task baselines against MTL methods in label-rich and label-scarce regimes: tables of
+           metrics, Δm% and ms per step; every aggregator's step against the LibMTL loop ("x faster")
   bench    the micro-benchmarks of bench/ at a small size
 
 Needs the apps extra (scikit-learn, matplotlib, tqdm): ``pip install "fastmtl-torch[apps]"``.

@@ -22,8 +22,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: Per data set: the trunk's widths, and the epochs of each command (compare trains 13 models per
+#: regime and keeps its whole default run within a few minutes on the 2-core machine).
+DATA_DEFAULTS = {
+    "multidigits": {"hidden": [256, 256], "epochs": {"train": 30, "compare": 5}},
+    "synthetic_tasks": {"hidden": [256, 256], "epochs": {"train": 30, "compare": 5}},
+    # 40,000 impressions: 313 steps an epoch. 6 fields x 8 embedding dimensions (--embedding-dim:
+    # room for the generator's 8 latent factors) = 48 inputs into a 64-64 trunk, a little wider than
+    # its input as the 256-256 trunk is on multidigits' 128 pixels.
+    "recommender": {"hidden": [64, 64], "epochs": {"train": 2, "compare": 2}},
+}
+
+
+def data_defaults(args) -> None:
+    """Fills --hidden and --epochs, when not given, with the data set's defaults for the command."""
+    defaults = DATA_DEFAULTS[args.data]
+    if args.hidden is None:
+        args.hidden = list(defaults["hidden"])
+    if args.epochs is None:
+        args.epochs = defaults["epochs"][args.command]
+
+
 def add_command(subparsers, name: str, summary: str, doc: str, default_out: str, method_option,
-                default_epochs: int) -> argparse.ArgumentParser:
+                default_epochs=None) -> argparse.ArgumentParser:
     """A train-like command: its method option (``method_option(parser)``), the data and training
     options, and ``--out``."""
     parser = subparsers.add_parser(name, help=summary, description=doc.split("\n\n")[0].replace("``", ""))
@@ -39,9 +60,10 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data", type=argument_type("data set", DATA_SETS), default="multidigits",
                        help=f"data set, as named in fastmtl.data: {', '.join(DATA_SETS.values())} (default: multidigits)")
     group.add_argument("--train-samples", type=positive_int, default=None,
-                       help="training samples (default: multidigits 10000, synthetic_tasks 10000)")
+                       help="training samples (default: multidigits 10000, synthetic_tasks 10000, "
+                            "recommender 40000)")
     group.add_argument("--test-samples", type=positive_int, default=None,
-                       help="test samples (default: multidigits 2000, synthetic_tasks 2000)")
+                       help="test samples (default: multidigits 2000, synthetic_tasks 2000, recommender 20000)")
     group.add_argument("--missing-fraction", type=float, default=0.0,
                        help="share of each task's training labels hidden (default: 0)")
     group.add_argument("--num-tasks", type=positive_int, default=2, help="synthetic_tasks: tasks (default: 2)")
@@ -51,13 +73,18 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="synthetic_tasks: input width (default: 100)")
 
 
-def add_training_options(parser: argparse.ArgumentParser, default_epochs: int) -> None:
+def add_training_options(parser: argparse.ArgumentParser, default_epochs=None) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=positive_int, default=default_epochs, help=f"default: {default_epochs}")
+    epochs_help = f"default: {default_epochs}" if default_epochs else "default: " + ", ".join(
+        f"{data} {d['epochs'][parser.prog.split()[-1]]}" for data, d in DATA_DEFAULTS.items())
+    group.add_argument("--epochs", type=positive_int, default=default_epochs, help=epochs_help)
     group.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
     group.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 1e-3)")
-    group.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256],
-                       help="widths of the shared FusedMLP trunk's layers (default: 256 256)")
+    group.add_argument("--hidden", type=positive_int, nargs="+", default=None,
+                       help="widths of the trunk's layers (SharedBottom: the FusedMLP; MMoE: every expert; PLE: "
+                            "one level per width) (default: 256 256; recommender: 64 64)")
+    group.add_argument("--embedding-dim", type=positive_int, default=8,
+                       help="data sets of categorical fields (recommender): each field's embedding width (default: 8)")
     group.add_argument("--activation", default="relu",
                        help="trunk activation, as fastmtl.nn.FusedMLP names it (default: relu)")
     group.add_argument("--mode", type=argument_type("mode", MODE_NAMES), default="exact",
@@ -82,6 +109,9 @@ def load_data(args):
     if args.data == "multidigits":
         train = make("train", seed=args.seed, num_samples=args.train_samples)
         test = make("test", seed=args.seed, num_samples=args.test_samples)
+    elif args.data == "recommender":
+        train = make(args.train_samples, split="train", seed=args.seed)
+        test = make(args.test_samples, split="test", seed=args.seed)
     else:
         shape = dict(in_features=args.in_features, num_tasks=args.num_tasks, correlation=args.correlation,
                      seed=args.seed)
@@ -96,7 +126,8 @@ def training_config(args, gram_stats_every=None) -> TrainingConfig:
     torch.set_num_threads(args.threads)
     return TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden=tuple(args.hidden),
                           activation=args.activation, mode=args.mode, gram_every=args.gram_every, seed=args.seed,
-                          device=args.device, gram_stats_every=gram_stats_every)
+                          device=args.device, gram_stats_every=gram_stats_every,
+                          arch=getattr(args, "arch", "SharedBottom"), embedding_dim=args.embedding_dim)
 
 
 def progress_bar(total: int, args, description: str):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 from .. import plots
-from .common import (add_command, load_data, output_dir, progress_bar, run_settings,
+from .common import (add_command, data_defaults, load_data, output_dir, progress_bar, run_settings,
                      training_config, write_json)
 from .names import METHODS, argument_type
-from .training import steps_per_run, train_run
+from .training import ARCHITECTURES, steps_per_run, train_run
 
 GRAM_STATS_EVERY = 10  # weightings compute no Gram matrix: take one every this many steps for the heatmap
 
@@ -19,13 +19,15 @@ def add_parser(subparsers) -> None:
         parser.add_argument("--method", type=argument_type("method", METHODS), default="UPGrad",
                             help=f"a fastmtl.aggregation or fastmtl.weighting class, any case: "
                                  f"{', '.join(METHODS.values())} (default: UPGrad)")
+        parser.add_argument("--arch", type=argument_type("architecture", {a.lower(): a for a in ARCHITECTURES}),
+                            default="SharedBottom", help=f"the trunk: {', '.join(ARCHITECTURES)} (default: SharedBottom)")
     parser = add_command(subparsers, "train", "train one MTL method; write metrics JSON, training curves and "
-                         "gradient cosine PNGs", __doc__, "runs/train-<data>-<method>", method_option,
-                         default_epochs=30)
+                         "gradient cosine PNGs", __doc__, "runs/train-<data>-<method>", method_option)
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    data_defaults(args)
     config = training_config(args, gram_stats_every=GRAM_STATS_EVERY)
     train, test = load_data(args)
     out = output_dir(args.out or os.path.join("runs", f"train-{args.data}-{args.method}"))

@@ -8,6 +8,7 @@ through ``model.mtl_backward``, which gives the Gram matrix of the per-task grad
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ class TrainingConfig:
     gram_every: int = 1
     seed: int = 0
     device: str = "cpu"
+    # The trunk (see build_model) and, for data sets of categorical fields, the width of each
+    # field's embedding.
+    arch: str = "SharedBottom"
+    embedding_dim: int = 8
     # Weightings compute no Gram matrix; the train command's heatmap needs one every this many steps
     # (outside the timed step). None: none.
     gram_stats_every: Optional[int] = None
@@ -59,11 +64,42 @@ class RunResult:
     gram_samples: int = 0
 
 
-def build_model(num_features: int, tasks, config: TrainingConfig) -> fnn.MultiTaskModel:
-    """A FusedMLP trunk and fused heads, initialised from ``config.seed`` (the same weights for every
-    run with the same shapes)."""
+#: The trunks a run can use, by the name the command line gives them.
+ARCHITECTURES = ("SharedBottom", "MMoE", "PLE")
+# The smallest PLE, one shared and one task expert per level (for 3 tasks: 4 experts of one layer a
+# level, 2 levels), and an MMoE of as many experts (4, of two layers): the same expert layers,
+# so the two mixtures differ in how they gate, not in their size.
+MMOE_EXPERTS = 4
+PLE_SHARED_EXPERTS, PLE_TASK_EXPERTS = 1, 1
+
+
+def build_trunk(num_features: int, num_tasks: int, config: TrainingConfig, field_cardinalities=None):
+    """The shared trunk of ``config.arch`` on ``num_features`` inputs: ``SharedBottom`` a FusedMLP of
+    widths ``config.hidden``; ``MMoE`` 4 experts of those widths with one gate per task; ``PLE`` one
+    level per width (experts of one layer of the last width, one shared and one per task each).
+    With ``field_cardinalities`` (categorical inputs) a FieldEmbedding front comes first."""
+    front = None
+    if field_cardinalities is not None:
+        front = fnn.FieldEmbedding(list(field_cardinalities), config.embedding_dim)
+        num_features = front.out_features
+    hidden = list(config.hidden)
+    if config.arch == "SharedBottom":
+        body = fnn.FusedMLP(num_features, hidden, activation=config.activation)
+    elif config.arch == "MMoE":
+        body = fnn.MMoE(num_features, MMOE_EXPERTS, hidden, num_tasks, activation=config.activation)
+    elif config.arch == "PLE":
+        body = fnn.PLE(num_features, PLE_SHARED_EXPERTS, PLE_TASK_EXPERTS, [hidden[-1]], num_tasks,
+                       num_levels=len(hidden), activation=config.activation)
+    else:
+        raise ValueError(f"argument --arch expected one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
+    return body if front is None else fnn.EmbeddedTrunk(front, body)
+
+
+def build_model(num_features: int, tasks, config: TrainingConfig, field_cardinalities=None) -> fnn.MultiTaskModel:
+    """The trunk of :func:`build_trunk` and fused heads, initialised from ``config.seed`` (the same
+    weights for every run with the same shapes)."""
     torch.manual_seed(config.seed)
-    trunk = fnn.FusedMLP(num_features, list(config.hidden), activation=config.activation)
+    trunk = build_trunk(num_features, len(tasks), config, field_cardinalities)
     return fnn.MultiTaskModel(trunk, fnn.MultiTaskHeads(trunk.out_features, tasks)).to(config.device)
 
 
@@ -73,13 +109,23 @@ def evaluate(model: fnn.MultiTaskModel, data: MultiTaskDataset, batch_size: int 
     device = next(model.parameters()).device
     chunks = [model(x.to(device)) for x, _ in data.batches(batch_size)]
     logits = {t.name: torch.cat([c[t.name] for c in chunks]).cpu() for t in model.tasks}
-    return all_task_metrics(model.tasks, logits, data.targets)
+    return all_task_metrics(model.tasks, logits, data.targets, data.metrics)
 
 
 def model_gram(model: fnn.MultiTaskModel, x, targets, mode: str) -> torch.Tensor:
-    """The Gram matrix of the per-task gradients of the trunk (``fastmtl.ops.task_gram``)."""
-    heads = model.heads
-    return ops.task_gram(x, *model.trunk.op_arguments, heads.weight, heads.bias, targets, heads.layout, mode=mode)
+    """The Gram matrix of the per-task gradients of the trunk (``fastmtl.ops.task_gram``; any other
+    trunk than a FusedMLP: one autograd.grad per task over its parameters)."""
+    trunk, heads = model.trunk, model.heads
+    if not isinstance(trunk, fnn.FusedMLP):
+        with torch.enable_grad():
+            losses = model.losses(x, targets) * heads.task_weights
+            shared = [p for p in trunk.parameters() if p.requires_grad]
+            rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True,
+                                                                          allow_unused=True, materialize_grads=True)])
+                    for loss in losses]
+        jacobian = torch.stack(rows)
+        return jacobian @ jacobian.T
+    return ops.task_gram(x, *trunk.op_arguments, heads.weight, heads.bias, targets, heads.layout, mode=mode)
 
 
 def cosine_of(gram: torch.Tensor) -> torch.Tensor:
@@ -133,7 +179,7 @@ def train_run(label: str, method_name: str, train: MultiTaskDataset, test: Multi
               progress=None, on_step: Optional[Callable] = None) -> RunResult:
     """Trains a fresh model on ``train`` with ``method_name`` for ``config.epochs`` and evaluates it on
     ``test``. ``progress``: a tqdm bar advanced by one per step, its postfix showing the losses."""
-    model = build_model(train.num_features, train.tasks, config)
+    model = build_model(train.num_features, train.tasks, config, train.field_cardinalities)
     step = _Step(model, method_name, config)
     generator = torch.Generator().manual_seed(config.seed)
     step_seconds, step_losses = [], []
@@ -173,14 +219,17 @@ def train_run(label: str, method_name: str, train: MultiTaskDataset, test: Multi
 
 def train_single_task_baselines(train: MultiTaskDataset, test: MultiTaskDataset, config: TrainingConfig,
                                 progress=None) -> RunResult:
-    """Independent learning: one model per task (the same trunk shape, its own head), each trained on
-    its task alone. Returns the tasks' test metrics together; ``step_ms`` is the sum of the models'
-    median step times (one step of every task), ``step_losses`` each step's losses side by side."""
+    """Independent learning: one model per task (a SharedBottom trunk of the same widths, its own
+    head), each trained on its task alone. Returns the tasks' test metrics together; ``step_ms`` is
+    the sum of the models' median step times (one step of every task), ``step_losses`` each step's
+    losses side by side."""
     runs = []
+    single_config = dataclasses.replace(config, arch="SharedBottom")  # one task: nothing to mix or gate
     for task in train.tasks:
-        single_train = MultiTaskDataset(train.features, {task.name: train.targets[task.name]}, [task])
-        single_test = MultiTaskDataset(test.features, {task.name: test.targets[task.name]}, [task])
-        runs.append(train_run(f"single-task {task.name}", "EW", single_train, single_test, config, progress))
+        def alone(data):
+            return MultiTaskDataset(data.features, {task.name: data.targets[task.name]}, [task],
+                                    {task.name: data.metrics[task.name]}, data.field_cardinalities)
+        runs.append(train_run(f"single-task {task.name}", "EW", alone(train), alone(test), single_config, progress))
     return RunResult(
         label="single-task", method="single-task", task_names=train.task_names,
         metrics={run.task_names[0]: run.metrics[run.task_names[0]] for run in runs},

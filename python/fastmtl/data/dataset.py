@@ -44,7 +44,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     {'y': 5, 'c': 5}
     """
 
-    def __init__(self, features: torch.Tensor, targets: Mapping, tasks: Sequence[Task]):
+    def __init__(self, features: torch.Tensor, targets: Mapping, tasks: Sequence[Task], metrics: Mapping = None,
+                 field_cardinalities: Sequence[int] = None):
         self.tasks = check_tasks(tasks, "MultiTaskDataset")
         if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
             got = f"{features.dtype} of shape {list(features.shape)}" if isinstance(features, torch.Tensor) \
@@ -72,6 +73,40 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 raise ValueError(f"MultiTaskDataset: argument 'targets[{task.name!r}]' expected a floating tensor "
                                  f"for a {task.kind} task (NaN = missing), got {target.dtype}")
             self.targets[task.name] = target
+        self.metrics = self._check_metrics(metrics)
+        self.field_cardinalities = self._check_fields(field_cardinalities)
+
+    def _check_metrics(self, metrics) -> Dict[str, tuple]:
+        """How each task is scored (``fastmtl.metrics``): dict name -> metric names, default by kind."""
+        from ..metrics import check_metric_names  # fastmtl.metrics imports this module
+
+        metrics = {} if metrics is None else dict(metrics)
+        unknown = sorted(set(metrics) - set(self.task_names))
+        if unknown:
+            raise ValueError(f"MultiTaskDataset: argument 'metrics' names unknown tasks {unknown}; tasks are "
+                             f"{self.task_names}")
+        return {t.name: check_metric_names(t, metrics.get(t.name)) for t in self.tasks}
+
+    def _check_fields(self, cardinalities):
+        """Categorical features: ``features[:, f]`` holds a category index in ``[0, cardinalities[f])``
+        (stored as a float, exact below 2**24), for a front such as ``fastmtl.nn.FieldEmbedding``."""
+        if cardinalities is None:
+            return None
+        cardinalities = [int(c) for c in cardinalities]
+        if len(cardinalities) != self.num_features or min(cardinalities, default=0) < 1:
+            raise ValueError(f"MultiTaskDataset: argument 'field_cardinalities' expected {self.num_features} ints >= 1 "
+                             f"(one per feature column), got {cardinalities}")
+        index = self.features
+        bad = (index != index.round()) | (index < 0) | (index >= torch.tensor(cardinalities, dtype=index.dtype))
+        if bool(bad.any()):
+            column = int(bad.any(0).nonzero()[0])
+            raise ValueError(f"MultiTaskDataset: feature column {column} expected category indices in "
+                             f"[0, {cardinalities[column]}) (argument 'field_cardinalities'), got other values")
+        return cardinalities
+
+    def _with(self, features: torch.Tensor, targets: Mapping) -> "MultiTaskDataset":
+        """A data set of the same tasks, metrics and fields over other rows or labels."""
+        return MultiTaskDataset(features, targets, self.tasks, self.metrics, self.field_cardinalities)
 
     @property
     def task_names(self):
@@ -102,7 +137,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     def subset(self, indices) -> "MultiTaskDataset":
         """The rows ``indices`` (a tensor of indices or a slice) as a new data set."""
         x, targets = self[indices]
-        return MultiTaskDataset(x, targets, self.tasks)
+        return self._with(x, targets)
 
     def labelled_counts(self) -> Dict[str, int]:
         """Labelled entries per task."""
@@ -136,7 +171,31 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 rows = torch.randperm(n, generator=generator)[:hidden]
                 columns[rows, column] = missing_value(task)
             targets[task.name] = target
-        return MultiTaskDataset(self.features, targets, self.tasks)
+        return self._with(self.features, targets)
+
+    def with_task_subsets(self, labels_per_task: int, seed: int = 0) -> "MultiTaskDataset":
+        """The label-scarce setting: each task labelled on its own ``labels_per_task`` rows, disjoint
+        from every other task's (drawn with ``seed``), its other labels hidden; rows left labelled
+        for no task are dropped (no loss would see them). The result has ``T * labels_per_task`` rows,
+        each labelled for one task: a single-task model learns from its task's rows only, a shared
+        trunk from all of them. Rows missing the task's label in this data set stay missing."""
+        where = "MultiTaskDataset.with_task_subsets"
+        count = len(self.tasks)
+        if isinstance(labels_per_task, bool) or not isinstance(labels_per_task, int) or labels_per_task < 1:
+            raise ValueError(f"{where}: argument 'labels_per_task' expected an int >= 1, got {labels_per_task!r}")
+        if count * labels_per_task > len(self):
+            raise ValueError(f"{where}: argument 'labels_per_task' expected at most {len(self) // count} "
+                             f"({len(self)} rows over {count} tasks, disjoint), got {labels_per_task}")
+        generator = torch.Generator().manual_seed(int(seed))
+        rows = torch.randperm(len(self), generator=generator)[:count * labels_per_task]
+        x, targets = self[rows]
+        owner = torch.arange(count).repeat_interleave(labels_per_task)  # row i is labelled for task owner[i]
+        scarce = {}
+        for t, task in enumerate(self.tasks):
+            target = targets[task.name].clone()
+            target[owner != t] = missing_value(task)
+            scarce[task.name] = target
+        return self._with(x, scarce)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(samples={len(self)}, features={self.num_features}, tasks={self.task_names})"

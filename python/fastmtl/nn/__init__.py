@@ -5,5 +5,6 @@ from .heads import MultiTaskHeads
 from .model import MultiTaskModel
 from .experts import MMoE, PLE
 from .soft_sharing import SoftSharedLinear
+from .embedding import EmbeddedTrunk, FieldEmbedding
 
-__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MMoE", "PLE", "SoftSharedLinear"]
+__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MMoE", "PLE", "SoftSharedLinear", "FieldEmbedding", "EmbeddedTrunk"]
