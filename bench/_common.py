@@ -10,8 +10,9 @@ import platform
 import socket
 import subprocess
 
-import fastmtl
 import torch
+
+import fastmtl
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

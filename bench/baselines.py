@@ -15,10 +15,11 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import fastmtl
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import fastmtl
 
 MISSING_FRACTION = 0.1  # share of each task's labels set missing (NaN or -100)
 MULTICLASS_CLASSES = 5

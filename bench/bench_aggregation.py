@@ -25,8 +25,9 @@ import argparse
 import statistics
 import warnings
 
-import fastmtl.aggregation as agg
 import torch
+
+import fastmtl.aggregation as agg
 from harness import (
     Goal,
     SharedFlags,

@@ -38,9 +38,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-import fastmtl
 import torch
 import torch.nn.functional as F
+
+import fastmtl
 from baselines import LoopMMoE, PlainTowersMTL, StackedMMoE
 from gemm_floors import make_mmoe_floor
 from harness import (

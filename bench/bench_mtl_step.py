@@ -41,8 +41,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-import fastmtl
 import torch
+
+import fastmtl
 from baselines import (
     Size,
     copies,

@@ -47,8 +47,10 @@ import argparse
 import time
 from dataclasses import asdict
 
-import fastmtl
 import torch
+from torch import nn
+
+import fastmtl
 from baselines import (
     MISSING_FRACTION,
     LossGroups,
@@ -79,7 +81,6 @@ from harness import (
     time_variants,
     write_results,
 )
-from torch import nn
 
 # Agreement every variant must show with fastmtl before timing, by dtype: 16-bit variants round
 # differently (where the bias is added, in which dtype losses are reduced).

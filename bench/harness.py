@@ -32,8 +32,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fastmtl
 import torch
+
+import fastmtl
 from _common import default_output_path, machine_description, write_json
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH_DIR))
-import harness
+import harness  # noqa: E402  (bench/ is a folder of scripts, not a package: import it from its path)
 
 
 def recording_variants(log: list, keys=("a", "b", "c"), extra_warmup=None):
