@@ -5,5 +5,12 @@ from .heads import MultiTaskHeads
 from .model import MultiTaskModel
 from .experts import MMoE, PLE
 from .soft_sharing import SoftSharedLinear
+from .cross_stitch import CrossStitch
+from .mtan import MTAN
+from .dselect_k import DSelectK
+from .shared_bottom import SharedBottom
+from .esmm import ESMM
+from .aitm import AITM
 
 __all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MMoE", "PLE", "SoftSharedLinear"]
+__all__ += ["CrossStitch", "MTAN", "DSelectK", "SharedBottom", "ESMM", "AITM"]
