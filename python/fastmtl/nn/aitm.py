@@ -78,7 +78,7 @@ class AITM(nn.Module):
     >>> x = torch.randn(6, 12)
     >>> targets = {"click": torch.tensor([1., 0., 1., 0., 0., 1.]), "purchase": torch.tensor([1., 0., 0., 0., 0., 0.])}
     >>> calibrator = fastmtl.nn.AITM.calibrator_losses(model(x))
-    >>> calibrator.shape, float(calibrator[0])
+    >>> calibrator.shape, calibrator[0].item()
     (torch.Size([2]), 0.0)
     >>> (model.loss(x, targets) + 0.6 * calibrator.sum()).backward()
     """
@@ -92,7 +92,7 @@ class AITM(nn.Module):
         check_count("AITM", "in_features", in_features, 1)
         towers = check_widths("AITM", "tower_hidden", tower_hidden)
         check_count("AITM", "num_tasks", num_tasks, 1)
-        check_activation("AITM", activation)
+        self.activation = check_activation("AITM", activation)
         self.in_features, self.num_tasks = in_features, num_tasks
         factory = {"device": device, "dtype": dtype}
         self.bottom = None

@@ -70,7 +70,7 @@ class DSelectK(nn.Module):
         self.gamma = check_float("DSelectK", "gamma", gamma, 0.0, math.inf, low_open=True)
         if gamma == math.inf:
             raise ValueError(f"DSelectK: argument 'gamma' expected a finite float > 0, got {gamma!r}")
-        check_activation("DSelectK", activation)
+        self.activation = check_activation("DSelectK", activation)
         self.in_features, self.num_experts, self.num_tasks, self.k = in_features, num_experts, num_tasks, k
         self.expert_hidden = tuple(widths)
         self.num_bits = math.ceil(math.log2(num_experts)) if num_experts > 1 else 0
@@ -115,7 +115,10 @@ class DSelectK(nn.Module):
         codes = self.codes.to(bit.dtype)
         choice = (codes * bit + (1 - codes) * (1 - bit)).prod(-1)  # [T, B, k, E]
         if self.num_experts != 1 << m:
-            choice = choice / choice.sum(-1, keepdim=True).clamp_min(torch.finfo(choice.dtype).tiny)
+            # A selector wholly on missing codes has total 0 (and choice 0): divide by 1 there, which
+            # keeps its zero gradient finite (a clamped tiny total would blow it up to inf * 0).
+            total = choice.sum(-1, keepdim=True)
+            choice = choice / torch.where(total > 0, total, torch.ones_like(total))
         return choice, torch.softmax(mixing, dim=-1)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ class ESMM(nn.Module):
         super().__init__()
         check_count("ESMM", "in_features", in_features, 1)
         towers = check_widths("ESMM", "tower_hidden", tower_hidden)
-        check_activation("ESMM", activation)
+        self.activation = check_activation("ESMM", activation)
         names = tuple(task_names) if isinstance(task_names, (list, tuple)) else None
         if names is None or len(names) != 2 or not all(isinstance(n, str) for n in names) or names[0] == names[1]:
             raise ValueError(f"ESMM: argument 'task_names' expected two different names (CTR task, CTCVR task), "

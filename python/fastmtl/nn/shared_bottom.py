@@ -41,7 +41,7 @@ class SharedBottom(nn.Module):
         bottom = check_widths("SharedBottom", "bottom_hidden", bottom_hidden)
         towers = check_widths("SharedBottom", "tower_hidden", tower_hidden)
         check_count("SharedBottom", "num_tasks", num_tasks, 1)
-        check_activation("SharedBottom", activation)
+        self.activation = check_activation("SharedBottom", activation)
         self.in_features, self.num_tasks = in_features, num_tasks
         factory = {"device": device, "dtype": dtype}
         self.bottom = FusedMLP(in_features, bottom, activation, **factory)

@@ -99,3 +99,4 @@ def multitask_head_loss(
 from .aggregation import *  # noqa: E402, F401, F403  (its __all__: the aggregation ops)
 from .engine import mtl_backward, task_gram  # noqa: E402, F401
 from .experts import fused_experts, gated_mixture  # noqa: E402, F401
+from .architectures import *  # noqa: E402, F401, F403  (its __all__: the architecture modules)
