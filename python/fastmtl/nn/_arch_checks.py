@@ -3,6 +3,7 @@ SharedBottom): every message names the class, the argument, what was expected an
 
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
@@ -40,7 +41,7 @@ def check_float(owner: str, name: str, value, low: float, high: float, low_open:
         raise TypeError(f"{owner}: argument '{name}' expected a float, got {type(value).__name__}")
     value = float(value)
     bad_low = value <= low if low_open else value < low
-    if bad_low or value > high or value != value:
+    if bad_low or value > high or math.isnan(value):
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise ValueError(f"{owner}: argument '{name}' expected a float in {interval}, got {value!r}")
     return value
