@@ -13,7 +13,8 @@ from torch import nn
 import fastmtl
 from fastmtl import Task, reference
 from fastmtl.aggregation import UPGrad
-from fastmtl.nn import AITM, DSelectK, ESMM, MTAN, CrossStitch, MultiTaskHeads, MultiTaskModel, SharedBottom
+from fastmtl.nn import (AITM, DSelectK, ESMM, MTAN, CrossStitch, LearningToBranch, MultiTaskHeads, MultiTaskModel,
+                        SharedBottom)
 from fastmtl.nn.routing import routed_logits, routed_losses
 from conftest import assert_rel_close, mixed_tasks, random_targets
 
@@ -29,6 +30,8 @@ def reference_features(m, x):
     if isinstance(m, DSelectK):
         return reference.dselect_k(x, list(m.experts.weights), list(m.experts.biases), m.selector_weight,
                                    m.selector_bias, m.mixing_weight, m.mixing_bias, m.gamma, m.activation)
+    if isinstance(m, LearningToBranch):
+        return reference.learning_to_branch(x, list(m.weights), list(m.biases), m.branch_gates(), m.activation)
     if isinstance(m, SharedBottom):
         return reference.shared_bottom(x, list(m.bottom.weights), list(m.bottom.biases), list(m.towers.weights),
                                        list(m.towers.biases), m.activation)
@@ -43,8 +46,19 @@ def reference_features(m, x):
     raise AssertionError(type(m))
 
 
+def learning_to_branch(d, widths, T):
+    """In eval mode (the discrete tree: deterministic), with random branch logits so that nodes
+    pick different parents; training mode's Gumbel samples have their own tests."""
+    m = LearningToBranch(d, widths, T, branches=[3] * (len(widths) - 1), activation="tanh")
+    with torch.no_grad():
+        for logits in m.branch_logits:
+            logits.normal_()
+    return m.eval()
+
+
 # (name, builder(in_features, widths, num_tasks) -> module); ESMM always has 2 tasks.
 ARCHS = {
+    "learning_to_branch": learning_to_branch,
     "cross_stitch": lambda d, w, T: CrossStitch(d, w, T, activation="tanh"),
     "mtan": lambda d, w, T: MTAN(d, w, T, activation="silu"),
     "dselect_k": lambda d, w, T: DSelectK(d, 5, w, T, k=2, activation="gelu"),
@@ -75,8 +89,9 @@ def test_matches_reference_float64_and_float32(name, shape):
             module.selector_weight.normal_(0, 0.5)
     x64 = torch.randn(B, d, dtype=torch.float64)
     ref = reference_features(module, x64)
-    # DSelectK with one expert has empty selector parameters, which nothing reads.
-    named = [(n, p) for n, p in module.named_parameters() if p.numel()]
+    # Parameters nothing reads: DSelectK's empty selectors with one expert, LearningToBranch's
+    # branch logits in eval mode.
+    named = [(n, p) for n, p in module.named_parameters() if p.numel() and not n.startswith("branch_logits")]
     params = [p for _, p in named]
     cot = torch.randn_like(ref)
     ref_grads = torch.autograd.grad((ref * cot).sum(), params)
@@ -92,7 +107,8 @@ def test_matches_reference_float64_and_float32(name, shape):
     out32 = module32.task_features(x32)
     assert out32.dtype == torch.float32
     assert_rel_close(out32, ref, what="float32 features")
-    grads32 = torch.autograd.grad((out32 * cot.float()).sum(), [p for p in module32.parameters() if p.numel()])
+    grads32 = torch.autograd.grad((out32 * cot.float()).sum(), [p for n, p in module32.named_parameters() if
+                                                                 p.numel() and not n.startswith("branch_logits")])
     for (n, _), g, r in zip(named, grads32, ref_grads):
         assert_rel_close(g, r, what=f"float32 gradient of {n}")
 
@@ -159,8 +175,15 @@ def reference_losses(model, x, targets, through_features=False):
     return torch.stack(losses), z
 
 
+def read_parameters(module):
+    """(name, parameter) of those the module's output depends on."""
+    frozen_tree = isinstance(module.trunk, LearningToBranch) and not module.trunk.training
+    skip = "trunk.branch_logits" if frozen_tree else "-"
+    return [(n, p) for n, p in module.named_parameters() if p.numel() and not n.startswith(skip)]
+
+
 def grads_of(model):
-    return [None if p.grad is None else p.grad.clone() for p in model.parameters() if p.numel()]
+    return [None if p.grad is None else p.grad.clone() for _, p in read_parameters(model)]
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -170,7 +193,7 @@ def test_loss_backward_matches_reference(name):
     ref_losses, _ = reference_losses(model, x, targets)
     losses = model.losses(x, targets)
     assert_rel_close(losses, ref_losses, rtol=1e-9, what="losses")
-    trainable = [p for p in model.parameters() if p.requires_grad and p.numel()]
+    trainable = [p for _, p in read_parameters(model) if p.requires_grad]
     ref_grads = torch.autograd.grad(torch.dot(ref_losses, model.heads.task_weights), trainable)
     model.loss(x, targets).backward()
     for p, r in zip(trainable, ref_grads):
@@ -188,7 +211,8 @@ def test_both_engines_match_the_reference_engine(name, mode):
 
     ref_losses, ref_z = reference_losses(by_reference, x, targets, through_features=mode == "rep")
     expected = reference.mtl_backward(ref_losses * by_reference.heads.task_weights, ref_z, UPGrad(),
-                                      shared_params=[p for p in by_reference.trunk.parameters() if p.numel()], mode=mode)
+                                      shared_params=[p for n, p in read_parameters(by_reference) if n.startswith("trunk.")],
+                                      mode=mode)
 
     result_model = by_model.mtl_backward(x, targets, UPGrad(), mode=mode)
     z = by_any.trunk.task_features(x)
@@ -201,8 +225,7 @@ def test_both_engines_match_the_reference_engine(name, mode):
         assert_rel_close(result.weights, expected.weights, rtol=1e-7, what=f"{engine} weights")
     reference_grads = grads_of(by_reference)
     for engine, m in (("model.mtl_backward", by_model), ("fastmtl.mtl_backward", by_any)):
-        named = [(n, p) for n, p in m.named_parameters() if p.numel()]
-        for (n, _), g, r in zip(named, grads_of(m), reference_grads):
+        for (n, _), g, r in zip(read_parameters(m), grads_of(m), reference_grads):
             assert (g is None) == (r is None), f"{engine}: .grad of {n}"
             if g is not None:
                 assert_rel_close(g, r, rtol=1e-7, what=f"{engine} gradient of {n}")
@@ -429,6 +452,60 @@ def test_aitm_attention_weights_sum_to_one():
     assert_rel_close(z, w[:, None] * p + (1 - w[:, None]) * q[1], rtol=1e-10, what="convex combination")
 
 
+@pytest.mark.parametrize("hard", [True, False])
+def test_learning_to_branch_gumbel_gates_match_reference(hard):
+    torch.manual_seed(10)
+    m = LearningToBranch(5, [6, 4, 3], 3, branches=[2, 3], tau=0.7, hard=hard).double()
+    with torch.no_grad():
+        for logits in m.branch_logits:
+            logits.normal_()
+    noise = [-torch.empty_like(p).exponential_().log() for p in m.branch_logits]
+    x = torch.randn(7, 5, dtype=torch.float64)
+    gates = m.branch_gates(noise)
+    ref_gates = reference.learning_to_branch_gates(list(m.branch_logits), noise, m.tau, hard)
+    for g, r in zip(gates, ref_gates):
+        assert_rel_close(g, r, rtol=1e-12, what="gates")
+        assert (g.max(1).values == 1).all() if hard else torch.allclose(g.sum(1), torch.ones(g.shape[0], dtype=g.dtype))
+    out = m.task_features(x, gates)
+    ref = reference.learning_to_branch(x, list(m.weights), list(m.biases), ref_gates, m.activation)
+    assert_rel_close(out, ref, rtol=1e-9, what="features")
+    cot = torch.randn_like(ref)
+    params = list(m.parameters())
+    for (n, _), g, r in zip(m.named_parameters(), torch.autograd.grad((out * cot).sum(), params),
+                            torch.autograd.grad((ref * cot).sum(), params)):
+        assert_rel_close(g, r, rtol=1e-9, what=f"gradient of {n}")
+    assert all(bool(p.grad is None) for p in params)  # autograd.grad, nothing accumulated
+
+
+def test_learning_to_branch_training_mode_samples_and_both_engines():
+    torch.manual_seed(11)
+    tasks = mixed_tasks(3)
+    model = MultiTaskModel(LearningToBranch(6, [7, 7, 5], 3, branches=[2, 2]), MultiTaskHeads(5, tasks)).double()
+    targets = random_targets(tasks, 13, torch.Generator().manual_seed(12))
+    x = torch.randn(13, 6, dtype=torch.float64)
+    by_model, by_any, by_reference = model, copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(13)
+    ref_losses, ref_z = reference_losses(by_reference, x, targets)
+    expected = reference.mtl_backward(ref_losses * by_reference.heads.task_weights, ref_z, UPGrad(),
+                                      shared_params=list(by_reference.trunk.parameters()))
+    torch.manual_seed(13)  # the same Gumbel noise in each
+    result = by_model.mtl_backward(x, targets, UPGrad())
+    torch.manual_seed(13)
+    z = by_any.trunk.task_features(x)
+    fastmtl.mtl_backward(routed_losses(by_any.heads, z, targets) * by_any.heads.task_weights, z, UPGrad())
+    assert_rel_close(result.gram, expected.gram, rtol=1e-9, what="Gram")
+    for m in (by_model, by_any):
+        for (n, p), q in zip(m.named_parameters(), by_reference.parameters()):
+            assert_rel_close(p.grad, q.grad, rtol=1e-7, what=f"gradient of {n}")
+    assert by_model.trunk.branch_logits[0].grad.abs().sum() > 0  # the search gets a gradient
+    # Samples differ between calls in training mode; eval mode is the argmax tree.
+    draws = {tuple(tuple(g.argmax(1).tolist()) for g in model.trunk.branch_gates()) for _ in range(40)}
+    assert len(draws) > 1
+    model.trunk.eval()
+    assert [g.argmax(1).tolist() for g in model.trunk.branch_gates()] == model.trunk.parents()
+    assert torch.equal(model.trunk.task_features(x), model.trunk.task_features(x))
+
+
 # ---- bad input
 
 
@@ -455,6 +532,12 @@ def test_aitm_attention_weights_sum_to_one():
         (lambda: ESMM(4, [3], shared_hidden=[0]), ValueError, r"ESMM: argument 'shared_hidden\[0\]' expected an int"),
         (lambda: AITM(4, [3], True), ValueError, r"AITM: argument 'num_tasks' expected an int >= 1, got True"),
         (lambda: AITM(4, [], 2), ValueError, r"AITM: argument 'tower_hidden' expected at least one layer width"),
+        (lambda: LearningToBranch(4, [3, 3], 2), ValueError,
+         r"LearningToBranch: argument 'branches' expected 1 node counts \(one per layer below the last\), got \(\)"),
+        (lambda: LearningToBranch(4, [3, 3], 2, branches=[0]), ValueError,
+         r"LearningToBranch: argument 'branches\[0\]' expected an int >= 1, got 0"),
+        (lambda: LearningToBranch(4, [3], 2, tau=0), ValueError, r"LearningToBranch: argument 'tau' expected a float in"),
+        (lambda: LearningToBranch(4, [3], 2, hard=1), TypeError, r"LearningToBranch: argument 'hard' expected a bool"),
     ],
 )
 def test_bad_construction(make, error, pattern):
@@ -493,7 +576,8 @@ def test_model_rejects_wrong_task_count():
 
 
 @pytest.mark.parametrize("module", ["fastmtl.nn.cross_stitch", "fastmtl.nn.mtan", "fastmtl.nn.dselect_k",
-                                    "fastmtl.nn.shared_bottom", "fastmtl.nn.esmm", "fastmtl.nn.aitm"])
+                                    "fastmtl.nn.shared_bottom", "fastmtl.nn.esmm", "fastmtl.nn.aitm",
+                                    "fastmtl.nn.learning_to_branch"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -11,6 +11,7 @@ from .dselect_k import DSelectK
 from .shared_bottom import SharedBottom
 from .esmm import ESMM
 from .aitm import AITM
+from .learning_to_branch import LearningToBranch
 
 __all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MMoE", "PLE", "SoftSharedLinear"]
-__all__ += ["CrossStitch", "MTAN", "DSelectK", "SharedBottom", "ESMM", "AITM"]
+__all__ += ["CrossStitch", "MTAN", "DSelectK", "SharedBottom", "ESMM", "AITM", "LearningToBranch"]

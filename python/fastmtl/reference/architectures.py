@@ -1,5 +1,5 @@
 """Plain-PyTorch references of the architecture modules of :mod:`fastmtl.nn` (cross-stitch,
-MTAN, DSelect-k, SharedBottom, ESMM, AITM): a Python loop over tasks (and experts, layers,
+MTAN, DSelect-k, SharedBottom, ESMM, AITM, Learning to Branch): a Python loop over tasks (and experts, layers,
 selectors, bits) with ``F.linear``, written from the papers' equations and independent of the
 modules' batched code. Each takes the module's parameters as tensors (the shapes documented on the
 module) and returns what the module's ``task_features`` returns. The oracle of
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["cross_stitch", "mtan", "dselect_k", "dselect_k_gates", "dselect_k_selector_entropy", "shared_bottom",
-           "esmm", "esmm_losses", "aitm", "aitm_calibrator"]
+           "esmm", "esmm_losses", "aitm", "aitm_calibrator", "learning_to_branch", "learning_to_branch_gates"]
 
 
 def _mlp(x, weights, biases, activation):
@@ -190,3 +190,36 @@ def aitm_calibrator(probabilities: Sequence[torch.Tensor]):
     for prev, cur in zip(probabilities[:-1], probabilities[1:]):
         total = total + torch.clamp(cur - prev, min=0).mean()
     return total
+
+
+def learning_to_branch(x, weights, biases, gates, activation="relu"):
+    """Guo et al. 2020: node j of layer l computes ``act(W_l[j] u + b_l[j])`` with ``u = x`` in the
+    first layer and ``u = sum_i gates[l-1][j, i] out_{l-1, i}`` above. Returns the last layer's
+    nodes ``[T, B, h]``."""
+    from . import activation_fn
+
+    act = activation_fn(activation)
+    outs = [act(F.linear(x, weights[0][j], biases[0][j])) for j in range(weights[0].shape[0])]
+    for layer in range(1, len(weights)):
+        g = gates[layer - 1]
+        inputs = [sum(g[j, i] * outs[i] for i in range(len(outs))) for j in range(weights[layer].shape[0])]
+        outs = [act(F.linear(u, weights[layer][j], biases[layer][j])) for j, u in enumerate(inputs)]
+    return torch.stack(outs)
+
+
+def learning_to_branch_gates(branch_logits, noise, tau=1.0, hard=True):
+    """Gumbel-softmax samples of every node's parent, row by row: ``softmax((logits + noise) / tau)``;
+    ``hard``: the one-hot of the row's largest entry in the forward pass, the soft sample's gradient."""
+    gates = []
+    for logits, g in zip(branch_logits, noise):
+        rows = []
+        for j in range(logits.shape[0]):
+            scores = (logits[j] + g[j]) / tau
+            soft = torch.exp(scores - scores.max()) / torch.exp(scores - scores.max()).sum()
+            if hard:
+                one_hot = torch.zeros_like(soft)
+                one_hot[int(torch.argmax(soft))] = 1.0
+                soft = soft + (one_hot - soft).detach()
+            rows.append(soft)
+        gates.append(torch.stack(rows))
+    return gates
