@@ -13,8 +13,17 @@ from torch import nn
 import fastmtl
 from fastmtl import Task, reference
 from fastmtl.aggregation import UPGrad
-from fastmtl.nn import (AITM, DSelectK, ESMM, MTAN, CrossStitch, LearningToBranch, MultiTaskHeads, MultiTaskModel,
-                        SharedBottom)
+from fastmtl.nn import (
+    AITM,
+    DSelectK,
+    ESMM,
+    MTAN,
+    CrossStitch,
+    LearningToBranch,
+    MultiTaskHeads,
+    MultiTaskModel,
+    SharedBottom,
+)
 from fastmtl.nn.routing import routed_logits, routed_losses
 from conftest import assert_rel_close, mixed_tasks, random_targets
 
@@ -25,24 +34,56 @@ def reference_features(m, x):
         return reference.cross_stitch(x, list(m.weights), list(m.biases), m.stitch, m.activation)
     if isinstance(m, MTAN):
         attention = list(zip(m.attention_weights1, m.attention_biases1, m.attention_weights2, m.attention_biases2))
-        return reference.mtan(x, list(m.shared.weights), list(m.shared.biases), [b.weights[0] for b in m.bridges],
-                              [b.biases[0] for b in m.bridges], attention, m.activation)
+        return reference.mtan(
+            x,
+            list(m.shared.weights),
+            list(m.shared.biases),
+            [b.weights[0] for b in m.bridges],
+            [b.biases[0] for b in m.bridges],
+            attention,
+            m.activation,
+        )
     if isinstance(m, DSelectK):
-        return reference.dselect_k(x, list(m.experts.weights), list(m.experts.biases), m.selector_weight,
-                                   m.selector_bias, m.mixing_weight, m.mixing_bias, m.gamma, m.activation)
+        return reference.dselect_k(
+            x,
+            list(m.experts.weights),
+            list(m.experts.biases),
+            m.selector_weight,
+            m.selector_bias,
+            m.mixing_weight,
+            m.mixing_bias,
+            m.gamma,
+            m.activation,
+        )
     if isinstance(m, LearningToBranch):
         return reference.learning_to_branch(x, list(m.weights), list(m.biases), m.branch_gates(), m.activation)
     if isinstance(m, SharedBottom):
-        return reference.shared_bottom(x, list(m.bottom.weights), list(m.bottom.biases), list(m.towers.weights),
-                                       list(m.towers.biases), m.activation)
+        return reference.shared_bottom(
+            x,
+            list(m.bottom.weights),
+            list(m.bottom.biases),
+            list(m.towers.weights),
+            list(m.towers.biases),
+            m.activation,
+        )
     bottom = (None, None) if m.bottom is None else (list(m.bottom.weights), list(m.bottom.biases))
     if isinstance(m, ESMM):
-        pctr, pcvr = reference.esmm(x, *bottom, list(m.towers.weights), list(m.towers.biases), m.logit_weight,
-                                    m.logit_bias, m.activation)
+        pctr, pcvr = reference.esmm(
+            x, *bottom, list(m.towers.weights), list(m.towers.biases), m.logit_weight, m.logit_bias, m.activation
+        )
         return torch.stack([torch.logit(pctr), torch.logit(pctr * pcvr)]).unsqueeze(-1)
     if isinstance(m, AITM):
-        return reference.aitm(x, *bottom, list(m.towers.weights), list(m.towers.biases), m.transfer_weight,
-                              m.transfer_bias, m.attention_weight, m.attention_bias, m.activation)
+        return reference.aitm(
+            x,
+            *bottom,
+            list(m.towers.weights),
+            list(m.towers.biases),
+            m.transfer_weight,
+            m.transfer_bias,
+            m.attention_weight,
+            m.attention_bias,
+            m.activation,
+        )
     raise AssertionError(type(m))
 
 
@@ -107,8 +148,10 @@ def test_matches_reference_float64_and_float32(name, shape):
     out32 = module32.task_features(x32)
     assert out32.dtype == torch.float32
     assert_rel_close(out32, ref, what="float32 features")
-    grads32 = torch.autograd.grad((out32 * cot.float()).sum(), [p for n, p in module32.named_parameters() if
-                                                                 p.numel() and not n.startswith("branch_logits")])
+    grads32 = torch.autograd.grad(
+        (out32 * cot.float()).sum(),
+        [p for n, p in module32.named_parameters() if p.numel() and not n.startswith("branch_logits")],
+    )
     for (n, _), g, r in zip(named, grads32, ref_grads):
         assert_rel_close(g, r, what=f"float32 gradient of {n}")
 
@@ -162,14 +205,26 @@ def reference_losses(model, x, targets, through_features=False):
     z = reference_features(trunk, x)
     if isinstance(trunk, ESMM) and not through_features:
         bottom = (None, None) if trunk.bottom is None else (list(trunk.bottom.weights), list(trunk.bottom.biases))
-        pctr, pcvr = reference.esmm(x, *bottom, list(trunk.towers.weights), list(trunk.towers.biases),
-                                    trunk.logit_weight, trunk.logit_bias, trunk.activation)
+        pctr, pcvr = reference.esmm(
+            x,
+            *bottom,
+            list(trunk.towers.weights),
+            list(trunk.towers.biases),
+            trunk.logit_weight,
+            trunk.logit_bias,
+            trunk.activation,
+        )
         return reference.esmm_losses(pctr, pcvr, *targets.values()), z
     losses, row = [], 0
     for t, task in enumerate(model.tasks):
         n = task.num_outputs
-        one = reference.multitask_head_loss(z[t], model.heads.weight[row:row + n], model.heads.bias[row:row + n],
-                                            {task.name: targets[task.name]}, [task])
+        one = reference.multitask_head_loss(
+            z[t],
+            model.heads.weight[row : row + n],
+            model.heads.bias[row : row + n],
+            {task.name: targets[task.name]},
+            [task],
+        )
         losses.append(one[0])
         row += n
     return torch.stack(losses), z
@@ -210,9 +265,13 @@ def test_both_engines_match_the_reference_engine(name, mode):
     by_model, by_any, by_reference = model, copy.deepcopy(model), copy.deepcopy(model)
 
     ref_losses, ref_z = reference_losses(by_reference, x, targets, through_features=mode == "rep")
-    expected = reference.mtl_backward(ref_losses * by_reference.heads.task_weights, ref_z, UPGrad(),
-                                      shared_params=[p for n, p in read_parameters(by_reference) if n.startswith("trunk.")],
-                                      mode=mode)
+    expected = reference.mtl_backward(
+        ref_losses * by_reference.heads.task_weights,
+        ref_z,
+        UPGrad(),
+        shared_params=[p for n, p in read_parameters(by_reference) if n.startswith("trunk.")],
+        mode=mode,
+    )
 
     result_model = by_model.mtl_backward(x, targets, UPGrad(), mode=mode)
     z = by_any.trunk.task_features(x)
@@ -236,8 +295,13 @@ def test_training_lowers_the_loss():
     tasks = [Task("click", "binary"), Task("rating", "multiclass", num_outputs=3), Task("time", "regression")]
     x = torch.randn(64, 8)
     targets = {"click": (x[:, 0] > 0).float(), "rating": (x[:, 1].abs() * 2).long().clamp(max=2), "time": x[:, 2]}
-    for trunk in (CrossStitch(8, [16, 8], 3), MTAN(8, [16, 8], 3), DSelectK(8, 4, [16, 8], 3), SharedBottom(8, 16, 8, 3),
-                  AITM(8, [16, 8], 3)):
+    for trunk in (
+        CrossStitch(8, [16, 8], 3),
+        MTAN(8, [16, 8], 3),
+        DSelectK(8, 4, [16, 8], 3),
+        SharedBottom(8, 16, 8, 3),
+        AITM(8, [16, 8], 3),
+    ):
         model = MultiTaskModel(trunk, MultiTaskHeads(8, tasks))
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         first = model.loss(x, targets).item()
@@ -288,8 +352,14 @@ def test_dselect_k_gates():
         assert gates.shape == (2, 9, E)
         assert_rel_close(gates.sum(-1), torch.ones(2, 9, dtype=torch.float64), rtol=1e-12, what=f"E={E} gate sums")
         assert bool((gates >= 0).all())
-        assert_rel_close(gates, reference.dselect_k_gates(x, m.selector_weight, m.selector_bias, m.mixing_weight,
-                                                          m.mixing_bias, E, m.gamma), rtol=1e-12, what="gates")
+        assert_rel_close(
+            gates,
+            reference.dselect_k_gates(
+                x, m.selector_weight, m.selector_bias, m.mixing_weight, m.mixing_bias, E, m.gamma
+            ),
+            rtol=1e-12,
+            what="gates",
+        )
         # At initialisation every selector is inside the smooth-step's cubic zone: all experts in use.
         assert bool((gates > 0).all())
 
@@ -324,8 +394,8 @@ def test_dselect_k_selector_entropy_matches_reference(E):
     got = m.selector_entropy(x)
     expected = reference.dselect_k_selector_entropy(x, m.selector_weight, m.selector_bias, E, m.gamma)
     assert_rel_close(got, expected, rtol=1e-12, what="entropy")
-    g, = torch.autograd.grad(got, m.selector_weight)
-    r, = torch.autograd.grad(expected, m.selector_weight)
+    (g,) = torch.autograd.grad(got, m.selector_weight)
+    (r,) = torch.autograd.grad(expected, m.selector_weight)
     assert_rel_close(g, r, rtol=1e-10, what="entropy gradient")
 
 
@@ -334,8 +404,9 @@ def test_esmm_probabilities_and_product():
     esmm = ESMM(6, [5]).double()
     x = torch.randn(9, 6, dtype=torch.float64)
     p = esmm.probabilities(x)
-    pctr, pcvr = reference.esmm(x, None, None, list(esmm.towers.weights), list(esmm.towers.biases), esmm.logit_weight,
-                                esmm.logit_bias, "relu")
+    pctr, pcvr = reference.esmm(
+        x, None, None, list(esmm.towers.weights), list(esmm.towers.biases), esmm.logit_weight, esmm.logit_bias, "relu"
+    )
     assert_rel_close(p["ctr"], pctr, rtol=1e-12, what="pCTR")
     assert_rel_close(p["cvr"], pcvr, rtol=1e-12, what="pCVR")
     assert_rel_close(p["ctcvr"], pctr * pcvr, rtol=1e-12, what="pCTCVR")
@@ -368,7 +439,7 @@ def test_esmm_product_loss_is_stable_in_float32(a, b):
     ctr = -(c * F.logsigmoid(ab[0]) + (1 - c) * F.logsigmoid(-ab[0])).mean()
     ctcvr = -(y * log_q + (1 - y) * log_not_q).mean()
     assert_rel_close(losses, torch.stack([ctr, ctcvr]), what="losses")
-    expected_grad, = torch.autograd.grad(ctr + ctcvr, ab)
+    (expected_grad,) = torch.autograd.grad(ctr + ctcvr, ab)
     assert_rel_close(esmm.logit_bias.grad, expected_grad, what="logit bias gradient")
 
 
@@ -401,8 +472,8 @@ def test_aitm_calibrator_matches_reference_and_joins_the_engines():
     assert calibrator.shape == (3,) and calibrator[0].item() == 0.0
     expected = reference.aitm_calibrator([torch.sigmoid(v[:, 0]) for v in logits.values()])
     assert_rel_close(calibrator.sum(), expected, rtol=1e-12, what="calibrator")
-    g, = torch.autograd.grad(calibrator.sum(), model.heads.bias, retain_graph=True)
-    r, = torch.autograd.grad(expected, model.heads.bias)
+    (g,) = torch.autograd.grad(calibrator.sum(), model.heads.bias, retain_graph=True)
+    (r,) = torch.autograd.grad(expected, model.heads.bias)
     assert_rel_close(g, r, rtol=1e-12, what="calibrator gradient")
     assert_rel_close(AITM.calibrator_losses(list(logits.values())), calibrator, rtol=0, what="list form")
 
@@ -414,13 +485,17 @@ def test_aitm_calibrator_matches_reference_and_joins_the_engines():
     losses = routed_losses(model.heads, z, targets) + 0.6 * AITM.calibrator_losses(routed_logits(model.heads, z))
     result = fastmtl.mtl_backward(losses, z, UPGrad())
     ref_losses, ref_z = reference_losses(reference_model, x, targets)
-    ref_logits = [F.linear(ref_z[t], reference_model.heads.weight[t:t + 1], reference_model.heads.bias[t:t + 1])[:, 0]
-                  for t in range(3)]
+    ref_logits = [
+        F.linear(ref_z[t], reference_model.heads.weight[t : t + 1], reference_model.heads.bias[t : t + 1])[:, 0]
+        for t in range(3)
+    ]
     ref_probs = [torch.sigmoid(a) for a in ref_logits]
-    ref_calibrator = torch.stack([ref_losses.new_zeros(())] + [reference.aitm_calibrator([p, q])
-                                                              for p, q in zip(ref_probs[:-1], ref_probs[1:])])
-    expected_result = reference.mtl_backward(ref_losses + 0.6 * ref_calibrator, ref_z, UPGrad(),
-                                             shared_params=list(reference_model.trunk.parameters()))
+    ref_calibrator = torch.stack(
+        [ref_losses.new_zeros(())] + [reference.aitm_calibrator([p, q]) for p, q in zip(ref_probs[:-1], ref_probs[1:])]
+    )
+    expected_result = reference.mtl_backward(
+        ref_losses + 0.6 * ref_calibrator, ref_z, UPGrad(), shared_params=list(reference_model.trunk.parameters())
+    )
     assert_rel_close(result.gram, expected_result.gram, rtol=1e-9, what="Gram")
     for (n, p), q in zip(model.named_parameters(), reference_model.parameters()):
         assert_rel_close(p.grad, q.grad, rtol=1e-7, what=f"gradient of {n}")
@@ -471,8 +546,11 @@ def test_learning_to_branch_gumbel_gates_match_reference(hard):
     assert_rel_close(out, ref, rtol=1e-9, what="features")
     cot = torch.randn_like(ref)
     params = list(m.parameters())
-    for (n, _), g, r in zip(m.named_parameters(), torch.autograd.grad((out * cot).sum(), params),
-                            torch.autograd.grad((ref * cot).sum(), params)):
+    for (n, _), g, r in zip(
+        m.named_parameters(),
+        torch.autograd.grad((out * cot).sum(), params),
+        torch.autograd.grad((ref * cot).sum(), params),
+    ):
         assert_rel_close(g, r, rtol=1e-9, what=f"gradient of {n}")
     assert all(bool(p.grad is None) for p in params)  # autograd.grad, nothing accumulated
 
@@ -486,8 +564,12 @@ def test_learning_to_branch_training_mode_samples_and_both_engines():
     by_model, by_any, by_reference = model, copy.deepcopy(model), copy.deepcopy(model)
     torch.manual_seed(13)
     ref_losses, ref_z = reference_losses(by_reference, x, targets)
-    expected = reference.mtl_backward(ref_losses * by_reference.heads.task_weights, ref_z, UPGrad(),
-                                      shared_params=list(by_reference.trunk.parameters()))
+    expected = reference.mtl_backward(
+        ref_losses * by_reference.heads.task_weights,
+        ref_z,
+        UPGrad(),
+        shared_params=list(by_reference.trunk.parameters()),
+    )
     torch.manual_seed(13)  # the same Gumbel noise in each
     result = by_model.mtl_backward(x, targets, UPGrad())
     torch.manual_seed(13)
@@ -512,31 +594,64 @@ def test_learning_to_branch_training_mode_samples_and_both_engines():
 @pytest.mark.parametrize(
     "make, error, pattern",
     [
-        (lambda: CrossStitch(0, [4], 2), ValueError, r"CrossStitch: argument 'in_features' expected an int >= 1, got 0"),
+        (
+            lambda: CrossStitch(0, [4], 2),
+            ValueError,
+            r"CrossStitch: argument 'in_features' expected an int >= 1, got 0",
+        ),
         (lambda: CrossStitch(4, [], 2), ValueError, r"CrossStitch: argument 'hidden_features' expected at least one"),
-        (lambda: CrossStitch(4, [3, 0], 2), ValueError, r"CrossStitch: argument 'hidden_features\[1\]' expected an int"),
-        (lambda: CrossStitch(4, [3], 2, self_weight=1.5), ValueError,
-         r"CrossStitch: argument 'self_weight' expected a float in \[0.0, 1.0\], got 1.5"),
-        (lambda: CrossStitch(4, [3], 2, self_weight="high"), TypeError, r"CrossStitch: argument 'self_weight' expected"),
+        (
+            lambda: CrossStitch(4, [3, 0], 2),
+            ValueError,
+            r"CrossStitch: argument 'hidden_features\[1\]' expected an int",
+        ),
+        (
+            lambda: CrossStitch(4, [3], 2, self_weight=1.5),
+            ValueError,
+            r"CrossStitch: argument 'self_weight' expected a float in \[0.0, 1.0\], got 1.5",
+        ),
+        (
+            lambda: CrossStitch(4, [3], 2, self_weight="high"),
+            TypeError,
+            r"CrossStitch: argument 'self_weight' expected",
+        ),
         (lambda: MTAN(4, [3], 0), ValueError, r"MTAN: argument 'num_tasks' expected an int >= 1, got 0"),
         (lambda: MTAN(4, [3], 2, activation="swish"), ValueError, r"MTAN: argument 'activation' expected one of relu"),
         (lambda: MTAN(4, "3", 2), TypeError, r"MTAN: argument 'hidden_features' expected an int or a sequence"),
         (lambda: DSelectK(4, 0, [3], 2), ValueError, r"DSelectK: argument 'num_experts' expected an int >= 1, got 0"),
         (lambda: DSelectK(4, 3, [3], 2, k=0), ValueError, r"DSelectK: argument 'k' expected an int >= 1, got 0"),
-        (lambda: DSelectK(4, 3, [3], 2, gamma=0.0), ValueError, r"DSelectK: argument 'gamma' expected a float in \(0.0"),
+        (
+            lambda: DSelectK(4, 3, [3], 2, gamma=0.0),
+            ValueError,
+            r"DSelectK: argument 'gamma' expected a float in \(0.0",
+        ),
         (lambda: DSelectK(4, 3, [3], 2, gamma=math.inf), ValueError, r"DSelectK: argument 'gamma' expected a finite"),
         (lambda: SharedBottom(4, [], [3], 2), ValueError, r"SharedBottom: argument 'bottom_hidden' expected at least"),
         (lambda: SharedBottom(4, [3], 2.5, 2), TypeError, r"SharedBottom: argument 'tower_hidden' expected an int or"),
-        (lambda: ESMM(4, [3], task_names=("a", "a")), ValueError, r"ESMM: argument 'task_names' expected two different"),
+        (
+            lambda: ESMM(4, [3], task_names=("a", "a")),
+            ValueError,
+            r"ESMM: argument 'task_names' expected two different",
+        ),
         (lambda: ESMM(4, [3], task_names="ab"), ValueError, r"ESMM: argument 'task_names' expected two different"),
         (lambda: ESMM(4, [3], shared_hidden=[0]), ValueError, r"ESMM: argument 'shared_hidden\[0\]' expected an int"),
         (lambda: AITM(4, [3], True), ValueError, r"AITM: argument 'num_tasks' expected an int >= 1, got True"),
         (lambda: AITM(4, [], 2), ValueError, r"AITM: argument 'tower_hidden' expected at least one layer width"),
-        (lambda: LearningToBranch(4, [3, 3], 2), ValueError,
-         r"LearningToBranch: argument 'branches' expected 1 node counts \(one per layer below the last\), got \(\)"),
-        (lambda: LearningToBranch(4, [3, 3], 2, branches=[0]), ValueError,
-         r"LearningToBranch: argument 'branches\[0\]' expected an int >= 1, got 0"),
-        (lambda: LearningToBranch(4, [3], 2, tau=0), ValueError, r"LearningToBranch: argument 'tau' expected a float in"),
+        (
+            lambda: LearningToBranch(4, [3, 3], 2),
+            ValueError,
+            r"LearningToBranch: argument 'branches' expected 1 node counts \(one per layer below the last\), got \(\)",
+        ),
+        (
+            lambda: LearningToBranch(4, [3, 3], 2, branches=[0]),
+            ValueError,
+            r"LearningToBranch: argument 'branches\[0\]' expected an int >= 1, got 0",
+        ),
+        (
+            lambda: LearningToBranch(4, [3], 2, tau=0),
+            ValueError,
+            r"LearningToBranch: argument 'tau' expected a float in",
+        ),
         (lambda: LearningToBranch(4, [3], 2, hard=1), TypeError, r"LearningToBranch: argument 'hard' expected a bool"),
     ],
 )
@@ -575,9 +690,18 @@ def test_model_rejects_wrong_task_count():
         MultiTaskModel(ESMM(4, [3]), MultiTaskHeads(1, mixed_tasks(3)))
 
 
-@pytest.mark.parametrize("module", ["fastmtl.nn.cross_stitch", "fastmtl.nn.mtan", "fastmtl.nn.dselect_k",
-                                    "fastmtl.nn.shared_bottom", "fastmtl.nn.esmm", "fastmtl.nn.aitm",
-                                    "fastmtl.nn.learning_to_branch"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "fastmtl.nn.cross_stitch",
+        "fastmtl.nn.mtan",
+        "fastmtl.nn.dselect_k",
+        "fastmtl.nn.shared_bottom",
+        "fastmtl.nn.esmm",
+        "fastmtl.nn.aitm",
+        "fastmtl.nn.learning_to_branch",
+    ],
+)
 def test_docstring_examples_run(module):
     import doctest
     import importlib

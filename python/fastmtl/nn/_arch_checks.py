@@ -20,7 +20,9 @@ def check_count(owner: str, name: str, value, minimum: int) -> int:
 def check_widths(owner: str, name: str, widths) -> List[int]:
     """An int (one layer) or a non-empty sequence of layer widths, each an int >= 1."""
     if isinstance(widths, bool) or not isinstance(widths, (int, list, tuple)):
-        raise TypeError(f"{owner}: argument '{name}' expected an int or a sequence of ints, got {type(widths).__name__}")
+        raise TypeError(
+            f"{owner}: argument '{name}' expected an int or a sequence of ints, got {type(widths).__name__}"
+        )
     widths = [widths] if isinstance(widths, int) else list(widths)
     if not widths:
         raise ValueError(f"{owner}: argument '{name}' expected at least one layer width, got []")
@@ -31,7 +33,9 @@ def check_widths(owner: str, name: str, widths) -> List[int]:
 
 def check_activation(owner: str, activation) -> str:
     if activation not in ops.ACTIVATIONS:
-        raise ValueError(f"{owner}: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(
+            f"{owner}: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}"
+        )
     return activation
 
 

@@ -26,12 +26,16 @@ def calibrator_losses(logits) -> torch.Tensor:
     if isinstance(logits, Mapping):
         logits = list(logits.values())
     if not isinstance(logits, (list, tuple)) or not logits or not all(isinstance(a, torch.Tensor) for a in logits):
-        raise TypeError(f"AITM.calibrator_losses: argument 'logits' expected a non-empty sequence or dict of tensors, "
-                        f"got {type(logits).__name__}")
+        raise TypeError(
+            f"AITM.calibrator_losses: argument 'logits' expected a non-empty sequence or dict of tensors, "
+            f"got {type(logits).__name__}"
+        )
     flat = [a.reshape(a.shape[0], -1) for a in logits]
     if any(f.shape != flat[0].shape or f.shape[1] != 1 for f in flat):
-        raise ValueError(f"AITM.calibrator_losses: argument 'logits' expected one [B] or [B, 1] logit per task, "
-                         f"got shapes {[list(a.shape) for a in logits]}")
+        raise ValueError(
+            f"AITM.calibrator_losses: argument 'logits' expected one [B] or [B, 1] logit per task, "
+            f"got shapes {[list(a.shape) for a in logits]}"
+        )
     p = torch.sigmoid(torch.cat(flat, dim=1))  # [B, T]
     excess = torch.relu(p[:, 1:] - p[:, :-1]).mean(0)
     return torch.cat([excess.new_zeros(1), excess])
@@ -85,9 +89,16 @@ class AITM(nn.Module):
 
     calibrator_losses = staticmethod(calibrator_losses)
 
-    def __init__(self, in_features: int, tower_hidden: Union[int, Sequence[int]], num_tasks: int,
-                 shared_hidden: Optional[Union[int, Sequence[int]]] = None, activation: str = "relu",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        tower_hidden: Union[int, Sequence[int]],
+        num_tasks: int,
+        shared_hidden: Optional[Union[int, Sequence[int]]] = None,
+        activation: str = "relu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_count("AITM", "in_features", in_features, 1)
         towers = check_widths("AITM", "tower_hidden", tower_hidden)
@@ -98,8 +109,9 @@ class AITM(nn.Module):
         self.bottom = None
         fan_in = in_features
         if shared_hidden is not None:
-            self.bottom = FusedMLP(in_features, check_widths("AITM", "shared_hidden", shared_hidden), activation,
-                                   **factory)
+            self.bottom = FusedMLP(
+                in_features, check_widths("AITM", "shared_hidden", shared_hidden), activation, **factory
+            )
             fan_in = self.bottom.out_features
         h, steps = towers[-1], num_tasks - 1
         self.towers = ExpertBank(fan_in, num_tasks, towers, activation, **factory)
@@ -135,7 +147,8 @@ class AITM(nn.Module):
             transferred = torch.relu(torch.addmm(self.transfer_bias[step], z[-1], self.transfer_weight[step].t()))
             inputs = torch.stack([transferred, towers[step + 1]])  # [2, B, h]: p_{t-1}, q_t
             value, query, key = torch.nn.functional.linear(
-                inputs, self.attention_weight[step], self.attention_bias[step]).split(h, dim=2)
+                inputs, self.attention_weight[step], self.attention_bias[step]
+            ).split(h, dim=2)
             attention = torch.softmax((query * key).sum(2) / math.sqrt(h), dim=0)  # [2, B]
             z.append((attention.unsqueeze(2) * value).sum(0))
         return torch.stack(z)

@@ -43,8 +43,16 @@ class CrossStitch(nn.Module):
     (torch.Size([2, 5, 8]), torch.Size([2, 2, 2]))
     """
 
-    def __init__(self, in_features: int, hidden_features: Union[int, Sequence[int]], num_tasks: int,
-                 activation: str = "relu", self_weight: float = 0.9, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Union[int, Sequence[int]],
+        num_tasks: int,
+        activation: str = "relu",
+        self_weight: float = 0.9,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_count("CrossStitch", "in_features", in_features, 1)
         widths = check_widths("CrossStitch", "hidden_features", hidden_features)
@@ -55,7 +63,8 @@ class CrossStitch(nn.Module):
         factory = {"device": device, "dtype": dtype}
         fan_ins = [in_features] + widths[:-1]
         self.weights = nn.ParameterList(
-            [nn.Parameter(torch.empty(num_tasks, n, k, **factory)) for n, k in zip(widths, fan_ins)])
+            [nn.Parameter(torch.empty(num_tasks, n, k, **factory)) for n, k in zip(widths, fan_ins)]
+        )
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(num_tasks, n, **factory)) for n in widths])
         self.stitch = nn.Parameter(torch.empty(len(widths), num_tasks, num_tasks, **factory))
         self.reset_parameters()
@@ -89,5 +98,7 @@ class CrossStitch(nn.Module):
         return list(self.task_features(x).unbind(0))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
-                f"num_tasks={self.num_tasks}, activation={self.activation!r}")
+        return (
+            f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
+            f"num_tasks={self.num_tasks}, activation={self.activation!r}"
+        )

@@ -59,8 +59,18 @@ class DSelectK(nn.Module):
     (torch.Size([2, 6, 5]), True)
     """
 
-    def __init__(self, in_features: int, num_experts: int, expert_hidden: Union[int, Sequence[int]], num_tasks: int,
-                 k: int = 2, gamma: float = 1.0, activation: str = "relu", device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        expert_hidden: Union[int, Sequence[int]],
+        num_tasks: int,
+        k: int = 2,
+        gamma: float = 1.0,
+        activation: str = "relu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_count("DSelectK", "in_features", in_features, 1)
         check_count("DSelectK", "num_experts", num_experts, 1)
@@ -83,8 +93,11 @@ class DSelectK(nn.Module):
         self.mixing_bias = nn.Parameter(torch.empty(T, k, **factory))
         # codes[e, j] = bit j of e.
         codes = [[(e >> j) & 1 for j in range(m)] for e in range(num_experts)]
-        self.register_buffer("codes", torch.tensor(codes, dtype=self.selector_weight.dtype, device=device).reshape(
-            num_experts, m), persistent=False)
+        self.register_buffer(
+            "codes",
+            torch.tensor(codes, dtype=self.selector_weight.dtype, device=device).reshape(num_experts, m),
+            persistent=False,
+        )
         self.reset_parameters()
 
     @property
@@ -148,5 +161,7 @@ class DSelectK(nn.Module):
         return list(self.task_features(x).unbind(0))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, num_experts={self.num_experts}, "
-                f"expert_hidden={list(self.expert_hidden)}, num_tasks={self.num_tasks}, k={self.k}, gamma={self.gamma}")
+        return (
+            f"in_features={self.in_features}, num_experts={self.num_experts}, "
+            f"expert_hidden={list(self.expert_hidden)}, num_tasks={self.num_tasks}, k={self.k}, gamma={self.gamma}"
+        )

@@ -77,24 +77,33 @@ class ESMM(nn.Module):
     True
     """
 
-    def __init__(self, in_features: int, tower_hidden: Union[int, Sequence[int]],
-                 shared_hidden: Optional[Union[int, Sequence[int]]] = None, activation: str = "relu",
-                 task_names: Sequence[str] = ("ctr", "ctcvr"), device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        tower_hidden: Union[int, Sequence[int]],
+        shared_hidden: Optional[Union[int, Sequence[int]]] = None,
+        activation: str = "relu",
+        task_names: Sequence[str] = ("ctr", "ctcvr"),
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_count("ESMM", "in_features", in_features, 1)
         towers = check_widths("ESMM", "tower_hidden", tower_hidden)
         self.activation = check_activation("ESMM", activation)
         names = tuple(task_names) if isinstance(task_names, (list, tuple)) else None
         if names is None or len(names) != 2 or not all(isinstance(n, str) for n in names) or names[0] == names[1]:
-            raise ValueError(f"ESMM: argument 'task_names' expected two different names (CTR task, CTCVR task), "
-                             f"got {task_names!r}")
+            raise ValueError(
+                f"ESMM: argument 'task_names' expected two different names (CTR task, CTCVR task), got {task_names!r}"
+            )
         self.in_features, self.num_tasks, self.task_names = in_features, 2, names
         factory = {"device": device, "dtype": dtype}
         self.bottom = None
         fan_in = in_features
         if shared_hidden is not None:
-            self.bottom = FusedMLP(in_features, check_widths("ESMM", "shared_hidden", shared_hidden), activation,
-                                   **factory)
+            self.bottom = FusedMLP(
+                in_features, check_widths("ESMM", "shared_hidden", shared_hidden), activation, **factory
+            )
             fan_in = self.bottom.out_features
         self.towers = ExpertBank(fan_in, 2, towers, activation, **factory)
         self.logit_weight = nn.Parameter(torch.empty(2, towers[-1], **factory))
@@ -156,13 +165,17 @@ class ESMM(nn.Module):
                 got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"ESMM.targets: argument '{name}' expected a 1-D tensor [B], got {got}")
         if conversion.shape != click.shape:
-            raise ValueError(f"ESMM.targets: argument 'conversion' expected shape {list(click.shape)} (as 'click'), "
-                             f"got {list(conversion.shape)}")
+            raise ValueError(
+                f"ESMM.targets: argument 'conversion' expected shape {list(click.shape)} (as 'click'), "
+                f"got {list(conversion.shape)}"
+            )
         click = click.to(torch.promote_types(click.dtype, torch.float32)) if not click.is_floating_point() else click
         clicked = click == 1
         if bool(torch.isnan(conversion[clicked]).any()):
-            raise ValueError("ESMM.targets: argument 'conversion' expected 0/1 labels on every clicked impression, "
-                             "got NaN on a clicked one")
+            raise ValueError(
+                "ESMM.targets: argument 'conversion' expected 0/1 labels on every clicked impression, "
+                "got NaN on a clicked one"
+            )
         ctcvr = torch.where(clicked, conversion.to(click.dtype), torch.where(click == 0, 0.0, math.nan).to(click.dtype))
         return {self.task_names[0]: click, self.task_names[1]: ctcvr}
 

@@ -50,16 +50,27 @@ class LearningToBranch(nn.Module):
     [[0, 0], [0, 0, 0]]
     """
 
-    def __init__(self, in_features: int, hidden_features: Union[int, Sequence[int]], num_tasks: int,
-                 branches: Sequence[int] = (), tau: float = 1.0, hard: bool = True, activation: str = "relu",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Union[int, Sequence[int]],
+        num_tasks: int,
+        branches: Sequence[int] = (),
+        tau: float = 1.0,
+        hard: bool = True,
+        activation: str = "relu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_count("LearningToBranch", "in_features", in_features, 1)
         widths = check_widths("LearningToBranch", "hidden_features", hidden_features)
         check_count("LearningToBranch", "num_tasks", num_tasks, 1)
         if not isinstance(branches, (list, tuple)) or len(branches) != len(widths) - 1:
-            raise ValueError(f"LearningToBranch: argument 'branches' expected {len(widths) - 1} node counts (one per "
-                             f"layer below the last), got {branches!r}")
+            raise ValueError(
+                f"LearningToBranch: argument 'branches' expected {len(widths) - 1} node counts (one per "
+                f"layer below the last), got {branches!r}"
+            )
         for i, n in enumerate(branches):
             check_count("LearningToBranch", f"branches[{i}]", n, 1)
         self.tau = check_float("LearningToBranch", "tau", tau, 0.0, float("inf"), low_open=True)
@@ -72,10 +83,12 @@ class LearningToBranch(nn.Module):
         factory = {"device": device, "dtype": dtype}
         fan_ins = [in_features] + widths[:-1]
         self.weights = nn.ParameterList(
-            [nn.Parameter(torch.empty(n, w, k, **factory)) for n, w, k in zip(self.nodes, widths, fan_ins)])
+            [nn.Parameter(torch.empty(n, w, k, **factory)) for n, w, k in zip(self.nodes, widths, fan_ins)]
+        )
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(n, w, **factory)) for n, w in zip(self.nodes, widths)])
         self.branch_logits = nn.ParameterList(
-            [nn.Parameter(torch.zeros(n, parents, **factory)) for n, parents in zip(self.nodes[1:], self.nodes[:-1])])
+            [nn.Parameter(torch.zeros(n, parents, **factory)) for n, parents in zip(self.nodes[1:], self.nodes[:-1])]
+        )
         self.reset_parameters()
 
     @property
@@ -94,10 +107,15 @@ class LearningToBranch(nn.Module):
         ``noise``, the Gumbel noise ``[N_l, N_{l-1}]`` per layer) ``softmax((logits + noise) / tau)``,
         one-hot with a straight-through gradient when ``hard``; in eval mode without noise the
         one-hot of each node's most likely parent."""
-        if noise is not None and (not isinstance(noise, (list, tuple)) or len(noise) != len(self.branch_logits)
-                                  or any(n.shape != p.shape for n, p in zip(noise, self.branch_logits))):
-            raise ValueError(f"LearningToBranch.branch_gates: argument 'noise' expected one tensor per layer of shapes "
-                             f"{[list(p.shape) for p in self.branch_logits]}, got {noise!r}")
+        if noise is not None and (
+            not isinstance(noise, (list, tuple))
+            or len(noise) != len(self.branch_logits)
+            or any(n.shape != p.shape for n, p in zip(noise, self.branch_logits))
+        ):
+            raise ValueError(
+                f"LearningToBranch.branch_gates: argument 'noise' expected one tensor per layer of shapes "
+                f"{[list(p.shape) for p in self.branch_logits]}, got {noise!r}"
+            )
         gates = []
         for layer, logits in enumerate(self.branch_logits):
             if noise is None and not self.training:
@@ -121,9 +139,13 @@ class LearningToBranch(nn.Module):
         check_input("LearningToBranch", x, self.in_features)
         if gates is None:
             gates = self.branch_gates()
-        elif len(gates) != len(self.branch_logits) or any(g.shape != p.shape for g, p in zip(gates, self.branch_logits)):
-            raise ValueError(f"LearningToBranch: argument 'gates' expected one tensor per layer of shapes "
-                             f"{[list(p.shape) for p in self.branch_logits]}, got {[list(g.shape) for g in gates]}")
+        elif len(gates) != len(self.branch_logits) or any(
+            g.shape != p.shape for g, p in zip(gates, self.branch_logits)
+        ):
+            raise ValueError(
+                f"LearningToBranch: argument 'gates' expected one tensor per layer of shapes "
+                f"{[list(p.shape) for p in self.branch_logits]}, got {[list(g.shape) for g in gates]}"
+            )
         weights, biases = list(self.weights._parameters.values()), list(self.biases._parameters.values())
         h = torch.ops.fastmtl.fused_experts.default(x, [weights[0]], [biases[0]], self.activation)[0]
         for layer in range(1, len(weights)):
@@ -135,5 +157,7 @@ class LearningToBranch(nn.Module):
         return list(self.task_features(x, gates).unbind(0))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
-                f"nodes={list(self.nodes)}, tau={self.tau}, hard={self.hard}")
+        return (
+            f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
+            f"nodes={list(self.nodes)}, tau={self.tau}, hard={self.hard}"
+        )

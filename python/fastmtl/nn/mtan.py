@@ -49,8 +49,15 @@ class MTAN(nn.Module):
     (torch.Size([3, 4, 8]), torch.Size([3, 3]))
     """
 
-    def __init__(self, in_features: int, hidden_features: Union[int, Sequence[int]], num_tasks: int,
-                 activation: str = "relu", device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Union[int, Sequence[int]],
+        num_tasks: int,
+        activation: str = "relu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_count("MTAN", "in_features", in_features, 1)
         widths = check_widths("MTAN", "hidden_features", hidden_features)
@@ -63,7 +70,8 @@ class MTAN(nn.Module):
         self.bridges = nn.ModuleList([FusedMLP(a, b, activation, **factory) for a, b in zip(widths[:-1], widths[1:])])
         fan_ins = [widths[0]] + [2 * w for w in widths[1:]]
         self.attention_weights1 = nn.ParameterList(
-            [nn.Parameter(torch.empty(T, w, k, **factory)) for w, k in zip(widths, fan_ins)])
+            [nn.Parameter(torch.empty(T, w, k, **factory)) for w, k in zip(widths, fan_ins)]
+        )
         self.attention_biases1 = nn.ParameterList([nn.Parameter(torch.empty(T, w, **factory)) for w in widths])
         self.attention_weights2 = nn.ParameterList([nn.Parameter(torch.empty(T, w, w, **factory)) for w in widths])
         self.attention_biases2 = nn.ParameterList([nn.Parameter(torch.empty(T, w, **factory)) for w in widths])
@@ -77,7 +85,9 @@ class MTAN(nn.Module):
         self.shared.reset_parameters()
         for bridge in self.bridges:
             bridge.reset_parameters()
-        for params in zip(self.attention_weights1, self.attention_biases1, self.attention_weights2, self.attention_biases2):
+        for params in zip(
+            self.attention_weights1, self.attention_biases1, self.attention_weights2, self.attention_biases2
+        ):
             w1, b1, w2, b2 = params
             for t in range(self.num_tasks):
                 linear_init_(w1[t], b1[t])
@@ -108,5 +118,7 @@ class MTAN(nn.Module):
         return list(self.task_features(x).unbind(0))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
-                f"num_tasks={self.num_tasks}, activation={self.activation!r}")
+        return (
+            f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
+            f"num_tasks={self.num_tasks}, activation={self.activation!r}"
+        )

@@ -33,9 +33,16 @@ class SharedBottom(nn.Module):
     torch.Size([2])
     """
 
-    def __init__(self, in_features: int, bottom_hidden: Union[int, Sequence[int]],
-                 tower_hidden: Union[int, Sequence[int]], num_tasks: int, activation: str = "relu",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        bottom_hidden: Union[int, Sequence[int]],
+        tower_hidden: Union[int, Sequence[int]],
+        num_tasks: int,
+        activation: str = "relu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_count("SharedBottom", "in_features", in_features, 1)
         bottom = check_widths("SharedBottom", "bottom_hidden", bottom_hidden)

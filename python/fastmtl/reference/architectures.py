@@ -13,8 +13,20 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cross_stitch", "mtan", "dselect_k", "dselect_k_gates", "dselect_k_selector_entropy", "shared_bottom",
-           "esmm", "esmm_losses", "aitm", "aitm_calibrator", "learning_to_branch", "learning_to_branch_gates"]
+__all__ = [
+    "cross_stitch",
+    "mtan",
+    "dselect_k",
+    "dselect_k_gates",
+    "dselect_k_selector_entropy",
+    "shared_bottom",
+    "esmm",
+    "esmm_losses",
+    "aitm",
+    "aitm_calibrator",
+    "learning_to_branch",
+    "learning_to_branch_gates",
+]
 
 
 def _mlp(x, weights, biases, activation):
@@ -98,7 +110,9 @@ def _dselect_choices(x, selector_weight, selector_bias, num_experts, gamma):
             r = torch.stack(columns, dim=1)
             if num_experts != 2**m:
                 total = r.sum(1, keepdim=True)
-                r = torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(r))
+                r = torch.where(
+                    total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(r)
+                )
             row.append(r)
         choices.append(row)
     return choices
@@ -124,8 +138,17 @@ def dselect_k_selector_entropy(x, selector_weight, selector_bias, num_experts, g
     return total
 
 
-def dselect_k(x, expert_weights, expert_biases, selector_weight, selector_bias, mixing_weight, mixing_bias,
-              gamma=1.0, activation="relu"):
+def dselect_k(
+    x,
+    expert_weights,
+    expert_biases,
+    selector_weight,
+    selector_bias,
+    mixing_weight,
+    mixing_bias,
+    gamma=1.0,
+    activation="relu",
+):
     """Task t's representation ``sum_e q_t(x)_e expert_e(x)``: ``[T, B, h]``."""
     E = expert_weights[0].shape[0]
     experts = [_tower(x, expert_weights, expert_biases, e, activation) for e in range(E)]
@@ -136,15 +159,31 @@ def dselect_k(x, expert_weights, expert_biases, selector_weight, selector_bias, 
 def shared_bottom(x, bottom_weights, bottom_biases, tower_weights, tower_biases, activation="relu"):
     """Tower t of the bottom's output: ``[T, B, h]``."""
     z = _mlp(x, bottom_weights, bottom_biases, activation)
-    return torch.stack([_tower(z, tower_weights, tower_biases, t, activation) for t in range(tower_weights[0].shape[0])])
+    return torch.stack(
+        [_tower(z, tower_weights, tower_biases, t, activation) for t in range(tower_weights[0].shape[0])]
+    )
 
 
-def esmm(x, bottom_weights: Optional[Sequence[torch.Tensor]], bottom_biases, tower_weights, tower_biases,
-         logit_weight, logit_bias, activation="relu") -> Tuple[torch.Tensor, torch.Tensor]:
+def esmm(
+    x,
+    bottom_weights: Optional[Sequence[torch.Tensor]],
+    bottom_biases,
+    tower_weights,
+    tower_biases,
+    logit_weight,
+    logit_bias,
+    activation="relu",
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Ma et al. 2018: ``(pCTR, pCVR)``, ``[B]`` each: the sigmoid of each tower's logit layer."""
     z = _bottom(x, bottom_weights, bottom_biases, activation)
-    ctr, cvr = (torch.sigmoid(F.linear(_tower(z, tower_weights, tower_biases, t, activation), logit_weight[t:t + 1],
-                                       logit_bias[t:t + 1])[:, 0]) for t in range(2))
+    ctr, cvr = (
+        torch.sigmoid(
+            F.linear(
+                _tower(z, tower_weights, tower_biases, t, activation), logit_weight[t : t + 1], logit_bias[t : t + 1]
+            )[:, 0]
+        )
+        for t in range(2)
+    )
     return ctr, cvr
 
 
@@ -162,8 +201,18 @@ def esmm_losses(pctr, pcvr, click, ctcvr):
     return torch.stack(losses)
 
 
-def aitm(x, bottom_weights, bottom_biases, tower_weights, tower_biases, transfer_weight, transfer_bias,
-         attention_weight, attention_bias, activation="relu"):
+def aitm(
+    x,
+    bottom_weights,
+    bottom_biases,
+    tower_weights,
+    tower_biases,
+    transfer_weight,
+    transfer_bias,
+    attention_weight,
+    attention_bias,
+    activation="relu",
+):
     """Xi et al. 2021: ``z_1 = q_1``, ``p_{t-1} = relu(V z_{t-1} + c)``, ``z_t = sum_u w_u h1(u)``
     over ``u in (p_{t-1}, q_t)``, ``w = softmax_u(<h2(u), h3(u)> / sqrt(h))``. ``attention_weight``
     rows: h1, h2, h3. Returns ``[T, B, h]``."""
@@ -175,7 +224,7 @@ def aitm(x, bottom_weights, bottom_biases, tower_weights, tower_biases, transfer
     for t in range(1, T):
         p = torch.relu(F.linear(z[t - 1], transfer_weight[t - 1], transfer_bias[t - 1]))
         w, b = attention_weight[t - 1], attention_bias[t - 1]
-        h1, h2, h3 = ((w[i * h:(i + 1) * h], b[i * h:(i + 1) * h]) for i in range(3))
+        h1, h2, h3 = ((w[i * h : (i + 1) * h], b[i * h : (i + 1) * h]) for i in range(3))
         scores = [(F.linear(u, *h2) * F.linear(u, *h3)).sum(1) / math.sqrt(h) for u in (p, q[t])]
         top = torch.maximum(scores[0], scores[1])
         e = [torch.exp(s - top) for s in scores]
