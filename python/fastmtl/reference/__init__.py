@@ -3,7 +3,8 @@ built from ``torch.nn.functional`` and autograd. Slow and obvious on purpose: th
 One module per module of :mod:`fastmtl.ops` (trunk, heads, experts, per_task, aggregation), and
 :mod:`.mtl_backward_loop` for :func:`fastmtl.mtl_backward`."""
 
-from . import aggregation
+from . import aggregation, architectures
+from .architectures import *  # noqa: F401, F403  (its __all__: the architecture modules)
 from .aggregation import *  # noqa: F401, F403  (its __all__: the aggregation ops)
 from .experts import fused_experts, gated_mixture
 from .heads import multitask_head_loss, pack_targets
@@ -20,4 +21,4 @@ __all__ = [
     "gated_mixture",
     "task_gram",
     "mtl_backward",
-] + list(aggregation.__all__)
+] + list(aggregation.__all__) + list(architectures.__all__)

@@ -1,0 +1,70 @@
+"""SharedBottom (Caruana 1997; torch-rechub's and DeepCTR's baseline): a shared bottom MLP and one
+tower MLP per task."""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._arch_checks import check_activation, check_count, check_input, check_widths
+from .experts import ExpertBank
+from .fused_mlp import FusedMLP
+
+
+class SharedBottom(nn.Module):
+    """``bottom`` (a :class:`FusedMLP`, shared) then ``towers`` (an :class:`ExpertBank` of T tower
+    MLPs with the same widths, one per task); task t's representation is ``tower_t(bottom(x))``.
+
+    The towers of the recommendation libraries end in a one-unit output layer: here that layer is
+    task t's head in :class:`MultiTaskHeads`. Without towers SharedBottom is just
+    ``MultiTaskModel(FusedMLP(...), heads)`` (hard sharing, the fused path of ``mtl_backward``);
+    with them the towers are per-task parameters, so it is a trunk with one representation per task.
+
+    Fused ops: the bottom in one :func:`fastmtl.ops.fused_mlp` call, all towers in one
+    :func:`fastmtl.ops.fused_experts` call (towers as experts on the shared bottom output).
+
+    >>> import torch, fastmtl
+    >>> trunk = fastmtl.nn.SharedBottom(10, bottom_hidden=[32], tower_hidden=[16, 8], num_tasks=2)
+    >>> tasks = [fastmtl.Task("click", "binary"), fastmtl.Task("buy", "binary")]
+    >>> model = fastmtl.nn.MultiTaskModel(trunk, fastmtl.nn.MultiTaskHeads(8, tasks))
+    >>> model.losses(torch.randn(4, 10), {"click": torch.tensor([0., 1., 1., 0.]), "buy": torch.zeros(4)}).shape
+    torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        bottom_hidden: Union[int, Sequence[int]],
+        tower_hidden: Union[int, Sequence[int]],
+        num_tasks: int,
+        activation: str = "relu",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        check_count("SharedBottom", "in_features", in_features, 1)
+        bottom = check_widths("SharedBottom", "bottom_hidden", bottom_hidden)
+        towers = check_widths("SharedBottom", "tower_hidden", tower_hidden)
+        check_count("SharedBottom", "num_tasks", num_tasks, 1)
+        self.activation = check_activation("SharedBottom", activation)
+        self.in_features, self.num_tasks = in_features, num_tasks
+        factory = {"device": device, "dtype": dtype}
+        self.bottom = FusedMLP(in_features, bottom, activation, **factory)
+        self.towers = ExpertBank(bottom[-1], num_tasks, towers, activation, **factory)
+
+    @property
+    def out_features(self) -> int:
+        return self.towers.out_features
+
+    def task_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The towers' outputs stacked: ``[num_tasks, B, out_features]``."""
+        check_input("SharedBottom", x, self.in_features)
+        return self.towers(self.bottom(x))
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return list(self.task_features(x).unbind(0))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_tasks={self.num_tasks}"
