@@ -232,3 +232,33 @@ def test_bad_input_raises_naming_the_argument():
         fastmtl.mtl_backward(losses, z, agg.Mean(), mode="ghost")
     with pytest.raises(ValueError, match="'features' expected a tensor or a non-empty sequence"):
         fastmtl.mtl_backward(losses, [], agg.Mean())
+
+
+def test_options_are_checked_once_for_every_path():
+    model = mlp_model()
+    x, y = batch()
+    losses, z = model.losses(x, y)
+    with pytest.raises(TypeError, match=r"fastmtl.mtl_backward: unexpected keyword arguments \['gram_evry'\]"):
+        fastmtl.mtl_backward(losses, z, agg.Mean(), gram_evry=2)
+    with pytest.raises(ValueError, match="'gram_path' expected 'auto'"):
+        fastmtl.mtl_backward(losses, z, agg.Mean(), gram_path="ghost")
+    with pytest.raises(ValueError, match="'ddp_gram' expected one of"):
+        fastmtl.engine.MTLBackwardOptions(ddp_gram="global")
+    assert fastmtl.engine.MTLBackwardOptions.of("f", {}) == fastmtl.engine.MTLBackwardOptions()
+    tasks = [fastmtl.Task("a", "regression"), fastmtl.Task("b", "binary")]
+    fused = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(6, [8]), fastmtl.nn.MultiTaskHeads(8, tasks))
+    targets = {"a": torch.randn(4), "b": torch.ones(4)}
+    with pytest.raises(TypeError, match=r"MultiTaskModel.mtl_backward: unexpected keyword arguments \['shared'\]"):
+        fused.mtl_backward(torch.randn(4, 6), targets, agg.Mean(), shared=None)
+
+
+def test_the_gram_every_schedule_is_kept_by_the_engine_not_written_into_the_model():
+    tasks = [fastmtl.Task("a", "regression"), fastmtl.Task("b", "binary")]
+    model = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(6, [8]), fastmtl.nn.MultiTaskHeads(8, tasks))
+    before = set(vars(model))
+    targets = {"a": torch.randn(4), "b": torch.ones(4)}
+    flags = [model.mtl_backward(torch.randn(4, 6), targets, agg.UPGrad(), gram_every=2).gram_computed
+             for _ in range(3)]
+    assert flags == [True, False, True]
+    assert set(vars(model)) == before
+    assert isinstance(fastmtl.engine.schedule_of(model), fastmtl.engine.WeightSchedule)

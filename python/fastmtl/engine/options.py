@@ -71,9 +71,14 @@ class MTLBackwardOptions:
     @classmethod
     def of(cls, function: str, options: Mapping[str, Any]) -> "MTLBackwardOptions":
         """The options of a call's keyword arguments; TypeError naming ``function`` for unknown ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+        if not options:
+            return _DEFAULTS
+        unknown = sorted(set(options) - _OPTION_NAMES)
         if unknown:
-            raise TypeError(f"{function}: unexpected keyword arguments {unknown}; the options are {sorted(known)} "
-                            f"(see fastmtl.engine.MTLBackwardOptions)")
+            raise TypeError(f"{function}: unexpected keyword arguments {unknown}; the options are "
+                            f"{sorted(_OPTION_NAMES)} (see fastmtl.engine.MTLBackwardOptions)")
         return cls(**options)
+
+
+_OPTION_NAMES = frozenset(f.name for f in fields(MTLBackwardOptions))
+_DEFAULTS = MTLBackwardOptions()  # frozen: one shared instance for calls that set no option

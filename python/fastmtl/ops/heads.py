@@ -139,7 +139,9 @@ def multitask_head_loss_with_saved(
     layout = task_layout(tasks)
     if isinstance(targets, Mapping):
         targets = pack_targets(targets, layout, loss_dtype(z.dtype))
-    return torch.ops.fastmtl.multitask_head_loss.default(z, weight, bias, targets, layout.loss_names, layout.num_outputs)
+    return torch.ops.fastmtl.multitask_head_loss.default(
+        z, weight, bias, targets, layout.loss_names, layout.num_outputs
+    )
 
 
 # ---- fake kernels (torch.compile tracing, meta tensors, opcheck)
