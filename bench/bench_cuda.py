@@ -102,15 +102,16 @@ def step_gemm_flops(size, tasks):
 def gemm_rate(size, tasks, device, dtype, repeats):
     """FLOP/s torch.mm reaches on the step's GEMM shapes (the floor no step implementation beats)."""
     dims = [size["in_features"], *size["widths"], sum(t.num_outputs for t in tasks)]
-    mats = [(torch.randn(size["batch"], a, device=device, dtype=dtype), torch.randn(a, b, device=device, dtype=dtype))
-            for a, b in zip(dims[:-1], dims[1:])]
+    mats = [(torch.randn(size["batch"], a, device=device, dtype=dtype), torch.randn(a, b, device=device, dtype=dtype),
+             torch.randn(size["batch"], b, device=device, dtype=dtype)) for a, b in zip(dims[:-1], dims[1:])]
 
     def run():
-        for a, b in mats:
-            torch.mm(a, b)
-            torch.mm(a.t(), torch.mm(a, b))  # the dW-shaped product
+        for a, w, g in mats:  # the forward, dW and dx shapes of one layer
+            torch.mm(a, w)
+            torch.mm(a.t(), g)
+            torch.mm(g, w.t())
     seconds = timed(run, device, repeats)
-    flops = sum(2 * size["batch"] * a.shape[1] * b.shape[1] * 2 for a, b in mats)
+    flops = sum(3 * 2 * size["batch"] * a.shape[1] * w.shape[1] for a, w, _ in mats)
     return flops / seconds
 
 
