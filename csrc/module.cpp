@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/isa.h"
+#include "kernels/select.h"
 
 namespace py = pybind11;
 
@@ -24,7 +25,18 @@ PYBIND11_MODULE(_C, m) {
 #elif defined(__GNUC__)
         info["compiler"] = "gcc " __VERSION__;
 #endif
+        // Per op and device, the steps it runs now (kernels/select.h; FASTMTL_KERNELS as set now):
+        // "cpu" / "cuda" (the custom kernels) or "portable" (the ATen steps).
+        py::dict kernels;
+        for (const char* op : fastmtl::kernels::device_table_ops()) {
+          py::dict per_device;
+          per_device["cpu"] = fastmtl::kernels::kernels_name(op, c10::DeviceType::CPU);
+          per_device["cuda"] = fastmtl::kernels::kernels_name(op, c10::DeviceType::CUDA);
+          kernels[op] = per_device;
+        }
+        info["kernels"] = kernels;
         return info;
       },
-      "What this build of fastmtl is: version, torch it was built against, CUDA kernels, threads.");
+      "What this build of fastmtl is: version, torch it was built against, CUDA kernels, the kernels each op "
+      "runs per device, threads.");
 }

@@ -51,6 +51,14 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(params=["custom", "portable"])
+def kernels(request, monkeypatch):
+    """FASTMTL_KERNELS for the test: the custom kernels of the device, or the portable ATen steps
+    (csrc/kernels/select.h; read by every op call, so setting it here switches the test's ops)."""
+    monkeypatch.setenv("FASTMTL_KERNELS", request.param)
+    return request.param
+
+
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = ""):
     """Elementwise |a - e| <= rtol * |e| + rtol * max|e|: relative to each entry, with an absolute
     floor at rtol times the tensor's scale (so entries that cancel to ~0 are judged at that scale).

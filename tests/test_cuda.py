@@ -1,11 +1,14 @@
-"""What only the CUDA kernels have: 16-bit dtypes (error within 2x plain PyTorch's in the same dtype),
+"""What only CUDA has: 16-bit dtypes (error within 2x plain PyTorch's in the same dtype),
 opcheck and torch.compile on CUDA, CUDA-graph capture of a training step, bit-for-bit repeatable
 reductions, the task-table split of the kernels (> 128 tasks), NaN for invalid targets (the CPU op
 raises; CUDA cannot without a host synchronisation), and clear errors for mixed devices.
 
 The accuracy criterion runs on CPU in float32 as well (fastmtl float32 against PyTorch float32),
 so its logic is exercised where there is no GPU; the 16-bit dtypes and everything else here need
-a GPU and fastmtl's CUDA kernels, and skip otherwise.
+a GPU and fastmtl's CUDA kernels, and skip otherwise. Every op, module and engine path is also
+checked on CUDA against the CPU in float32 / float16 / bfloat16, with both kernel choices
+(FASTMTL_KERNELS=custom: the CUDA kernels; =portable: the ATen steps, the default on CUDA until a
+GPU run has verified the custom ones). None of this has run on a GPU yet.
 """
 
 import copy
@@ -16,7 +19,10 @@ import torch
 
 from fastmtl import Task, ops, reference
 from fastmtl.nn import FusedMLP, MultiTaskHeads, MultiTaskModel
+import fastmtl
 from conftest import HAS_CUDA_KERNELS, assert_rel_close, mixed_tasks, random_head_inputs, random_targets
+from fastmtl.nn import MMoE, PLE, SoftSharedLinear
+from op_cases import case_id, convert, flatten, op_cases
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and fastmtl built with CUDA kernels")
 
@@ -305,12 +311,12 @@ def test_more_tasks_than_one_kernel_launch_holds():
 @pytest.mark.parametrize(
     "task, bad",
     [
-        (Task("b", "binary"), 0.5),
+        (Task("b", "binary"), 1.5),
         (Task("c", "multiclass", num_outputs=3), 3.0),
         (Task("c", "multiclass", num_outputs=3), 1.5),
         (Task("r", "regression", num_outputs=2), math.inf),
     ],
-    ids=["bce-not-0-1", "ce-out-of-range", "ce-not-integer", "regression-inf"],
+    ids=["bce-outside-0-1", "ce-out-of-range", "ce-not-integer", "regression-inf"],
 )
 def test_invalid_target_makes_only_its_task_nan_on_cuda(task, bad):
     tasks = [Task("ok", "regression"), task]
@@ -352,3 +358,127 @@ def test_16bit_targets_must_be_float32():
     packed = ops.pack_targets({k: v.cuda() for k, v in random_targets(tasks, 4, gen).items()}, tasks, torch.float64)
     with pytest.raises(TypeError, match=r"'targets' expected dtype torch.float32 \(losses, scales and targets of a torch.bfloat16 'z'"):
         ops.multitask_head_loss(z, w, b, packed, tasks)
+
+
+@needs_cuda
+@pytest.mark.parametrize("task, soft", [(Task("b", "binary"), 0.5), (Task("b", "binary"), 0.125)])
+def test_bce_soft_label_is_valid_on_cuda(task, soft):
+    tasks = [Task("ok", "regression"), task]
+    gen = torch.Generator().manual_seed(110)
+    z, w, b = random_head_inputs(tasks, 6, 4, gen)
+    targets = random_targets(tasks, 6, gen, missing=0.0)
+    targets["b"][2] = soft
+    expected = reference.multitask_head_loss(z, w, b, targets, tasks)
+    got = ops.multitask_head_loss(z.cuda().float(), w.cuda().float(), b.cuda().float(),
+                                  {k: v.cuda() for k, v in targets.items()}, tasks)
+    assert_rel_close(got, expected, what="losses")
+
+
+# ---- every op, module and engine path on CUDA against the CPU, with both kernel choices
+
+CUDA_OP_CASES = op_cases(activations=("relu", "gelu", "silu", "identity"))
+# Tolerance of a CUDA result in each dtype against the float64 CPU op (which the op tests check
+# against fastmtl.reference): the dtype's rounding, a few operations deep.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_OP_CASES, ids=[case_id(c) for c in CUDA_OP_CASES])
+def test_every_op_on_cuda_matches_the_cpu_op(case, dtype, kernels):
+    name, args, _ = case
+    expected = flatten(getattr(torch.ops.fastmtl, name)(*args))
+    # Losses, scales, targets and task weights of 16-bit inputs are float32 (ops.loss_dtype).
+    wide = {"pack_targets": 3, "multitask_head_loss": 3, "multitask_head_loss_backward": 0}
+    cuda_args = list(convert(args, lambda t: t.to("cuda", dtype)))
+    if name == "pack_targets":
+        cuda_args = [[t.cuda() for t in args[0]], *args[1:4], torch.float32]
+    elif name in wide:
+        cuda_args[wide[name]] = args[wide[name]].to("cuda", ops.loss_dtype(dtype))
+        if name == "multitask_head_loss_backward":
+            cuda_args[4] = args[4].to("cuda", ops.loss_dtype(dtype))
+    elif name.startswith("mtl_"):
+        for i, a in enumerate(args):  # count_scale and task weights: loss dtype
+            if isinstance(a, torch.Tensor) and a.dim() == 1 and a.shape[0] == 6:
+                cuda_args[i] = a.to("cuda", ops.loss_dtype(dtype))
+    got = flatten(getattr(torch.ops.fastmtl, name)(*cuda_args))
+    rtol = TOLERANCE[dtype] * (10 if "gram" in name else 1)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.shape == e.shape, f"{name} output {i}"
+        if e.numel() and e.is_floating_point():
+            assert_rel_close(g, e, rtol=rtol, what=f"{name} output {i} ({kernels})")
+
+
+def _module_cases():
+    return {
+        "fused": lambda: FusedMLP(10, [16, 6], activation="gelu"),
+        "mmoe": lambda: MMoE(10, 4, [12, 6], 5),
+        "ple": lambda: PLE(10, 2, 1, [6], 5, num_levels=2),
+        "soft": lambda: SoftSharedLinear(10, 6, 5),
+        "converted": lambda: fastmtl.convert(
+            torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6), torch.nn.ReLU())
+        )[0],
+    }
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("trunk_kind", list(_module_cases()))
+def test_model_loss_backward_on_cuda_matches_cpu(trunk_kind, dtype, kernels):
+    torch.manual_seed(11)
+    tasks = mixed_tasks(5)
+    cpu_model = MultiTaskModel(_module_cases()[trunk_kind](), MultiTaskHeads(6, tasks)).double()
+    cuda_model_ = copy.deepcopy(cpu_model).to("cuda", dtype)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(33, 10, dtype=torch.float64)
+    targets = random_targets(tasks, 33, gen)
+    cpu_model.loss(x, targets).backward()
+    loss = cuda_model_.loss(x.to("cuda", dtype), {k: v.cuda() for k, v in targets.items()})
+    loss.backward()
+    assert_rel_close(loss, cpu_model.loss(x, targets), rtol=TOLERANCE[dtype], what="loss")
+    for (name, p), q in zip(cpu_model.named_parameters(), cuda_model_.parameters()):
+        assert_rel_close(q.grad, p.grad, rtol=10 * TOLERANCE[dtype], what=f"grad of {name}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["exact", "rep"])
+def test_model_mtl_backward_on_cuda_matches_cpu(mode, dtype, kernels):
+    torch.manual_seed(13)
+    tasks = mixed_tasks(4)
+    cpu_model = MultiTaskModel(FusedMLP(10, [16, 8]), MultiTaskHeads(8, tasks)).double()
+    cuda_model_ = copy.deepcopy(cpu_model).to("cuda", dtype)
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(29, 10, dtype=torch.float64)
+    targets = random_targets(tasks, 29, gen)
+    expected = cpu_model.mtl_backward(x, targets, fastmtl.aggregation.UPGrad(), mode=mode)
+    got = cuda_model_.mtl_backward(x.to("cuda", dtype), {k: v.cuda() for k, v in targets.items()},
+                                   fastmtl.aggregation.UPGrad(), mode=mode)
+    assert_rel_close(got.gram, expected.gram, rtol=10 * TOLERANCE[dtype], what="gram")
+    for (name, p), q in zip(cpu_model.named_parameters(), cuda_model_.parameters()):
+        assert_rel_close(q.grad, p.grad, rtol=10 * TOLERANCE[dtype], what=f"grad of {name}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("trunk_kind", ["fused", "converted"])
+def test_generic_mtl_backward_on_cuda_matches_cpu(trunk_kind, dtype, kernels):
+    torch.manual_seed(15)
+    tasks = mixed_tasks(5)
+    cpu_model = MultiTaskModel(_module_cases()[trunk_kind](), MultiTaskHeads(6, tasks)).double()
+    cuda_model_ = copy.deepcopy(cpu_model).to("cuda", dtype)
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(21, 10, dtype=torch.float64)
+    targets = random_targets(tasks, 21, gen)
+
+    def step(model, inputs, device_targets):
+        features = model.trunk(inputs)
+        losses = model.heads.losses(features, device_targets)
+        return fastmtl.mtl_backward(losses, features, fastmtl.aggregation.UPGrad(),
+                                    shared_params=list(model.trunk.parameters()))
+
+    expected = step(cpu_model, x, targets)
+    got = step(cuda_model_, x.to("cuda", dtype), {k: v.cuda() for k, v in targets.items()})
+    assert_rel_close(got.gram, expected.gram, rtol=10 * TOLERANCE[dtype], what="gram")
+    for (name, p), q in zip(cpu_model.trunk.named_parameters(), cuda_model_.trunk.parameters()):
+        assert_rel_close(q.grad, p.grad, rtol=10 * TOLERANCE[dtype], what=f"grad of {name}")

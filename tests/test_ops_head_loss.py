@@ -276,7 +276,7 @@ def test_bad_input_raises_with_argument_name(mutate, error, pattern):
         (1, 2, -1.0, r"row 1, column 2.*got -1"),
         (3, 2, 1.5, r"row 3, column 2.*got 1.5"),
         (2, 2, math.nan, r"row 2, column 2.*got nan"),
-        (1, 1, 2.0, r"row 1, column 1 \(task 1, loss 'bce'.*expected 0 or 1 \(NaN = missing\), got 2"),
+        (1, 1, 2.0, r"row 1, column 1 \(task 1, loss 'bce'.*expected a probability in \[0, 1\] \(soft labels allowed; NaN = missing\), got 2"),
         (3, 0, math.inf, r"row 3, column 0 \(task 0, loss 'mse'.*expected a finite value"),
     ],
     ids=["class-too-big", "class-negative", "class-fractional", "class-nan", "bce-2", "regression-inf"],

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "cpu/activation.h"
+#include "common/activation.h"
 
 namespace fastmtl::cpu {
 

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "cpu/activation.h"
+#include "common/activation.h"
 
 namespace fastmtl::cpu {
 

@@ -8,22 +8,6 @@
 namespace fastmtl::cpu {
 namespace {
 
-GateLayout layout_of(const at::Tensor& x, int64_t tasks, int64_t gate_width, int64_t features) {
-  const int64_t rows = x.size(-2);
-  if (x.dim() == 2) return {tasks, rows, gate_width, features, gate_width, tasks * gate_width};
-  return {tasks, rows, gate_width, features, rows * gate_width, gate_width};
-}
-
-// All gate logits in one GEMM: [B, T * K] for a shared x, [T, B, K] (batched) for per-task inputs.
-at::Tensor gate_logits(const at::Tensor& x, const at::Tensor& gate_weight) {
-  const int64_t tasks = gate_weight.size(0), width = gate_weight.size(1), d = gate_weight.size(2);
-  if (x.dim() == 2) return at::mm(x, gate_weight.view({tasks * width, d}).t()).view({x.size(0), tasks, width});
-  return at::bmm(x, gate_weight.transpose(1, 2));
-}
-
-}  // namespace
-
-namespace {
 
 // Row b of the forward: every task's softmax over its gate logits (in place), then its mixture.
 template <typename T>
@@ -154,49 +138,6 @@ void gated_mixture_backward(const GateLayout& g, int64_t num_experts, const T* g
       for (int64_t b = r0; b < r1; ++b) row(b, nullptr);
     });
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> gated_mixture(const at::Tensor& x, const at::Tensor& gate_weight,
-                                                 const at::Tensor* gate_bias, const at::Tensor& experts,
-                                                 const std::vector<int64_t>& index) {
-  const int64_t tasks = gate_weight.size(0), width = gate_weight.size(1), h = experts.size(2);
-  const GateLayout layout = layout_of(x, tasks, width, h);
-  at::Tensor gates = gate_logits(x, gate_weight);
-  at::Tensor mixtures = at::empty({tasks, layout.rows, h}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_gated_mixture", [&] {
-    gated_mixture_forward<scalar_t>(layout, gates.mutable_data_ptr<scalar_t>(),
-                                    gate_bias ? gate_bias->const_data_ptr<scalar_t>() : nullptr,
-                                    experts.const_data_ptr<scalar_t>(), index.data(),
-                                    mixtures.mutable_data_ptr<scalar_t>());
-  });
-  return {mixtures, gates};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mixture_backward(
-    const at::Tensor& grad_mixtures, const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& experts,
-    const at::Tensor& gates, const std::vector<int64_t>& index, bool has_bias, bool need_x_grad) {
-  const int64_t tasks = gate_weight.size(0), width = gate_weight.size(1), d = gate_weight.size(2);
-  const int64_t h = experts.size(2);
-  const GateLayout layout = layout_of(x, tasks, width, h);
-  at::Tensor grad_logits = at::empty_like(gates);
-  at::Tensor grad_experts = at::empty_like(experts);
-  at::Tensor grad_bias = has_bias ? at::empty({tasks, width}, x.options()) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_gated_mixture_backward", [&] {
-    gated_mixture_backward<scalar_t>(layout, experts.size(0), grad_mixtures.const_data_ptr<scalar_t>(),
-                                     gates.const_data_ptr<scalar_t>(), experts.const_data_ptr<scalar_t>(), index.data(),
-                                     grad_logits.mutable_data_ptr<scalar_t>(), grad_experts.mutable_data_ptr<scalar_t>(),
-                                     has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr);
-  });
-  at::Tensor grad_weight, grad_x = at::empty({0}, x.options());
-  if (x.dim() == 2) {
-    const at::Tensor flat = grad_logits.view({layout.rows, tasks * width});
-    grad_weight = at::mm(flat.t(), x).view({tasks, width, d});
-    if (need_x_grad) grad_x = at::mm(flat, gate_weight.view({tasks * width, d}));
-  } else {
-    grad_weight = at::bmm(grad_logits.transpose(1, 2), x);
-    if (need_x_grad) grad_x = at::bmm(grad_logits, gate_weight);
-  }
-  return {grad_x, grad_weight, grad_bias, grad_experts};
 }
 
 #define FASTMTL_INSTANTIATE(T)                                                                              \

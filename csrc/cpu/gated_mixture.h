@@ -1,5 +1,5 @@
 // The per-task softmax gates over experts and the gated mixtures (CPU). The gate logits of all
-// tasks come from one GEMM (csrc/cpu/gated_mixture.cpp); these passes do the rest, one row of the
+// tasks come from one GEMM (csrc/ops/gating.cpp); these passes do the rest, one row of the
 // batch per step, so the softmax, the mixture and, in backward, the gate and expert gradients of a
 // row are computed while its expert outputs are in cache.
 //
@@ -9,11 +9,7 @@
 // entry weighs.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <cstdint>
-#include <tuple>
-#include <vector>
 
 namespace fastmtl::cpu {
 
@@ -32,17 +28,5 @@ void gated_mixture_forward(const GateLayout& layout, T* gates, const T* gate_bia
 template <typename T>
 void gated_mixture_backward(const GateLayout& layout, int64_t num_experts, const T* grad_mixtures, const T* gates,
                             const T* experts, const int64_t* index, T* grad_logits, T* grad_experts, T* grad_bias);
-
-// The whole op on checked, contiguous inputs. x: [B, d] (one gate input for all tasks) or [T, B,
-// d]; gate_weight [T, K, d]; experts [E, B, h]. Returns (mixtures [T, B, h], gates: [B, T, K] or
-// [T, B, K] as x).
-std::tuple<at::Tensor, at::Tensor> gated_mixture(const at::Tensor& x, const at::Tensor& gate_weight,
-                                                 const at::Tensor* gate_bias, const at::Tensor& experts,
-                                                 const std::vector<int64_t>& index);
-
-// Returns (dx or [0], d gate_weight, d gate_bias or [0], d experts).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mixture_backward(
-    const at::Tensor& grad_mixtures, const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& experts,
-    const at::Tensor& gates, const std::vector<int64_t>& index, bool has_bias, bool need_x_grad);
 
 }  // namespace fastmtl::cpu

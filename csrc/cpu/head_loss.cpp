@@ -7,31 +7,10 @@
 #include <limits>
 
 namespace fastmtl {
-
-bool parse_loss(const std::string& name, LossKind* out) {
-  static const struct { const char* name; LossKind loss; } kTable[] = {
-      {"mse", LossKind::Mse}, {"l1", LossKind::L1}, {"huber", LossKind::Huber},
-      {"bce", LossKind::Bce}, {"ce", LossKind::Ce},
-  };
-  for (const auto& entry : kTable) {
-    if (name == entry.name) {
-      *out = entry.loss;
-      return true;
-    }
-  }
-  return false;
-}
-
-const char* loss_names() { return "mse, l1, huber, bce, ce"; }
-
 namespace cpu {
 namespace {
 
 constexpr int64_t kRowsPerChunk = 32;  // fixed, so the reduction order never depends on threads
-constexpr double kIgnoreIndex = -100.0;
-
-template <typename T>
-inline T sign_of(T d) { return T((d > T(0)) - (d < T(0))); }
 
 // One row of one regression task (mse / l1 / huber with beta 1): each column is its own entry.
 template <typename T>
@@ -39,52 +18,36 @@ inline void regression_row(LossKind loss, int64_t n, T* y, const T* bias, const 
                            int64_t* cnt, bool* bad, int64_t* bad_col, double* bad_val) {
   for (int64_t j = 0; j < n; ++j) {
     const T target = t[j];
-    if (std::isnan(target)) { y[j] = T(0); continue; }
-    if (!std::isfinite(target)) { *bad = true; *bad_col = j; *bad_val = double(target); y[j] = T(0); continue; }
-    const T d = y[j] + (bias ? bias[j] : T(0)) - target;
-    T l, g;
-    if (loss == LossKind::Mse) {
-      l = d * d; g = T(2) * d;
-    } else if (loss == LossKind::L1) {
-      l = std::abs(d); g = sign_of(d);
-    } else {  // huber == smooth_l1 with beta = 1
-      const T ad = std::abs(d);
-      if (ad < T(1)) { l = T(0.5) * d * d; g = d; } else { l = ad - T(0.5); g = sign_of(d); }
+    if (is_nan(target)) { y[j] = T(0); continue; }
+    if (!regression_target_valid(target)) {
+      if (!*bad) { *bad_col = j; *bad_val = double(target); }  // report the first invalid column
+      *bad = true;
+      y[j] = T(0);
+      continue;
     }
-    *sum += double(l);
+    const EntryLoss<T> e = regression_entry(loss, y[j] + (bias ? bias[j] : T(0)) - target);
+    *sum += double(e.loss);
     *cnt += 1;
-    y[j] = g;
+    y[j] = e.grad;
   }
 }
 
-// log1p(e) for e in [0, 1], as log(1 + e) corrected for the rounding of 1 + e (Goldberg's trick:
-// accurate to a few ulp). glibc's log1pf costs several logf, and this is the loss pass's hot spot.
-template <typename T>
-inline T log1p_unit(T e) {
-  const T u = T(1) + e;
-  return u == T(1) ? e : std::log(u) * (e / (u - T(1)));
-}
-
-// Binary cross-entropy with logits, stable for any logit: max(y,0) - y t + log1p(exp(-|y|)).
+// Binary cross-entropy with logits against a target probability (soft labels allowed).
 template <typename T>
 inline void bce_row(T* y, const T* bias, T target, double* sum, int64_t* cnt, bool* bad, double* bad_val) {
-  if (std::isnan(target)) { y[0] = T(0); return; }
-  if (!(target >= T(0) && target <= T(1))) { *bad = true; *bad_val = double(target); y[0] = T(0); return; }
-  const T x = y[0] + (bias ? bias[0] : T(0));
-  const T e = std::exp(-std::abs(x));
-  const T l = std::max(x, T(0)) - x * target + log1p_unit(e);
-  const T sig = (x >= T(0) ? T(1) : e) / (T(1) + e);  // sigmoid(x) without overflow, branch-free
-  *sum += double(l);
+  if (is_nan(target)) { y[0] = T(0); return; }
+  if (!bce_target_valid(target)) { *bad = true; *bad_val = double(target); y[0] = T(0); return; }
+  const EntryLoss<T> e = bce_entry(y[0] + (bias ? bias[0] : T(0)), target);
+  *sum += double(e.loss);
   *cnt += 1;
-  y[0] = sig - target;
+  y[0] = e.grad;
 }
 
 // Softmax cross-entropy over the task's own n columns, log-sum-exp stable; -100 = missing row.
 template <typename T>
 inline void ce_row(int64_t n, T* y, const T* bias, T target, double* sum, int64_t* cnt, bool* bad, double* bad_val) {
-  if (double(target) == kIgnoreIndex) { std::fill(y, y + n, T(0)); return; }
-  const bool valid = target >= T(0) && target < T(n) && std::floor(target) == target;
-  if (!valid) { *bad = true; *bad_val = double(target); std::fill(y, y + n, T(0)); return; }
+  if (ce_target_missing(target)) { std::fill(y, y + n, T(0)); return; }
+  if (!ce_target_valid(target, n)) { *bad = true; *bad_val = double(target); std::fill(y, y + n, T(0)); return; }
   const int64_t cls = static_cast<int64_t>(target);
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < n; ++j) {
@@ -100,7 +63,7 @@ inline void ce_row(int64_t n, T* y, const T* bias, T target, double* sum, int64_
   const T inv = T(1) / s;
   for (int64_t j = 0; j < n; ++j) y[j] *= inv;
   y[cls] -= T(1);
-  *sum += double(m + std::log(s) - y_cls);
+  *sum += double(ce_loss(m, s, y_cls));
   *cnt += 1;
 }
 

@@ -10,8 +10,11 @@
 namespace fastmtl::cpu {
 
 // Returns a contiguous [rows, cols] tensor backed by this thread's scratch slot `slot`
-// (contents undefined). Valid until the same slot is asked for again on this thread.
+// (contents undefined). Valid until the same slot is asked for again on this thread. CPU only:
+// on other devices (CUDA: the caching allocator already reuses memory, and a buffer shared between
+// calls would race across streams and pin memory into captured graphs; meta) a fresh tensor.
 inline at::Tensor scratch_matrix(size_t slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  if (options.device().type() != c10::DeviceType::CPU) return at::empty({rows, cols}, options);
   thread_local std::vector<at::Tensor> slots;
   if (slots.size() <= slot) slots.resize(slot + 1);
   at::Tensor& buffer = slots[slot];

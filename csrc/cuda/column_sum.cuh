@@ -63,13 +63,22 @@ __global__ void map_with_column_partials_kernel(int64_t rows, int64_t cols, Map 
   }
 }
 
+// col_sum[col] = sum over chunks of partial[chunk, col], parallel over the chunks too: block
+// (kSumTileCols, kSumLanes), lane l of a column adding chunks l, l + kSumLanes, ... in order, then
+// the lanes added in lane order. A fixed assignment and order: deterministic bits.
 template <typename T>
 __global__ void column_sum_finalize_kernel(int64_t num_chunks, int64_t cols, const double* partial, T* out) {
-  for (int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; col < cols;
-       col += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double total = 0.0;
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) total += partial[chunk * cols + col];
-    out[col] = store_as<T>(total);
+  __shared__ double lane_sum[kSumLanes][kSumTileCols];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumTileCols + threadIdx.x;
+  double total = 0.0;
+  if (col < cols)
+    for (int64_t chunk = threadIdx.y; chunk < num_chunks; chunk += kSumLanes) total += partial[chunk * cols + col];
+  lane_sum[threadIdx.y][threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    double sum = 0.0;
+    for (int lane = 0; lane < kSumLanes; ++lane) sum += lane_sum[lane][threadIdx.x];
+    out[col] = store_as<T>(sum);
   }
 }
 
@@ -84,7 +93,7 @@ cudaError_t map_with_column_sum(int64_t rows, int64_t cols, Map map, T* col_sum,
                   static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(num_chunks, 1), kMaxGridY)));
   const dim3 block(kSumTileCols, kSumLanes);
   if (num_chunks > 0) map_with_column_partials_kernel<<<grid, block, 0, stream>>>(rows, cols, map, workspace);
-  column_sum_finalize_kernel<T><<<blocks_for(cols), kThreads, 0, stream>>>(num_chunks, cols, workspace, col_sum);
+  column_sum_finalize_kernel<T><<<grid.x, block, 0, stream>>>(num_chunks, cols, workspace, col_sum);
   return cudaGetLastError();
 }
 

@@ -35,12 +35,6 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
 
 inline void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
 
-// The kernels index task columns with 32-bit offsets.
-inline void check_fits_int32(int64_t value, const char* op, const char* what) {
-  TORCH_CHECK_VALUE(value < (int64_t{1} << 31), "fastmtl.", op, ": ", what, " expected fewer than 2^31 on CUDA, got ",
-                    value);
-}
-
 }  // namespace fastmtl::cuda
 
 #define FASTMTL_DISPATCH_CUDA_FLOATING_TYPES(TYPE, NAME, ...) \

@@ -11,7 +11,6 @@ namespace {
 
 // Rows per chunk of the loss pass: the unit of its deterministic per-task reduction.
 constexpr int64_t kLossChunkRows = 32;
-constexpr double kIgnoreIndex = -100.0;
 
 struct DeviceTask {
   int32_t loss;  // LossKind
@@ -27,11 +26,10 @@ struct TaskTable {
   DeviceTask task[kMaxTasksPerLaunch];
 };
 
-template <typename C>
-__device__ __forceinline__ C sign_of(C d) { return C((d > C(0)) - (d < C(0))); }
-
 // Accumulates one (row, task) pair: its loss into sum, labelled entries into count, and replaces its
 // logits y by their gradient. t: the row's targets of this task; b: the task's bias or nullptr.
+// Validity and formulas: common/loss.h (shared with the CPU pass). An invalid target counts as an
+// entry with a NaN loss and NaN gradient.
 template <typename T>
 __device__ void task_row(const DeviceTask& task, T* y, const T* b, const loss_t<T>* t, double* sum, int64_t* count) {
   using C = compute_t<T>;
@@ -39,11 +37,11 @@ __device__ void task_row(const DeviceTask& task, T* y, const T* b, const loss_t<
   const LossKind loss = static_cast<LossKind>(task.loss);
   if (loss == LossKind::Ce) {
     const C target = static_cast<C>(t[0]);
-    if (static_cast<double>(target) == kIgnoreIndex) {
+    if (ce_target_missing(target)) {
       for (int j = 0; j < n; ++j) y[j] = store_as<T>(C(0));
       return;
     }
-    if (!(target >= C(0) && target < C(n) && floor(target) == target)) {
+    if (!ce_target_valid(target, n)) {
       for (int j = 0; j < n; ++j) y[j] = store_as<T>(C(quiet_nan()));
       *sum += quiet_nan();
       *count += 1;
@@ -67,61 +65,42 @@ __device__ void task_row(const DeviceTask& task, T* y, const T* b, const loss_t<
       const C v = to_compute(y[j]) + (b ? to_compute(b[j]) : C(0));
       y[j] = store_as<T>(exp(v - m) * inv - (j == cls ? C(1) : C(0)));
     }
-    *sum += static_cast<double>(m + log(s) - v_cls);
+    *sum += static_cast<double>(ce_loss(m, s, v_cls));
     *count += 1;
     return;
   }
   if (loss == LossKind::Bce) {
     const C target = static_cast<C>(t[0]);
-    if (isnan(target)) {
+    if (is_nan(target)) {
       y[0] = store_as<T>(C(0));
       return;
     }
-    if (!(target >= C(0) && target <= C(1))) {
+    *count += 1;
+    if (!bce_target_valid(target)) {
       y[0] = store_as<T>(C(quiet_nan()));
       *sum += quiet_nan();
-      *count += 1;
       return;
     }
-    const C x = to_compute(y[0]) + (b ? to_compute(b[0]) : C(0));
-    const C e = exp(-fabs(x));
-    *sum += static_cast<double>(fmax(x, C(0)) - x * target + log1p(e));
-    *count += 1;
-    y[0] = store_as<T>((x >= C(0) ? C(1) : e) / (C(1) + e) - target);
+    const EntryLoss<C> e = bce_entry(to_compute(y[0]) + (b ? to_compute(b[0]) : C(0)), target);
+    *sum += static_cast<double>(e.loss);
+    y[0] = store_as<T>(e.grad);
     return;
   }
   for (int j = 0; j < n; ++j) {  // mse, l1, huber: every column its own entry
     const C target = static_cast<C>(t[j]);
-    if (isnan(target)) {
+    if (is_nan(target)) {
       y[j] = store_as<T>(C(0));
       continue;
     }
     *count += 1;
-    if (isinf(target)) {
+    if (!regression_target_valid(target)) {
       y[j] = store_as<T>(C(quiet_nan()));
       *sum += quiet_nan();
       continue;
     }
-    const C d = to_compute(y[j]) + (b ? to_compute(b[j]) : C(0)) - target;
-    C l, g;
-    if (loss == LossKind::Mse) {
-      l = d * d;
-      g = C(2) * d;
-    } else if (loss == LossKind::L1) {
-      l = fabs(d);
-      g = sign_of(d);
-    } else {
-      const C ad = fabs(d);
-      if (ad < C(1)) {
-        l = C(0.5) * d * d;
-        g = d;
-      } else {
-        l = ad - C(0.5);
-        g = sign_of(d);
-      }
-    }
-    *sum += static_cast<double>(l);
-    y[j] = store_as<T>(g);
+    const EntryLoss<C> e = regression_entry(loss, to_compute(y[j]) + (b ? to_compute(b[j]) : C(0)) - target);
+    *sum += static_cast<double>(e.loss);
+    y[j] = store_as<T>(e.grad);
   }
 }
 
@@ -166,20 +145,36 @@ __global__ void head_loss_kernel(TaskTable table, int64_t num_tasks, int64_t row
   }
 }
 
+// Per task, the sum over row chunks of the loss kernel's partials: one block per task, thread i
+// adding chunks i, i + kThreads, ... in order, then a fixed tree over the threads (deterministic).
 template <typename L>
 __global__ void head_loss_finalize_kernel(int64_t num_tasks, int64_t num_chunks, const double* workspace_sum,
                                           const int64_t* workspace_count, L* losses, L* scale) {
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_tasks;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double total = 0.0;
-    int64_t count = 0;
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      total += workspace_sum[chunk * num_tasks + t];
-      count += workspace_count[chunk * num_tasks + t];
+  __shared__ double part_sum[kThreads];
+  __shared__ int64_t part_count[kThreads];
+  const int64_t t = blockIdx.x;
+  double total = 0.0;
+  int64_t count = 0;
+  for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += blockDim.x) {
+    total += workspace_sum[chunk * num_tasks + t];
+    count += workspace_count[chunk * num_tasks + t];
+  }
+  part_sum[threadIdx.x] = total;
+  part_count[threadIdx.x] = count;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) {
+      part_sum[threadIdx.x] += part_sum[threadIdx.x + width];
+      part_count[threadIdx.x] += part_count[threadIdx.x + width];
     }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
     // A task with nothing labelled contributes 0 and no gradient, never 0/0.
-    losses[t] = static_cast<L>(count > 0 ? total / static_cast<double>(count) : 0.0);
-    scale[t] = static_cast<L>(count > 0 ? 1.0 / static_cast<double>(count) : 0.0);
+    const double sum = part_sum[0];
+    const int64_t n = part_count[0];
+    losses[t] = static_cast<L>(n > 0 ? sum / static_cast<double>(n) : 0.0);
+    scale[t] = static_cast<L>(n > 0 ? 1.0 / static_cast<double>(n) : 0.0);
   }
 }
 
@@ -236,7 +231,7 @@ cudaError_t head_loss_forward(const HeadTask* tasks, int64_t num_tasks, int64_t 
         make_table(tasks, first, count), num_tasks, rows, logit_cols, target_cols, logits, bias, targets,
         workspace_sum, workspace_count);
   }
-  head_loss_finalize_kernel<loss_t<T>><<<blocks_for(num_tasks), kThreads, 0, stream>>>(
+  head_loss_finalize_kernel<loss_t<T>><<<static_cast<unsigned int>(num_tasks), kThreads, 0, stream>>>(
       num_tasks, num_chunks, workspace_sum, workspace_count, losses, scale);
   return cudaGetLastError();
 }
@@ -256,7 +251,17 @@ cudaError_t head_loss_backward_scale(const HeadTask* tasks, int64_t num_tasks, i
   return map_elements(rows, logit_cols, map, stream);
 }
 
+template <typename T>
+cudaError_t scale_columns(int64_t rows, int64_t cols, const T* in, const loss_t<T>* col_scale, T* out, T* col_sum,
+                          double* workspace, cudaStream_t stream) {
+  const ScaleColumnsMap<T> map{in, col_scale, out};
+  if (col_sum) return map_with_column_sum(rows, cols, map, col_sum, workspace, stream);
+  return map_elements(rows, cols, map, stream);
+}
+
 #define FASTMTL_INSTANTIATE(T)                                                                                     \
+  template cudaError_t scale_columns<T>(int64_t, int64_t, const T*, const loss_t<T>*, T*, T*, double*,             \
+                                        cudaStream_t);                                                             \
   template cudaError_t head_loss_forward<T>(const HeadTask*, int64_t, int64_t, int64_t, int64_t, T*, const T*,     \
                                             const loss_t<T>*, loss_t<T>*, loss_t<T>*, double*, int64_t*,           \
                                             cudaStream_t);                                                         \

@@ -14,8 +14,8 @@
 
 #include <cstdint>
 
-#include "cpu/activation.h"
-#include "cpu/head_loss.h"
+#include "common/activation.h"
+#include "common/loss.h"
 
 namespace fastmtl::cuda {
 
@@ -29,6 +29,9 @@ template <typename T> using loss_t = typename WideTypeOf<T>::type;
 
 // Applies M to every storage type the kernels are instantiated for.
 #define FASTMTL_FOR_EACH_KERNEL_TYPE(M) M(float) M(double) M(__half) M(__nv_bfloat16)
+
+// Tasks per launch of the engine's cotangent kernel (their column ranges travel by value).
+constexpr int kMaxTasksPerLaunchColumns = 256;
 
 // ---- trunk epilogues (one pass over a GEMM output [rows, cols], row-major)
 
@@ -51,6 +54,72 @@ template <typename T>
 cudaError_t activation_backward(Activation act, int64_t rows, int64_t cols, const T* grad, const T* saved, T* delta,
                                 T* bias_grad, double* workspace, cudaStream_t stream);
 
+// The same for `tasks` cotangents per row (the per-task engine): grad, delta [rows, tasks, cols],
+// saved [rows, cols]; bias_grad [tasks, cols] through column_sum_workspace(rows, tasks * cols).
+template <typename T>
+cudaError_t activation_backward_tasks(Activation act, int64_t rows, int64_t tasks, int64_t cols, const T* grad,
+                                      const T* saved, T* delta, T* bias_grad, double* workspace, cudaStream_t stream);
+
+// out = in * col_scale per column and, if col_sum, its column sums (workspace as above). out may be in.
+template <typename T>
+cudaError_t scale_columns(int64_t rows, int64_t cols, const T* in, const loss_t<T>* col_scale, T* out, T* col_sum,
+                          double* workspace, cudaStream_t stream);
+
+// ---- per-task engine
+
+// Column ranges of the tasks, by value in the kernel arguments (as the loss kernel's task table).
+struct TaskColumns {
+  int32_t count;
+  int32_t first;                         // index of entry 0 among all tasks
+  int32_t offset[kMaxTasksPerLaunchColumns];
+  int32_t width[kMaxTasksPerLaunchColumns];
+};
+
+// out[b, t, :] = sum over task t's columns j of logit_grad[b, j] col_scale[j] head[j, :], for the
+// tasks [first, first + count) of `columns`; out is [rows, num_tasks, features].
+template <typename T>
+cudaError_t task_cotangents(const TaskColumns& columns, int64_t num_tasks, int64_t rows, int64_t logit_cols,
+                            int64_t features, const T* logit_grad, const loss_t<T>* col_scale, const T* head, T* out,
+                            cudaStream_t stream);
+
+// ---- experts: [E, B, cols] stacks
+
+// pre[e, i, j] = in[e * in_expert_stride + i * in_row_stride + j] + bias[e, j]; out == nullptr:
+// pre = act(that) in place; else out = act(pre). in may be pre.
+template <typename T>
+cudaError_t expert_bias_activation(Activation act, int64_t experts, int64_t rows, int64_t cols, const T* in,
+                                   int64_t in_expert_stride, int64_t in_row_stride, const T* bias, T* pre, T* out,
+                                   cudaStream_t stream);
+
+// delta[e * delta_expert_stride + i * delta_row_stride + j] = grad[e, i, j] * act'(saved[e, i, j]);
+// bias_grad [E, cols] (if not null) = sum over rows, through column_sum_workspace(rows, E * cols).
+template <typename T>
+cudaError_t expert_activation_backward(Activation act, int64_t experts, int64_t rows, int64_t cols, const T* grad,
+                                       const T* saved, T* delta, int64_t delta_expert_stride, int64_t delta_row_stride,
+                                       T* bias_grad, double* workspace, cudaStream_t stream);
+
+// ---- gated mixture
+
+// The gate index by value: expert[t * K + k] for every gate entry (more entries: the portable steps).
+constexpr int kMaxGateEntries = 1024;
+struct GateTable {
+  int32_t tasks, gate_width, num_experts;
+  int64_t task_stride, row_stride;  // of the gates / gate logits ([T, B, K] view)
+  int16_t expert[kMaxGateEntries];
+};
+
+// gates: logits (+ gate_bias [T, K]) on entry, softmax over k on return; mixtures [T, B, h].
+template <typename T>
+cudaError_t gated_mixture_forward(const GateTable& table, int64_t rows, int64_t features, T* gates, const T* gate_bias,
+                                  const T* experts, T* mixtures, cudaStream_t stream);
+
+// grad_logits (the gates' layout), grad_experts [E, B, h], grad_bias [T, K] if not null (through
+// column_sum_workspace(rows, T * K)).
+template <typename T>
+cudaError_t gated_mixture_backward(const GateTable& table, int64_t rows, int64_t features, const T* grad_mixtures,
+                                   const T* gates, const T* experts, T* grad_logits, T* grad_experts, T* grad_bias,
+                                   double* workspace, cudaStream_t stream);
+
 // ---- heads and losses
 
 // Tasks handled by one launch: the task table travels by value as a kernel argument (no host to
@@ -64,7 +133,7 @@ int64_t head_loss_workspace(int64_t rows, int64_t num_tasks);
 // logits [rows, logit_cols] (the GEMM output without bias) become, in place, each entry's raw
 // dl/dlogit (0 where missing, not yet divided by the count); targets [rows, target_cols] in
 // loss_t<T>. losses[t] = mean over labelled entries (0 if none), scale[t] = 1/count (0 if none).
-// An invalid target (bce not 0/1/NaN, ce not an index in range or -100, regression +-inf) makes its
+// An invalid target (bce outside [0, 1] and not NaN, ce not an index in range or -100, regression +-inf) makes its
 // task's loss and that entry's gradient NaN: the CPU op raises instead, which would need a host
 // synchronisation here.
 template <typename T>

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <sstream>
 #include <string>
@@ -93,13 +94,27 @@ inline std::string indexed(const char* arg, size_t i) { return std::string(arg) 
 
 namespace fastmtl::ops {
 
-// Ops are registered for the CPU and CUDA dispatch keys with one entry point each, which checks
-// the arguments (so a tensor on the wrong device is reported by name) and then runs the kernel of
-// the device. Until a device has kernels, its tensors get this error.
-[[noreturn]] inline void no_kernel_for_device(const char* op, const at::Tensor& t, const char* arg) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "fastmtl.", op, ": no kernel for device ", t.device(), " (argument '", arg,
-                              "'); this build of fastmtl has ",
-                              FASTMTL_WITH_CUDA ? "CPU and CUDA kernels" : "CPU kernels only");
+// Every op is registered for the CPU and CUDA dispatch keys with one entry point each (and for the
+// fastmtl_portable library, see ops/library.cpp); the entry checks the arguments, makes the tensors'
+// device current (CUDA) and runs the op's one orchestration with the steps kernels/select.h picks.
+class OpDeviceGuard {
+ public:
+  explicit OpDeviceGuard(const at::Tensor& t) {
+    if (t.is_cuda()) guard_.reset_device(t.device());
+  }
+
+ private:
+  c10::OptionalDeviceGuard guard_;
+};
+
+}  // namespace fastmtl::ops
+
+namespace fastmtl::ops {
+
+// The CUDA kernels index task columns with 32-bit offsets.
+inline void check_fits_int32(int64_t value, const char* op, const char* what) {
+  TORCH_CHECK_VALUE(value < (int64_t{1} << 31), "fastmtl.", op, ": ", what, " expected fewer than 2^31 on CUDA, got ",
+                    value);
 }
 
 }  // namespace fastmtl::ops

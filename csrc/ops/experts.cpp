@@ -1,10 +1,13 @@
-// fastmtl::fused_experts, fastmtl::gated_mixture and their backward ops: argument checks and
-// device dispatch.
+// fastmtl::fused_experts, fastmtl::gated_mixture and their backward ops: argument checks, then the
+// one orchestration of each (ops/expert_stack.cpp, ops/gating.cpp) with the steps kernels/select.h
+// picks for the device.
 #include <torch/library.h>
 
-#include "cpu/fused_experts.h"
-#include "cpu/gated_mixture.h"
+#include "common/activation.h"
+#include "kernels/select.h"
 #include "ops/checks.h"
+#include "ops/expert_stack.h"
+#include "ops/gating.h"
 
 namespace fastmtl::ops {
 namespace {
@@ -26,7 +29,7 @@ std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
 void check_batch(const at::Tensor& x, const char* op) {
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "fastmtl.", op, ": argument 'x' expected a 2-D [B, d] or 3-D ",
                     "tensor, got shape ", shape_str(x.sizes()));
-  check_float_dtype(x, op, "x");
+  check_compute_dtype(x, op, "x");
   TORCH_CHECK_VALUE(x.size(-2) >= 1, "fastmtl.", op, ": argument 'x' expected a batch of at least 1 row, got shape ",
                     shape_str(x.sizes()));
 }
@@ -36,6 +39,8 @@ void check_batch(const at::Tensor& x, const char* op) {
 void check_experts(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases) {
   constexpr const char* op = "fused_experts";
   check_batch(x, op);
+  TORCH_CHECK_VALUE(x.size(-1) >= 1, "fastmtl.fused_experts: argument 'x' expected at least 1 input feature "
+                    "(in_features >= 1), got shape ", shape_str(x.sizes()));
   TORCH_CHECK_VALUE(!weights.empty(), "fastmtl.fused_experts: argument 'weights' expected at least one layer, got 0");
   TORCH_CHECK_VALUE(biases.empty() || biases.size() == weights.size(), "fastmtl.fused_experts: argument 'biases' "
                     "expected ", weights.size(), " tensors (one per layer) or none, got ", biases.size());
@@ -65,16 +70,19 @@ void check_experts(const at::Tensor& x, const std::vector<at::Tensor>& weights, 
   }
 }
 
+template <kernels::Choice choice>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_experts_entry(const at::Tensor& x,
                                                                     const std::vector<at::Tensor>& weights,
                                                                     const std::vector<at::Tensor>& biases,
                                                                     const std::string& activation) {
   const Activation act = check_activation("fused_experts", activation);
   check_experts(x, weights, biases);
-  if (!x.is_cpu()) no_kernel_for_device("fused_experts", x, "x");
-  return cpu::fused_experts_forward(x.contiguous(), contiguous_all(weights), contiguous_all(biases), act);
+  const OpDeviceGuard guard(x);
+  return experts_forward(kernels::steps_for("fused_experts", x, choice), x.contiguous(), contiguous_all(weights),
+                         contiguous_all(biases), act);
 }
 
+template <kernels::Choice choice>
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_experts_backward_entry(
     const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
     const std::vector<at::Tensor>& saved, const std::string& activation, bool has_bias, bool need_input_grad) {
@@ -96,9 +104,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_e
                       indexed("saved", l), "' expected shape ", shape_str(shape), ", got ", shape_str(saved[l].sizes()));
     check_like(saved[l], x, op, indexed("saved", l), "x");
   }
-  if (!x.is_cpu()) no_kernel_for_device(op, x, "x");
-  return cpu::fused_experts_backward(grad_out.contiguous(), x.contiguous(), contiguous_all(weights), out.contiguous(),
-                                     contiguous_all(saved), act, has_bias, need_input_grad);
+  const OpDeviceGuard guard(x);
+  return experts_backward(kernels::steps_for(op, x, choice), grad_out.contiguous(), x.contiguous(),
+                          contiguous_all(weights), out.contiguous(), contiguous_all(saved), act, has_bias,
+                          need_input_grad);
 }
 
 // ---- gated_mixture
@@ -152,6 +161,7 @@ void check_gate_bias(const char* op, const at::Tensor& bias, const at::Tensor& g
   check_size(bias, 1, gate_weight.size(1), op, "gate_bias", "gate_weight.shape[1]");
 }
 
+template <kernels::Choice choice>
 std::tuple<at::Tensor, at::Tensor> gated_mixture_entry(const at::Tensor& x, const at::Tensor& gate_weight,
                                                        const std::optional<at::Tensor>& gate_bias,
                                                        const at::Tensor& experts, c10::ArrayRef<int64_t> expert_index) {
@@ -162,11 +172,12 @@ std::tuple<at::Tensor, at::Tensor> gated_mixture_entry(const at::Tensor& x, cons
     check_gate_bias(op, *gate_bias, gate_weight, x);
     bias = gate_bias->contiguous();
   }
-  if (!x.is_cpu()) no_kernel_for_device(op, x, "x");
-  return cpu::gated_mixture(x.contiguous(), gate_weight.contiguous(), bias.defined() ? &bias : nullptr,
-                            experts.contiguous(), index);
+  const OpDeviceGuard guard(x);
+  return ops::gated_mixture_forward(kernels::steps_for(op, x, choice), x.contiguous(), gate_weight.contiguous(), bias,
+                                    experts.contiguous(), index);
 }
 
+template <kernels::Choice choice>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mixture_backward_entry(
     const at::Tensor& grad_mixtures, const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& experts,
     const at::Tensor& gates, c10::ArrayRef<int64_t> expert_index, bool has_bias, bool need_x_grad) {
@@ -182,25 +193,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mixture_backwar
   TORCH_CHECK_VALUE(grad_mixtures.sizes() == at::IntArrayRef(out_shape), "fastmtl.gated_mixture_backward: argument ",
                     "'grad_mixtures' expected shape ", shape_str(out_shape), ", got ", shape_str(grad_mixtures.sizes()));
   check_like(grad_mixtures, x, op, "grad_mixtures", "x");
-  if (!x.is_cpu()) no_kernel_for_device(op, x, "x");
-  return cpu::gated_mixture_backward(grad_mixtures.contiguous(), x.contiguous(), gate_weight.contiguous(),
-                                     experts.contiguous(), gates.contiguous(), index, has_bias, need_x_grad);
+  const OpDeviceGuard guard(x);
+  return ops::gated_mixture_backward(kernels::steps_for(op, x, choice), grad_mixtures.contiguous(), x.contiguous(),
+                                     gate_weight.contiguous(), experts.contiguous(), gates.contiguous(), index,
+                                     has_bias, need_x_grad);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
-  m.impl("fused_experts", &fused_experts_entry);
-  m.impl("fused_experts_backward", &fused_experts_backward_entry);
-  m.impl("gated_mixture", &gated_mixture_entry);
-  m.impl("gated_mixture_backward", &gated_mixture_backward_entry);
-}
+#define FASTMTL_REGISTER_EXPERT_OPS(m, CHOICE)                                         \
+  m.impl("fused_experts", &fused_experts_entry<CHOICE>);                              \
+  m.impl("fused_experts_backward", &fused_experts_backward_entry<CHOICE>);            \
+  m.impl("gated_mixture", &gated_mixture_entry<CHOICE>);                              \
+  m.impl("gated_mixture_backward", &gated_mixture_backward_entry<CHOICE>);
 
-TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
-  m.impl("fused_experts", &fused_experts_entry);
-  m.impl("fused_experts_backward", &fused_experts_backward_entry);
-  m.impl("gated_mixture", &gated_mixture_entry);
-  m.impl("gated_mixture_backward", &gated_mixture_backward_entry);
+TORCH_LIBRARY_IMPL(fastmtl, CPU, m) { FASTMTL_REGISTER_EXPERT_OPS(m, kernels::Choice::Auto) }
+TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) { FASTMTL_REGISTER_EXPERT_OPS(m, kernels::Choice::Auto) }
+TORCH_LIBRARY_IMPL(fastmtl_portable, CompositeExplicitAutograd, m) {
+  FASTMTL_REGISTER_EXPERT_OPS(m, kernels::Choice::ForcePortable)
 }
+#undef FASTMTL_REGISTER_EXPERT_OPS
 
 }  // namespace fastmtl::ops

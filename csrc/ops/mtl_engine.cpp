@@ -1,19 +1,37 @@
 // The per-task engine ops of fastmtl's own model (mtl_trunk_gram, mtl_representation_gram,
-// mtl_weighted_backward): argument checks and device dispatch. They take what the forward ops
+// mtl_weighted_backward): argument checks, then the one orchestration of each (ops/engine.cpp)
+// with the steps kernels/select.h picks for the device. They take what the forward ops
 // (fused_mlp, multitask_head_loss) returned, so a step runs each forward once.
+//
+// 16-bit inputs (CUDA): the engine computes in float32 (a Gram matrix of bfloat16 gradients summed
+// in bfloat16 would lose the digits the aggregators need): its inputs are widened once here, the
+// Gram matrix and Jacobian come back in float32 and the gradients in their parameters' dtype.
 #include <torch/library.h>
 
-#include "cpu/mtl_engine.h"
+#include "kernels/select.h"
+#include "ops/engine.h"
 #include "ops/task_spec.h"
 #include "ops/trunk_checks.h"
 
 namespace fastmtl::ops {
 namespace {
 
-cpu::GramPath check_gram_path(const char* op, const std::string& name) {
-  if (name == "auto") return cpu::GramPath::Auto;
-  if (name == "materialise") return cpu::GramPath::Materialise;
-  if (name == "ghost") return cpu::GramPath::Ghost;
+// Contiguous, and float32 for 16-bit storage (see the top of this file).
+at::Tensor engine_input(const at::Tensor& t) {
+  return is_16bit_float(t.scalar_type()) ? t.to(at::kFloat).contiguous() : t.contiguous();
+}
+
+std::vector<at::Tensor> engine_inputs(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(engine_input(t));
+  return out;
+}
+
+GramPath check_gram_path(const char* op, const std::string& name) {
+  if (name == "auto") return GramPath::Auto;
+  if (name == "materialise") return GramPath::Materialise;
+  if (name == "ghost") return GramPath::Ghost;
   TORCH_CHECK_VALUE(false, "fastmtl.", op, ": argument 'gram_path' expected one of auto, materialise, ghost, got '",
                     name, "'");
 }
@@ -44,11 +62,12 @@ void check_head_side(const char* op, const at::Tensor& ref, int64_t rows, int64_
   vectors.insert(vectors.end(), task_vectors.begin(), task_vectors.end());
   for (const auto& [name, t] : vectors) {
     check_dim(*t, 1, op, name);
-    check_like(*t, ref, op, name, "x");
+    check_loss_like(*t, ref, op, name, "x");
     check_size(*t, 0, tasks, op, name, "one per task");
   }
 }
 
+template <kernels::Choice choice>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mtl_trunk_gram_entry(
     const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
     const std::vector<at::Tensor>& saved, const std::string& activation, bool has_bias, const at::Tensor& head_weight,
@@ -56,31 +75,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtl_trunk_gram_entry(
     c10::ArrayRef<int64_t> num_outputs, const std::string& gram_path, bool keep_jacobian) {
   constexpr const char* op = "mtl_trunk_gram";
   const Activation act = check_activation(op, activation);
-  const cpu::GramPath path = check_gram_path(op, gram_path);
+  const GramPath path = check_gram_path(op, gram_path);
   check_trunk_weights(op, x, weights);
   check_trunk_saved(op, act, activation, x, weights, out, saved);
   check_head_side(op, x, x.size(0), weights.back().size(0), head_weight, logit_grad, count_scale,
                   {{"task_weights", &task_weights}}, num_outputs);
-  if (!x.is_cpu()) no_kernel_for_device(op, x, "x");
-  cpu::TrunkGram result = cpu::trunk_task_gram(
-      x.contiguous(), contiguous_all(weights), out.contiguous(), contiguous_all(saved), act, has_bias,
-      head_weight.contiguous(), logit_grad.contiguous(), count_scale.contiguous(), task_weights.contiguous(),
-      num_outputs.vec(), path, keep_jacobian);
+  const OpDeviceGuard guard(x);
+  TrunkGram result = trunk_task_gram(
+      kernels::steps_for(op, x, choice), engine_input(x), engine_inputs(weights), engine_input(out),
+      engine_inputs(saved), act, has_bias, engine_input(head_weight), engine_input(logit_grad),
+      engine_input(count_scale), engine_input(task_weights), num_outputs.vec(), path, keep_jacobian);
   return {result.gram, result.jacobian, result.layer_paths};
 }
 
+template <kernels::Choice choice>
 at::Tensor mtl_representation_gram_entry(const at::Tensor& head_weight, const at::Tensor& logit_grad,
                                          const at::Tensor& count_scale, const at::Tensor& task_weights,
                                          c10::ArrayRef<int64_t> num_outputs) {
   constexpr const char* op = "mtl_representation_gram";
-  check_float_dtype(logit_grad, op, "logit_grad");
+  check_compute_dtype(logit_grad, op, "logit_grad");
   check_head_side(op, logit_grad, -1, -1, head_weight, logit_grad, count_scale, {{"task_weights", &task_weights}},
                   num_outputs);
-  if (!logit_grad.is_cpu()) no_kernel_for_device(op, logit_grad, "logit_grad");
-  return cpu::representation_gram(head_weight.contiguous(), logit_grad.contiguous(), count_scale.contiguous(),
-                                  task_weights.contiguous(), num_outputs.vec());
+  const OpDeviceGuard guard(logit_grad);
+  return representation_gram(kernels::steps_for(op, logit_grad, choice), engine_input(head_weight),
+                             engine_input(logit_grad), engine_input(count_scale), engine_input(task_weights),
+                             num_outputs.vec());
 }
 
+template <kernels::Choice choice>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 mtl_weighted_backward_entry(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
                             const std::vector<at::Tensor>& saved, const std::string& activation, bool has_bias,
@@ -95,26 +117,32 @@ mtl_weighted_backward_entry(const at::Tensor& x, const std::vector<at::Tensor>& 
   check_head_side(op, x, x.size(0), weights.back().size(0), head_weight, logit_grad, count_scale,
                   {{"head_task_weights", &head_task_weights}, {"trunk_task_weights", &trunk_task_weights}},
                   num_outputs);
-  if (!x.is_cpu()) no_kernel_for_device(op, x, "x");
-  cpu::WeightedBackward r = cpu::weighted_backward(
-      x.contiguous(), contiguous_all(weights), out.contiguous(), contiguous_all(saved), act, has_bias,
-      head_weight.contiguous(), head_has_bias, logit_grad.contiguous(), count_scale.contiguous(),
-      head_task_weights.contiguous(), trunk_task_weights.contiguous(), num_outputs.vec(), need_input_grad);
-  return {r.head_weight_grad, r.head_bias_grad, r.input_grad, r.weight_grads, r.bias_grads};
+  const OpDeviceGuard guard(x);
+  WeightedBackward r = weighted_backward(
+      kernels::steps_for(op, x, choice), engine_input(x), engine_inputs(weights), engine_input(out),
+      engine_inputs(saved), act, has_bias, engine_input(head_weight), head_has_bias, engine_input(logit_grad),
+      engine_input(count_scale), engine_input(head_task_weights), engine_input(trunk_task_weights),
+      num_outputs.vec(), need_input_grad);
+  // Gradients in their parameters' dtype (a no-op unless the inputs were 16-bit).
+  const at::ScalarType dtype = x.scalar_type();
+  for (auto& g : r.weight_grads) g = g.to(dtype);
+  for (auto& g : r.bias_grads) g = g.to(dtype);
+  return {r.head_weight_grad.to(dtype), r.head_bias_grad.to(dtype), r.input_grad.to(dtype), r.weight_grads,
+          r.bias_grads};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
-  m.impl("mtl_trunk_gram", &mtl_trunk_gram_entry);
-  m.impl("mtl_representation_gram", &mtl_representation_gram_entry);
-  m.impl("mtl_weighted_backward", &mtl_weighted_backward_entry);
-}
+#define FASTMTL_REGISTER_ENGINE_OPS(m, CHOICE)                                   \
+  m.impl("mtl_trunk_gram", &mtl_trunk_gram_entry<CHOICE>);                       \
+  m.impl("mtl_representation_gram", &mtl_representation_gram_entry<CHOICE>);     \
+  m.impl("mtl_weighted_backward", &mtl_weighted_backward_entry<CHOICE>);
 
-TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
-  m.impl("mtl_trunk_gram", &mtl_trunk_gram_entry);
-  m.impl("mtl_representation_gram", &mtl_representation_gram_entry);
-  m.impl("mtl_weighted_backward", &mtl_weighted_backward_entry);
+TORCH_LIBRARY_IMPL(fastmtl, CPU, m) { FASTMTL_REGISTER_ENGINE_OPS(m, kernels::Choice::Auto) }
+TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) { FASTMTL_REGISTER_ENGINE_OPS(m, kernels::Choice::Auto) }
+TORCH_LIBRARY_IMPL(fastmtl_portable, CompositeExplicitAutograd, m) {
+  FASTMTL_REGISTER_ENGINE_OPS(m, kernels::Choice::ForcePortable)
 }
+#undef FASTMTL_REGISTER_ENGINE_OPS
 
 }  // namespace fastmtl::ops

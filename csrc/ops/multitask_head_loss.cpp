@@ -1,35 +1,29 @@
-// fastmtl::multitask_head_loss and its backward on CPU: argument checks (ops/head_loss_checks.h,
-// shared with the CUDA entry points in csrc/cuda/) and the CPU kernels.
+// fastmtl::multitask_head_loss and its backward: argument checks (ops/head_loss_checks.h), then
+// the one orchestration (ops/heads.cpp) with the steps kernels/select.h picks for the device. On
+// CPU an invalid target raises ValueError naming the task; elsewhere (no host synchronisation) it
+// makes that task's loss NaN.
 #include <torch/library.h>
 
-#include <cmath>
-
-#include "cpu/multitask_head_loss.h"
+#include "kernels/select.h"
 #include "ops/head_loss_checks.h"
+#include "ops/heads.h"
 
 namespace fastmtl::ops {
 namespace {
 
-constexpr const char* kOp = "multitask_head_loss";
-
-const char* expected_target(LossKind loss) {
-  switch (loss) {
-    case LossKind::Bce: return "0 or 1 (NaN = missing)";
-    case LossKind::Ce: return "a class index in [0, num_outputs) or -100 (missing)";
-    default: return "a finite value (NaN = missing)";
-  }
-}
-
+template <kernels::Choice choice>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_entry(
     const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const std::vector<std::string>& losses, c10::ArrayRef<int64_t> num_outputs) {
   const TaskLayout layout = check_head_loss_args(z, weight, bias, targets, losses, num_outputs);
-  if (!z.is_cpu()) no_kernel_for_device(kOp, z, "z");
-
-  std::optional<at::Tensor> bias_c;
-  if (bias.has_value()) bias_c = bias->contiguous();
-  cpu::HeadLossForward result = cpu::multitask_head_loss_forward(z.contiguous(), weight.contiguous(), bias_c,
-                                                                 targets.contiguous(), layout.tasks);
+  if (z.is_cuda()) {  // the CUDA kernel indexes task columns with 32-bit offsets
+    check_fits_int32(layout.logit_cols, "multitask_head_loss", "the sum of num_outputs");
+    check_fits_int32(layout.target_cols, "multitask_head_loss", "the number of packed target columns");
+  }
+  const OpDeviceGuard guard(z);
+  HeadLossForward result =
+      head_loss_forward(kernels::steps_for("multitask_head_loss", z, choice), z.contiguous(), weight.contiguous(),
+                        bias.has_value() ? bias->contiguous() : at::Tensor(), targets.contiguous(), layout.tasks);
   if (result.bad.row >= 0) {
     const HeadTask& task = layout.tasks[result.bad.task];
     TORCH_CHECK_VALUE(false, "fastmtl.multitask_head_loss: argument 'targets' has an invalid value at row ",
@@ -40,30 +34,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_entry(
   return {result.losses, result.logit_grad, result.scale};
 }
 
+template <kernels::Choice choice>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_backward_entry(
     const at::Tensor& grad_losses, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& logit_grad,
     const at::Tensor& scale, c10::ArrayRef<int64_t> num_outputs, bool has_bias, bool need_z_grad) {
   constexpr const char* op = "multitask_head_loss_backward";
-  check_head_loss_backward_args(grad_losses, z, weight, logit_grad, scale, num_outputs);
-  if (!z.is_cpu()) no_kernel_for_device(op, z, "z");
-  return cpu::multitask_head_loss_backward(grad_losses.contiguous(), z.contiguous(), weight.contiguous(),
-                                           logit_grad.contiguous(), scale.contiguous(), num_outputs.vec(), has_bias,
-                                           need_z_grad);
+  const int64_t logit_cols = check_head_loss_backward_args(grad_losses, z, weight, logit_grad, scale, num_outputs);
+  if (z.is_cuda()) check_fits_int32(logit_cols, op, "the sum of num_outputs");
+  const OpDeviceGuard guard(z);
+  return head_loss_backward(kernels::steps_for(op, z, choice), grad_losses.contiguous(), z.contiguous(),
+                            weight.contiguous(), logit_grad.contiguous(), scale.contiguous(), num_outputs.vec(),
+                            has_bias, need_z_grad);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
-  m.impl("multitask_head_loss", &multitask_head_loss_entry);
-  m.impl("multitask_head_loss_backward", &multitask_head_loss_backward_entry);
+  m.impl("multitask_head_loss", &multitask_head_loss_entry<kernels::Choice::Auto>);
+  m.impl("multitask_head_loss_backward", &multitask_head_loss_backward_entry<kernels::Choice::Auto>);
 }
 
-#if !FASTMTL_WITH_CUDA
-// A build without CUDA kernels still checks CUDA tensors, then says it has no kernel for them.
 TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
-  m.impl("multitask_head_loss", &multitask_head_loss_entry);
-  m.impl("multitask_head_loss_backward", &multitask_head_loss_backward_entry);
+  m.impl("multitask_head_loss", &multitask_head_loss_entry<kernels::Choice::Auto>);
+  m.impl("multitask_head_loss_backward", &multitask_head_loss_backward_entry<kernels::Choice::Auto>);
 }
-#endif
+
+TORCH_LIBRARY_IMPL(fastmtl_portable, CompositeExplicitAutograd, m) {
+  m.impl("multitask_head_loss", &multitask_head_loss_entry<kernels::Choice::ForcePortable>);
+  m.impl("multitask_head_loss_backward", &multitask_head_loss_backward_entry<kernels::Choice::ForcePortable>);
+}
 
 }  // namespace fastmtl::ops

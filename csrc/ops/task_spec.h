@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/head_loss.h"
+#include "common/loss.h"
 #include "ops/checks.h"
 
 namespace fastmtl::ops {

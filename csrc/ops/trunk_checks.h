@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/activation.h"
+#include "common/activation.h"
 #include "ops/checks.h"
 
 namespace fastmtl::ops {

@@ -110,7 +110,9 @@ def multitask_head_loss(
     with none) in ``loss_dtype(z.dtype)``. Backward with upstream weights ``w`` gives
     ``dz = sum_t w_t dL_t/dz``.
 
-    An invalid target value (bce not 0/1, ce not a class index or -100, regression +-inf) raises
+    Targets: regression a finite value, bce a probability in [0, 1] (soft labels allowed), ce a
+    class index; NaN (regression, bce) or -100 (ce) = missing. An invalid target value (bce outside
+    [0, 1], ce not a class index or -100, regression +-inf) raises
     ValueError on CPU. On CUDA, where checking would need a host synchronisation every step (and
     break CUDA-graph capture), it makes that task's loss NaN instead.
 

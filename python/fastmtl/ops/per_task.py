@@ -157,15 +157,18 @@ def _mtl_trunk_gram_fake(x, weights, out, saved, activation, has_bias, head_weig
         raise ValueError(f"fastmtl.mtl_trunk_gram: argument 'gram_path' expected one of {GRAM_PATHS}, got {gram_path!r}")
     tasks = len(num_outputs)
     params = sum(w.numel() + (w.shape[0] if has_bias else 0) for w in weights)
-    jacobian = x.new_empty((tasks, params)) if keep_jacobian else x.new_empty((0,))
-    return x.new_empty((tasks, tasks)), jacobian, torch.empty((len(weights),), dtype=torch.int64)
+    # 16-bit inputs: the engine computes in float32 and returns its Gram matrix and Jacobian in it.
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    jacobian = x.new_empty((tasks, params), dtype=wide) if keep_jacobian else x.new_empty((0,), dtype=wide)
+    return x.new_empty((tasks, tasks), dtype=wide), jacobian, torch.empty((len(weights),), dtype=torch.int64)
 
 
 @torch.library.register_fake("fastmtl::mtl_representation_gram")
 def _mtl_representation_gram_fake(head_weight, logit_grad, count_scale, task_weights, num_outputs):
     check_devices("mtl_representation_gram", "logit_grad", logit_grad, head_weight=head_weight,
                    count_scale=count_scale, task_weights=task_weights)
-    return logit_grad.new_empty((len(num_outputs), len(num_outputs)))
+    wide = torch.float32 if logit_grad.dtype in (torch.float16, torch.bfloat16) else logit_grad.dtype
+    return logit_grad.new_empty((len(num_outputs), len(num_outputs)), dtype=wide)
 
 
 @torch.library.register_fake("fastmtl::mtl_weighted_backward")

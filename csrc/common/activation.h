@@ -8,13 +8,9 @@
 #include <string>
 #include <type_traits>
 
-// The elementwise functions below are shared with the CUDA kernels (csrc/cuda/), so both devices
-// compute exactly the same formulas; under nvcc they are compiled for host and device.
-#if defined(__CUDACC__)
-#define FASTMTL_HOST_DEVICE __host__ __device__
-#else
-#define FASTMTL_HOST_DEVICE
-#endif
+// The elementwise functions below are shared by the CPU loops (csrc/cpu/) and the CUDA kernels
+// (csrc/cuda/), so both devices compute exactly the same formulas (common/host_device.h).
+#include "common/host_device.h"
 
 namespace fastmtl {
 

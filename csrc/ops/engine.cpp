@@ -1,50 +1,11 @@
-#include "cpu/mtl_engine.h"
+#include "ops/engine.h"
 
 #include <ATen/Parallel.h>
 
-#include "cpu/epilogue.h"
-#include "cpu/fused_mlp.h"
+#include "ops/trunk.h"
 
-namespace fastmtl::cpu {
+namespace fastmtl::ops {
 namespace {
-
-// Per logit column j of task t: task_scale[t] * count_scale[t] (the task's weight over its count).
-template <typename T>
-std::vector<T> column_scale(const std::vector<int64_t>& num_outputs, const at::Tensor& task_scale,
-                            const at::Tensor& count_scale) {
-  const T* w = task_scale.const_data_ptr<T>();
-  const T* s = count_scale.const_data_ptr<T>();
-  std::vector<T> scale;
-  for (size_t t = 0; t < num_outputs.size(); ++t) scale.insert(scale.end(), num_outputs[t], w[t] * s[t]);
-  return scale;
-}
-
-// out[b, t, :] = sum over task t's logit columns j of logit_grad[b, j] * col_scale[j] * head[j, :]:
-// every task's cotangent of the trunk output, B*C*d multiply-adds (one GEMM over all [B*T, C]
-// would cost T times more, almost all of it on zeros).
-template <typename T>
-void task_cotangents(const std::vector<int64_t>& num_outputs, int64_t rows, int64_t logit_cols, int64_t features,
-                     const T* logit_grad, const T* col_scale, const T* head, T* out) {
-  const int64_t tasks = static_cast<int64_t>(num_outputs.size());
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, logit_cols * features));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t b = r0; b < r1; ++b) {
-      int64_t col = 0;
-      for (int64_t t = 0; t < tasks; ++t) {
-        T* o = out + (b * tasks + t) * features;
-        std::fill(o, o + features, T(0));
-        for (int64_t j = col; j < col + num_outputs[t]; ++j) {
-          const T s = logit_grad[b * logit_cols + j] * col_scale[j];
-          if (s == T(0)) continue;  // missing labels: nothing to add
-          const T* h = head + j * features;
-#pragma omp simd
-          for (int64_t k = 0; k < features; ++k) o[k] += s * h[k];
-        }
-        col += num_outputs[t];
-      }
-    }
-  });
-}
 
 // Columns of X per materialised chunk of the T weight gradients [T*d_out, chunk]: half the batch's
 // rows, so the chunk stays at half the cotangent buffer [B*T, d_out] it is computed from (the sum of
@@ -94,7 +55,7 @@ double ghost_cost(int64_t tasks, int64_t rows, int64_t d_in, int64_t d_out) {
   return b * b * double(d_in) + t * b * b * double(d_out) + t * t * b * double(d_out);
 }
 
-TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+TrunkGram trunk_task_gram(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
                           const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
                           const at::Tensor& head_weight, const at::Tensor& logit_grad, const at::Tensor& count_scale,
                           const at::Tensor& task_weights, const std::vector<int64_t>& num_outputs, GramPath path,
@@ -129,11 +90,8 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
   }
   at::Tensor scratch = at::empty({scratch_size}, options);
   at::Tensor grad = storage.narrow(0, 0, rows * tasks * features).view({rows * tasks, features});
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_task_cotangents", [&] {
-    const std::vector<scalar_t> scale = column_scale<scalar_t>(num_outputs, task_weights, count_scale);
-    task_cotangents<scalar_t>(num_outputs, rows, head_weight.size(0), features, logit_grad.const_data_ptr<scalar_t>(),
-                              scale.data(), head_weight.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>());
-  });
+  steps.task_cotangents(num_outputs, logit_grad, steps.column_scale(num_outputs, task_weights, count_scale),
+                        head_weight, grad);
 
   // Jacobian column offsets, in FusedMLP.parameters() order: every weight, then every bias.
   std::vector<int64_t> weight_offset(num_layers), bias_offset(num_layers);
@@ -161,15 +119,10 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
     }
     // delta = grad * act'(...) overwrites grad in place (it is this function's own buffer).
     at::Tensor bias_grad = has_bias ? at::empty({tasks, d_out}, options) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmtl_task_backward", [&] {
-      if (l > 0 && keep_pre)
-        activation_apply<scalar_t>(act, rows * d_in, saved[l - 1].const_data_ptr<scalar_t>(),
-                                   layer_input.mutable_data_ptr<scalar_t>());
-      if (act != Activation::Identity || has_bias)
-        activation_backward_tasks<scalar_t>(act, rows, tasks, d_out, grad.const_data_ptr<scalar_t>(),
-                                            deriv_source.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(),
-                                            has_bias ? bias_grad.mutable_data_ptr<scalar_t>() : nullptr);
-    });
+    if (l > 0 && keep_pre) steps.activation_apply(act, saved[l - 1], layer_input);
+    if (act != Activation::Identity || has_bias)
+      steps.activation_backward_tasks(act, grad.view({rows, tasks, d_out}), deriv_source,
+                                      grad.view({rows, tasks, d_out}), has_bias ? bias_grad : at::Tensor());
     const at::Tensor& delta = grad;
 
     paths[l] = static_cast<int64_t>(chosen[l]);
@@ -216,17 +169,13 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
   return result;
 }
 
-at::Tensor representation_gram(const at::Tensor& head_weight, const at::Tensor& logit_grad,
+at::Tensor representation_gram(const kernels::Steps& steps, const at::Tensor& head_weight, const at::Tensor& logit_grad,
                                const at::Tensor& count_scale, const at::Tensor& task_weights,
                                const std::vector<int64_t>& num_outputs) {
-  const int64_t rows = logit_grad.size(0), logit_cols = logit_grad.size(1);
+  const int64_t logit_cols = logit_grad.size(1);
   const int64_t tasks = static_cast<int64_t>(num_outputs.size());
   at::Tensor scaled = at::empty_like(logit_grad);
-  AT_DISPATCH_FLOATING_TYPES(logit_grad.scalar_type(), "fastmtl_representation_gram", [&] {
-    const std::vector<scalar_t> scale = column_scale<scalar_t>(num_outputs, task_weights, count_scale);
-    scale_columns<scalar_t>(rows, logit_cols, logit_grad.const_data_ptr<scalar_t>(), scale.data(),
-                            scaled.mutable_data_ptr<scalar_t>(), nullptr);
-  });
+  steps.scale_columns(logit_grad, steps.column_scale(num_outputs, task_weights, count_scale), scaled, at::Tensor());
   // <S_s H_s, S_t H_t> summed over rows = sum over the (s, t) block of (S^T S) * (H H^T).
   const at::Tensor products = at::mm(scaled.t(), scaled).mul_(at::mm(head_weight, head_weight.t()));
   at::Tensor membership = at::zeros({tasks, logit_cols}, logit_grad.options());  // [T, C]: column j is task t's
@@ -239,31 +188,26 @@ at::Tensor representation_gram(const at::Tensor& head_weight, const at::Tensor& 
   return (gram + gram.t()).mul_(0.5);
 }
 
-WeightedBackward weighted_backward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+WeightedBackward weighted_backward(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
                                    const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
                                    const at::Tensor& head_weight, bool head_has_bias, const at::Tensor& logit_grad,
                                    const at::Tensor& count_scale, const at::Tensor& head_task_weights,
                                    const at::Tensor& trunk_task_weights, const std::vector<int64_t>& num_outputs,
                                    bool need_input_grad) {
-  const int64_t rows = logit_grad.size(0), logit_cols = logit_grad.size(1);
+  const int64_t logit_cols = logit_grad.size(1);
   WeightedBackward result;
   at::Tensor head_logit_grad = at::empty_like(logit_grad);
   at::Tensor trunk_logit_grad = at::empty_like(logit_grad);
   result.head_bias_grad = at::empty({head_has_bias ? logit_cols : 0}, logit_grad.options());
-  AT_DISPATCH_FLOATING_TYPES(logit_grad.scalar_type(), "fastmtl_weighted_backward", [&] {
-    const scalar_t* raw = logit_grad.const_data_ptr<scalar_t>();
-    const std::vector<scalar_t> head_scale = column_scale<scalar_t>(num_outputs, head_task_weights, count_scale);
-    const std::vector<scalar_t> trunk_scale = column_scale<scalar_t>(num_outputs, trunk_task_weights, count_scale);
-    scale_columns<scalar_t>(rows, logit_cols, raw, head_scale.data(), head_logit_grad.mutable_data_ptr<scalar_t>(),
-                            head_has_bias ? result.head_bias_grad.mutable_data_ptr<scalar_t>() : nullptr);
-    scale_columns<scalar_t>(rows, logit_cols, raw, trunk_scale.data(), trunk_logit_grad.mutable_data_ptr<scalar_t>(),
-                            nullptr);
-  });
+  steps.scale_columns(logit_grad, steps.column_scale(num_outputs, head_task_weights, count_scale), head_logit_grad,
+                      head_has_bias ? result.head_bias_grad : at::Tensor());
+  steps.scale_columns(logit_grad, steps.column_scale(num_outputs, trunk_task_weights, count_scale), trunk_logit_grad,
+                      at::Tensor());
   result.head_weight_grad = at::mm(head_logit_grad.t(), out);
   const at::Tensor grad_out = at::mm(trunk_logit_grad, head_weight);
   std::tie(result.input_grad, result.weight_grads, result.bias_grads) =
-      fused_mlp_backward(grad_out, x, weights, out, saved, act, has_bias, need_input_grad);
+      trunk_backward(steps, grad_out, x, weights, out, saved, act, has_bias, need_input_grad);
   return result;
 }
 
-}  // namespace fastmtl::cpu
+}  // namespace fastmtl::ops

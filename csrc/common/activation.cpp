@@ -1,4 +1,4 @@
-#include "cpu/activation.h"
+#include "common/activation.h"
 
 namespace fastmtl {
 

@@ -1,4 +1,4 @@
-// The per-task engine of fastmtl's own model (CPU): the Gram matrix of the per-task gradients of the
+// The per-task engine of fastmtl's own model, one orchestration for every device: the Gram matrix of the per-task gradients of the
 // fused trunk's parameters, without T backward passes and without the T x P Jacobian, and the
 // weighted backward that applies the aggregator's weights. The math is ARCHITECTURE.md's:
 //  - task t's cotangent of the trunk output is dz_t = S_t H_t (S: the loss pass's logit gradients
@@ -7,7 +7,8 @@
 //    layer, every task meeting the same activation derivative;
 //  - layer l adds its Gram share G_l[s, t] = <g_s, g_t> (+ bias terms) with g_t = delta_t^T X_l,
 //    either by materialising all g_t in one GEMM or by the ghost product with K = X_l X_l^T.
-// Inputs are checked and contiguous (csrc/ops/mtl_engine.cpp does that).
+// Its elementwise / reduction steps go through the kernel interface (kernels/steps.h). Inputs are
+// checked and contiguous (csrc/ops/mtl_engine.cpp does that); 16-bit inputs arrive as float32.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,9 +16,10 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/activation.h"
+#include "common/activation.h"
+#include "kernels/steps.h"
 
-namespace fastmtl::cpu {
+namespace fastmtl::ops {
 
 // How a layer's Gram share is computed. Auto picks the cheaper by the cost model below.
 enum class GramPath : int64_t { Auto = -1, Materialise = 0, Ghost = 1 };
@@ -36,7 +38,7 @@ struct TrunkGram {
 
 // logit_grad [B, C], count_scale [T] (1/labelled count), task_weights [T]: the head loss's outputs
 // and the weight of each task's loss; head_weight [C, d_L]. keep_jacobian forces materialise.
-TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+TrunkGram trunk_task_gram(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
                           const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
                           const at::Tensor& head_weight, const at::Tensor& logit_grad, const at::Tensor& count_scale,
                           const at::Tensor& task_weights, const std::vector<int64_t>& num_outputs, GramPath path,
@@ -45,7 +47,7 @@ TrunkGram trunk_task_gram(const at::Tensor& x, const std::vector<at::Tensor>& we
 // The Gram of the per-task gradients of the trunk output (representation mode, MGDA-UB):
 // G[s, t] = sum over (i in s, j in t) of (S^T S)[i, j] (H H^T)[i, j]: C^2 (B + d) work instead of
 // T^2 B d.
-at::Tensor representation_gram(const at::Tensor& head_weight, const at::Tensor& logit_grad,
+at::Tensor representation_gram(const kernels::Steps& steps, const at::Tensor& head_weight, const at::Tensor& logit_grad,
                                const at::Tensor& count_scale, const at::Tensor& task_weights,
                                const std::vector<int64_t>& num_outputs);
 
@@ -57,11 +59,11 @@ struct WeightedBackward {
 
 // One ordinary backward with separate upstream weights for the heads (task.weight) and for the
 // trunk (the aggregator's weights times task.weight): both read the same logit gradients.
-WeightedBackward weighted_backward(const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+WeightedBackward weighted_backward(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
                                    const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
                                    const at::Tensor& head_weight, bool head_has_bias, const at::Tensor& logit_grad,
                                    const at::Tensor& count_scale, const at::Tensor& head_task_weights,
                                    const at::Tensor& trunk_task_weights, const std::vector<int64_t>& num_outputs,
                                    bool need_input_grad);
 
-}  // namespace fastmtl::cpu
+}  // namespace fastmtl::ops
