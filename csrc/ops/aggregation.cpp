@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 #include <torch/library.h>
 
 #include "cpu/aggregation/cagrad.h"
@@ -21,6 +22,11 @@ namespace fastmtl::ops {
 namespace {
 
 using namespace fastmtl::cpu::aggregation;
+
+// The smallest regularisation of the dual-cone QP (on the trace-normalised Gram matrix, eigenvalues in
+// [0, 1]): Cholesky stays exact to ~1e-5 of its pivots, and the update conflicts with no task by more
+// than 1e-11 of tr(G).
+constexpr double kMinDualConeReg = 1e-11;
 
 // How many T x T problems one thread should take at least: waking the other threads costs tens of
 // microseconds, more than a whole small problem (~T^3 flops), so small batches run on one thread.
@@ -57,16 +63,29 @@ at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& 
   check_nonnegative(kOp, "reg_eps", reg_eps);
   const int64_t K = u.size(1);
   at::Tensor uu = checked_copy(kOp, u, "u");
-  // torchjd's normalisation, in place on our copy: H = G / tr(G) (0 when tr(G) < norm_eps) + reg_eps I,
-  // positive definite for reg_eps > 0 and scale-invariant.
+  // torchjd's normalisation, in place on our copy: H = G / tr(G) (0 when tr(G) = 0 or tr(G) < norm_eps)
+  // + reg I, scale-invariant at every scale (divided by max G_ii first, then by the trace of the
+  // result, so that neither a subnormal nor a huge trace over- or underflows). reg = reg_eps, raised
+  // to kMinDualConeReg: with reg_eps = 0 a rank-deficient H has no Cholesky factor and the active-set
+  // solver could not tell a conflicting point from the projection.
+  const double reg = std::max(reg_eps, kMinDualConeReg);
   double* hp = H.mutable_data_ptr<double>();
   for (int64_t n = 0; n < N; ++n) {
     double* G = hp + n * T * T;
-    double trace = 0.0;
-    for (int64_t i = 0; i < T; ++i) trace += G[i * T + i];
-    const double scale = trace < norm_eps ? 0.0 : 1.0 / trace;
-    for (int64_t k = 0; k < T * T; ++k) G[k] *= scale;
-    for (int64_t i = 0; i < T; ++i) G[i * T + i] += reg_eps;
+    double largest = 0.0, trace = 0.0;
+    for (int64_t i = 0; i < T; ++i) {
+      largest = std::max(largest, G[i * T + i]);
+      trace += G[i * T + i];
+    }
+    if (largest > 0.0 && trace >= norm_eps) {
+      double normalised_trace = 0.0;
+      for (int64_t k = 0; k < T * T; ++k) G[k] /= largest;
+      for (int64_t i = 0; i < T; ++i) normalised_trace += G[i * T + i];
+      for (int64_t k = 0; k < T * T; ++k) G[k] /= normalised_trace;
+    } else {
+      std::fill(G, G + T * T, 0.0);
+    }
+    for (int64_t i = 0; i < T; ++i) G[i * T + i] += reg;
   }
   at::Tensor out = at::empty({N, K, T}, H.options());
   const double* up = uu.const_data_ptr<double>();
@@ -96,9 +115,24 @@ at::Tensor power_system_weights_entry(const at::Tensor& gram, double exponent) {
   at::Tensor g = checked_gram("power_system_weights", gram);
   TORCH_CHECK_VALUE(exponent > 0.0 && std::isfinite(exponent), "fastmtl.power_system_weights: argument 'exponent' "
                     "expected a finite value > 0, got ", exponent);
-  const int64_t T = g.size(1);
-  return like_gram(
-      per_matrix(g, [=](int64_t, const double* G, double* out) { solve_power_system(G, T, exponent, out); }), gram);
+  const int64_t N = g.size(0), T = g.size(1);
+  const double rounding = input_epsilon(gram) / 2.0;
+  std::vector<double> residuals(N, 0.0);
+  std::vector<char> converged(N, 1);
+  at::Tensor weights = per_matrix(g, [&](int64_t n, const double* G, double* out) {
+    converged[n] = solve_power_system(G, T, exponent, rounding, out, &residuals[n]);
+  });
+  // Never silently stopping anywhere: the caller learns which matrices' weights are not a solution.
+  int64_t failed = 0, worst = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    if (!converged[n]) ++failed;
+    if (residuals[n] > residuals[worst]) worst = n;
+  }
+  if (failed > 0)
+    TORCH_WARN("fastmtl.power_system_weights: Newton's method did not converge for ", failed, " of ", N,
+               " Gram matrices (largest relative residual ", residuals[worst], " in matrix ", worst,
+               "); their weights are the last iterate, not a solution of G x = x^(-", exponent, ")");
+  return like_gram(weights, gram);
 }
 
 // Checks that every row of `order` [N, T, width] lists distinct tasks (and never `i` itself when

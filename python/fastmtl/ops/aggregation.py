@@ -84,25 +84,68 @@ def config_weights(gram: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
     return _fastmtl.config_weights.default(gram, pref)
 
 
-# Fake kernels: shapes only, for torch.compile and opcheck.
+# Fake kernels: shapes only, for torch.compile, opcheck and the meta device. A CPU (or CUDA) tensor mixed
+# with a meta one also dispatches here; without a check the caller would get new_empty's uninitialised
+# memory as weights. All-meta (shapes only) and fake tensors (any devices: the ops copy to the CPU) pass.
+def _check_devices(op: str, **tensors) -> None:
+    on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
+    if on_meta and len(on_meta) < len(tensors):
+        others = ", ".join(f"'{name}' on {t.device}" for name, t in tensors.items() if t.device.type != "meta")
+        raise ValueError(
+            f"fastmtl.{op}: arguments on the meta device cannot be mixed with tensors that have values: "
+            f"{', '.join(repr(n) for n in on_meta)} on meta, {others}"
+        )
+
+
 def _weights_like(gram):
     return gram.new_empty(gram.shape[:2])
 
 
-for _name in ("min_norm_weights", "imtlg_weights"):
-    torch.library.register_fake(f"fastmtl::{_name}")(lambda gram: _weights_like(gram))
-torch.library.register_fake("fastmtl::cagrad_weights")(lambda gram, c, norm_eps: _weights_like(gram))
-torch.library.register_fake("fastmtl::power_system_weights")(lambda gram, exponent: _weights_like(gram))
-torch.library.register_fake("fastmtl::pcgrad_weights")(lambda gram, order: _weights_like(gram))
-torch.library.register_fake("fastmtl::aligned_mtl_weights")(lambda gram, pref, scale_mode: _weights_like(gram))
-torch.library.register_fake("fastmtl::config_weights")(lambda gram, pref: _weights_like(gram))
+@torch.library.register_fake("fastmtl::min_norm_weights")
+def _min_norm_weights_fake(gram):
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::imtlg_weights")
+def _imtlg_weights_fake(gram):
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::cagrad_weights")
+def _cagrad_weights_fake(gram, c, norm_eps):
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::power_system_weights")
+def _power_system_weights_fake(gram, exponent):
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::pcgrad_weights")
+def _pcgrad_weights_fake(gram, order):
+    _check_devices("pcgrad_weights", gram=gram, order=order)
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::aligned_mtl_weights")
+def _aligned_mtl_weights_fake(gram, pref, scale_mode):
+    _check_devices("aligned_mtl_weights", gram=gram, pref=pref)
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::config_weights")
+def _config_weights_fake(gram, pref):
+    _check_devices("config_weights", gram=gram, pref=pref)
+    return _weights_like(gram)
 
 
 @torch.library.register_fake("fastmtl::dual_cone_projection")
 def _dual_cone_projection_fake(gram, u, norm_eps, reg_eps):
+    _check_devices("dual_cone_projection", gram=gram, u=u)
     return u.new_empty(u.shape)
 
 
 @torch.library.register_fake("fastmtl::gradvac_weights")
 def _gradvac_weights_fake(gram, order, targets, beta, eps):
+    _check_devices("gradvac_weights", gram=gram, order=order, targets=targets)
     return _weights_like(gram), targets.new_empty(targets.shape)
