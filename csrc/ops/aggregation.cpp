@@ -53,21 +53,13 @@ void check_nonnegative(const char* op, const char* arg, double value) {
                     "' expected a finite value >= 0, got ", value);
 }
 
-at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& u, double norm_eps, double reg_eps) {
-  constexpr const char* kOp = "dual_cone_projection";
-  at::Tensor H = checked_gram(kOp, gram);
+// torchjd's normalisation, in place on the checked copy: H = G / tr(G) (0 when tr(G) = 0 or tr(G) <
+// norm_eps) + reg I, scale-invariant at every scale (divided by max G_ii first, then by the trace of
+// the result, so that neither a subnormal nor a huge trace over- or underflows). reg = reg_eps, raised
+// to kMinDualConeReg: with reg_eps = 0 a rank-deficient H has no Cholesky factor and the active-set
+// solver could not tell a conflicting point from the projection.
+void normalise_for_dual_cone(at::Tensor& H, double norm_eps, double reg_eps) {
   const int64_t N = H.size(0), T = H.size(1);
-  TORCH_CHECK_VALUE(u.dim() == 3 && u.size(0) == N && u.size(2) == T, "fastmtl.dual_cone_projection: argument 'u' "
-                    "expected shape [N, K, T] = [", N, ", K, ", T, "] (N and T of 'gram'), got ", shape_str(u.sizes()));
-  check_nonnegative(kOp, "norm_eps", norm_eps);
-  check_nonnegative(kOp, "reg_eps", reg_eps);
-  const int64_t K = u.size(1);
-  at::Tensor uu = checked_copy(kOp, u, "u");
-  // torchjd's normalisation, in place on our copy: H = G / tr(G) (0 when tr(G) = 0 or tr(G) < norm_eps)
-  // + reg I, scale-invariant at every scale (divided by max G_ii first, then by the trace of the
-  // result, so that neither a subnormal nor a huge trace over- or underflows). reg = reg_eps, raised
-  // to kMinDualConeReg: with reg_eps = 0 a rank-deficient H has no Cholesky factor and the active-set
-  // solver could not tell a conflicting point from the projection.
   const double reg = std::max(reg_eps, kMinDualConeReg);
   double* hp = H.mutable_data_ptr<double>();
   for (int64_t n = 0; n < N; ++n) {
@@ -87,6 +79,20 @@ at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& 
     }
     for (int64_t i = 0; i < T; ++i) G[i * T + i] += reg;
   }
+}
+
+at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& u, double norm_eps, double reg_eps) {
+  constexpr const char* kOp = "dual_cone_projection";
+  at::Tensor H = checked_gram(kOp, gram);
+  const int64_t N = H.size(0), T = H.size(1);
+  TORCH_CHECK_VALUE(u.dim() == 3 && u.size(0) == N && u.size(2) == T, "fastmtl.dual_cone_projection: argument 'u' "
+                    "expected shape [N, K, T] = [", N, ", K, ", T, "] (N and T of 'gram'), got ", shape_str(u.sizes()));
+  check_nonnegative(kOp, "norm_eps", norm_eps);
+  check_nonnegative(kOp, "reg_eps", reg_eps);
+  const int64_t K = u.size(1);
+  at::Tensor uu = checked_copy(kOp, u, "u");
+  normalise_for_dual_cone(H, norm_eps, reg_eps);
+  const double* hp = H.const_data_ptr<double>();
   at::Tensor out = at::empty({N, K, T}, H.options());
   const double* up = uu.const_data_ptr<double>();
   double* op = out.mutable_data_ptr<double>();
@@ -94,6 +100,49 @@ at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& 
     for (int64_t p = begin; p < end; ++p) solve_dual_cone_qp(hp + (p / K) * T * T, up + p * T, T, op + p * T);
   });
   return out.to(gram.device(), u.scalar_type());
+}
+
+// UPGrad (each = true: the sum of the projections of pref_t e_t, t = 1..T) and DualProj (each = false:
+// the projection of pref) as weights, in one call: the lean path of an unbatched [T, T] Gram matrix
+// (no [N, K, T] right-hand sides to build, no sum or reshape in Python). gram [T, T] or [N, T, T], pref
+// [T] or [N, T]; the weights have gram's shape without its last dimension, dtype and device.
+at::Tensor dual_cone_weights_entry(const at::Tensor& gram, const at::Tensor& pref, double norm_eps, double reg_eps,
+                                   bool each) {
+  constexpr const char* kOp = "dual_cone_weights";
+  const bool single = gram.dim() == 2;
+  TORCH_CHECK_VALUE(pref.dim() == gram.dim() - 1, "fastmtl.dual_cone_weights: argument 'pref' expected ",
+                    single ? "[T]" : "[N, T]", " for 'gram' of shape ", shape_str(gram.sizes()), ", got ",
+                    shape_str(pref.sizes()));
+  at::Tensor H = checked_gram(kOp, single ? gram.unsqueeze(0) : gram);
+  const int64_t N = H.size(0), T = H.size(1);
+  at::Tensor p = checked_batch_vectors(kOp, single ? pref.unsqueeze(0) : pref, "pref", H, 1);
+  check_nonnegative(kOp, "norm_eps", norm_eps);
+  check_nonnegative(kOp, "reg_eps", reg_eps);
+  normalise_for_dual_cone(H, norm_eps, reg_eps);
+  const double* hp = H.const_data_ptr<double>();
+  const double* pp = p.const_data_ptr<double>();
+  at::Tensor out = at::zeros({N, T}, H.options());
+  double* op = out.mutable_data_ptr<double>();
+  if (each) {
+    std::vector<double> projections(N * T * T);
+    at::parallel_for(0, N * T, problems_per_thread(T), [&](int64_t begin, int64_t end) {
+      std::vector<double> u(T, 0.0);
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = q / T, k = q % T;
+        std::fill(u.begin(), u.end(), 0.0);
+        u[k] = pp[n * T + k];
+        solve_dual_cone_qp(hp + n * T * T, u.data(), T, projections.data() + q * T);
+      }
+    });
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < T; ++k)
+        for (int64_t i = 0; i < T; ++i) op[n * T + i] += projections[(n * T + k) * T + i];
+  } else {
+    at::parallel_for(0, N, problems_per_thread(T), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) solve_dual_cone_qp(hp + n * T * T, pp + n * T, T, op + n * T);
+    });
+  }
+  return like_gram(single ? out.squeeze(0) : out, gram);
 }
 
 at::Tensor min_norm_weights_entry(const at::Tensor& gram) {
@@ -285,6 +334,11 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
     static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double)>("fastmtl::dual_cone_projection");
     return below_autograd(op, "dual_cone_projection", g, u, a, b);
   });
+  m.impl("dual_cone_weights", [](const at::Tensor& g, const at::Tensor& p, double a, double b, bool each) {
+    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double, bool)>(
+        "fastmtl::dual_cone_weights");
+    return below_autograd(op, "dual_cone_weights", g, p, a, b, each);
+  });
   m.impl("min_norm_weights", [](const at::Tensor& g) {
     static auto op = handle<GramOnly>("fastmtl::min_norm_weights");
     return below_autograd(op, "min_norm_weights", g);
@@ -324,6 +378,7 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
 // The solvers run on the CPU whatever the device of the Gram matrix, so both keys get the same entries.
 #define FASTMTL_REGISTER_AGGREGATION_OPS(m)                          \
   m.impl("dual_cone_projection", &dual_cone_projection_entry);       \
+  m.impl("dual_cone_weights", &dual_cone_weights_entry);             \
   m.impl("min_norm_weights", &min_norm_weights_entry);               \
   m.impl("cagrad_weights", &cagrad_weights_entry);                   \
   m.impl("power_system_weights", &power_system_weights_entry);       \

@@ -70,6 +70,8 @@ TORCH_LIBRARY(fastmtl, m) {
   // the update, as in every method they implement.
   // UPGrad / DualProj: for each u [N, K, T], the v >= u minimising v^T H v, H = G / tr(G) + reg_eps I.
   m.def("dual_cone_projection(Tensor gram, Tensor u, float norm_eps, float reg_eps) -> Tensor");
+  // UPGrad (each) / DualProj (not each) as weights in one call; gram [T, T] or [N, T, T], pref [T] or [N, T].
+  m.def("dual_cone_weights(Tensor gram, Tensor pref, float norm_eps, float reg_eps, bool each) -> Tensor");
   // MGDA: the weights of the minimum-norm point of the convex hull of the gradients.
   m.def("min_norm_weights(Tensor gram) -> Tensor");
   m.def("cagrad_weights(Tensor gram, float c, float norm_eps) -> Tensor");

@@ -53,7 +53,13 @@ float64, 1e-4 in float32) and of shape [T, T] or [N, T, T]; anything else raises
 True
 """
 
-from ._base import REQUIREMENTS, Aggregator, CrossGramAggregator, JacobianAggregator, requirement
+from ._base import (
+    REQUIREMENTS,
+    Aggregator,
+    CrossGramAggregator,
+    JacobianAggregator,
+    requirement,
+)
 from .aligned_mtl import AlignedMTL
 from .cagrad import CAGrad
 from .config import ConFIG
@@ -82,32 +88,32 @@ from .upgrad import UPGrad
 INTERFACES = ("Aggregator", "JacobianAggregator", "CrossGramAggregator")
 
 __all__ = [
-    "Aggregator",
-    "JacobianAggregator",
-    "CrossGramAggregator",
+    "CRMOGM",
+    "IMTLG",
+    "MGDA",
+    "PCD",
     "REQUIREMENTS",
-    "requirement",
+    "Aggregator",
     "AlignedMTL",
     "CAGrad",
-    "CRMOGM",
     "ConFIG",
     "Constant",
+    "CrossGramAggregator",
     "DualProj",
     "ExcessMTL",
     "FairGrad",
     "GradDrop",
     "GradVac",
-    "IMTLG",
+    "JacobianAggregator",
     "Krum",
-    "MGDA",
     "Mean",
     "MoDo",
     "NashMTL",
-    "PCD",
     "PCGrad",
     "Random",
     "SDMGrad",
     "Sum",
     "TrimmedMean",
     "UPGrad",
+    "requirement",
 ]

@@ -38,6 +38,12 @@ class Aggregator(torch.nn.Module, abc.ABC):
 
     #: One of :data:`REQUIREMENTS`: what the method must be given.
     requires = "gram"
+    #: The properties of torchjd's test suite the method has, checked on every method by
+    #: tests/test_aggregation_properties.py: "non_conflicting" (``J @ update >= 0``),
+    #: "permutation_invariant" (permuting the tasks permutes the weights), "linear_under_scaling"
+    #: (the update of ``diag(c) J`` is linear in ``c >= 0``). Every method has torchjd's "expected
+    #: structure" (shape, dtype, device, finite).
+    properties: frozenset = frozenset()
     _checks_values_in_op = True
 
     def __call__(self, gram=None, *, jacobian=None, cross_gram=None) -> torch.Tensor:

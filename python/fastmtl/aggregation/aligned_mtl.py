@@ -26,6 +26,8 @@ class AlignedMTL(Aggregator):
     tensor([0.2500, 0.5000], dtype=torch.float64)
     """
 
+    properties = frozenset({"permutation_invariant"})
+
     def __init__(self, pref_vector=None, scale_mode: str = "min"):
         super().__init__()
         if scale_mode not in _SCALE_MODES:

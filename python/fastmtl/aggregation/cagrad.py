@@ -27,6 +27,8 @@ class CAGrad(Aggregator):
     True
     """
 
+    properties = frozenset({"permutation_invariant"})
+
     def __init__(self, c: float = 0.4, norm_eps: float = 1e-4):
         super().__init__()
         self.c = check_scalar("CAGrad", "c", c)

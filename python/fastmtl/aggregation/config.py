@@ -24,6 +24,8 @@ class ConFIG(Aggregator):
     tensor([2., 2.], dtype=torch.float64)
     """
 
+    properties = frozenset({"permutation_invariant"})
+
     def __init__(self, pref_vector=None):
         super().__init__()
         self.pref_vector = check_vector("ConFIG", "pref_vector", pref_vector)

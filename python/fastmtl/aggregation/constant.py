@@ -14,6 +14,8 @@ class Constant(Aggregator):
     tensor([1.0000, 0.5000], dtype=torch.float64)
     """
 
+    properties = frozenset({"linear_under_scaling"})
+
     _checks_values_in_op = False
 
     def __init__(self, weights):

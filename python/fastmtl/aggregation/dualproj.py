@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .. import ops
 from ._dual_cone import DualConeMethod
 
 
@@ -19,5 +18,6 @@ class DualProj(DualConeMethod):
     True
     """
 
-    def _weights(self, gram):
-        return ops.dual_cone_projection(gram, self._pref(gram).unsqueeze(1), self.norm_eps, self.reg_eps).squeeze(1).to(gram.dtype)
+    properties = frozenset({"non_conflicting", "permutation_invariant"})
+
+    _each = False

@@ -20,6 +20,8 @@ class FairGrad(Aggregator):
     tensor([0.5000, 1.0000], dtype=torch.float64)
     """
 
+    properties = frozenset({"non_conflicting", "permutation_invariant"})
+
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = check_scalar("FairGrad", "alpha", alpha)

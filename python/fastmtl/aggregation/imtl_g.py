@@ -25,5 +25,7 @@ class IMTLG(Aggregator):
     True
     """
 
+    properties = frozenset({"permutation_invariant"})
+
     def _weights(self, gram):
         return ops.imtlg_weights(gram)

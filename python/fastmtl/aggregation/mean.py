@@ -14,6 +14,8 @@ class Mean(Aggregator):
     tensor([0.2500, 0.2500, 0.2500, 0.2500])
     """
 
+    properties = frozenset({"linear_under_scaling", "permutation_invariant"})
+
     _checks_values_in_op = False
 
     def _weights(self, gram):

@@ -39,6 +39,8 @@ class NashMTL(Aggregator):
     tensor([0.5000, 1.0000], dtype=torch.float64)
     """
 
+    properties = frozenset({"non_conflicting", "permutation_invariant"})
+
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1):
         super().__init__()
         self.max_norm = check_scalar("NashMTL", "max_norm", max_norm)

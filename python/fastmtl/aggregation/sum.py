@@ -14,6 +14,8 @@ class Sum(Aggregator):
     tensor([1., 1., 1.])
     """
 
+    properties = frozenset({"linear_under_scaling", "permutation_invariant"})
+
     _checks_values_in_op = False
 
     def _weights(self, gram):

@@ -21,6 +21,8 @@ class TrimmedMean(JacobianAggregator):
     tensor([2., 0.])
     """
 
+    properties = frozenset({"permutation_invariant"})
+
     def __init__(self, trim_number: int):
         super().__init__()
         self.trim_number = check_int("TrimmedMean", "trim_number", trim_number, 0)

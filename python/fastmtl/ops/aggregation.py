@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "dual_cone_projection",
+    "dual_cone_weights",
     "min_norm_weights",
     "cagrad_weights",
     "power_system_weights",
@@ -40,6 +41,14 @@ def dual_cone_projection(gram: torch.Tensor, u: torch.Tensor, norm_eps: float = 
     (``G / tr(G)`` is replaced by 0 when ``tr(G) < norm_eps``). ``J^T v`` is the projection of ``J^T u``
     onto the dual cone of the gradients (Quinton & Rey 2024, Prop. 1): UPGrad and DualProj."""
     return _fastmtl.dual_cone_projection.default(gram, u, norm_eps, reg_eps)
+
+
+def dual_cone_weights(gram: torch.Tensor, pref: torch.Tensor, norm_eps: float = 0.0, reg_eps: float = 1e-4,
+                      each: bool = True) -> torch.Tensor:
+    """UPGrad's (``each``: the sum of the projections of ``pref_t g_t``) or DualProj's (the projection of
+    ``sum_t pref_t g_t``) weights in one call: ``gram [T, T]`` with ``pref [T]``, or ``[N, T, T]`` with
+    ``[N, T]``. Same QP and normalisation as :func:`dual_cone_projection`."""
+    return _fastmtl.dual_cone_weights.default(gram, pref, norm_eps, reg_eps, each)
 
 
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
@@ -149,3 +158,9 @@ def _dual_cone_projection_fake(gram, u, norm_eps, reg_eps):
 def _gradvac_weights_fake(gram, order, targets, beta, eps):
     _check_devices("gradvac_weights", gram=gram, order=order, targets=targets)
     return _weights_like(gram), targets.new_empty(targets.shape)
+
+
+@torch.library.register_fake("fastmtl::dual_cone_weights")
+def _dual_cone_weights_fake(gram, pref, norm_eps, reg_eps, each):
+    _check_devices("dual_cone_weights", gram=gram, pref=pref)
+    return gram.new_empty(gram.shape[:-1])

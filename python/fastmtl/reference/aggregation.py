@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "dual_cone_projection",
+    "dual_cone_weights",
     "min_norm_weights",
     "cagrad_weights",
     "power_system_weights",
@@ -59,6 +60,16 @@ def dual_cone_projection(gram, u, norm_eps=1e-4, reg_eps=1e-4):
         if it % period == 0:
             y, t = v.clone(), 1.0
     return v.to(u.dtype)
+
+
+def dual_cone_weights(gram, pref, norm_eps=0.0, reg_eps=1e-4, each=True):
+    """UPGrad (each: the sum over t of the projections of pref_t e_t) or DualProj (the projection of
+    pref), through :func:`dual_cone_projection`; [T, T] with [T] or [N, T, T] with [N, T]."""
+    single = gram.dim() == 2
+    g, p = (gram[None], pref[None]) if single else (gram, pref)
+    u = torch.diag_embed(p.to(torch.float64)) if each else p.to(torch.float64)[:, None, :]
+    weights = dual_cone_projection(g, u, norm_eps, reg_eps).sum(dim=1).to(gram.dtype)
+    return weights[0] if single else weights
 
 
 def _affine_min_norm(G, support):
