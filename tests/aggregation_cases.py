@@ -56,3 +56,8 @@ def rel_update_error(w, reference_update, J):
 def cond_tolerance(G, base=1e-6):
     # Closed forms of nearly singular matrices lose digits with the condition number.
     return max(base, 1e-15 * float(torch.linalg.cond(G))) if G.shape[0] > 1 else base
+
+
+def call(method, x):
+    """``method`` on ``x`` passed as what it requires (``gram=``, ``jacobian=`` or ``cross_gram=``)."""
+    return method(**{getattr(method, "requires", "gram"): x})

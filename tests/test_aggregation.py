@@ -6,7 +6,6 @@ test_aggregation_torchjd.py."""
 import fastmtl.aggregation as agg
 import pytest
 import torch
-
 from aggregation_cases import KINDS, cases, gram, jacobian
 from aggregation_cases import cond_tolerance as _cond_tolerance
 from aggregation_cases import rel_update_error as _rel_update_error

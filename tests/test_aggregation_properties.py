@@ -4,11 +4,10 @@
 Methods both libraries have declare what torchjd's tests check of them; a method declaring a property
 it lacks fails here."""
 
+import fastmtl.aggregation as agg
 import pytest
 import torch
-
-import fastmtl.aggregation as agg
-from aggregation_cases import cases, gram
+from aggregation_cases import call, cases, gram
 
 _REQUIRED = {
     "Constant": lambda T: dict(weights=torch.linspace(0.5, 1.5, T, dtype=torch.float64)),
@@ -42,8 +41,8 @@ def _update(name, J, prop=None, seed=0):
     method = _make(name, J.shape[0], prop)
     torch.manual_seed(seed)
     if method.requires == "jacobian":
-        return method(J), None
-    weights = method(gram(J))
+        return method(jacobian=J), None
+    weights = call(method, gram(J))
     return weights @ J, weights
 
 
@@ -62,7 +61,7 @@ def test_expected_structure(name):
             continue
         for dtype in (torch.float64, torch.float32):
             method = _make(name, T)
-            out = method({"gram": gram, "jacobian": lambda J: J, "cross_gram": gram}[method.requires](J.to(dtype)))
+            out = call(method, {"gram": gram, "jacobian": lambda J: J, "cross_gram": gram}[method.requires](J.to(dtype)))
             expected = (J.shape[1],) if method.requires == "jacobian" else (T,)
             assert out.shape == expected and out.dtype == dtype, (name, T, kind)
             assert bool(torch.isfinite(out).all()), (name, T, kind, dtype)

@@ -3,6 +3,7 @@
 import doctest
 import importlib
 import pathlib
+import pkgutil
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import fastmtl
+import fastmtl.aggregation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,14 +36,16 @@ def test_import_under_another_torch_raises_import_error_saying_rebuild():
 
 def test_ops_are_registered_under_torch_ops():
     for name in ("fused_mlp", "fused_mlp_backward", "multitask_head_loss", "multitask_head_loss_backward",
-                 "pack_targets", "dual_cone_projection", "min_norm_weights", "cagrad_weights", "power_system_weights",
+                 "pack_targets", "dual_cone_projection", "dual_cone_weights", "min_norm_weights", "cagrad_weights", "power_system_weights",
                  "pcgrad_weights", "gradvac_weights", "aligned_mtl_weights", "imtlg_weights", "config_weights",
                  "mtl_trunk_gram", "mtl_representation_gram", "mtl_weighted_backward"):
         assert hasattr(torch.ops.fastmtl, name)
 
 
-WEIGHTING_MODULES = ["equal", "uncertainty", "dwa", "rlw", "gradnorm", "famo", "dbmtl", "imtl", "gls"]
-AGGREGATION_MODULES = ["basic", "mgda", "dual_cone", "cagrad", "surgery", "spectral", "bargaining"]
+WEIGHTING_MODULES = ["equal", "uncertainty", "dwa", "rlw", "gradnorm", "famo", "dbmtl", "imtl", "gls", "stch", "cosmos", "pbi",
+                     "metabalance"]
+# One module per method (issue 17).
+AGGREGATION_MODULES = sorted(m.name for m in pkgutil.iter_modules(fastmtl.aggregation.__path__) if not m.name.startswith("_"))
 
 
 @pytest.mark.parametrize(

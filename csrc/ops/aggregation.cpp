@@ -160,28 +160,21 @@ at::Tensor cagrad_weights_entry(const at::Tensor& gram, double c, double norm_ep
                    gram);
 }
 
-at::Tensor power_system_weights_entry(const at::Tensor& gram, double exponent) {
+// Returns (weights, relative residuals [N] in double): a residual above 1e-9 means Newton's method did
+// not converge for that matrix (its weights are the last iterate); fastmtl.ops.power_system_weights
+// turns that into a warning. Never silently stopping anywhere.
+std::tuple<at::Tensor, at::Tensor> power_system_weights_entry(const at::Tensor& gram, double exponent) {
   at::Tensor g = checked_gram("power_system_weights", gram);
   TORCH_CHECK_VALUE(exponent > 0.0 && std::isfinite(exponent), "fastmtl.power_system_weights: argument 'exponent' "
                     "expected a finite value > 0, got ", exponent);
   const int64_t N = g.size(0), T = g.size(1);
   const double rounding = input_epsilon(gram) / 2.0;
-  std::vector<double> residuals(N, 0.0);
-  std::vector<char> converged(N, 1);
+  at::Tensor residuals = at::zeros({N}, g.options());
+  double* rp = residuals.mutable_data_ptr<double>();
   at::Tensor weights = per_matrix(g, [&](int64_t n, const double* G, double* out) {
-    converged[n] = solve_power_system(G, T, exponent, rounding, out, &residuals[n]);
+    solve_power_system(G, T, exponent, rounding, out, rp + n);
   });
-  // Never silently stopping anywhere: the caller learns which matrices' weights are not a solution.
-  int64_t failed = 0, worst = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    if (!converged[n]) ++failed;
-    if (residuals[n] > residuals[worst]) worst = n;
-  }
-  if (failed > 0)
-    TORCH_WARN("fastmtl.power_system_weights: Newton's method did not converge for ", failed, " of ", N,
-               " Gram matrices (largest relative residual ", residuals[worst], " in matrix ", worst,
-               "); their weights are the last iterate, not a solution of G x = x^(-", exponent, ")");
-  return like_gram(weights, gram);
+  return {like_gram(weights, gram), residuals.to(gram.device())};
 }
 
 // Checks that every row of `order` [N, T, width] lists distinct tasks (and never `i` itself when
@@ -348,7 +341,7 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
     return below_autograd(op, "cagrad_weights", g, c, e);
   });
   m.impl("power_system_weights", [](const at::Tensor& g, double e) {
-    static auto op = handle<at::Tensor(const at::Tensor&, double)>("fastmtl::power_system_weights");
+    static auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double)>("fastmtl::power_system_weights");
     return below_autograd(op, "power_system_weights", g, e);
   });
   m.impl("pcgrad_weights", [](const at::Tensor& g, const at::Tensor& o) {

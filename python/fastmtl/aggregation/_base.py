@@ -25,11 +25,11 @@ class Aggregator(torch.nn.Module, abc.ABC):
     and ``N = 0`` an empty batch, as torchjd does, without touching the method's state.
 
     What a method needs is declared by its class attribute :attr:`requires`: ``"gram"`` (these),
-    ``"jacobian"`` (:class:`JacobianAggregator`: the per-task gradients ``J [T, P]`` -> the update
-    ``[P]``) or ``"cross_gram"`` (:class:`CrossGramAggregator`: ``J_1 J_2^T`` of two independent
-    batches -> weights ``[T]``). Every method is called with what it requires, positionally or by that
-    keyword; a Gram method given only ``jacobian=J`` forms ``J J^T`` itself, and a method given less than
-    it needs raises a ValueError saying what it needs.
+    ``"jacobian"`` (:class:`JacobianAggregator`: ``method(jacobian=J)``, the per-task gradients
+    ``J [T, P]`` -> the update ``[P]``) or ``"cross_gram"`` (:class:`CrossGramAggregator`:
+    ``method(cross_gram=A)``, ``J_1 J_2^T`` of two independent batches -> weights ``[T]``). A positional
+    argument is always a Gram matrix. A Gram method given only ``jacobian=J`` forms ``J J^T`` itself; a
+    method given less than it needs raises a ValueError saying what it needs.
 
     Subclasses implement :meth:`_weights` on the batched ``[N, T, T]`` form. Methods whose numeric core is
     a fastmtl op leave the value checks (finite, symmetric, non-negative diagonal) to the op; the others
@@ -84,15 +84,19 @@ class Aggregator(torch.nn.Module, abc.ABC):
 
 
 class JacobianAggregator(Aggregator):
-    """A method that needs the per-task gradients themselves (``requires = "jacobian"``): ``J [T, P]``
-    (row t: task t's gradient of the P shared parameters) -> the update ``[P]``, in J's dtype and on its
-    device. ``T = 0`` or ``P = 0`` gives a zero update of length P, as torchjd does.
+    """A method that needs the per-task gradients themselves (``requires = "jacobian"``):
+    ``method(jacobian=J)``, ``J [T, P]`` (row t: task t's gradient of the P shared parameters) -> the
+    update ``[P]``, in J's dtype and on its device. The keyword is required: a positional argument is a
+    Gram matrix (what the engines pass), which these methods cannot use, and it raises saying so.
+    ``T = 0`` or ``P = 0`` gives a zero update of length P, as torchjd does.
 
     Subclasses implement :meth:`_update` on a checked, detached, non-empty ``J``."""
 
     requires = "jacobian"
 
-    def __call__(self, jacobian=None, *, gram=None, cross_gram=None) -> torch.Tensor:
+    def __call__(self, gram=None, *, jacobian=None, cross_gram=None) -> torch.Tensor:
+        # Keyword only: a positional argument is a Gram matrix, what the engines and every Gram method
+        # take; a [T, T] Gram read as a Jacobian would give a silently wrong "update" of length T.
         if jacobian is None:
             raise missing_input(self, gram=gram, jacobian=jacobian, cross_gram=cross_gram)
         return self.forward(jacobian)
@@ -114,16 +118,18 @@ class JacobianAggregator(Aggregator):
 
 class CrossGramAggregator(Aggregator):
     """A method that needs the cross-Gram ``A = J_1 J_2^T`` of the per-task gradients of two
-    independent mini-batches (``requires = "cross_gram"``; MoDo, SDMGrad): ``A [T, T]`` (neither symmetric
-    nor positive semi-definite in general) -> weights ``[T]``. The one-batch Gram ``J J^T`` is not a
-    substitute (it breaks these methods' guarantees), so ``gram=`` is refused. Unbatched: these methods
+    independent mini-batches (``requires = "cross_gram"``; MoDo, SDMGrad): ``method(cross_gram=A)``,
+    ``A [T, T]`` (neither symmetric nor positive semi-definite in general) -> weights ``[T]``. The
+    one-batch Gram ``J J^T`` is not a substitute (it breaks these methods' guarantees), so a positional
+    argument or ``gram=`` (a Gram matrix) is refused, saying what the method needs. Unbatched: these methods
     keep state per call sequence.
 
     Subclasses implement :meth:`_cross_weights` on a checked, detached, non-empty ``[T, T]`` matrix."""
 
     requires = "cross_gram"
 
-    def __call__(self, cross_gram=None, *, gram=None, jacobian=None) -> torch.Tensor:
+    def __call__(self, gram=None, *, jacobian=None, cross_gram=None) -> torch.Tensor:
+        # Keyword only, as JacobianAggregator: a positional argument is a one-batch Gram matrix.
         if cross_gram is None:
             raise missing_input(self, gram=gram, jacobian=jacobian, cross_gram=cross_gram)
         return self.forward(cross_gram)

@@ -23,7 +23,7 @@ class ExcessMTL(JacobianAggregator):
     >>> import torch
     >>> from fastmtl.aggregation import ExcessMTL
     >>> method = ExcessMTL()
-    >>> update = method(torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64))
+    >>> update = method(jacobian=torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64))
     >>> method.last_weights.sum().item()
     1.0
     """

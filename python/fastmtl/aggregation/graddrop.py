@@ -28,7 +28,7 @@ class GradDrop(JacobianAggregator):
     >>> import torch
     >>> from fastmtl.aggregation import GradDrop
     >>> J = torch.tensor([[1.0, 2.0], [3.0, 4.0]])     # all signs agree: P = 1, everything kept
-    >>> GradDrop(seed=0)(J)
+    >>> GradDrop(seed=0)(jacobian=J)
     tensor([4., 6.])
     """
 

@@ -20,7 +20,7 @@ class MoDo(CrossGramAggregator):
 
     >>> import torch
     >>> from fastmtl.aggregation import MoDo
-    >>> MoDo(gamma=0.1, rho=0.0)(torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64)))
+    >>> MoDo(gamma=0.1, rho=0.0)(cross_gram=torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64)))
     tensor([0.5500, 0.4500], dtype=torch.float64)
     """
 

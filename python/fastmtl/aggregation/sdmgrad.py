@@ -22,7 +22,7 @@ class SDMGrad(CrossGramAggregator):
 
     >>> import torch
     >>> from fastmtl.aggregation import SDMGrad
-    >>> w = SDMGrad()(torch.eye(3, dtype=torch.float64))
+    >>> w = SDMGrad()(cross_gram=torch.eye(3, dtype=torch.float64))
     >>> [round(x, 6) for x in w.tolist()]
     [0.333333, 0.333333, 0.333333]
     """

@@ -17,7 +17,7 @@ class TrimmedMean(JacobianAggregator):
 
     >>> import torch
     >>> from fastmtl.aggregation import TrimmedMean
-    >>> TrimmedMean(trim_number=1)(torch.tensor([[1.0, -5.0], [2.0, 0.0], [100.0, 1.0]]))
+    >>> TrimmedMean(trim_number=1)(jacobian=torch.tensor([[1.0, -5.0], [2.0, 0.0], [100.0, 1.0]]))
     tensor([2., 0.])
     """
 

@@ -12,11 +12,13 @@ from ..data import DATASETS
 from ..engine import MODES
 
 # Every method class of fastmtl.aggregation but Constant, whose weights a command line has no way to give
-# (the interfaces and helpers in __all__ are not methods).
+# (the interfaces and helpers in __all__ are not methods), and the methods that need more than the Gram
+# matrix (requires "jacobian" / "cross_gram": GradDrop, TrimmedMean, ExcessMTL, MoDo, SDMGrad), which
+# the engines behind the command line (model.mtl_backward) do not supply yet.
 _AGGREGATOR_NAMES = [
     name for name in aggregation.__all__
     if isinstance(getattr(aggregation, name), type) and issubclass(getattr(aggregation, name), aggregation.Aggregator)
-    and name not in aggregation.INTERFACES and name != "Constant"
+    and name not in aggregation.INTERFACES and name != "Constant" and getattr(aggregation, name).requires == "gram"
 ]
 _WEIGHTING_NAMES = [name for name in weighting.__all__ if name != "Weighting"]
 

@@ -16,6 +16,8 @@ with a message saying to detach them.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = [
@@ -61,9 +63,26 @@ def cagrad_weights(gram: torch.Tensor, c: float, norm_eps: float = 1e-4) -> torc
     return _fastmtl.cagrad_weights.default(gram, c, norm_eps)
 
 
+#: The relative residual of G x = x^(-p) above which Newton's method counts as not converged.
+POWER_SYSTEM_TOLERANCE = 1e-9
+
+
 def power_system_weights(gram: torch.Tensor, exponent: float) -> torch.Tensor:
-    """The ``x > 0`` with ``G x = x^(-exponent)``: Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha)."""
-    return _fastmtl.power_system_weights.default(gram, exponent)
+    """The ``x > 0`` with ``G x = x^(-exponent)``: Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha),
+    on the positive-definite-shifted Gram matrix (``csrc/cpu/aggregation/power_system.h``). Warns
+    (UserWarning) where Newton's method did not converge; the op itself returns the residuals too."""
+    weights, residuals = _fastmtl.power_system_weights.default(gram, exponent)
+    if residuals.device.type != "meta" and residuals.numel():
+        worst = float(residuals.max())
+        if not worst <= POWER_SYSTEM_TOLERANCE:
+            failed = int((~(residuals <= POWER_SYSTEM_TOLERANCE)).sum())
+            warnings.warn(
+                f"fastmtl.power_system_weights: Newton's method did not converge for {failed} of {residuals.numel()} "
+                f"Gram matrices (largest relative residual {worst:.3g}, matrix {int(residuals.argmax())}); their "
+                f"weights are the last iterate, not a solution of G x = x^(-{exponent})",
+                stacklevel=2,
+            )
+    return weights
 
 
 def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -127,7 +146,7 @@ def _cagrad_weights_fake(gram, c, norm_eps):
 
 @torch.library.register_fake("fastmtl::power_system_weights")
 def _power_system_weights_fake(gram, exponent):
-    return _weights_like(gram)
+    return _weights_like(gram), gram.new_empty(gram.shape[:1], dtype=torch.float64)
 
 
 @torch.library.register_fake("fastmtl::pcgrad_weights")

@@ -43,6 +43,7 @@ method        paper                                        needs                
 """
 
 from ._base import Weighting
+from .cosmos import COSMOS
 from .dbmtl import DBMTL
 from .dwa import DWA
 from .equal import EW
@@ -50,10 +51,9 @@ from .famo import FAMO
 from .gls import GLS
 from .gradnorm import GradNorm
 from .imtl import IMTLL
-from .rlw import RLW
-from .cosmos import COSMOS
 from .metabalance import MetaBalance
 from .pbi import PBI
+from .rlw import RLW
 from .stch import STCH
 from .uncertainty import UW
 
