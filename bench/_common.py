@@ -1,5 +1,6 @@
-"""What every benchmark here shares: the machine description saved with the results, percentiles,
-where results go, and writing them."""
+"""The results files of the benchmarks: the machine description saved with them, where they go, and
+writing them. (The harness, harness.py, uses these; ``python -m fastmtl bench`` recognises a bench/
+folder by this file.)"""
 
 from __future__ import annotations
 
@@ -7,13 +8,10 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
-from typing import List, Sequence
-
-import torch
 
 import fastmtl
+import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -21,7 +19,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def cpu_model() -> str:
     """lscpu's model name where there is one; platform.processor() is often empty on Linux."""
     try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        output = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=5).stdout
         for line in output.splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
@@ -47,13 +45,13 @@ def machine_description(device: str) -> dict:
     return info
 
 
-def default_output_path(bench: str, device: str, small: bool) -> str:
+def default_output_path(bench: str, device: str, small: bool, suffix: str = "") -> str:
     name = f"{bench}-" + (socket.gethostname() or "cpu")
     if torch.device(device).type != "cpu":
         name += f"-{torch.device(device).type}"
     if small:
         name += "-small"  # so a smoke run never overwrites real results
-    return os.path.join(RESULTS_DIR, name + ".json")
+    return os.path.join(RESULTS_DIR, name + suffix + ".json")
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -61,20 +59,3 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summarise(samples: List[float]) -> dict:
-    return {
-        "median_ms": statistics.median(samples),
-        "p10_ms": percentile(samples, 0.1),
-        "p90_ms": percentile(samples, 0.9),
-        "samples_ms": samples,
-    }

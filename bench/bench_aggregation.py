@@ -10,6 +10,9 @@ the Jacobian: it gets J [T, 256] with the Gram's J J^T, the others the Gram matr
 Where one torchjd call takes longer than --slow-ms (Nash-MTL and CAGrad at T = 40), its batch time is
 64 x its single-call median, marked "x64" in the table, instead of minutes of measurement.
 
+No same-result check here: whether each method agrees with torchjd's (where torchjd's solver is the
+oracle, to which tolerance, on which Gram matrices) is tests/test_aggregation.py's job, per method.
+
 Goal (issue 4): >= 10x faster than torchjd for UPGrad, MGDA, DualProj, CAGrad and NashMTL at T = 8
 and 40. Results go to bench/results/bench_aggregation-<hostname>[-small].json.
 
@@ -19,18 +22,22 @@ Run: python bench/bench_aggregation.py [--small] [--repeats N]
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
-import sys
-import time
 import warnings
 
+import fastmtl.aggregation as agg
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fastmtl.aggregation as agg  # noqa: E402
-from _common import cpu_model, default_output_path, machine_description, summarise, write_json  # noqa: E402
+from harness import (
+    Goal,
+    SharedFlags,
+    Variant,
+    goals_table,
+    markdown_table,
+    print_header,
+    time_variants,
+    timed_call,
+    write_results,
+)
 
 warnings.filterwarnings("ignore", module="cvxpy")
 POOL = 16
@@ -39,6 +46,7 @@ BATCH = 64
 GOAL_METHODS = ("UPGrad", "MGDA", "DualProj", "CAGrad", "NashMTL")
 GOAL_TASKS = (8, 40)
 GOAL_SPEEDUP = 10.0
+FLAGS = SharedFlags(repeats=50, warmup=3, small_repeats=5, small_warmup=1)
 
 
 def methods(T: int):
@@ -72,110 +80,101 @@ def make_pool(T: int, seed: int):
     return jacobians, grams
 
 
-def time_ms(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+def method_variants(ours, theirs, takes_jacobian: bool, jacobians, grams, batch) -> list[Variant]:
+    """fastmtl and torchjd on the next input of the pool (one counter: no method sees the same input
+    twice in a row); fastmtl on the batch and torchjd's loop over it (which :func:`measure` leaves out
+    where one torchjd call is slow)."""
+    inputs = jacobians if takes_jacobian else grams
+    counter = [0]
+
+    def next_index() -> int:
+        counter[0] = (counter[0] + 1) % POOL
+        return counter[0]
+
+    return [
+        Variant("fastmtl", "fastmtl", lambda: ours(grams[next_index()])),
+        Variant("torchjd", "torchjd", lambda: theirs(inputs[next_index()])),
+        Variant("fastmtl_batch", "fastmtl x64", lambda: ours(batch)),
+        Variant("torchjd_batch", "torchjd x64", lambda: [theirs(inputs[i % POOL]) for i in range(BATCH)]),
+    ]
 
 
-def measure(T: int, repeats: int, warmup: int, slow_ms: float, names) -> list:
+def measure(T: int, args) -> list:
     jacobians, grams = make_pool(T, seed=T)
     batch = torch.stack([grams[i % POOL] for i in range(BATCH)])
     rows = []
     for name, entry in methods(T).items():
-        if entry is None or (names and name not in names):
+        if entry is None or (args.methods and name not in args.methods):
             continue
         ours, theirs, takes_jacobian = entry
-        inputs = jacobians if takes_jacobian else grams
-        counter = {"i": 0}
-
-        def next_index():
-            counter["i"] = (counter["i"] + 1) % POOL
-            return counter["i"]
-
-        variants = {
-            "fastmtl": lambda: ours(grams[next_index()]),
-            "torchjd": lambda: theirs(inputs[next_index()]),
-            "fastmtl_batch": lambda: ours(batch),
-        }
-        for _ in range(warmup):
-            for fn in variants.values():
-                fn()
-        single_torchjd = statistics.median(time_ms(variants["torchjd"]) for _ in range(3))
-        slow = single_torchjd > slow_ms
+        *variants, torchjd_batch = method_variants(ours, theirs, takes_jacobian, jacobians, grams, batch)
+        for _ in range(args.warmup):
+            for v in variants:
+                v.step()
+        slow = statistics.median(timed_call(variants[1]) for _ in range(3)) > args.slow_ms
         if not slow:
-            variants["torchjd_batch"] = lambda: [theirs(inputs[i % POOL]) for i in range(BATCH)]
-        n = max(3, repeats // 10) if slow else repeats
-        samples = {key: [] for key in variants}
-        for _ in range(n):  # interleaved: one call of each variant per round
-            for key, fn in variants.items():
-                samples[key].append(time_ms(fn))
-        stats = {key: summarise(v) for key, v in samples.items()}
-        torchjd_batch = stats["torchjd_batch"]["median_ms"] if not slow else BATCH * stats["torchjd"]["median_ms"]
-        rows.append({
-            "method": name, "T": T, "rounds": n,
-            "fastmtl_ms": stats["fastmtl"]["median_ms"], "torchjd_ms": stats["torchjd"]["median_ms"],
-            "speedup": stats["torchjd"]["median_ms"] / stats["fastmtl"]["median_ms"],
-            "fastmtl_batch_ms": stats["fastmtl_batch"]["median_ms"], "torchjd_batch_ms": torchjd_batch,
-            "torchjd_batch_extrapolated": slow,
-            "batch_speedup": torchjd_batch / stats["fastmtl_batch"]["median_ms"],
-            "samples": stats,
-        })
+            variants.append(torchjd_batch)
+        rounds = max(3, args.repeats // 10) if slow else args.repeats
+        stats = time_variants(variants, rounds, warmup=0)  # warmed up above, before the slow test
+        median = {key: s["median_ms"] for key, s in stats.items()}
+        torchjd_batch = BATCH * median["torchjd"] if slow else median["torchjd_batch"]
+        rows.append(
+            {
+                "method": name,
+                "T": T,
+                "rounds": rounds,
+                "fastmtl_ms": median["fastmtl"],
+                "torchjd_ms": median["torchjd"],
+                "speedup": median["torchjd"] / median["fastmtl"],
+                "fastmtl_batch_ms": median["fastmtl_batch"],
+                "torchjd_batch_ms": torchjd_batch,
+                "torchjd_batch_extrapolated": slow,
+                "batch_speedup": torchjd_batch / median["fastmtl_batch"],
+                "samples": stats,
+            }
+        )
     return rows
 
 
 def print_table(rows) -> None:
-    print(f"{'method':<11}{'T':>4} | {'fastmtl':>10}{'torchjd':>11}{'speedup':>9} | "
-          f"{'fastmtl x64':>12}{'torchjd x64':>14}{'speedup':>9}")
-    for r in rows:
-        mark = "*" if r["torchjd_batch_extrapolated"] else " "
-        print(f"{r['method']:<11}{r['T']:>4} | {r['fastmtl_ms']*1e3:>8.0f}us{r['torchjd_ms']*1e3:>9.0f}us"
-              f"{r['speedup']:>8.1f}x | {r['fastmtl_batch_ms']:>10.2f}ms{r['torchjd_batch_ms']:>11.1f}ms{mark}"
-              f"{r['batch_speedup']:>8.1f}x")
+    headers = ("method", "T", "fastmtl", "torchjd", "speedup", "fastmtl x64", "torchjd x64", "speedup x64")
+    cells = [
+        (
+            r["method"],
+            r["T"],
+            f"{r['fastmtl_ms'] * 1e3:.0f}us",
+            f"{r['torchjd_ms'] * 1e3:.0f}us",
+            f"{r['speedup']:.1f}x",
+            f"{r['fastmtl_batch_ms']:.2f}ms",
+            f"{r['torchjd_batch_ms']:.1f}ms" + ("*" if r["torchjd_batch_extrapolated"] else ""),
+            f"{r['batch_speedup']:.1f}x",
+        )
+        for r in rows
+    ]
+    print(markdown_table(headers, cells))
     print("(* torchjd x64 = 64 x its single-call median: one call is too slow to measure 64 of them)")
-
-
-def goals(rows) -> list:
-    out = []
-    for r in rows:
-        if r["method"] in GOAL_METHODS and r["T"] in GOAL_TASKS:
-            ok = r["speedup"] >= GOAL_SPEEDUP
-            out.append({"goal": f"{r['method']} T={r['T']} >= {GOAL_SPEEDUP:.0f}x torchjd", "value": r["speedup"],
-                        "status": "met" if ok else "MISSED"})
-    return out
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 40])
+    parser.add_argument("--tasks", type=int, nargs="+", help="numbers of tasks (default 2 8 40; 2 8 with --small)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of method names (default: all)")
-    parser.add_argument("--repeats", type=int, default=50, help="interleaved rounds per method and T")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--slow-ms", type=float, default=50.0)
-    parser.add_argument("--small", action="store_true", help="T = 2 and 8, few rounds: a smoke run")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    if args.small:
-        args.tasks, args.repeats, args.warmup = [2, 8], 5, 1
-    print(f"fastmtl vs torchjd aggregation, {cpu_model()}, {torch.get_num_threads()} threads; "
-          f"medians of up to {args.repeats} interleaved rounds")
-    rows = []
-    for T in args.tasks:
-        rows += measure(T, args.repeats, args.warmup, args.slow_ms, args.methods)
+    parser.add_argument("--slow-ms", type=float, default=50.0, help="torchjd calls slower than this: batch x64")
+    args = FLAGS.parse(parser, argv)
+    args.tasks = args.tasks or ([2, 8] if args.small else [2, 8, 40])
+    print_header(args)
+    print(f"fastmtl vs torchjd aggregation; medians of up to {args.repeats} interleaved rounds\n")
+    rows = [row for T in args.tasks for row in measure(T, args)]
     print_table(rows)
-    goal_rows = goals(rows)
-    for g in goal_rows:
-        print(f"  goal {g['goal']:<34} {g['value']:>7.1f}x  {g['status']}")
-    path = args.out or default_output_path("bench_aggregation", "cpu", args.small)
-    write_json(path, {
-        "benchmark": "bench_aggregation",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine": machine_description("cpu"),
-        "args": vars(args),
-        "rows": rows,
-        "goals": goal_rows,
-    })
-    print(f"wrote {path}")
+    goal_rows = [
+        Goal(f"{r['method']} T={r['T']} vs torchjd", GOAL_SPEEDUP).evaluate(r["speedup"])
+        for r in rows
+        if r["method"] in GOAL_METHODS and r["T"] in GOAL_TASKS
+    ]
+    if goal_rows:
+        print(f"\n{goals_table(goal_rows)}")
+    settings = {"tasks": args.tasks, "methods": args.methods, "slow_ms": args.slow_ms, "pool": POOL, "batch": BATCH}
+    write_results("bench_aggregation", args, {"rows": rows, "goals": goal_rows}, settings)
 
 
 if __name__ == "__main__":

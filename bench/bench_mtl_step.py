@@ -39,71 +39,71 @@ allocated once and are not in the per-step figure (the ratios to `plain` share t
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
-import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
-
-import torch
-from torch import nn
+from dataclasses import asdict
 
 import fastmtl
-from _common import default_output_path, machine_description, summarise, write_json
-from bench_step import make_fastmtl_model, make_plain_heads, make_plain_trunk, make_targets, make_tasks, masked_task_loss
+import torch
+from baselines import (
+    Size,
+    copies,
+    make_fastmtl_model,
+    make_libmtl_loop_step,
+    make_plain_heads,
+    make_plain_trunk,
+    make_targets,
+    make_tasks,
+    plain_model_losses,
+    trunk_weights_of,
+)
+from gemm_floors import make_exact_engine_floor, make_loop_floor
+from harness import (
+    Goal,
+    SharedFlags,
+    Variant,
+    check_same_result,
+    goals_table,
+    grads_to_none,
+    markdown_table,
+    peak_memory_bytes,
+    print_header,
+    time_variants,
+    write_results,
+)
 
 CHECK_RTOL = 1e-3
 SEED = 0
+FLAGS = SharedFlags(repeats=30, warmup=3, small_repeats=5, small_warmup=1)
 
 
-@dataclass(frozen=True)
-class Size:
-    name: str
-    batch: int
-    in_features: int
-    hidden: tuple
-    num_tasks: int
-    min_speedup_vs_loop: Optional[float] = None  # goal: (a) / exact >= this
-    min_speedup_vs_autogram: Optional[float] = None  # goal: (c) / exact >= this
-    max_rep_over_plain: Optional[float] = None  # goal: rep / plain <= this
-    max_memory_over_plain: Optional[float] = None  # goal: peak(exact) / peak(plain) <= this
-
-    def describe(self) -> str:
-        widths = set(self.hidden)
-        trunk = f"{len(self.hidden)}x{self.hidden[0]}" if len(widths) == 1 else "x".join(map(str, self.hidden))
-        return f"B={self.batch} in={self.in_features} trunk {trunk} T={self.num_tasks}"
+def engine_goals(vs_loop, vs_autogram, rep_over_plain, memory_over_plain) -> tuple:
+    """(ratio key, goal) pairs: the ratios of :func:`ratios_of`."""
+    return (
+        ("loop_over_exact", Goal("(a) loop / exact", vs_loop)),
+        ("autogram_over_exact", Goal("(c) autogram / exact", vs_autogram)),
+        ("rep_over_plain", Goal("rep / plain", rep_over_plain, at_least=False)),
+        ("memory_exact_over_plain", Goal("peak memory exact / plain", memory_over_plain, at_least=False)),
+    )
 
 
 SIZES = {
-    "1": Size("1", 256, 128, (256, 256, 256), 40, 1.3, 2.0, 1.25, 1.5),
-    "2": Size("2", 512, 128, (512, 512, 512), 8, 1.3, 2.0, 1.25, 1.5),
-    "3": Size("3", 64, 256, (1024, 1024), 8, 1.8, 2.0, 1.25, 1.5),
+    "1": Size("1", 256, 128, (256, 256, 256), 40, engine_goals(1.3, 2.0, 1.25, 1.5)),
+    "2": Size("2", 512, 128, (512, 512, 512), 8, engine_goals(1.3, 2.0, 1.25, 1.5)),
+    "3": Size("3", 64, 256, (1024, 1024), 8, engine_goals(1.8, 2.0, 1.25, 1.5)),
 }
 SMALL_SIZE = Size("small", 32, 16, (32, 32), 3)
 
 
-@dataclass
-class Variant:
-    key: str
-    label: str
-    run_step: Callable[[], None]
-    params: List[torch.Tensor]  # what zero_grad clears
-    trunk_grads: Callable[[], List[torch.Tensor]]  # the trunk's weight gradients after a step
-    aggregates_exactly: bool = True  # its trunk gradients must match `exact`
+def trunk_grads(trunk):
+    """The check's result: the trunk's weight gradients after a step."""
+    return lambda _: {f"trunk layer {i} weight gradient": w.grad for i, w in enumerate(trunk_weights_of(trunk))}
 
 
-def plain_model_losses(trunk, heads, tasks, x, targets):
-    """(features, [task.weight * L_t for each task]) of the plain PyTorch model, a Python loop as
-    LibMTL writes it."""
-    z = trunk(x)
-    return z, [task.weight * masked_task_loss(task, heads[task.name](z), targets[task.name]) for task in tasks]
-
-
-def make_variants(size: Size, tasks, x, targets) -> List[Variant]:
-    import torchjd
-    from torchjd.aggregation import UPGrad as TorchjdUPGrad, UPGradWeighting
+def make_variants(size: Size, tasks, x, targets) -> list[Variant]:
+    from torchjd.aggregation import UPGrad as TorchjdUPGrad
+    from torchjd.aggregation import UPGradWeighting
     from torchjd.autogram import Engine
-    from torchjd.autojac import jac_to_grad, mtl_backward as torchjd_mtl_backward
+    from torchjd.autojac import jac_to_grad
+    from torchjd.autojac import mtl_backward as torchjd_mtl_backward
 
     torch.manual_seed(SEED)
     plain_trunk = make_plain_trunk(size, "cpu", torch.float32)
@@ -111,221 +111,64 @@ def make_variants(size: Size, tasks, x, targets) -> List[Variant]:
     aggregator = fastmtl.aggregation.UPGrad()
     variants = []
 
-    def fastmtl_variant(key, label, step, aggregates=True):
+    def fastmtl_variant(key, label, step, checked=True):
         model = make_fastmtl_model(plain_trunk, plain_heads, tasks, size, "cpu", torch.float32)
-        variants.append(Variant(key, label, lambda: step(model), list(model.parameters()),
-                                lambda: list(model.trunk.weights), aggregates))
+        variants.append(
+            Variant(
+                key, label, lambda: step(model), grads_to_none(model), trunk_grads(model.trunk) if checked else None
+            )
+        )
 
+    # plain and rep compute other updates: timed and measured, not checked against exact.
     fastmtl_variant("plain", "fastmtl plain step (summed loss)", lambda m: m.loss(x, targets).backward(), False)
     fastmtl_variant("exact", "fastmtl exact", lambda m: m.mtl_backward(x, targets, aggregator))
     fastmtl_variant("rep", "fastmtl rep", lambda m: m.mtl_backward(x, targets, aggregator, mode="rep"), False)
 
-    def plain_copy():
-        trunk, heads = copy.deepcopy(plain_trunk), copy.deepcopy(plain_heads)
-        return trunk, heads, list(trunk.parameters()), list(heads.parameters())
+    trunk, heads = copies(plain_trunk, plain_heads)
+    loop_step = make_libmtl_loop_step(trunk, heads, tasks, x, targets, aggregator)
+    variants.append(
+        Variant("loop", "(a) LibMTL-style loop", loop_step, grads_to_none(trunk, heads), trunk_grads(trunk))
+    )
 
-    def trunk_weights(trunk):
-        return lambda: [m.weight for m in trunk if isinstance(m, nn.Linear)]
-
-    trunk_a, heads_a, shared_a, head_params_a = plain_copy()
-
-    def loop_step():
-        _, losses = plain_model_losses(trunk_a, heads_a, tasks, x, targets)
-        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], shared_a, retain_graph=True)])
-                for t in range(len(tasks))]
-        jacobian = torch.stack(rows)
-        weights = aggregator(jacobian @ jacobian.T)
-        update = weights @ jacobian
-        offset = 0
-        for p in shared_a:
-            p.grad = update[offset: offset + p.numel()].view_as(p)
-            offset += p.numel()
-        torch.autograd.backward(sum(losses), inputs=head_params_a)
-
-    variants.append(Variant("loop", "(a) LibMTL-style loop", loop_step, shared_a + head_params_a, trunk_weights(trunk_a)))
-
-    trunk_b, heads_b, shared_b, head_params_b = plain_copy()
+    trunk_b, heads_b = copies(plain_trunk, plain_heads)
     torchjd_upgrad = TorchjdUPGrad()
 
     def autojac_step():
         z, losses = plain_model_losses(trunk_b, heads_b, tasks, x, targets)
-        torchjd_mtl_backward(losses, features=z, shared_params=shared_b)
-        jac_to_grad(shared_b, torchjd_upgrad)
+        torchjd_mtl_backward(losses, features=z, shared_params=list(trunk_b.parameters()))
+        jac_to_grad(list(trunk_b.parameters()), torchjd_upgrad)
 
-    variants.append(Variant("autojac", "(b) torchjd autojac", autojac_step, shared_b + head_params_b,
-                            trunk_weights(trunk_b)))
+    variants.append(
+        Variant("autojac", "(b) torchjd autojac", autojac_step, grads_to_none(trunk_b, heads_b), trunk_grads(trunk_b))
+    )
 
     def autogram_variant(key, label, weighting):
-        trunk, heads, shared, head_params = plain_copy()
+        trunk, heads = copies(plain_trunk, plain_heads)
         engine = Engine(trunk, batch_dim=None)
 
         def step():
             _, losses = plain_model_losses(trunk, heads, tasks, x, targets)
             losses = torch.stack(losses)
-            gramian = engine.compute_gramian(losses)
-            losses.backward(weighting(gramian))
+            losses.backward(weighting(engine.compute_gramian(losses)))
 
-        variants.append(Variant(key, label, step, shared + head_params, trunk_weights(trunk)))
+        variants.append(Variant(key, label, step, grads_to_none(trunk, heads), trunk_grads(trunk)))
 
     autogram_variant("autogram", "(c) torchjd autogram", UPGradWeighting())
     autogram_variant("autogram_fastmtl", "(c') autogram + fastmtl UPGrad", lambda g: aggregator(g.detach()))
-    del torchjd
+    # Only the GEMMs of (a) and of exact: see gemm_floors.py; the ratio of the two floors is the most
+    # the engine can gain over the loop without doing less arithmetic.
+    variants.append(Variant("loop_gemms", "GEMM floor of (a)", make_loop_floor(size, tasks)))
+    variants.append(Variant("exact_gemms", "GEMM floor of exact", make_exact_engine_floor(size, tasks)))
     return variants
 
 
-# GEMM floors: only the GEMMs of a step, on its shapes, into preallocated outputs (random data: GEMM
-# time does not depend on the values). They bound what any implementation of that arithmetic can
-# reach here; the ratio of the two floors is the most the engine can gain over the loop without
-# doing less arithmetic.
-
-
-def ghost_is_cheaper(tasks: int, rows: int, d_in: int, d_out: int) -> bool:
-    """The engine's cost model (csrc/cpu/mtl_engine.h), so the floor takes the path the engine takes."""
-    materialise = tasks * rows * d_in * d_out + tasks * tasks * d_in * d_out
-    ghost = rows * rows * d_in + tasks * rows * rows * d_out + tasks * tasks * rows * d_out
-    return ghost < materialise
-
-
-def make_gemm_floors(size: Size, tasks) -> List[Variant]:
-    B, T = size.batch, len(tasks)
-    dims = (size.in_features,) + tuple(size.hidden)
-    d, C = dims[-1], sum(t.num_outputs for t in tasks)
-    weights = [torch.randn(d_out, d_in) for d_in, d_out in zip(dims[:-1], dims[1:])]
-    acts = [torch.randn(B, w) for w in dims]
-    head = torch.randn(C, d)
-    heads = [torch.randn(t.num_outputs, d) for t in tasks]
-    logits, logit_grad = torch.empty(B, C), torch.randn(B, C)
-    deltas = [torch.randn(B, w) for w in dims]
-    weight_grads = [torch.empty_like(w) for w in weights]
-
-    def forward():
-        for l, w in enumerate(weights):
-            torch.mm(acts[l], w.t(), out=acts[l + 1])
-
-    # (a): per task, the head's cotangent, then every layer's dW and (above the first) dX; the Gram
-    # of the stacked Jacobian and the weighted row sum; the heads' own backward, per task.
-    num_params = sum(w.numel() for w in weights)
-    jacobian, gram, update = torch.randn(T, num_params), torch.empty(T, T), torch.empty(1, num_params)
-    head_logits = [torch.empty(B, t.num_outputs) for t in tasks]
-    head_grads = [torch.randn(B, t.num_outputs) for t in tasks]
-    head_weight_grads = [torch.empty_like(h) for h in heads]
-    task_weights = torch.ones(1, T)
-
-    def loop_gemms():
-        forward()
-        for h, out in zip(heads, head_logits):
-            torch.mm(acts[-1], h.t(), out=out)
-        for h, g in zip(heads, head_grads):
-            torch.mm(g, h, out=deltas[-1])
-            for l in reversed(range(len(weights))):
-                torch.mm(deltas[l + 1].t(), acts[l], out=weight_grads[l])
-                if l > 0:
-                    torch.mm(deltas[l + 1], weights[l], out=deltas[l])
-        torch.mm(jacobian, jacobian.t(), out=gram)
-        torch.mm(task_weights, jacobian, out=update)
-        for g, out in zip(head_grads, head_weight_grads):
-            torch.mm(g.t(), acts[-1], out=out)
-
-    # exact: the head GEMM, then per layer the Gram share by the path the cost model picks and the
-    # T cotangents' propagation, then the one weighted backward.
-    task_deltas = [torch.randn(B, T * w) for w in dims]
-    per_task = [torch.empty(T * w.shape[0], w.shape[1]) for w in weights]
-    kernels = torch.empty(B, B)
-    kernel_deltas = [torch.empty(B, T * w) for w in dims]
-    layer_gram, head_grad = torch.empty(T, T), torch.empty_like(head)
-    ghost = [ghost_is_cheaper(T, B, w.shape[1], w.shape[0]) for w in weights]
-
-    def exact_gemms():
-        forward()
-        torch.mm(acts[-1], head.t(), out=logits)
-        for l in reversed(range(len(weights))):
-            d_out, d_in = weights[l].shape
-            delta = task_deltas[l + 1]
-            if ghost[l]:
-                torch.mm(acts[l], acts[l].t(), out=kernels)
-                torch.mm(kernels, delta, out=kernel_deltas[l + 1])
-                torch.bmm(delta.view(B, T, d_out), kernel_deltas[l + 1].view(B, T, d_out).transpose(1, 2))
-            else:
-                torch.mm(delta.t(), acts[l], out=per_task[l])
-                flat = per_task[l].view(T, -1)
-                torch.mm(flat, flat.t(), out=layer_gram)
-            if l > 0:
-                torch.mm(delta.view(B * T, d_out), weights[l], out=task_deltas[l].view(B * T, d_in))
-        torch.mm(logit_grad.t(), acts[-1], out=head_grad)
-        torch.mm(logit_grad, head, out=deltas[-1])
-        for l in reversed(range(len(weights))):
-            torch.mm(deltas[l + 1].t(), acts[l], out=weight_grads[l])
-            if l > 0:
-                torch.mm(deltas[l + 1], weights[l], out=deltas[l])
-
-    return [Variant("loop_gemms", "GEMM floor of (a)", loop_gemms, [], lambda: [], False),
-            Variant("exact_gemms", "GEMM floor of exact", exact_gemms, [], lambda: [], False)]
-
-
-def zero_grad(variant: Variant) -> None:
-    for p in variant.params:
-        p.grad = None
-
-
-def check_same_update(variants: List[Variant]) -> None:
-    by_key = {v.key: v for v in variants}
-    for v in variants:
-        zero_grad(v)
-        v.run_step()
-    expected = by_key["exact"].trunk_grads()
-    for v in variants:
-        if not v.aggregates_exactly or v.key == "exact":
-            continue
-        for layer, (got, want) in enumerate(zip(v.trunk_grads(), expected)):
-            torch.testing.assert_close(got, want, rtol=CHECK_RTOL, atol=CHECK_RTOL * want.abs().max().item(),
-                                       msg=lambda m: f"{v.key}: trunk layer {layer} gradient differs from exact\n{m}")
-
-
-def timed_step(variant: Variant) -> float:
-    zero_grad(variant)
-    start = time.perf_counter()
-    variant.run_step()
-    return time.perf_counter() - start
-
-
-def time_round_robin(variants: List[Variant], repeats: int) -> Dict[str, List[float]]:
-    samples = {v.key: [] for v in variants}
-    for repeat in range(repeats):
-        shift = repeat % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            samples[variant.key].append(timed_step(variant) * 1e3)
-    return samples
-
-
-def peak_step_memory(variant: Variant) -> int:
-    """Peak bytes allocated minus freed by torch's CPU allocator during one step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    zero_grad(variant)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        variant.run_step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
-
-
-def evaluate_goals(size: Size, medians: Dict[str, float], memory: Dict[str, int]) -> List[dict]:
-    checks = [
-        ("(a) loop / exact", medians["loop"] / medians["exact"], size.min_speedup_vs_loop, ">="),
-        ("(c) autogram / exact", medians["autogram"] / medians["exact"], size.min_speedup_vs_autogram, ">="),
-        ("rep / plain", medians["rep"] / medians["plain"], size.max_rep_over_plain, "<="),
-        ("peak memory exact / plain", memory["exact"] / memory["plain"], size.max_memory_over_plain, "<="),
-    ]
-    goals = []
-    for name, value, bound, sense in checks:
-        if bound is None:
-            continue
-        met = value >= bound if sense == ">=" else value <= bound
-        goals.append({"goal": f"{name} {sense} {bound}", "value": value, "met": met})
-    return goals
+def ratios_of(medians: dict[str, float], memory: dict[str, int]) -> dict[str, float]:
+    return {
+        "loop_over_exact": medians["loop"] / medians["exact"],
+        "autogram_over_exact": medians["autogram"] / medians["exact"],
+        "rep_over_plain": medians["rep"] / medians["plain"],
+        "memory_exact_over_plain": memory["exact"] / memory["plain"],
+    }
 
 
 def run_size(size: Size, repeats: int, warmup: int) -> dict:
@@ -334,59 +177,55 @@ def run_size(size: Size, repeats: int, warmup: int) -> dict:
     x = torch.randn(size.batch, size.in_features)
     targets = make_targets(tasks, size.batch, "cpu", torch.float32)
     variants = make_variants(size, tasks, x, targets)
-    check_same_update(variants)
-    variants += make_gemm_floors(size, tasks)
-    for _ in range(warmup):
-        for v in variants:
-            timed_step(v)
-    samples = time_round_robin(variants, repeats)
-    stats = {key: summarise(values) for key, values in samples.items()}
-    medians = {key: s["median_ms"] for key, s in stats.items()}
-    memory = {v.key: peak_step_memory(v) for v in variants}
+    check_same_result(variants, "exact", CHECK_RTOL)
+    stats = time_variants(variants, repeats, warmup)
+    memory = {v.key: peak_memory_bytes(v) for v in variants}
+    ratios = ratios_of({key: s["median_ms"] for key, s in stats.items()}, memory)
     return {
-        "size": asdict(size), "description": size.describe(), "repeats": repeats,
-        "labels": {v.key: v.label for v in variants}, "stats": stats, "peak_memory_bytes": memory,
-        "goals": evaluate_goals(size, medians, memory) if size.name != "small" else [],
+        "size": asdict(size),
+        "description": size.describe(),
+        "repeats": repeats,
+        "labels": {v.key: v.label for v in variants},
+        "stats": stats,
+        "peak_memory_bytes": memory,
+        "ratios": ratios,
+        "goals": [goal.evaluate(ratios[key]) for key, goal in size.goals],
     }
 
 
 def print_result(result: dict) -> None:
     stats, memory, labels = result["stats"], result["peak_memory_bytes"], result["labels"]
     exact, plain_memory = stats["exact"]["median_ms"], memory["plain"]
-    print(f"\n{result['description']}  (median of {result['repeats']} interleaved steps, float32)")
-    print(f"| variant | median ms | p10-p90 ms | time / exact | peak MB | memory / plain |")
-    print(f"|---|---|---|---|---|---|")
-    for key, s in stats.items():
-        print(f"| {labels[key]} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} | "
-              f"{s['median_ms'] / exact:.2f}x | {memory[key] / 2**20:.1f} | {memory[key] / plain_memory:.2f}x |")
+    print(f"\n{result['description']}  (median of {result['repeats']} interleaved steps, float32)\n")
+    rows = [
+        (
+            labels[key],
+            f"{s['median_ms']:.2f}",
+            f"{s['p10_ms']:.2f}-{s['p90_ms']:.2f}",
+            f"{s['median_ms'] / exact:.2f}x",
+            f"{memory[key] / 2**20:.1f}",
+            f"{memory[key] / plain_memory:.2f}x",
+        )
+        for key, s in stats.items()
+    ]
+    headers = ("variant", "median ms", "p10-p90 ms", "time / exact", "peak MB", "memory / plain")
+    print(markdown_table(headers, rows))
     floors = stats["loop_gemms"]["median_ms"] / stats["exact_gemms"]["median_ms"]
-    print(f"  GEMM floors, (a) / exact: {floors:.2f} (above 1 only where the engine does less GEMM work than (a))")
-    for goal in result["goals"]:
-        print(f"  goal {goal['goal']}: {goal['value']:.2f} {'met' if goal['met'] else 'MISSED'}")
+    print(f"\nGEMM floors, (a) / exact: {floors:.2f} (above 1 only where the engine does less GEMM work than (a))")
+    if result["goals"]:
+        print(f"\n{goals_table(result['goals'])}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=sorted(SIZES))
-    parser.add_argument("--small", action="store_true", help="one tiny size instead, for a quick smoke run")
-    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds (median reported)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="JSON path (default: bench/results/bench_mtl_step-<host>.json)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = [SMALL_SIZE] if args.small else [SIZES[name] for name in args.sizes]
-    repeats = 5 if args.small else args.repeats
+    args = FLAGS.parse(parser, argv)
+    print_header(args)
     results = []
-    for size in sizes:
-        result = run_size(size, repeats, 1 if args.small else args.warmup)
-        print_result(result)
-        results.append(result)
-    path = args.out or default_output_path("bench_mtl_step", "cpu", args.small)
-    write_json(path, {"benchmark": "bench_mtl_step", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                      "machine": machine_description("cpu"), "results": results})
-    print(f"\nresults: {path}")
+    for size in [SMALL_SIZE] if args.small else [SIZES[name] for name in args.sizes]:
+        results.append(run_size(size, args.repeats, args.warmup))
+        print_result(results[-1])
+    write_results("bench_mtl_step", args, results, {"dtype": "float32", "check_rtol": CHECK_RTOL, "seed": SEED})
 
 
 if __name__ == "__main__":

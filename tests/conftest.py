@@ -1,12 +1,39 @@
 """Shared test helpers: devices, tolerances, seeded random inputs for the ops."""
 
+import importlib.util
 import math
+import pathlib
 
 import pytest
 import torch
 
 import fastmtl
 from fastmtl import Task
+
+TESTS = pathlib.Path(__file__).resolve().parent
+PACKAGE = TESTS.parent / "python" / "fastmtl"
+# Docstring examples that need an optional dependency (the 'apps' extra), by module prefix: skipped
+# without it, as the core package's tests are.
+DOCTEST_REQUIREMENTS = {"fastmtl.data.": "sklearn"}
+
+
+def pytest_configure(config):
+    """``python -m pytest tests`` runs the package's docstring examples too: pyproject.toml's
+    ``--doctest-modules`` covers python/fastmtl only when it is collected, so add it when the
+    whole tests directory (and nothing else) is asked for."""
+    asked = [pathlib.Path(arg).resolve() for arg in config.args]
+    if config.getoption("doctestmodules") and asked and all(path == TESTS for path in asked):
+        config.args.append(str(PACKAGE))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if type(item).__name__ != "DoctestItem":
+            continue
+        for prefix, module in DOCTEST_REQUIREMENTS.items():
+            if item.name.startswith(prefix) and importlib.util.find_spec(module) is None:
+                item.add_marker(pytest.mark.skip(reason=f"the example needs {module} (the apps extra)"))
+
 
 HAS_CUDA_KERNELS = torch.cuda.is_available() and fastmtl.build_info()["cuda"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

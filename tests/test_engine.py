@@ -80,6 +80,12 @@ AGGREGATORS = {
 }
 
 
+def test_every_aggregator_of_the_package_is_compared():
+    classes = {name for name in agg.__all__ if isinstance(getattr(agg, name), type)
+               and issubclass(getattr(agg, name), agg.Aggregator) and getattr(agg, name) is not agg.Aggregator}
+    assert set(AGGREGATORS) == classes
+
+
 @pytest.mark.parametrize("name", list(AGGREGATORS))
 @pytest.mark.parametrize("mode", ["exact", "rep"])
 def test_every_aggregator_matches_the_reference_in_float64(name, mode):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from ._validation import check_int_at_least
+
 KINDS = ("regression", "binary", "multiclass")
 # The losses each kind may use; the first is the default.
 LOSSES_BY_KIND = {
@@ -56,11 +58,7 @@ class Task:
             )
         n = self.num_outputs
         if self.kind == "multiclass":
-            if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 2:
-                raise ValueError(
-                    f"Task {self.name!r}: argument 'num_outputs' expected the number of classes (an int >= 2) "
-                    f"for a multiclass task, got {n!r}"
-                )
+            check_int_at_least(f"Task {self.name!r}", "num_outputs", n, 2, "the number of classes of a multiclass task")
         elif self.kind == "binary":
             if n is None:
                 n = 1
@@ -69,8 +67,7 @@ class Task:
         else:
             if n is None:
                 n = 1
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"Task {self.name!r}: argument 'num_outputs' expected an int >= 1, got {n!r}")
+            check_int_at_least(f"Task {self.name!r}", "num_outputs", n, 1)
         try:
             weight = float(self.weight)
         except (TypeError, ValueError):

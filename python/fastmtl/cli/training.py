@@ -78,10 +78,8 @@ def evaluate(model: fnn.MultiTaskModel, data: MultiTaskDataset, batch_size: int 
 
 def model_gram(model: fnn.MultiTaskModel, x, targets, mode: str) -> torch.Tensor:
     """The Gram matrix of the per-task gradients of the trunk (``fastmtl.ops.task_gram``)."""
-    trunk, heads = model.trunk, model.heads
-    biases = None if trunk.biases is None else list(trunk.biases)
-    return ops.task_gram(x, list(trunk.weights), biases, trunk.activation, heads.weight, heads.bias, targets,
-                         heads.tasks, mode=mode)
+    heads = model.heads
+    return ops.task_gram(x, *model.trunk.op_arguments, heads.weight, heads.bias, targets, heads.layout, mode=mode)
 
 
 def cosine_of(gram: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._validation import check_int_at_least
 from ._init import linear_init_
-
-
-def _check_count(owner: str, name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: argument '{name}' expected an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _widths(owner: str, expert_hidden) -> List[int]:
@@ -30,7 +25,7 @@ def _widths(owner: str, expert_hidden) -> List[int]:
     if not widths:
         raise ValueError(f"{owner}: argument 'expert_hidden' expected at least one layer width, got []")
     for i, w in enumerate(widths):
-        _check_count(owner, f"expert_hidden[{i}]", w, 1)
+        check_int_at_least(owner, f"expert_hidden[{i}]", w, 1)
     return widths
 
 
@@ -62,9 +57,10 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, d]`` (shared) or ``[E, B, d]`` (one input per expert) -> ``[E, B, out]``."""
+        # ParameterList's own iteration costs more than the op's dispatch (see FusedMLP.op_arguments).
         weights = list(self.weights._parameters.values())
-        biases = list(self.biases._parameters.values()) if self.biases is not None else []
-        return torch.ops.fastmtl.fused_experts.default(x, weights, biases, self.activation)[0]
+        biases = list(self.biases._parameters.values()) if self.biases is not None else None
+        return ops.fused_experts(x, weights, biases, self.activation)
 
 
 class TaskGates(nn.Module):
@@ -77,7 +73,7 @@ class TaskGates(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_gates, width, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_gates, width, **factory))
-        self.expert_index = ops.expert_index_list(expert_index)
+        self.expert_index = ops.expert_index_list(expert_index)  # flat, as the op takes it
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,7 +82,7 @@ class TaskGates(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x ``[B, d]`` or ``[G, B, d]``, experts ``[E, B, h]`` -> mixtures ``[G, B, h]``."""
-        return torch.ops.fastmtl.gated_mixture.default(x, self.weight, self.bias, experts, self.expert_index)[0]
+        return ops.gated_mixture_flat(x, self.weight, self.bias, experts, self.expert_index)
 
 
 def _check_input(owner: str, x: torch.Tensor, in_features: int) -> None:
@@ -116,12 +112,11 @@ class MMoE(nn.Module):
     def __init__(self, in_features: int, num_experts: int, expert_hidden: Union[int, Sequence[int]], num_tasks: int,
                  activation: str = "relu", device=None, dtype=None):
         super().__init__()
-        _check_count("MMoE", "in_features", in_features, 1)
-        _check_count("MMoE", "num_experts", num_experts, 1)
-        _check_count("MMoE", "num_tasks", num_tasks, 1)
+        check_int_at_least("MMoE", "in_features", in_features, 1)
+        check_int_at_least("MMoE", "num_experts", num_experts, 1)
+        check_int_at_least("MMoE", "num_tasks", num_tasks, 1)
         widths = _widths("MMoE", expert_hidden)
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"MMoE: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+        ops.check_activation("MMoE", activation)
         self.in_features, self.num_experts, self.num_tasks = in_features, num_experts, num_tasks
         self.expert_hidden = tuple(widths)
         self.experts = ExpertBank(in_features, num_experts, widths, activation, device=device, dtype=dtype)
@@ -163,17 +158,16 @@ class PLE(nn.Module):
                  expert_hidden: Union[int, Sequence[int]], num_tasks: int, num_levels: int = 1,
                  activation: str = "relu", device=None, dtype=None):
         super().__init__()
-        _check_count("PLE", "in_features", in_features, 1)
-        _check_count("PLE", "num_shared_experts", num_shared_experts, 0)
-        _check_count("PLE", "num_task_experts", num_task_experts, 0)
-        _check_count("PLE", "num_tasks", num_tasks, 1)
-        _check_count("PLE", "num_levels", num_levels, 1)
+        check_int_at_least("PLE", "in_features", in_features, 1)
+        check_int_at_least("PLE", "num_shared_experts", num_shared_experts, 0)
+        check_int_at_least("PLE", "num_task_experts", num_task_experts, 0)
+        check_int_at_least("PLE", "num_tasks", num_tasks, 1)
+        check_int_at_least("PLE", "num_levels", num_levels, 1)
         if num_shared_experts + num_task_experts == 0:
             raise ValueError("PLE: arguments 'num_shared_experts' and 'num_task_experts' expected at least one "
                              "expert per gate, got 0 and 0")
         widths = _widths("PLE", expert_hidden)
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"PLE: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+        ops.check_activation("PLE", activation)
         self.in_features, self.num_tasks, self.num_levels = in_features, num_tasks, num_levels
         self.num_shared_experts, self.num_task_experts = num_shared_experts, num_task_experts
         self.expert_hidden = tuple(widths)

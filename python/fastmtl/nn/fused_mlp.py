@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._validation import check_int_at_least
 from ._init import linear_init_
 
 # Plain PyTorch activation modules and the fused activation each one is.
@@ -58,11 +59,8 @@ class FusedMLP(nn.Module):
         if not widths:
             raise ValueError("FusedMLP: argument 'hidden_features' expected at least one layer width, got []")
         for i, w in enumerate([in_features] + widths):
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                arg = "in_features" if i == 0 else f"hidden_features[{i - 1}]"
-                raise ValueError(f"FusedMLP: argument '{arg}' expected an int >= 1, got {w!r}")
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"FusedMLP: argument 'activation' expected one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
+            check_int_at_least("FusedMLP", "in_features" if i == 0 else f"hidden_features[{i - 1}]", w, 1)
+        ops.check_activation("FusedMLP", activation)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.hidden_features = tuple(widths)
@@ -76,6 +74,23 @@ class FusedMLP(nn.Module):
     def out_features(self) -> int:
         return self.hidden_features[-1]
 
+    @property
+    def op_arguments(self) -> ops.MLPArguments:
+        """The trunk as the fused ops take it: ``(weights, biases, activation)``, the parameters
+        themselves (not copies) in layer order, ``biases`` empty without bias. What the engine's
+        fused path and :func:`fastmtl.ops.task_gram` read.
+
+        >>> import fastmtl
+        >>> args = fastmtl.nn.FusedMLP(4, [8, 2], bias=False).op_arguments
+        >>> [list(w.shape) for w in args.weights], args.biases, args.activation
+        ([[8, 4], [2, 8]], [], 'relu')
+        """
+        # ParameterList's own iteration goes through string-index lookups per element, which
+        # cost more than the op's dispatch on small batches; its _parameters dict is the same data.
+        weights = list(self.weights._parameters.values())
+        biases = list(self.biases._parameters.values()) if self.biases is not None else []
+        return ops.MLPArguments(weights, biases, self.activation)
+
     def reset_parameters(self) -> None:
         for i, w in enumerate(self.weights):
             linear_init_(w, self.biases[i] if self.biases is not None else None)
@@ -83,12 +98,8 @@ class FusedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"FusedMLP: input expected shape [..., {self.in_features}], got {list(x.shape)}")
-        # ParameterList's own iteration goes through string-index lookups per element, which
-        # cost more than the op's dispatch on small batches; its _parameters dict is the same data.
-        weights = list(self.weights._parameters.values())
-        biases = list(self.biases._parameters.values()) if self.biases is not None else []
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = torch.ops.fastmtl.fused_mlp.default(rows, weights, biases, self.activation)[0]
+        out = ops.fused_mlp(rows, *self.op_arguments)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._validation import check_int_at_least
 from ..tasks import Task, check_tasks
 from ._init import linear_init_
 
@@ -29,11 +30,11 @@ class MultiTaskHeads(nn.Module):
 
     def __init__(self, in_features: int, tasks: Sequence[Task], device=None, dtype=None):
         super().__init__()
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"MultiTaskHeads: argument 'in_features' expected an int >= 1, got {in_features!r}")
-        self.tasks, self._loss_names, self._num_outputs = ops.task_layout(tasks, "MultiTaskHeads")
+        check_int_at_least("MultiTaskHeads", "in_features", in_features, 1)
+        self.layout = ops.task_layout(tasks, "MultiTaskHeads")
+        self.tasks = self.layout.tasks
         self.in_features = in_features
-        total = sum(self._num_outputs)
+        total = sum(self.layout.num_outputs)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(total, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(total, **factory))
@@ -49,6 +50,22 @@ class MultiTaskHeads(nn.Module):
     def task_names(self):
         return [t.name for t in self.tasks]
 
+    @property
+    def loss_names(self):
+        """Each task's loss name (``task.loss``), in task order, as the fused ops take them."""
+        return self.layout.loss_names
+
+    @property
+    def num_outputs(self):
+        """Each task's number of outputs, in task order: its rows of :attr:`weight`."""
+        return self.layout.num_outputs
+
+    @property
+    def op_arguments(self) -> ops.HeadArguments:
+        """The heads as the fused ops take them: ``(weight, bias, layout, task_weights)``, the
+        parameters and buffer themselves. What the engine's fused path reads."""
+        return ops.HeadArguments(self.weight, self.bias, self.layout, self.task_weights)
+
     def reset_parameters(self) -> None:
         # Per-task nn.Linear init has the same distribution for every row: fan_in is in_features.
         linear_init_(self.weight, self.bias)
@@ -56,12 +73,12 @@ class MultiTaskHeads(nn.Module):
     def forward(self, z: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Logits per task: dict name -> ``[..., num_outputs]``."""
         logits = F.linear(z, self.weight, self.bias)
-        return dict(zip(self.task_names, logits.split(self._num_outputs, dim=-1)))
+        return dict(zip(self.task_names, logits.split(self.layout.num_outputs, dim=-1)))
 
     def pack_targets(self, targets: Mapping, dtype=None) -> torch.Tensor:
-        """The dict of per-task targets as the packed tensor :meth:`losses` also accepts."""
-        dtype = dtype or ops.loss_dtype(self.weight.dtype)
-        return ops._pack_targets(targets, self.tasks, self._loss_names, self._num_outputs, dtype)
+        """The dict of per-task targets as the packed tensor :meth:`losses` (and the engine's fused
+        path) take: ``[B, sum of target widths]`` in ``dtype`` (default: the losses' dtype)."""
+        return ops.pack_targets(targets, self.layout, dtype or ops.loss_dtype(self.weight.dtype))
 
     def losses(self, z: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
         """Per-task losses ``[T]`` in task order, from trunk features ``z`` ``[B, in_features]``.
@@ -70,10 +87,7 @@ class MultiTaskHeads(nn.Module):
         """
         if isinstance(targets, Mapping):
             targets = self.pack_targets(targets, ops.loss_dtype(z.dtype))
-        result, _logit_grad, _scale = torch.ops.fastmtl.multitask_head_loss.default(
-            z, self.weight, self.bias, targets, self._loss_names, self._num_outputs
-        )
-        return result
+        return ops.multitask_head_loss(z, self.weight, self.bias, targets, self.layout)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, tasks={[f'{t.name}:{t.kind}[{t.num_outputs}]' for t in self.tasks]}"

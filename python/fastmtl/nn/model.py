@@ -8,6 +8,8 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
+from ..engine import fused_model_backward, mtl_backward
+from ..tasks import check_tasks
 from .fused_mlp import FusedMLP
 from .heads import MultiTaskHeads
 from .routing import routed_logits, routed_losses
@@ -86,43 +88,22 @@ class MultiTaskModel(nn.Module):
         # Losses of a 16-bit model are float32 (ops.loss_dtype); module.to(dtype) may have cast the buffer.
         return torch.dot(losses, self.heads.task_weights.to(losses.dtype))
 
-    def mtl_backward(
-        self,
-        x: torch.Tensor,
-        targets: Union[Mapping, torch.Tensor],
-        aggregator,
-        mode: str = "exact",
-        gram_every: int = 1,
-        keep_jacobian: bool = False,
-        gram_path: str = "auto",
-        ddp_gram: str = "local",
-        process_group=None,
-    ):
+    def mtl_backward(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor], aggregator, **options):
         """Backward of one multi-task step with an aggregated update of the trunk.
 
         The trunk's parameters get ``sum_t a_t grad(task.weight_t * L_t)`` with ``a =
         aggregator(G)``, ``G`` the Gram matrix of those per-task gradients; each head gets the
         gradient of its own ``task.weight * L_t``. Accumulates into ``.grad`` like ``backward``.
-
-        Args:
-            x, targets: as for :meth:`losses`.
-            aggregator: Gram ``[T, T]`` -> weights ``[T]``, e.g. ``fastmtl.aggregation.UPGrad()``.
-            mode: ``"exact"`` (G over the trunk's parameters) or ``"rep"`` (G over the gradients of
-                the trunk output, MGDA-UB: approximate, nearly free).
-            gram_every: recompute the weights every k calls (same aggregator type, mode and tasks)
-                and reuse them in between, where a call is one ordinary weighted backward.
-            keep_jacobian: also return the ``[T, P]`` Jacobian of the trunk's parameters (exact mode).
-            gram_path: per-layer Gram algorithm of a FusedMLP trunk: ``"auto"`` (cost model),
-                ``"materialise"`` or ``"ghost"``.
-            ddp_gram, process_group: under data parallelism (an initialised ``torch.distributed``
-                group of several ranks) the gradients written are the mean over the ranks, as
-                DDP's, and the Gram matrix covers the ranks by ``"local"`` (all-reduced Grams, no
-                cross-rank terms), ``"exact"`` (all-reduced per-task gradients) or ``"none"``.
+        ``x, targets``: as for :meth:`losses`; ``aggregator``: Gram ``[T, T]`` -> weights ``[T]``,
+        e.g. ``fastmtl.aggregation.UPGrad()``; ``options``: the keyword arguments of
+        :class:`fastmtl.engine.MTLBackwardOptions` (``mode``, ``gram_every``, ``keep_jacobian``,
+        ``gram_path``, ``ddp_gram``, ``process_group``). The ``gram_every`` schedule belongs to the
+        model: a fresh aggregator of the same type per call continues it.
 
         With a :class:`FusedMLP` trunk the step runs in fused C++ ops with no ``T x P`` Jacobian
         (:func:`fastmtl.engine.fused_model_backward`); any other trunk, per-task ones (MMoE, PLE)
-        included, goes through :func:`fastmtl.mtl_backward` (features: the ``[T, B, d]``
-        representations). Returns an :class:`fastmtl.engine.MTLBackwardResult`
+        included, goes through :func:`fastmtl.mtl_backward` (features: the trunk output, or the
+        ``[T, B, d]`` representations). Returns an :class:`fastmtl.engine.MTLBackwardResult`
         (``losses`` are the unweighted ``L_t``).
 
         >>> import torch, fastmtl
@@ -133,22 +114,15 @@ class MultiTaskModel(nn.Module):
         >>> result.gram.shape, model.trunk.weights[0].grad.shape
         (torch.Size([2, 2]), torch.Size([32, 10]))
         """
-        from .._distributed import DataParallelSync
-        from ..engine import _check_gram_every, _check_mode, _generic_backward, fused_model_backward, model_schedule
-
         if isinstance(self.trunk, FusedMLP):
-            return fused_model_backward(self, x, targets, aggregator, mode=mode, gram_every=gram_every,
-                                        keep_jacobian=keep_jacobian, gram_path=gram_path, ddp_gram=ddp_gram,
-                                        process_group=process_group)
-        if gram_path != "auto":
+            return fused_model_backward(self, x, targets, aggregator, **options)
+        if options.get("gram_path", "auto") != "auto":
             raise ValueError(f"MultiTaskModel.mtl_backward: argument 'gram_path' applies to a FusedMLP trunk only, "
-                             f"got {gram_path!r} with a {type(self.trunk).__name__} trunk")
+                             f"got {options['gram_path']!r} with a {type(self.trunk).__name__} trunk")
         z, per_task = self.features(x)
         losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
-        _check_mode(mode)
-        schedule = model_schedule(self) if _check_gram_every(gram_every) > 1 else None
-        result = _generic_backward(losses * self.heads.task_weights, z, aggregator, list(self.trunk.parameters()), mode,
-                                   keep_jacobian, gram_every, schedule, DataParallelSync(ddp_gram, process_group))
+        result = mtl_backward(losses * self.heads.task_weights, z, aggregator, list(self.trunk.parameters()),
+                              schedule_owner=self, **options)
         result.losses = losses.detach()
         return result
 
@@ -173,8 +147,6 @@ class MultiTaskModel(nn.Module):
         The trunk must give one shared representation (an MMoE or PLE has a gate per task fixed at
         construction). Returns ``self``; new parameters need adding to the optimizer.
         """
-        from ..tasks import check_tasks
-
         new = list(check_tasks(tasks, "MultiTaskModel.add_tasks"))
         if hasattr(self.trunk, "task_features"):
             raise ValueError(f"MultiTaskModel.add_tasks: a {type(self.trunk).__name__} trunk has one representation "

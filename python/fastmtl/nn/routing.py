@@ -16,6 +16,7 @@ from typing import Dict, Union
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from .heads import MultiTaskHeads
 
 
@@ -29,8 +30,8 @@ def check_task_features(heads: MultiTaskHeads, z: torch.Tensor) -> None:
 def routed_logits(heads: MultiTaskHeads, z: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Dict name -> logits of task t's head on ``z[t]``."""
     check_task_features(heads, z)
-    weights = heads.weight.split(heads._num_outputs)
-    biases = heads.bias.split(heads._num_outputs)
+    weights = heads.weight.split(heads.num_outputs)
+    biases = heads.bias.split(heads.num_outputs)
     return {t.name: F.linear(z[i], weights[i], biases[i]) for i, t in enumerate(heads.tasks)}
 
 
@@ -39,10 +40,7 @@ def routed_losses(heads: MultiTaskHeads, z: torch.Tensor, targets: Union[Mapping
     check_task_features(heads, z)
     T, B, d = z.shape
     side_by_side = z.transpose(0, 1).reshape(B, T * d)
-    block_weight = torch.block_diag(*heads.weight.split(heads._num_outputs))
+    block_weight = torch.block_diag(*heads.weight.split(heads.num_outputs))
     if isinstance(targets, Mapping):
         targets = heads.pack_targets(targets, z.dtype)
-    result, _logit_grad, _scale = torch.ops.fastmtl.multitask_head_loss.default(
-        side_by_side, block_weight, heads.bias, targets, heads._loss_names, heads._num_outputs
-    )
-    return result
+    return ops.multitask_head_loss(side_by_side, block_weight, heads.bias, targets, heads.layout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._validation import check_int_at_least
 from ._init import linear_init_
 
 
@@ -28,8 +29,7 @@ class SoftSharedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, num_tasks: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features), ("num_tasks", num_tasks)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SoftSharedLinear: argument '{name}' expected an int >= 1, got {value!r}")
+            check_int_at_least("SoftSharedLinear", name, value, 1)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.num_tasks = in_features, out_features, num_tasks
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))

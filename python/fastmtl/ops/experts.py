@@ -4,19 +4,14 @@ typed wrappers. Autograd is registered in C++ (``csrc/ops/experts_autograd.cpp``
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["fused_experts", "gated_mixture", "expert_index_list"]
+from ._checks import bias_list, check_devices
+from .activations import PRE_ACTIVATION_SAVED, check_activation
 
-# This module is imported at the end of fastmtl.ops, after these are defined.
-from . import ACTIVATIONS, PRE_ACTIVATION_SAVED, _bias_list, _check_devices
-
-
-def _check_activation(op: str, activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"fastmtl.{op}: argument 'activation' expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+__all__ = ["fused_experts", "gated_mixture", "gated_mixture_flat", "expert_index_list"]
 
 
 def fused_experts(
@@ -46,7 +41,7 @@ def fused_experts(
     torch.Size([8, 4, 2])
     """
     weights = list(weights)
-    out, _saved = torch.ops.fastmtl.fused_experts.default(x, weights, _bias_list(biases, weights, "fused_experts"), activation)
+    out, _saved = torch.ops.fastmtl.fused_experts.default(x, weights, bias_list(biases, weights, "fused_experts"), activation)
     return out
 
 
@@ -93,15 +88,27 @@ def gated_mixture(
     >>> fastmtl.ops.gated_mixture(x, torch.randn(2, 5, 3), None, experts).shape
     torch.Size([2, 4, 2])
     """
-    index = expert_index_list(expert_index)
-    out, _gates = torch.ops.fastmtl.gated_mixture.default(x, gate_weight, gate_bias, experts, index)
+    return gated_mixture_flat(x, gate_weight, gate_bias, experts, expert_index_list(expert_index))
+
+
+def gated_mixture_flat(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: Optional[torch.Tensor],
+    experts: torch.Tensor,
+    flat_index: List[int],
+) -> torch.Tensor:
+    """:func:`gated_mixture` with ``expert_index`` already flattened by :func:`expert_index_list`
+    (``[]`` for every gate over all experts): what a module checks once and keeps, so that its
+    forward does not convert it again."""
+    out, _gates = torch.ops.fastmtl.gated_mixture.default(x, gate_weight, gate_bias, experts, flat_index)
     return out
 
 
 @torch.library.register_fake("fastmtl::fused_experts")
 def _fused_experts_fake(x, weights, biases, activation):
-    _check_activation("fused_experts", activation)
-    _check_devices("fused_experts", "x", x, weights=weights, biases=biases)
+    check_activation("fastmtl.fused_experts", activation)
+    check_devices("fused_experts", "x", x, weights=weights, biases=biases)
     experts, rows = weights[0].shape[0], x.shape[-2]
     kept = weights if activation in PRE_ACTIVATION_SAVED else weights[:-1]
     return x.new_empty((experts, rows, weights[-1].shape[1])), [x.new_empty((experts, rows, w.shape[1])) for w in kept]
@@ -122,7 +129,7 @@ def _gate_shape(x, gate_weight):
 
 @torch.library.register_fake("fastmtl::gated_mixture")
 def _gated_mixture_fake(x, gate_weight, gate_bias, experts, expert_index):
-    _check_devices("gated_mixture", "x", x, gate_weight=gate_weight, gate_bias=gate_bias, experts=experts)
+    check_devices("gated_mixture", "x", x, gate_weight=gate_weight, gate_bias=gate_bias, experts=experts)
     mixtures = x.new_empty((gate_weight.shape[0], x.shape[-2], experts.shape[2]))
     return mixtures, x.new_empty(_gate_shape(x, gate_weight))
 

@@ -1,101 +1,23 @@
-"""Plain-PyTorch references of the fused ops: same functions, same signatures, built from
-``torch.nn.functional`` and autograd. Slow and obvious on purpose: the tests' oracle."""
+"""Plain-PyTorch references of the fused ops and of the engine: same functions, same signatures,
+built from ``torch.nn.functional`` and autograd. Slow and obvious on purpose: the tests' oracle.
+One module per module of :mod:`fastmtl.ops` (trunk, heads, experts, per_task, aggregation), and
+:mod:`.mtl_backward_loop` for :func:`fastmtl.mtl_backward`."""
 
-from __future__ import annotations
+from . import aggregation
+from .aggregation import *  # noqa: F401, F403  (its __all__: the aggregation ops)
+from .experts import fused_experts, gated_mixture
+from .heads import multitask_head_loss, pack_targets
+from .mtl_backward_loop import mtl_backward
+from .per_task import task_gram
+from .trunk import activation_fn, fused_mlp
 
-from collections.abc import Mapping
-from typing import Optional, Sequence
-
-import torch
-import torch.nn.functional as F
-
-from ..tasks import Task, check_tasks
-
-__all__ = ["fused_mlp", "multitask_head_loss", "pack_targets", "activation_fn"]
-
-
-def activation_fn(name: str):
-    """The torch function of an activation name of :func:`fastmtl.ops.fused_mlp`."""
-    table = {
-        "relu": F.relu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
-        "silu": F.silu,
-        "tanh": torch.tanh,
-        "identity": lambda a: a,
-    }
-    if name not in table:
-        raise ValueError(f"fastmtl.reference.fused_mlp: argument 'activation' expected one of {', '.join(table)}, got {name!r}")
-    return table[name]
-
-
-def fused_mlp(
-    x: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Optional[Sequence[Optional[torch.Tensor]]],
-    activation: str = "relu",
-) -> torch.Tensor:
-    act = activation_fn(activation)
-    biases = [None] * len(weights) if biases is None else list(biases)
-    h = x
-    for w, b in zip(weights, biases):
-        h = act(F.linear(h, w, b))
-    return h
-
-
-def pack_targets(targets: Mapping[str, torch.Tensor], tasks: Sequence[Task], dtype: torch.dtype = torch.float32):
-    tasks = check_tasks(tasks, "fastmtl.reference.pack_targets")
-    columns = []
-    for task in tasks:
-        t = targets[task.name]
-        columns.append(t.reshape(t.shape[0], task.target_width).to(dtype))
-    return torch.cat(columns, dim=1)
-
-
-def _task_loss(task: Task, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean loss of one task over its labelled entries; 0 (with zero gradient) if there are none."""
-    if task.loss == "ce":
-        index = target[:, 0]
-        labelled = index != -100
-        if not bool(labelled.any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits[labelled], index[labelled].long())
-    labelled = ~torch.isnan(target)
-    if not bool(labelled.any()):
-        return logits.sum() * 0.0
-    y, t = logits[labelled], target[labelled]
-    if task.loss == "bce":
-        return F.binary_cross_entropy_with_logits(y, t)
-    if task.loss == "mse":
-        return F.mse_loss(y, t)
-    if task.loss == "l1":
-        return F.l1_loss(y, t)
-    if task.loss == "huber":
-        return F.smooth_l1_loss(y, t, beta=1.0)
-    raise ValueError(f"unknown loss {task.loss!r}")
-
-
-def multitask_head_loss(
-    z: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    targets,
-    tasks: Sequence[Task],
-) -> torch.Tensor:
-    tasks = check_tasks(tasks, "fastmtl.reference.multitask_head_loss")
-    if isinstance(targets, Mapping):
-        targets = pack_targets(targets, tasks, z.dtype)
-    logits = F.linear(z, weight, bias)
-    losses = []
-    col = tcol = 0
-    for task in tasks:
-        losses.append(_task_loss(task, logits[:, col : col + task.num_outputs], targets[:, tcol : tcol + task.target_width]))
-        col += task.num_outputs
-        tcol += task.target_width
-    return torch.stack(losses)
-
-
-# References of the aggregation ops.
-from .aggregation import *  # noqa: E402, F401, F403  (its __all__: the aggregation ops)
-from .engine import mtl_backward, task_gram  # noqa: E402, F401
-from .experts import fused_experts, gated_mixture  # noqa: E402, F401
+__all__ = [
+    "fused_mlp",
+    "activation_fn",
+    "multitask_head_loss",
+    "pack_targets",
+    "fused_experts",
+    "gated_mixture",
+    "task_gram",
+    "mtl_backward",
+] + list(aggregation.__all__)

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .trunk import fused_mlp
+
 __all__ = ["fused_experts", "gated_mixture"]
 
 
@@ -17,8 +19,6 @@ def fused_experts(
     biases: Optional[Sequence[Optional[torch.Tensor]]],
     activation: str = "relu",
 ) -> torch.Tensor:
-    from . import fused_mlp
-
     # Expert e is the plain MLP of its slices of the stacked parameters.
     biases = [None] * len(weights) if biases is None else list(biases)
     return torch.stack([

@@ -6,14 +6,36 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import MTLBackwardResult, _as_tensors, _graph_leaves
+from ..engine.result import MTLBackwardResult
+
+__all__ = ["mtl_backward", "leaves_of"]
+
+
+def leaves_of(roots):
+    """The leaves that require grad and that ``roots`` depend on, in the order the engine documents
+    (:func:`fastmtl.engine.graph_leaves`): depth first from the last root, a node's
+    inputs last to first, each node once. Written here again, recursively, so that the tests check
+    the engine's discovery of the shared parameters rather than compare it with itself."""
+    found, visited = [], set()
+
+    def visit(node):
+        if node is None or node in visited:
+            return
+        visited.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: the node of a leaf
+            found.append(node.variable)
+        for child, _ in reversed(node.next_functions):
+            visit(child)
+
+    for root in reversed(roots):
+        visit(root.grad_fn)
+    return found
 
 
 def mtl_backward(losses, features, aggregator, shared_params=None, mode="exact", keep_jacobian=False):
-    feats = _as_tensors(features)
-    shared = _graph_leaves(feats) if shared_params is None else list(shared_params)
-    shared_ids = {id(p) for p in shared}
-    heads = [p for p in _graph_leaves([losses]) if id(p) not in shared_ids]
+    feats = [features] if isinstance(features, torch.Tensor) else list(features)
+    shared = leaves_of(feats) if shared_params is None else list(shared_params)
+    heads = [p for p in leaves_of([losses]) if all(p is not q for q in shared)]
     T = losses.shape[0]
     if mode == "rep":
         rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], feats, retain_graph=True)])
@@ -36,23 +58,3 @@ def mtl_backward(losses, features, aggregator, shared_params=None, mode="exact",
     for p, g in list(zip(heads, head_grads)) + list(zip(shared, grads)):
         p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
     return MTLBackwardResult(losses.detach(), weights, gram.detach(), J.detach() if keep_jacobian else None)
-
-
-def task_gram(x, weights, biases, activation, head_weight, head_bias, targets, tasks, mode="exact", gram_path="auto"):
-    """The reference of :func:`fastmtl.ops.task_gram`: T ``autograd.grad`` calls through the plain
-    model for the per-task gradients of ``task.weight * L_t``, stacked, ``J J^T``. ``gram_path``
-    is the op's choice of algorithm and changes nothing here."""
-    from . import fused_mlp, multitask_head_loss
-
-    leaves = [w.detach().requires_grad_() for w in weights]
-    bias_leaves = [b.detach().requires_grad_() for b in biases] if biases is not None else []
-    with torch.enable_grad():
-        z = fused_mlp(x.detach(), leaves, bias_leaves or None, activation)
-        losses = multitask_head_loss(z, head_weight.detach(), None if head_bias is None else head_bias.detach(),
-                                     targets, tasks)
-        losses = losses * torch.tensor([t.weight for t in tasks], dtype=losses.dtype)
-        wrt = [z] if mode == "rep" else leaves + bias_leaves
-        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], wrt, retain_graph=True)])
-                for t in range(len(tasks))]
-    J = torch.stack(rows)
-    return J @ J.T

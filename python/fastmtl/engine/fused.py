@@ -1,0 +1,102 @@
+"""The fused path of the engine, for a FusedMLP trunk and MultiTaskHeads: the step's forward once
+(``fused_mlp``, ``multitask_head_loss``), the Gram matrix by the per-task ops (``mtl_trunk_gram``,
+exact, layer by layer materialised or by the ghost product; ``mtl_representation_gram``, rep), the
+aggregator, then one ``mtl_weighted_backward`` (heads: their own ``task.weight * L_t``; trunk:
+``sum_t a_t task.weight_t dL_t``), accumulated into ``.grad``. No T x P Jacobian unless
+``keep_jacobian`` (exact mode) or ``ddp_gram="exact"`` under data parallelism.
+
+:func:`fused_mlp_mtl_backward` takes the op arguments (``FusedMLP.op_arguments``,
+``MultiTaskHeads.op_arguments``, packed targets), not a model; :func:`fused_model_backward` reads
+them from a model's public members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable
+
+import torch
+
+from .. import ops
+from .._distributed import DataParallelSync
+from .gradients import checked_weights, write_gradients
+from .options import MTLBackwardOptions, fail
+from .result import MTLBackwardResult
+from .schedule import WeightSchedule, schedule_of
+
+__all__ = ["fused_mlp_mtl_backward", "fused_model_backward"]
+
+
+def fused_model_backward(model, x: torch.Tensor, targets, aggregator: Callable, **options) -> MTLBackwardResult:
+    """``model.mtl_backward`` for a MultiTaskModel with a FusedMLP trunk: :func:`fused_mlp_mtl_backward`
+    on the model's trunk and heads, continuing the model's ``gram_every`` schedule. ``targets``: a
+    dict name -> tensor or the packed tensor of ``model.heads.pack_targets``; ``options``: those of
+    :class:`MTLBackwardOptions`."""
+    opts = MTLBackwardOptions.of("MultiTaskModel.mtl_backward", options)
+    heads = model.heads
+    if isinstance(targets, Mapping):
+        targets = heads.pack_targets(targets, x.dtype if isinstance(x, torch.Tensor) else None)
+    return fused_mlp_mtl_backward(x, model.trunk.op_arguments, heads.op_arguments, targets, aggregator, opts,
+                                  schedule_of(model))
+
+
+def fused_mlp_mtl_backward(
+    x: torch.Tensor,
+    trunk: ops.MLPArguments,
+    heads: ops.HeadArguments,
+    targets: torch.Tensor,
+    aggregator: Callable,
+    options: MTLBackwardOptions,
+    schedule: WeightSchedule,
+) -> MTLBackwardResult:
+    """One aggregated step of the model ``multitask_head_loss(fused_mlp(x, *trunk), *heads)``.
+
+    ``targets``: packed ``[B, sum of target widths]`` in ``x``'s dtype. ``schedule``: the
+    ``gram_every`` schedule to continue (a fresh :class:`WeightSchedule` for a one-off call).
+    Parameters upstream of ``x`` (if ``x`` requires grad) get the trunk's weighted gradient through
+    autograd. Returns the unweighted losses ``L_t`` in the result.
+    """
+    in_features = trunk.weights[0].shape[1]
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != in_features:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        fail("x", f"a [B, {in_features}] tensor (the trunk's input)", str(got))
+    weights, biases, activation = trunk
+    num_outputs = heads.layout.num_outputs
+    task_weights = heads.task_weights.to(x.dtype)
+    has_head_bias = heads.bias is not None
+    sync = DataParallelSync(options.ddp_gram, options.process_group)
+    key = (type(aggregator), options.mode, len(num_outputs), options.gram_every)
+
+    with torch.no_grad():
+        out, saved = ops.fused_mlp_with_saved(x, weights, biases, activation)
+        losses, logit_grad, count_scale = ops.multitask_head_loss_with_saved(out, heads.weight, heads.bias, targets,
+                                                                              heads.layout)
+        jacobian = None
+        computed = schedule.due(key, options.gram_every)
+        if computed:
+            if options.mode == "exact":
+                gram, jacobian, _paths = ops.mtl_trunk_gram(
+                    x, weights, out, saved, activation, trunk.has_bias, heads.weight, logit_grad, count_scale,
+                    task_weights, num_outputs, options.gram_path, options.keep_jacobian or sync.exact,
+                )
+                if sync.exact:
+                    jacobian = sync.jacobian(jacobian)
+                    gram = jacobian @ jacobian.T
+                else:
+                    gram = sync.gram(gram)
+                jacobian = jacobian if options.keep_jacobian else None
+            else:
+                gram = sync.gram(ops.mtl_representation_gram(heads.weight, logit_grad, count_scale, task_weights,
+                                                             num_outputs))
+            schedule.keep(checked_weights(aggregator, gram), gram)
+        head_w, head_b, grad_x, grad_ws, grad_bs = ops.mtl_weighted_backward(
+            x, weights, out, saved, activation, trunk.has_bias, heads.weight, has_head_bias, logit_grad,
+            count_scale, task_weights, schedule.weights.to(x.dtype) * task_weights, num_outputs, x.requires_grad,
+        )
+    params = [heads.weight] + ([heads.bias] if has_head_bias else []) + weights + biases
+    grads = [head_w] + ([head_b] if has_head_bias else []) + list(grad_ws) + list(grad_bs)
+    write_gradients(params, grads, sync, owned=True)
+    if x.requires_grad:
+        torch.autograd.backward(x, grad_x)
+    return MTLBackwardResult(losses=losses, weights=schedule.weights, gram=schedule.gram, jacobian=jacobian,
+                             gram_computed=computed)

@@ -1,0 +1,39 @@
+"""Writing the engine's gradients into ``.grad`` as ``backward`` would, and checking the aggregator's
+weights: what the autograd engine and the fused path share."""
+
+from __future__ import annotations
+
+import torch
+
+from .._distributed import DataParallelSync
+from .options import fail
+
+__all__ = ["accumulate", "write_gradients", "checked_weights"]
+
+
+def accumulate(param: torch.Tensor, update: torch.Tensor, owned: bool = False) -> None:
+    """param.grad += update, as AccumulateGrad does; ``owned``: update is a fresh tensor nobody
+    else holds, so it can become .grad without a copy."""
+    if param.grad is None:
+        param.grad = update.detach() if owned else update.detach().clone()
+    else:
+        param.grad.add_(update.detach())
+
+
+def write_gradients(params, grads, sync: DataParallelSync, owned: bool = False) -> None:
+    """Accumulates the step's gradients into .grad, averaged over the ranks first when data-parallel."""
+    for p, g in zip(params, sync.average(list(grads))):
+        if g is not None and p.requires_grad:
+            accumulate(p, g, owned=owned and not sync.active)
+
+
+def checked_weights(aggregator, gram: torch.Tensor) -> torch.Tensor:
+    """``aggregator(gram)``, detached, after checking it is ``[T]`` and finite."""
+    weights = aggregator(gram)
+    T = gram.shape[0]
+    if not isinstance(weights, torch.Tensor) or weights.shape != (T,):
+        got = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        fail("aggregator", f"a callable returning weights of shape [{T}] for a [{T}, {T}] Gram matrix", str(got))
+    if not bool(torch.isfinite(weights).all()):
+        fail("aggregator", "finite weights", str(weights.tolist()))
+    return weights.detach()

@@ -1,0 +1,79 @@
+"""The options of an ``mtl_backward`` call, documented and checked once for every path of the engine
+(:func:`fastmtl.mtl_backward`, :meth:`fastmtl.nn.MultiTaskModel.mtl_backward`,
+:func:`fastmtl.engine.fused_model_backward`), and the argument errors they raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, NoReturn
+
+from .._distributed import DDP_GRAMS
+from .._validation import check_int_at_least
+from ..ops import GRAM_MODES, GRAM_PATHS
+
+__all__ = ["MTLBackwardOptions", "MODES", "fail"]
+
+WHERE = "fastmtl.mtl_backward"
+MODES = GRAM_MODES  # the values of MTLBackwardOptions.mode
+
+
+def fail(argument: str, expected: str, got: str) -> NoReturn:
+    """The engine's argument error: ValueError naming the argument, what was expected and given."""
+    raise ValueError(f"{WHERE}: argument '{argument}' expected {expected}, got {got}")
+
+
+@dataclass(frozen=True)
+class MTLBackwardOptions:
+    """How an ``mtl_backward`` call computes the aggregated update (keyword arguments of every
+    ``mtl_backward``; checked when made).
+
+    Attributes:
+        mode: ``"exact"``: the Gram matrix of the per-task gradients of the shared parameters;
+            ``"rep"``: that of the per-task gradients of the features (the trunk output; MGDA-UB,
+            Sener & Koltun 2018: approximate, nearly free), followed by one ordinary backward of
+            ``sum_t a_t dL_t/dz`` through the trunk.
+        gram_every: recompute the weights on every k-th call and reuse them in between (Nash-MTL's
+            ``update_weights_every``), where a call is one ordinary weighted backward. The schedule
+            continues over calls with the same aggregator object (:func:`fastmtl.mtl_backward`) or
+            model (``model.mtl_backward``, any aggregator of the same type); changing the
+            aggregator type, mode, number of tasks or k starts it over.
+        keep_jacobian: also return the ``[T, P]`` Jacobian of the shared parameters (exact mode).
+        gram_path: the per-layer Gram algorithm of a FusedMLP trunk's fused path: ``"auto"`` (a
+            cost model), ``"materialise"`` or ``"ghost"`` (``K = X X^T``); other trunks take only
+            ``"auto"``.
+        ddp_gram: under data parallelism (an initialised ``torch.distributed`` group of several
+            ranks) the gradients written are the mean over the ranks, as DDP's, and the Gram matrix
+            covers the ranks by ``"local"`` (all-reduced Grams, no cross-rank terms), ``"exact"``
+            (all-reduced per-task gradients) or ``"none"`` (no communication); see
+            :mod:`fastmtl._distributed`.
+        process_group: the ``torch.distributed`` group of ``ddp_gram`` (default: the world).
+
+    >>> MTLBackwardOptions(mode="rep", gram_every=2).gram_every
+    2
+    """
+
+    mode: str = "exact"
+    gram_every: int = 1
+    keep_jacobian: bool = False
+    gram_path: str = "auto"
+    ddp_gram: str = "local"
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            fail("mode", f"one of {MODES}", repr(self.mode))
+        if self.gram_path not in GRAM_PATHS:
+            fail("gram_path", f"one of {GRAM_PATHS}", repr(self.gram_path))
+        check_int_at_least(WHERE, "gram_every", self.gram_every, 1, "recompute the weights every k calls")
+        if self.ddp_gram not in DDP_GRAMS:
+            fail("ddp_gram", f"one of {DDP_GRAMS}", repr(self.ddp_gram))
+
+    @classmethod
+    def of(cls, function: str, options: Mapping[str, Any]) -> "MTLBackwardOptions":
+        """The options of a call's keyword arguments; TypeError naming ``function`` for unknown ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"{function}: unexpected keyword arguments {unknown}; the options are {sorted(known)} "
+                            f"(see fastmtl.engine.MTLBackwardOptions)")
+        return cls(**options)

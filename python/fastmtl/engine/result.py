@@ -1,0 +1,25 @@
+"""What one ``mtl_backward`` call computed: the result type every path of the engine returns (and
+:func:`fastmtl.reference.mtl_backward` too)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["MTLBackwardResult"]
+
+
+@dataclass
+class MTLBackwardResult:
+    """What one ``mtl_backward`` call computed (all detached): the losses ``[T]``, the aggregator's
+    weights ``[T]``, the Gram matrix ``[T, T]`` it saw, and the Jacobian ``[T, P]`` of the shared
+    parameters when ``keep_jacobian=True`` (exact mode). With ``gram_every > 1``, ``gram_computed``
+    says whether this call computed the Gram matrix and weights (else they are the kept ones)."""
+
+    losses: torch.Tensor
+    weights: torch.Tensor
+    gram: torch.Tensor
+    jacobian: Optional[torch.Tensor] = None
+    gram_computed: bool = True
