@@ -24,7 +24,7 @@ method        paper                                        needs                
 ``STCH``      Lin et al., ICML 2024                        losses                               ``mu log sum exp(w_t (L_t - z_t) / mu)``
 ``COSMOS``    Ruchte & Grabocka, ICDM 2021                 losses                               ``sum r_t L_t - lambda cos(r, L)``
 ``PBI``       Zhang & Li, IEEE TEC 2007                    losses                               ``d1 + theta d2`` along / off a preference
-``MetaBalance`` He et al., WWW 2022                        losses, history, gram (diagonal)     ``sum w_t L_t``, aux norms toward the main's
+``MetaBal.``  He et al., WWW 2022 (``MetaBalance``)        losses, history, gram (diagonal)     ``sum w_t L_t``, aux norms toward the main's
 ============  ===========================================  ===================================  ==========================================
 
 "learnable parameters": ``method.parameters()`` must go to the optimizer with the model's.
