@@ -1,7 +1,9 @@
 """Aggregation methods: fastmtl against torchjd 0.18, the same method on the same Gram matrices.
 
 For T = 2, 8 and 40: one call on a Gram matrix [T, T] and a batch of 64 ([64, T, T] in one fastmtl
-call; 64 torchjd calls, which is what torchjd offers). All variants in one process, interleaved call
+call, a loop for PCD and CR-MOGM; 64 torchjd calls, which is what torchjd offers). Every Gram method both libraries
+have (Krum from T = 3); the Jacobian and cross-Gram methods (GradDrop, TrimmedMean, ExcessMTL, MoDo,
+SDMGrad) are cheap elementwise ATen code on either side and are not timed here. All variants in one process, interleaved call
 by call, after warm-up; medians of many calls; every call takes the next of a pool of 16 different
 Gram matrices (random Jacobians with conflicting tasks), so no method sees the same input twice in a
 row (Nash-MTL warm-starts from its last solution, and that stays realistic). torchjd's Nash-MTL needs
@@ -47,14 +49,22 @@ BATCH = 64
 GOAL_METHODS = ("UPGrad", "MGDA", "DualProj", "CAGrad", "NashMTL")
 GOAL_TASKS = (8, 40)
 GOAL_SPEEDUP = 10.0
+UNBATCHED = ("PCD", "CRMOGM")  # one EMA state per call sequence: a loop of single calls
 FLAGS = SharedFlags(repeats=50, warmup=3, small_repeats=5, small_warmup=1)
 
 
 def methods(T: int):
-    """name -> (fastmtl aggregator, torchjd callable and whether it takes the Jacobian)."""
+    """name -> (fastmtl aggregator, torchjd callable and whether it takes the Jacobian); every Gram method
+    both libraries have. PCD and CR-MOGM keep one moving average per call sequence, so their fastmtl
+    "batch" is a loop of 64 calls too (UNBATCHED)."""
     import torchjd.aggregation as tjd
 
     return {
+        "Mean": (agg.Mean(), tjd.MeanWeighting(), False),
+        "Sum": (agg.Sum(), tjd.SumWeighting(), False),
+        "Krum": (agg.Krum(n_byzantine=0), tjd.KrumWeighting(n_byzantine=0), False) if T >= 3 else None,
+        "PCD": (agg.PCD(), tjd.PCDWeighting(), False),
+        "CRMOGM": (agg.CRMOGM(agg.UPGrad()), tjd.CRMOGMWeighting(tjd.UPGradWeighting()), False),
         "UPGrad": (agg.UPGrad(), tjd.UPGradWeighting(), False),
         "MGDA": (agg.MGDA(), tjd.MGDAWeighting(), False),
         "DualProj": (agg.DualProj(), tjd.DualProjWeighting(), False),
@@ -81,7 +91,7 @@ def make_pool(T: int, seed: int):
     return jacobians, grams
 
 
-def method_variants(ours, theirs, takes_jacobian: bool, jacobians, grams, batch) -> list[Variant]:
+def method_variants(ours, theirs, takes_jacobian: bool, jacobians, grams, batch, batched=True) -> list[Variant]:
     """fastmtl and torchjd on the next input of the pool (one counter: no method sees the same input
     twice in a row); fastmtl on the batch and torchjd's loop over it (which :func:`measure` leaves out
     where one torchjd call is slow)."""
@@ -95,7 +105,8 @@ def method_variants(ours, theirs, takes_jacobian: bool, jacobians, grams, batch)
     return [
         Variant("fastmtl", "fastmtl", lambda: ours(grams[next_index()])),
         Variant("torchjd", "torchjd", lambda: theirs(inputs[next_index()])),
-        Variant("fastmtl_batch", "fastmtl x64", lambda: ours(batch)),
+        Variant("fastmtl_batch", "fastmtl x64", (lambda: ours(batch)) if batched else
+                (lambda: [ours(batch[i]) for i in range(BATCH)])),
         Variant("torchjd_batch", "torchjd x64", lambda: [theirs(inputs[i % POOL]) for i in range(BATCH)]),
     ]
 
@@ -108,7 +119,8 @@ def measure(T: int, args) -> list:
         if entry is None or (args.methods and name not in args.methods):
             continue
         ours, theirs, takes_jacobian = entry
-        *variants, torchjd_batch = method_variants(ours, theirs, takes_jacobian, jacobians, grams, batch)
+        *variants, torchjd_batch = method_variants(ours, theirs, takes_jacobian, jacobians, grams, batch,
+                                                   batched=name not in UNBATCHED)
         for _ in range(args.warmup):
             for v in variants:
                 v.step()

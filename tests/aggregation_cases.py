@@ -45,3 +45,19 @@ def cases(Ts, per_T: int, seed0: int = 0):
             J = jacobian(T, kind, seed)
             out.append((T, kind, seed, J, gram(J)))
     return out
+
+
+def rel_update_error(w, reference_update, J):
+    """|J^T w - reference| relative to the larger of the reference and the largest gradient."""
+    scale = max(float(reference_update.norm()), float(J.norm(dim=1).max()), 1e-300)
+    return float((w @ J - reference_update).norm()) / scale
+
+
+def cond_tolerance(G, base=1e-6):
+    # Closed forms of nearly singular matrices lose digits with the condition number.
+    return max(base, 1e-15 * float(torch.linalg.cond(G))) if G.shape[0] > 1 else base
+
+
+def call(method, x):
+    """``method`` on ``x`` passed as what it requires (``gram=``, ``jacobian=`` or ``cross_gram=``)."""
+    return method(**{getattr(method, "requires", "gram"): x})

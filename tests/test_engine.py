@@ -77,12 +77,16 @@ AGGREGATORS = {
     "Random": lambda: agg.Random(seed=0), "MGDA": agg.MGDA, "UPGrad": agg.UPGrad, "DualProj": agg.DualProj,
     "PCGrad": lambda: agg.PCGrad(seed=0), "GradVac": agg.GradVac, "CAGrad": agg.CAGrad, "IMTLG": agg.IMTLG,
     "AlignedMTL": agg.AlignedMTL, "NashMTL": agg.NashMTL, "ConFIG": agg.ConFIG, "FairGrad": agg.FairGrad,
+    "Krum": lambda: agg.Krum(n_byzantine=0), "PCD": agg.PCD, "CRMOGM": lambda: agg.CRMOGM(agg.UPGrad(), alpha=0.5),
 }
 
 
 def test_every_aggregator_of_the_package_is_compared():
+    # The methods that need more than the Gram matrix (requires "jacobian" / "cross_gram") are not
+    # supplied by the engines yet; they refuse a Gram matrix, saying what they need (test below).
     classes = {name for name in agg.__all__ if isinstance(getattr(agg, name), type)
-               and issubclass(getattr(agg, name), agg.Aggregator) and getattr(agg, name) is not agg.Aggregator}
+               and issubclass(getattr(agg, name), agg.Aggregator) and name not in agg.INTERFACES
+               and getattr(agg, name).requires == "gram"}
     assert set(AGGREGATORS) == classes
 
 
@@ -262,3 +266,34 @@ def test_the_gram_every_schedule_is_kept_by_the_engine_not_written_into_the_mode
     assert flags == [True, False, True]
     assert set(vars(model)) == before
     assert isinstance(fastmtl.engine.schedule_of(model), fastmtl.engine.WeightSchedule)
+
+
+@pytest.mark.parametrize("make", [lambda: agg.GradDrop(seed=0), lambda: agg.TrimmedMean(1), agg.ExcessMTL])
+def test_methods_that_need_the_per_task_gradients_get_them_in_exact_mode(make):
+    # Issue 17: fastmtl.mtl_backward hands the Jacobian it materialises to a "jacobian" method and writes
+    # the method's update into the shared parameters' .grad.
+    model = mlp_model()
+    x, y = batch()
+    shared = list(model.trunk.parameters())  # the Jacobian's columns in this order
+    losses, z = model.losses(x, y)
+    want = fastmtl.mtl_backward(losses, z, agg.Mean(), shared_params=shared, keep_jacobian=True)
+    update = make()(jacobian=want.jacobian)
+    model.zero_grad(set_to_none=True)
+    losses, z = model.losses(x, y)
+    fastmtl.mtl_backward(losses, z, make(), shared_params=shared)
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    assert_rel_close(got, update, 1e-12, "update")
+
+
+@pytest.mark.parametrize("make, words", [
+    (agg.MoDo, "two independent batches"), (agg.SDMGrad, "two independent batches"),
+])
+def test_methods_the_engine_cannot_supply_are_refused_saying_what_they_need(make, words):
+    model = mlp_model()
+    x, y = batch()
+    losses, z = model.losses(x, y)
+    with pytest.raises(ValueError, match=words):
+        fastmtl.mtl_backward(losses, z, make())
+    losses, z = model.losses(x, y)
+    with pytest.raises(ValueError, match="mode='exact'"):
+        fastmtl.mtl_backward(losses, z, agg.GradDrop(), mode="rep")

@@ -16,6 +16,7 @@ AGGREGATORS = {
     "Random": lambda: agg.Random(seed=0), "MGDA": agg.MGDA, "UPGrad": agg.UPGrad, "DualProj": agg.DualProj,
     "PCGrad": lambda: agg.PCGrad(seed=0), "GradVac": agg.GradVac, "CAGrad": agg.CAGrad, "IMTLG": agg.IMTLG,
     "AlignedMTL": agg.AlignedMTL, "NashMTL": agg.NashMTL, "ConFIG": agg.ConFIG, "FairGrad": agg.FairGrad,
+    "Krum": lambda: agg.Krum(n_byzantine=0), "PCD": agg.PCD, "CRMOGM": lambda: agg.CRMOGM(agg.UPGrad(), alpha=0.5),
 }
 
 
@@ -67,8 +68,11 @@ TASKS = mixed_tasks(4)
 
 
 def test_every_aggregator_of_the_package_is_compared():
+    # The methods that need more than the Gram matrix (requires "jacobian" / "cross_gram") are not
+    # supplied by the engines yet; they refuse a Gram matrix, saying what they need (test below).
     classes = {name for name in agg.__all__ if isinstance(getattr(agg, name), type)
-               and issubclass(getattr(agg, name), agg.Aggregator) and getattr(agg, name) is not agg.Aggregator}
+               and issubclass(getattr(agg, name), agg.Aggregator) and name not in agg.INTERFACES
+               and getattr(agg, name).requires == "gram"}
     assert set(AGGREGATORS) == classes
 
 

@@ -30,6 +30,7 @@ def _calls(T, seed):
     targets = torch.rand(1, T, T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) - 0.5
     return {
         "dual_cone_projection": (u, 1e-4, 1e-4),
+        "dual_cone_weights": (_pref(T, seed), 1e-4, 1e-4, True),
         "min_norm_weights": (),
         "cagrad_weights": (0.5, 1e-4),
         "power_system_weights": (0.7,),
@@ -64,7 +65,7 @@ def test_op_matches_reference_in_float64(name, T):
             got, want, scale = got[0] @ J, want[0] @ J, J.norm(dim=1).max()
             assert float((got - want).norm()) <= 1e-9 * float(scale), f"{name} {kind} T={T}"
         else:
-            tol = 1e-7 if name == "dual_cone_projection" else 1e-9  # the reference iterates
+            tol = 1e-7 if name.startswith("dual_cone") else 1e-9  # the reference iterates
             if kind == "nearly_singular":  # rounding errors grow with the condition number (~1e8)
                 tol = max(tol, 1e-15 * float(torch.linalg.cond(G)))
             assert_rel_close(got, want, tol, f"{name} {kind} T={T}")
@@ -217,3 +218,19 @@ def test_cuda_gram_is_solved_and_returned_on_its_device(device):
     got = ops.min_norm_weights(G.to(device))
     assert got.device == G.to(device).device
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("each", [True, False])
+def test_dual_cone_weights_is_upgrad_and_dualproj_in_one_call_batched_or_not(each):
+    for T, kind, seed, J, G in cases([1, 3, 8], per_T=len(KINDS)):
+        pref = _pref(T, seed)
+        u = torch.diag_embed(pref) if each else pref[:, None, :]
+        want = ops.dual_cone_projection(G[None], u, 0.0, 1e-4).sum(dim=1)
+        # Summed over the T projections in C++: the same terms as torch's sum, perhaps in another order.
+        assert_rel_close(ops.dual_cone_weights(G[None], pref, 0.0, 1e-4, each), want, 1e-13, f"{kind} T={T}")
+        assert torch.equal(ops.dual_cone_weights(G, pref[0], 0.0, 1e-4, each),
+                           ops.dual_cone_weights(G[None], pref, 0.0, 1e-4, each)[0]), (T, kind)
+        assert_rel_close(ops.dual_cone_weights(G, pref[0], 0.0, 1e-4, each),
+                         ref.dual_cone_weights(G, pref[0], 0.0, 1e-4, each), 1e-7, f"{kind} T={T}")
+    with pytest.raises(ValueError, match="'pref' expected \\[T\\]"):
+        ops.dual_cone_weights(G, pref, 0.0, 1e-4, each)

@@ -3,6 +3,7 @@
 import doctest
 import importlib
 import pathlib
+import pkgutil
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import fastmtl
+import fastmtl.aggregation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,10 +67,11 @@ MODULES_WITH_EXAMPLES = (
     + [f"fastmtl.ops.{name}" for name in ("trunk", "heads", "experts", "per_task", "aggregation")]
     + ["fastmtl.engine.autograd_engine", "fastmtl.engine.options"]
     + [f"fastmtl.data.{name}" for name in ("dataset", "multidigits", "synthetic")]
-    + [f"fastmtl.aggregation.{name}" for name in
-       ("__init__", "basic", "mgda", "dual_cone", "cagrad", "surgery", "spectral", "bargaining")]
+    + [f"fastmtl.aggregation.{name}" for name in  # one module per method (issue 17)
+       ["__init__"] + sorted(m.name for m in pkgutil.iter_modules(fastmtl.aggregation.__path__) if m.name[0] != "_")]
     + [f"fastmtl.weighting.{name}" for name in
-       ("__init__", "equal", "uncertainty", "dwa", "rlw", "gradnorm", "famo", "dbmtl", "imtl", "gls")]
+       ("__init__", "equal", "uncertainty", "dwa", "rlw", "gradnorm", "famo", "dbmtl", "imtl", "gls", "stch", "cosmos",
+        "pbi", "metabalance")]
 )
 
 

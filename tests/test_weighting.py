@@ -7,8 +7,22 @@ import math
 
 import pytest
 import torch
-
-from fastmtl.weighting import DBMTL, DWA, EW, FAMO, GLS, IMTLL, RLW, UW, GradNorm, Weighting
+from fastmtl.weighting import (
+    COSMOS,
+    DBMTL,
+    DWA,
+    EW,
+    FAMO,
+    GLS,
+    IMTLL,
+    PBI,
+    RLW,
+    STCH,
+    UW,
+    GradNorm,
+    MetaBalance,
+    Weighting,
+)
 
 # name -> factory(num_tasks); every method with its defaults, RLW seeded so runs repeat.
 METHODS = {
@@ -21,8 +35,12 @@ METHODS = {
     "DBMTL": lambda t: DBMTL(t),
     "IMTLL": lambda t: IMTLL(t),
     "GLS": lambda t: GLS(t),
+    "STCH": lambda t: STCH(t),
+    "COSMOS": lambda t: COSMOS(t),
+    "PBI": lambda t: PBI(t),
+    "MetaBalance": lambda t: MetaBalance(t),
 }
-STATEFUL = ["UW", "DWA", "RLW", "GradNorm", "FAMO", "DBMTL", "IMTLL"]
+STATEFUL = ["UW", "DWA", "RLW", "GradNorm", "FAMO", "DBMTL", "IMTLL", "MetaBalance"]
 
 
 def random_gram(num_tasks, generator, dtype=torch.float64):
@@ -473,7 +491,7 @@ def test_methods_without_gram_need_none():
     for name, factory in METHODS.items():
         method = factory(2)
         assert isinstance(method, Weighting)
-        assert method.requires_gram == (name in ("GradNorm", "DBMTL"))
+        assert method.requires_gram == (name in ("GradNorm", "DBMTL", "MetaBalance"))
         if not method.requires_gram:
             method(torch.tensor([1.0, 2.0]))
 
@@ -526,7 +544,13 @@ def toy_problem():
     return x, y, shared, heads
 
 
-@pytest.mark.parametrize("name", METHODS)
+# STCH minimises a smooth maximum (the worst weighted task) and PBI the distance along and off a
+# preference ray: both may trade one task's loss for their objective by design. Their test below checks
+# that the objective itself falls.
+TRADING = ("STCH", "PBI")
+
+
+@pytest.mark.parametrize("name", [name for name in METHODS if name not in TRADING])
 def test_training_with_sgd_lowers_every_task_loss(name):
     x, y, shared, heads = toy_problem()
     method = METHODS[name](2)
@@ -555,3 +579,74 @@ def test_training_with_sgd_lowers_every_task_loss(name):
         end = task_losses()
     assert torch.isfinite(end).all()
     assert (end < start).all(), f"{name}: losses {start.tolist()} -> {end.tolist()}"
+
+
+# ---- the scalarizations and MetaBalance, on hand-computed cases
+
+
+def test_stch_is_a_smooth_weighted_maximum():
+    stch = STCH(3, mu=0.5, weights=[0.2, 0.3, 0.5], reference=[0.0, 1.0, 0.0])
+    losses = torch.tensor([1.0, 3.0, 0.4], dtype=torch.float64, requires_grad=True)
+    y = [0.2 * 1.0, 0.3 * 2.0, 0.5 * 0.4]
+    expected = 0.5 * math.log(sum(math.exp(v / 0.5) for v in y))
+    assert_close(stch(losses), expected)
+    soft = [math.exp(v / 0.5) / sum(math.exp(u / 0.5) for u in y) for v in y]
+    assert_close(stch.weights, [w * p for w, p in zip([0.2, 0.3, 0.5], soft)])
+    assert float(STCH(3, mu=1e-4)(torch.tensor([1e4, 0.0, 1.0]))) == pytest.approx(1e4 / 3)  # no overflow
+
+
+def test_cosmos_and_pbi_follow_their_formulas():
+    r = [0.25, 0.75]
+    cosmos = COSMOS(2, lambda_=2.0, weights=r).double()
+    L = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    cos = (0.25 * 2 + 0.75 * 1) / (math.hypot(0.25, 0.75) * math.hypot(2, 1))
+    assert_close(cosmos(L), 0.25 * 2 + 0.75 * 1 - 2.0 * cos)
+    pbi = PBI(2, theta=3.0, weights=[3.0, 4.0], reference=[1.0, 0.0]).double()
+    f = [1.0, 1.0]  # L - z
+    d1 = (3 * f[0] + 4 * f[1]) / 5
+    d2 = math.hypot(f[0] - d1 * 0.6, f[1] - d1 * 0.8)
+    assert_close(pbi(L), d1 + 3.0 * math.sqrt(d2 * d2 + 1e-12))
+    perpendicular = [f[0] - d1 * 0.6, f[1] - d1 * 0.8]
+    assert_close(pbi.weights, [0.6 + 3.0 * perpendicular[0] / d2, 0.8 + 3.0 * perpendicular[1] / d2], rtol=1e-9)
+
+
+def test_metabalance_moves_auxiliary_norms_toward_the_main_task():
+    balance = MetaBalance(3, relax_factor=0.5, beta=0.5).double()
+    balance(torch.ones(3, dtype=torch.float64), torch.diag(torch.tensor([4.0, 16.0, 1.0], dtype=torch.float64)))
+    # m = 0.5 * |g| = [1, 2, 0.5]: factors 0.5 * m0 / m + 0.5
+    assert_close(balance.weights, [1.0, 0.5 * 0.5 + 0.5, 0.5 * 2 + 0.5])
+    balance(torch.ones(3, dtype=torch.float64), torch.diag(torch.tensor([4.0, 4.0, 4.0], dtype=torch.float64)))
+    m = [0.5 * 1 + 0.5 * 2, 0.5 * 2 + 0.5 * 2, 0.5 * 0.5 + 0.5 * 2]
+    assert_close(balance.weights, [1.0, 0.5 * m[0] / m[1] + 0.5, 0.5 * m[0] / m[2] + 0.5])
+    assert_close(balance.grad_norm_average, m)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: STCH(2, mu=0.0), "'mu'"), (lambda: STCH(2, weights=[1.0]), "'weights'"),
+    (lambda: COSMOS(2, lambda_=-1.0), "'lambda_'"), (lambda: PBI(2, weights=[0.0, 0.0]), "'weights'"),
+    (lambda: PBI(2, theta=float("inf")), "'theta'"), (lambda: MetaBalance(2, relax_factor=2.0), "'relax_factor'"),
+    (lambda: MetaBalance(2, main_task=2), "'main_task'"),
+])
+def test_new_weightings_refuse_bad_hyperparameters_naming_them(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()
+
+
+@pytest.mark.parametrize("name", TRADING)
+def test_training_with_a_trading_scalarization_lowers_its_objective(name):
+    x, y, shared, heads = toy_problem()
+    method = METHODS[name](2)
+    optimizer = torch.optim.SGD([*shared.parameters(), *heads.parameters()], lr=0.01)
+
+    def task_losses():
+        return (heads(shared(x)) - y).pow(2).mean(dim=0)
+
+    with torch.no_grad():
+        start = method(task_losses())
+    for _ in range(20):
+        optimizer.zero_grad()
+        method(task_losses()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        end = method(task_losses())
+    assert float(end) < float(start)

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 #include <torch/library.h>
 
 #include "cpu/aggregation/cagrad.h"
@@ -21,6 +22,11 @@ namespace fastmtl::ops {
 namespace {
 
 using namespace fastmtl::cpu::aggregation;
+
+// The smallest regularisation of the dual-cone QP (on the trace-normalised Gram matrix, eigenvalues in
+// [0, 1]): Cholesky stays exact to ~1e-5 of its pivots, and the update conflicts with no task by more
+// than 1e-11 of tr(G).
+constexpr double kMinDualConeReg = 1e-11;
 
 // How many T x T problems one thread should take at least: waking the other threads costs tens of
 // microseconds, more than a whole small problem (~T^3 flops), so small batches run on one thread.
@@ -47,6 +53,34 @@ void check_nonnegative(const char* op, const char* arg, double value) {
                     "' expected a finite value >= 0, got ", value);
 }
 
+// torchjd's normalisation, in place on the checked copy: H = G / tr(G) (0 when tr(G) = 0 or tr(G) <
+// norm_eps) + reg I, scale-invariant at every scale (divided by max G_ii first, then by the trace of
+// the result, so that neither a subnormal nor a huge trace over- or underflows). reg = reg_eps, raised
+// to kMinDualConeReg: with reg_eps = 0 a rank-deficient H has no Cholesky factor and the active-set
+// solver could not tell a conflicting point from the projection.
+void normalise_for_dual_cone(at::Tensor& H, double norm_eps, double reg_eps) {
+  const int64_t N = H.size(0), T = H.size(1);
+  const double reg = std::max(reg_eps, kMinDualConeReg);
+  double* hp = H.mutable_data_ptr<double>();
+  for (int64_t n = 0; n < N; ++n) {
+    double* G = hp + n * T * T;
+    double largest = 0.0, trace = 0.0;
+    for (int64_t i = 0; i < T; ++i) {
+      largest = std::max(largest, G[i * T + i]);
+      trace += G[i * T + i];
+    }
+    if (largest > 0.0 && trace >= norm_eps) {
+      double normalised_trace = 0.0;
+      for (int64_t k = 0; k < T * T; ++k) G[k] /= largest;
+      for (int64_t i = 0; i < T; ++i) normalised_trace += G[i * T + i];
+      for (int64_t k = 0; k < T * T; ++k) G[k] /= normalised_trace;
+    } else {
+      std::fill(G, G + T * T, 0.0);
+    }
+    for (int64_t i = 0; i < T; ++i) G[i * T + i] += reg;
+  }
+}
+
 at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& u, double norm_eps, double reg_eps) {
   constexpr const char* kOp = "dual_cone_projection";
   at::Tensor H = checked_gram(kOp, gram);
@@ -57,17 +91,8 @@ at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& 
   check_nonnegative(kOp, "reg_eps", reg_eps);
   const int64_t K = u.size(1);
   at::Tensor uu = checked_copy(kOp, u, "u");
-  // torchjd's normalisation, in place on our copy: H = G / tr(G) (0 when tr(G) < norm_eps) + reg_eps I,
-  // positive definite for reg_eps > 0 and scale-invariant.
-  double* hp = H.mutable_data_ptr<double>();
-  for (int64_t n = 0; n < N; ++n) {
-    double* G = hp + n * T * T;
-    double trace = 0.0;
-    for (int64_t i = 0; i < T; ++i) trace += G[i * T + i];
-    const double scale = trace < norm_eps ? 0.0 : 1.0 / trace;
-    for (int64_t k = 0; k < T * T; ++k) G[k] *= scale;
-    for (int64_t i = 0; i < T; ++i) G[i * T + i] += reg_eps;
-  }
+  normalise_for_dual_cone(H, norm_eps, reg_eps);
+  const double* hp = H.const_data_ptr<double>();
   at::Tensor out = at::empty({N, K, T}, H.options());
   const double* up = uu.const_data_ptr<double>();
   double* op = out.mutable_data_ptr<double>();
@@ -75,6 +100,49 @@ at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& 
     for (int64_t p = begin; p < end; ++p) solve_dual_cone_qp(hp + (p / K) * T * T, up + p * T, T, op + p * T);
   });
   return out.to(gram.device(), u.scalar_type());
+}
+
+// UPGrad (each = true: the sum of the projections of pref_t e_t, t = 1..T) and DualProj (each = false:
+// the projection of pref) as weights, in one call: the lean path of an unbatched [T, T] Gram matrix
+// (no [N, K, T] right-hand sides to build, no sum or reshape in Python). gram [T, T] or [N, T, T], pref
+// [T] or [N, T]; the weights have gram's shape without its last dimension, dtype and device.
+at::Tensor dual_cone_weights_entry(const at::Tensor& gram, const at::Tensor& pref, double norm_eps, double reg_eps,
+                                   bool each) {
+  constexpr const char* kOp = "dual_cone_weights";
+  const bool single = gram.dim() == 2;
+  TORCH_CHECK_VALUE(pref.dim() == gram.dim() - 1, "fastmtl.dual_cone_weights: argument 'pref' expected ",
+                    single ? "[T]" : "[N, T]", " for 'gram' of shape ", shape_str(gram.sizes()), ", got ",
+                    shape_str(pref.sizes()));
+  at::Tensor H = checked_gram(kOp, single ? gram.unsqueeze(0) : gram);
+  const int64_t N = H.size(0), T = H.size(1);
+  at::Tensor p = checked_batch_vectors(kOp, single ? pref.unsqueeze(0) : pref, "pref", H, 1);
+  check_nonnegative(kOp, "norm_eps", norm_eps);
+  check_nonnegative(kOp, "reg_eps", reg_eps);
+  normalise_for_dual_cone(H, norm_eps, reg_eps);
+  const double* hp = H.const_data_ptr<double>();
+  const double* pp = p.const_data_ptr<double>();
+  at::Tensor out = at::zeros({N, T}, H.options());
+  double* op = out.mutable_data_ptr<double>();
+  if (each) {
+    std::vector<double> projections(N * T * T);
+    at::parallel_for(0, N * T, problems_per_thread(T), [&](int64_t begin, int64_t end) {
+      std::vector<double> u(T, 0.0);
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = q / T, k = q % T;
+        std::fill(u.begin(), u.end(), 0.0);
+        u[k] = pp[n * T + k];
+        solve_dual_cone_qp(hp + n * T * T, u.data(), T, projections.data() + q * T);
+      }
+    });
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < T; ++k)
+        for (int64_t i = 0; i < T; ++i) op[n * T + i] += projections[(n * T + k) * T + i];
+  } else {
+    at::parallel_for(0, N, problems_per_thread(T), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) solve_dual_cone_qp(hp + n * T * T, pp + n * T, T, op + n * T);
+    });
+  }
+  return like_gram(single ? out.squeeze(0) : out, gram);
 }
 
 at::Tensor min_norm_weights_entry(const at::Tensor& gram) {
@@ -92,13 +160,21 @@ at::Tensor cagrad_weights_entry(const at::Tensor& gram, double c, double norm_ep
                    gram);
 }
 
-at::Tensor power_system_weights_entry(const at::Tensor& gram, double exponent) {
+// Returns (weights, relative residuals [N] in double): a residual above 1e-9 means Newton's method did
+// not converge for that matrix (its weights are the last iterate); fastmtl.ops.power_system_weights
+// turns that into a warning. Never silently stopping anywhere.
+std::tuple<at::Tensor, at::Tensor> power_system_weights_entry(const at::Tensor& gram, double exponent) {
   at::Tensor g = checked_gram("power_system_weights", gram);
   TORCH_CHECK_VALUE(exponent > 0.0 && std::isfinite(exponent), "fastmtl.power_system_weights: argument 'exponent' "
                     "expected a finite value > 0, got ", exponent);
-  const int64_t T = g.size(1);
-  return like_gram(
-      per_matrix(g, [=](int64_t, const double* G, double* out) { solve_power_system(G, T, exponent, out); }), gram);
+  const int64_t N = g.size(0), T = g.size(1);
+  const double rounding = input_epsilon(gram) / 2.0;
+  at::Tensor residuals = at::zeros({N}, g.options());
+  double* rp = residuals.mutable_data_ptr<double>();
+  at::Tensor weights = per_matrix(g, [&](int64_t n, const double* G, double* out) {
+    solve_power_system(G, T, exponent, rounding, out, rp + n);
+  });
+  return {like_gram(weights, gram), residuals.to(gram.device())};
 }
 
 // Checks that every row of `order` [N, T, width] lists distinct tasks (and never `i` itself when
@@ -251,6 +327,11 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
     static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double)>("fastmtl::dual_cone_projection");
     return below_autograd(op, "dual_cone_projection", g, u, a, b);
   });
+  m.impl("dual_cone_weights", [](const at::Tensor& g, const at::Tensor& p, double a, double b, bool each) {
+    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double, bool)>(
+        "fastmtl::dual_cone_weights");
+    return below_autograd(op, "dual_cone_weights", g, p, a, b, each);
+  });
   m.impl("min_norm_weights", [](const at::Tensor& g) {
     static auto op = handle<GramOnly>("fastmtl::min_norm_weights");
     return below_autograd(op, "min_norm_weights", g);
@@ -260,7 +341,7 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
     return below_autograd(op, "cagrad_weights", g, c, e);
   });
   m.impl("power_system_weights", [](const at::Tensor& g, double e) {
-    static auto op = handle<at::Tensor(const at::Tensor&, double)>("fastmtl::power_system_weights");
+    static auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double)>("fastmtl::power_system_weights");
     return below_autograd(op, "power_system_weights", g, e);
   });
   m.impl("pcgrad_weights", [](const at::Tensor& g, const at::Tensor& o) {
@@ -290,6 +371,7 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
 // The solvers run on the CPU whatever the device of the Gram matrix, so both keys get the same entries.
 #define FASTMTL_REGISTER_AGGREGATION_OPS(m)                          \
   m.impl("dual_cone_projection", &dual_cone_projection_entry);       \
+  m.impl("dual_cone_weights", &dual_cone_weights_entry);             \
   m.impl("min_norm_weights", &min_norm_weights_entry);               \
   m.impl("cagrad_weights", &cagrad_weights_entry);                   \
   m.impl("power_system_weights", &power_system_weights_entry);       \

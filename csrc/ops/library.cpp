@@ -27,11 +27,14 @@ TORCH_LIBRARY(fastmtl, m) {
   // the update, as in every method they implement.
   // UPGrad / DualProj: for each u [N, K, T], the v >= u minimising v^T H v, H = G / tr(G) + reg_eps I.
   m.def("dual_cone_projection(Tensor gram, Tensor u, float norm_eps, float reg_eps) -> Tensor");
+  // UPGrad (each) / DualProj (not each) as weights in one call; gram [T, T] or [N, T, T], pref [T] or [N, T].
+  m.def("dual_cone_weights(Tensor gram, Tensor pref, float norm_eps, float reg_eps, bool each) -> Tensor");
   // MGDA: the weights of the minimum-norm point of the convex hull of the gradients.
   m.def("min_norm_weights(Tensor gram) -> Tensor");
   m.def("cagrad_weights(Tensor gram, float c, float norm_eps) -> Tensor");
   // Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha): the x > 0 with G x = x^(-exponent).
-  m.def("power_system_weights(Tensor gram, float exponent) -> Tensor");
+  // Returns (weights [N, T], relative residuals [N] in float64: above 1e-9 where Newton did not converge).
+  m.def("power_system_weights(Tensor gram, float exponent) -> (Tensor, Tensor)");
   // order [N, T, T]: for each task, the order in which the others are visited.
   m.def("pcgrad_weights(Tensor gram, Tensor order) -> Tensor");
   // order [N, T, T - 1]; targets [N, T, T] the EMA cosine targets. Returns (weights, new targets).

@@ -67,10 +67,16 @@ double face_root(const double* G, int64_t T, const std::vector<double>& b, const
 
 void cagrad_weights(const double* G_raw, int64_t T, double c, double norm_eps, double* out) {
   std::fill(out, out + T, 0.0);
-  double trace = 0.0;
-  for (int64_t i = 0; i < T; ++i) trace += G_raw[i * T + i];
-  if (trace < norm_eps || !(trace > 0.0)) return;  // all gradients (numerically) zero
+  // The trace normalisation at every scale: by max G_ii first, then by the trace of the result (a
+  // subnormal or huge trace neither under- nor overflows). Only an exactly zero Gram matrix is "all
+  // gradients zero"; norm_eps applies to |g_w| on the normalised matrix below, which is scale-free.
+  double largest = 0.0;
+  for (int64_t i = 0; i < T; ++i) largest = std::max(largest, G_raw[i * T + i]);
+  if (!(largest > 0.0)) return;
   std::vector<double> G(G_raw, G_raw + T * T);
+  for (double& g : G) g /= largest;
+  double trace = 0.0;
+  for (int64_t i = 0; i < T; ++i) trace += G[i * T + i];
   for (double& g : G) g /= trace;
 
   std::vector<double> b(T, 0.0);  // b = G 1 / T = <g_i, g_0>

@@ -23,7 +23,21 @@ AlignedMTL      aligned principal components                -
 NashMTL         Nash bargaining solution G a = 1/a          weights reused every k calls
 ConFIG          equal angles to all gradients               -
 FairGrad(a)     alpha-fair weights G x = x^(-1/alpha)       -
+Krum(f)         (Multi-)Krum's selected gradients           -
+PCD(tau)        primary task first, tau for the others      EMA of the squared norms
+CRMOGM(m)       EMA of another method's weights             EMA of the weights
+GradDrop        gradient sign dropout (needs J)             RNG (one draw per parameter)
+TrimmedMean(k)  coordinate-wise trimmed mean (needs J)      -
+ExcessMTL       excess-risk weights (needs J)               AdaGrad sums [T, P], weights
+MoDo            projected step on the simplex (cross-Gram)  weights
+SDMGrad         direction-oriented weights (cross-Gram)     weights
 ==============  ==========================================  =====================================
+
+What a method needs is its ``requires``: ``"gram"`` (most: ``method(gram)``, ``[T, T]`` or ``[N, T, T]``
+-> weights), ``"jacobian"`` (:class:`JacobianAggregator`: ``method(jacobian)``, the per-task gradients
+``J [T, P]`` -> the update ``[P]``) or ``"cross_gram"`` (:class:`CrossGramAggregator`:
+``method(cross_gram)``, ``J_1 J_2^T`` of two independent mini-batches -> weights ``[T]``). A method given
+less than it needs (a Gram matrix to GradDrop, ``gram=`` to MoDo) raises a ValueError saying what it needs.
 
 Names, hyperparameters and defaults follow torchjd 0.18 where torchjd has the method, and the tests
 check each against it. Gram matrices must be finite, symmetric (to 1e-8 of their largest entry in
@@ -39,30 +53,67 @@ float64, 1e-4 in float32) and of shape [T, T] or [N, T, T]; anything else raises
 True
 """
 
-from ._base import Aggregator
-from .bargaining import FairGrad, NashMTL
-from .basic import Constant, Mean, Random, Sum
+from ._base import (
+    REQUIREMENTS,
+    Aggregator,
+    CrossGramAggregator,
+    JacobianAggregator,
+    requirement,
+)
+from .aligned_mtl import AlignedMTL
 from .cagrad import CAGrad
-from .dual_cone import DualProj, UPGrad
+from .config import ConFIG
+from .constant import Constant
+from .cr_mogm import CRMOGM
+from .dualproj import DualProj
+from .excess_mtl import ExcessMTL
+from .fairgrad import FairGrad
+from .graddrop import GradDrop
+from .gradvac import GradVac
+from .imtl_g import IMTLG
+from .krum import Krum
+from .mean import Mean
 from .mgda import MGDA
-from .spectral import IMTLG, AlignedMTL, ConFIG
-from .surgery import GradVac, PCGrad
+from .modo import MoDo
+from .nash_mtl import NashMTL
+from .pcd import PCD
+from .pcgrad import PCGrad
+from .random import Random
+from .sdmgrad import SDMGrad
+from .sum import Sum
+from .trimmed_mean import TrimmedMean
+from .upgrad import UPGrad
+
+#: The interfaces (not methods): everything else in __all__ is a method.
+INTERFACES = ("Aggregator", "JacobianAggregator", "CrossGramAggregator")
 
 __all__ = [
+    "CRMOGM",
+    "IMTLG",
+    "MGDA",
+    "PCD",
+    "REQUIREMENTS",
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
     "Constant",
+    "CrossGramAggregator",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
+    "GradDrop",
     "GradVac",
-    "IMTLG",
-    "MGDA",
+    "JacobianAggregator",
+    "Krum",
     "Mean",
+    "MoDo",
     "NashMTL",
     "PCGrad",
     "Random",
+    "SDMGrad",
     "Sum",
+    "TrimmedMean",
     "UPGrad",
+    "requirement",
 ]

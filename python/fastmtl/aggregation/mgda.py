@@ -22,5 +22,7 @@ class MGDA(Aggregator):
     tensor([0.8000, 0.2000], dtype=torch.float64)
     """
 
+    properties = frozenset({"non_conflicting", "permutation_invariant"})
+
     def _weights(self, gram):
         return ops.min_norm_weights(gram)

@@ -11,8 +11,15 @@ from .. import aggregation, weighting
 from ..data import DATASETS
 from ..engine import MODES
 
-# Constant needs its weights as an argument, which a command line has no way to give.
-_AGGREGATOR_NAMES = [name for name in aggregation.__all__ if name not in ("Aggregator", "Constant")]
+# Every method class of fastmtl.aggregation but Constant, whose weights a command line has no way to give
+# (the interfaces and helpers in __all__ are not methods), and the methods that need more than the Gram
+# matrix (requires "jacobian" / "cross_gram": GradDrop, TrimmedMean, ExcessMTL, MoDo, SDMGrad), which
+# the engines behind the command line (model.mtl_backward) do not supply yet.
+_AGGREGATOR_NAMES = [
+    name for name in aggregation.__all__
+    if isinstance(getattr(aggregation, name), type) and issubclass(getattr(aggregation, name), aggregation.Aggregator)
+    and name not in aggregation.INTERFACES and name != "Constant" and getattr(aggregation, name).requires == "gram"
+]
 _WEIGHTING_NAMES = [name for name in weighting.__all__ if name != "Weighting"]
 
 #: lower-case name -> the class name in fastmtl.aggregation / fastmtl.weighting
@@ -45,8 +52,23 @@ def is_aggregator(method: str) -> bool:
     return method in _AGGREGATOR_NAMES
 
 
+def _command_line_arguments(method: str, num_tasks: int) -> dict:
+    """The arguments of the methods that have no default for them: Krum assumes no adversarial task,
+    TrimmedMean trims one task from each end where there are 3 or more, CR-MOGM smooths UPGrad (as
+    torchjd's example)."""
+    if method == "Krum":
+        return {"n_byzantine": 0}
+    if method == "TrimmedMean":
+        return {"trim_number": 1 if num_tasks >= 3 else 0}
+    if method == "CRMOGM":
+        return {"aggregator": aggregation.UPGrad()}
+    return {}
+
+
 def make_method(method: str, num_tasks: int, seed: int):
     """A new instance of the method with its defaults; methods that draw random numbers get ``seed``."""
     cls = getattr(aggregation, method) if is_aggregator(method) else getattr(weighting, method)
     kwargs = {"seed": seed} if "seed" in inspect.signature(cls).parameters else {}
-    return cls(**kwargs) if is_aggregator(method) else cls(num_tasks, **kwargs)
+    if is_aggregator(method):
+        return cls(**_command_line_arguments(method, num_tasks), **kwargs)
+    return cls(num_tasks, **kwargs)

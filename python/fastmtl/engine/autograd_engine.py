@@ -21,6 +21,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 
 from .._distributed import DataParallelSync
+from ..aggregation import requirement
 from .gradients import checked_weights, write_gradients
 from .options import MTLBackwardOptions, fail
 from .result import MTLBackwardResult
@@ -71,6 +72,16 @@ def mtl_backward(
         fail("losses", "a 1-D tensor [T] of per-task losses with T >= 1", str(got))
     if not losses.requires_grad:
         fail("losses", "a tensor in an autograd graph (requires_grad)", "a tensor that does not require grad")
+    # Issue 17: what the aggregator needs. The per-task gradients are materialised in exact mode anyway
+    # and go to a "jacobian" method (its update is written into .grad); a cross-Gram needs a second,
+    # independent batch, which this call has not got: refused, saying so, before any backward.
+    requires = requirement(aggregator)
+    if requires == "cross_gram":
+        fail("aggregator", "a method fastmtl.mtl_backward can supply (it needs the per-task gradients of two "
+             "independent batches, a cross-Gram: call it on J1 @ J2.T yourself)", type(aggregator).__name__)
+    if requires == "jacobian" and (opts.mode != "exact" or opts.gram_every > 1):
+        fail("aggregator", "with mode='exact' and gram_every=1 a method that needs the per-task gradients (they "
+             "exist only there)", f"{type(aggregator).__name__} with mode={opts.mode!r}, gram_every={opts.gram_every}")
     schedule = None
     if opts.gram_every > 1:
         schedule = schedule_of(aggregator if schedule_owner is None else schedule_owner)
@@ -174,9 +185,16 @@ def _aggregated_backward(losses, feats, shared, heads, aggregator, opts: MTLBack
             gram = flat @ flat.T
         else:
             gram = sync.gram(flat @ flat.T)
-        weights = checked_weights(aggregator, gram.detach())
-        # The mean over ranks of the local updates is the update of the mean per-task gradients.
-        shared_grads = [torch.tensordot(weights.to(g.dtype), g, dims=1) for g in per_task]
+        if requirement(aggregator) == "jacobian":
+            update = aggregator(jacobian=flat.detach())  # [P]: the method's update of the shared parameters
+            shared_grads = [u.view_as(g[0]).to(g.dtype) for u, g in
+                            zip(torch.split(update, [g[0].numel() for g in per_task]), per_task)]
+            weights = getattr(aggregator, "last_weights", None)  # ExcessMTL's; GradDrop, TrimmedMean have none
+            weights = torch.full((T,), float("nan"), dtype=gram.dtype) if weights is None else weights.detach()
+        else:
+            weights = checked_weights(aggregator, gram.detach())
+            # The mean over ranks of the local updates is the update of the mean per-task gradients.
+            shared_grads = [torch.tensordot(weights.to(g.dtype), g, dims=1) for g in per_task]
         if opts.keep_jacobian:
             jacobian = flat.detach()
     write_gradients(heads + shared, head_grads + shared_grads, sync)

@@ -16,10 +16,13 @@ with a message saying to detach them.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = [
     "dual_cone_projection",
+    "dual_cone_weights",
     "min_norm_weights",
     "cagrad_weights",
     "power_system_weights",
@@ -42,6 +45,14 @@ def dual_cone_projection(gram: torch.Tensor, u: torch.Tensor, norm_eps: float = 
     return _fastmtl.dual_cone_projection.default(gram, u, norm_eps, reg_eps)
 
 
+def dual_cone_weights(gram: torch.Tensor, pref: torch.Tensor, norm_eps: float = 0.0, reg_eps: float = 1e-4,
+                      each: bool = True) -> torch.Tensor:
+    """UPGrad's (``each``: the sum of the projections of ``pref_t g_t``) or DualProj's (the projection of
+    ``sum_t pref_t g_t``) weights in one call: ``gram [T, T]`` with ``pref [T]``, or ``[N, T, T]`` with
+    ``[N, T]``. Same QP and normalisation as :func:`dual_cone_projection`."""
+    return _fastmtl.dual_cone_weights.default(gram, pref, norm_eps, reg_eps, each)
+
+
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     """MGDA: weights on the simplex of the minimum-norm point of the convex hull of the gradients."""
     return _fastmtl.min_norm_weights.default(gram)
@@ -52,9 +63,26 @@ def cagrad_weights(gram: torch.Tensor, c: float, norm_eps: float = 1e-4) -> torc
     return _fastmtl.cagrad_weights.default(gram, c, norm_eps)
 
 
+#: The relative residual of G x = x^(-p) above which Newton's method counts as not converged.
+POWER_SYSTEM_TOLERANCE = 1e-9
+
+
 def power_system_weights(gram: torch.Tensor, exponent: float) -> torch.Tensor:
-    """The ``x > 0`` with ``G x = x^(-exponent)``: Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha)."""
-    return _fastmtl.power_system_weights.default(gram, exponent)
+    """The ``x > 0`` with ``G x = x^(-exponent)``: Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha),
+    on the positive-definite-shifted Gram matrix (``csrc/cpu/aggregation/power_system.h``). Warns
+    (UserWarning) where Newton's method did not converge; the op itself returns the residuals too."""
+    weights, residuals = _fastmtl.power_system_weights.default(gram, exponent)
+    if residuals.device.type != "meta" and residuals.numel():
+        worst = float(residuals.max())
+        if not worst <= POWER_SYSTEM_TOLERANCE:
+            failed = int((~(residuals <= POWER_SYSTEM_TOLERANCE)).sum())
+            warnings.warn(
+                f"fastmtl.power_system_weights: Newton's method did not converge for {failed} of {residuals.numel()} "
+                f"Gram matrices (largest relative residual {worst:.3g}, matrix {int(residuals.argmax())}); their "
+                f"weights are the last iterate, not a solution of G x = x^(-{exponent})",
+                stacklevel=2,
+            )
+    return weights
 
 
 def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -84,25 +112,74 @@ def config_weights(gram: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
     return _fastmtl.config_weights.default(gram, pref)
 
 
-# Fake kernels: shapes only, for torch.compile and opcheck.
+# Fake kernels: shapes only, for torch.compile, opcheck and the meta device. A CPU (or CUDA) tensor mixed
+# with a meta one also dispatches here; without a check the caller would get new_empty's uninitialised
+# memory as weights. All-meta (shapes only) and fake tensors (any devices: the ops copy to the CPU) pass.
+def _check_devices(op: str, **tensors) -> None:
+    on_meta = [name for name, t in tensors.items() if t.device.type == "meta"]
+    if on_meta and len(on_meta) < len(tensors):
+        others = ", ".join(f"'{name}' on {t.device}" for name, t in tensors.items() if t.device.type != "meta")
+        raise ValueError(
+            f"fastmtl.{op}: arguments on the meta device cannot be mixed with tensors that have values: "
+            f"{', '.join(repr(n) for n in on_meta)} on meta, {others}"
+        )
+
+
 def _weights_like(gram):
     return gram.new_empty(gram.shape[:2])
 
 
-for _name in ("min_norm_weights", "imtlg_weights"):
-    torch.library.register_fake(f"fastmtl::{_name}")(lambda gram: _weights_like(gram))
-torch.library.register_fake("fastmtl::cagrad_weights")(lambda gram, c, norm_eps: _weights_like(gram))
-torch.library.register_fake("fastmtl::power_system_weights")(lambda gram, exponent: _weights_like(gram))
-torch.library.register_fake("fastmtl::pcgrad_weights")(lambda gram, order: _weights_like(gram))
-torch.library.register_fake("fastmtl::aligned_mtl_weights")(lambda gram, pref, scale_mode: _weights_like(gram))
-torch.library.register_fake("fastmtl::config_weights")(lambda gram, pref: _weights_like(gram))
+@torch.library.register_fake("fastmtl::min_norm_weights")
+def _min_norm_weights_fake(gram):
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::imtlg_weights")
+def _imtlg_weights_fake(gram):
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::cagrad_weights")
+def _cagrad_weights_fake(gram, c, norm_eps):
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::power_system_weights")
+def _power_system_weights_fake(gram, exponent):
+    return _weights_like(gram), gram.new_empty(gram.shape[:1], dtype=torch.float64)
+
+
+@torch.library.register_fake("fastmtl::pcgrad_weights")
+def _pcgrad_weights_fake(gram, order):
+    _check_devices("pcgrad_weights", gram=gram, order=order)
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::aligned_mtl_weights")
+def _aligned_mtl_weights_fake(gram, pref, scale_mode):
+    _check_devices("aligned_mtl_weights", gram=gram, pref=pref)
+    return _weights_like(gram)
+
+
+@torch.library.register_fake("fastmtl::config_weights")
+def _config_weights_fake(gram, pref):
+    _check_devices("config_weights", gram=gram, pref=pref)
+    return _weights_like(gram)
 
 
 @torch.library.register_fake("fastmtl::dual_cone_projection")
 def _dual_cone_projection_fake(gram, u, norm_eps, reg_eps):
+    _check_devices("dual_cone_projection", gram=gram, u=u)
     return u.new_empty(u.shape)
 
 
 @torch.library.register_fake("fastmtl::gradvac_weights")
 def _gradvac_weights_fake(gram, order, targets, beta, eps):
+    _check_devices("gradvac_weights", gram=gram, order=order, targets=targets)
     return _weights_like(gram), targets.new_empty(targets.shape)
+
+
+@torch.library.register_fake("fastmtl::dual_cone_weights")
+def _dual_cone_weights_fake(gram, pref, norm_eps, reg_eps, each):
+    _check_devices("dual_cone_weights", gram=gram, pref=pref)
+    return gram.new_empty(gram.shape[:-1])

@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "dual_cone_projection",
+    "dual_cone_weights",
     "min_norm_weights",
     "cagrad_weights",
     "power_system_weights",
@@ -40,7 +41,10 @@ def dual_cone_projection(gram, u, norm_eps=1e-4, reg_eps=1e-4):
     g = gram.detach().to(torch.float64)
     T = g.shape[-1]
     trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
-    H = torch.where(trace < norm_eps, torch.zeros_like(g), g / trace) + reg_eps * torch.eye(T, dtype=torch.float64)
+    # Zero only for a zero Gram matrix or below norm_eps; reg_eps is raised to 1e-11 (as the op does).
+    normalised = torch.where(trace > 0, g / trace.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(g))
+    H = torch.where(trace < norm_eps, torch.zeros_like(g), normalised)
+    H = H + max(reg_eps, 1e-11) * torch.eye(T, dtype=torch.float64)
     lower = u.detach().to(torch.float64)  # [N, K, T]
     eigenvalues = torch.linalg.eigvalsh(H)
     step = 1.0 / (2.0 * eigenvalues[:, -1])[:, None, None]
@@ -56,6 +60,16 @@ def dual_cone_projection(gram, u, norm_eps=1e-4, reg_eps=1e-4):
         if it % period == 0:
             y, t = v.clone(), 1.0
     return v.to(u.dtype)
+
+
+def dual_cone_weights(gram, pref, norm_eps=0.0, reg_eps=1e-4, each=True):
+    """UPGrad (each: the sum over t of the projections of pref_t e_t) or DualProj (the projection of
+    pref), through :func:`dual_cone_projection`; [T, T] with [T] or [N, T, T] with [N, T]."""
+    single = gram.dim() == 2
+    g, p = (gram[None], pref[None]) if single else (gram, pref)
+    u = torch.diag_embed(p.to(torch.float64)) if each else p.to(torch.float64)[:, None, :]
+    weights = dual_cone_projection(g, u, norm_eps, reg_eps).sum(dim=1).to(gram.dtype)
+    return weights[0] if single else weights
 
 
 def _affine_min_norm(G, support):
@@ -98,9 +112,10 @@ def min_norm_weights(gram):
 def _cagrad_one(G, c, norm_eps):
     T = G.shape[0]
     trace = G.trace()
-    if trace < norm_eps or trace <= 0:
+    if trace <= 0:  # scale-invariant: only an exactly zero Gram matrix means "all gradients zero"
         return torch.zeros(T, dtype=G.dtype)
-    G = G / trace
+    G = G / G.diagonal().max()
+    G = G / G.trace()
     b = G.sum(1) / T
     phi = c * (G.sum() / T**2).clamp_min(0).sqrt()
     if phi <= 0:
@@ -158,14 +173,21 @@ def cagrad_weights(gram, c, norm_eps=1e-4):
     return _per_matrix(gram, lambda G: _cagrad_one(G, c, norm_eps))
 
 
-def _power_one(G, p):
+def _power_one(G, p, rounding):
     T = G.shape[0]
     x = torch.zeros(T, dtype=G.dtype)
     max_diag = G.diagonal().max()
     if max_diag <= 0:
         return x
     active = G.diagonal() > 1e-14 * max_diag
-    H = G[active][:, active] + 1e-14 * max_diag * torch.eye(int(active.sum()), dtype=G.dtype)
+    H = G[active][:, active]
+    eye = torch.eye(int(active.sum()), dtype=G.dtype)
+    # The op's positive-definite shift: the smallest max(1e-14, T rounding) max G_ii 4^k with H + shift/2 I
+    # positive definite (here by its eigenvalues).
+    shift = max(1e-14, T * rounding) * float(max_diag)
+    while float(torch.linalg.eigvalsh(H + 0.5 * shift * eye)[0]) <= 0:
+        shift *= 4.0
+    H = H + shift * eye
     y = H.diagonal() ** (-1.0 / (1.0 + p))
     for _ in range(500):  # damped Newton with a fraction-to-boundary rule, plenty of steps
         residual = H @ y - y ** (-p)
@@ -178,7 +200,8 @@ def _power_one(G, p):
 
 def power_system_weights(gram, exponent):
     """G x = x^(-exponent) by damped Newton steps (same regularisation and zero-gradient rule as the op)."""
-    return _per_matrix(gram, lambda G: _power_one(G, float(exponent)))
+    rounding = torch.finfo(gram.dtype).eps / 2
+    return _per_matrix(gram, lambda G: _power_one(G, float(exponent), rounding))
 
 
 def _pcgrad_one(G, order):

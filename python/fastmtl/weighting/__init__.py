@@ -21,6 +21,10 @@ method        paper                                        needs                
 ``DBMTL``     Lin et al., arXiv 2023                       losses, history, gram (diagonal)     ``sum alpha_t log(L_t + eps)``
 ``IMTLL``     Liu et al., ICLR 2021 (IMTL-L)               losses, learnable parameters         ``sum exp(s_t) L_t - s_t``
 ``GLS``       Chennupati et al., CVPR-W 2019               losses                               ``(prod L_t)^(1/T)``
+``STCH``      Lin et al., ICML 2024                        losses                               ``mu log sum exp(w_t (L_t - z_t) / mu)``
+``COSMOS``    Ruchte & Grabocka, ICDM 2021                 losses                               ``sum r_t L_t - lambda cos(r, L)``
+``PBI``       Zhang & Li, IEEE TEC 2007                    losses                               ``d1 + theta d2`` along / off a preference
+``MetaBal.``  He et al., WWW 2022 (``MetaBalance``)        losses, history, gram (diagonal)     ``sum w_t L_t``, aux norms toward the main's
 ============  ===========================================  ===================================  ==========================================
 
 "learnable parameters": ``method.parameters()`` must go to the optimizer with the model's.
@@ -39,6 +43,7 @@ method        paper                                        needs                
 """
 
 from ._base import Weighting
+from .cosmos import COSMOS
 from .dbmtl import DBMTL
 from .dwa import DWA
 from .equal import EW
@@ -46,7 +51,11 @@ from .famo import FAMO
 from .gls import GLS
 from .gradnorm import GradNorm
 from .imtl import IMTLL
+from .metabalance import MetaBalance
+from .pbi import PBI
 from .rlw import RLW
+from .stch import STCH
 from .uncertainty import UW
 
-__all__ = ["Weighting", "EW", "UW", "DWA", "RLW", "GradNorm", "FAMO", "DBMTL", "IMTLL", "GLS"]
+__all__ = ["Weighting", "EW", "UW", "DWA", "RLW", "GradNorm", "FAMO", "DBMTL", "IMTLL", "GLS", "STCH", "COSMOS", "PBI",
+           "MetaBalance"]

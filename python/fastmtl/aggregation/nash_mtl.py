@@ -1,11 +1,11 @@
-"""Nash-MTL and FairGrad: weights from the system G x = x^(-p), solved by Newton's method in C++."""
+"""Nash-MTL: the Nash bargaining solution G a = 1/a, solved by Newton's method in C++."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import ops
-from ._base import Aggregator, _check_values, check_scalar
+from ._base import Aggregator, check_scalar
 
 
 class NashMTL(Aggregator):
@@ -20,6 +20,14 @@ class NashMTL(Aggregator):
     the gradients is zero: no direction improves all tasks) the weights grow large rather than infinite
     and ``max_norm`` bounds the update.
 
+    The Gram matrix is made positive definite before solving: the least shift of its diagonal by
+    ``max(1e-14, T u) max_t G_tt`` times a power of 4 (``u`` the unit roundoff of its dtype) that makes
+    ``G + shift/2 I`` Cholesky-factorable. Rounding leaves the float32 Gram of a stationary Jacobian
+    slightly indefinite (eigenvalues down to about ``-T u max G_tt``), where the problem would have no
+    minimum; shifted, the update stays bounded (``|update|^2 <= T`` for Nash-MTL at every solution).
+    Newton's method either converges (every residual of the system at rounding level) or warns
+    (``UserWarning``, naming the matrix and its residual) and returns its last iterate.
+
     Stateful: ``update_weights_every=k`` recomputes the weights at every k-th call and reuses them in
     between (re-scaled to ``max_norm`` for the current Gram matrix), as the official code's
     ``update_weights_every``; :meth:`reset` and ``state_dict`` cover that state.
@@ -30,6 +38,8 @@ class NashMTL(Aggregator):
     >>> NashMTL(max_norm=0)(G)                            # a_t = 1 / |g_t| for orthogonal gradients
     tensor([0.5000, 1.0000], dtype=torch.float64)
     """
+
+    properties = frozenset({"non_conflicting", "permutation_invariant"})
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1):
         super().__init__()
@@ -66,29 +76,3 @@ class NashMTL(Aggregator):
 
     def _hyperparameters(self):
         return {"max_norm": self.max_norm, "update_weights_every": self.update_weights_every}
-
-
-class FairGrad(Aggregator):
-    """Fair resource allocation in MTL (Ban & Ji 2024, eq. 4): alpha-fair weights, the ``x >= 0`` with
-    ``G x = x^(-1/alpha)``. ``alpha = 1`` is proportional fairness (the Nash-MTL system), large alpha
-    approaches max-min fairness, ``alpha = 0`` is the mean (linear scalarisation, as in torchjd).
-    Solved to rounding level by Newton's method in C++ (torchjd uses scipy's least_squares).
-
-    >>> import torch
-    >>> from fastmtl.aggregation import FairGrad
-    >>> FairGrad(alpha=1.0)(torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
-    tensor([0.5000, 1.0000], dtype=torch.float64)
-    """
-
-    def __init__(self, alpha: float = 1.0):
-        super().__init__()
-        self.alpha = check_scalar("FairGrad", "alpha", alpha)
-
-    def _weights(self, gram):
-        if self.alpha == 0:
-            _check_values("FairGrad", gram)  # no op call to check the values on this path
-            return gram.new_full(gram.shape[:2], 1.0 / gram.shape[-1])
-        return ops.power_system_weights(gram, 1.0 / self.alpha)
-
-    def _hyperparameters(self):
-        return {"alpha": self.alpha}
