@@ -2,8 +2,8 @@
 
 from .fused_mlp import FusedMLP
 from .heads import MultiTaskHeads
-from .model import MultiTaskModel
+from .model import MultiTaskModel, MultiTaskOutput
 from .experts import MMoE, PLE
 from .soft_sharing import SoftSharedLinear
 
-__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MMoE", "PLE", "SoftSharedLinear"]
+__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MultiTaskOutput", "MMoE", "PLE", "SoftSharedLinear"]

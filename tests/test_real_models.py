@@ -1,0 +1,190 @@
+"""fastmtl in real training setups (issue 15): the Hugging Face forward(x, targets) under DDP and
+FSDP2, shared parameters declared by the trunk, 16-bit dtypes of targets and task weights."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastmtl
+import fastmtl.aggregation as agg
+from conftest import assert_rel_close, mixed_tasks, random_targets
+
+TASKS = mixed_tasks(3)
+WORLD = 2
+
+
+def fused_model():
+    torch.manual_seed(0)
+    return fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(5, [9, 7]), fastmtl.nn.MultiTaskHeads(7, TASKS)).double()
+
+
+def batch(seed: int, size: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 5, generator=g, dtype=torch.float64), random_targets(TASKS, size, g, missing=0.2)
+
+
+# ---- forward(x, targets): the Hugging Face convention
+
+
+def test_forward_with_targets_returns_logits_losses_and_loss():
+    model = fused_model()
+    x, targets = batch(1)
+    out = model(x, targets)
+    assert isinstance(out, fastmtl.nn.MultiTaskOutput)
+    plain = model(x)
+    assert isinstance(plain, dict) and plain.keys() == out.logits.keys()
+    for name in plain:
+        assert torch.equal(out.logits[name], plain[name])
+    assert_rel_close(out.losses, model.losses(x, targets))
+    assert_rel_close(out.loss, model.loss(x, targets))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_forward_with_targets_on_a_per_task_trunk():
+    torch.manual_seed(0)
+    model = fastmtl.nn.MultiTaskModel(fastmtl.nn.MMoE(5, 3, [6], 3), fastmtl.nn.MultiTaskHeads(6, TASKS)).double()
+    x, targets = batch(2)
+    out = model(x, targets)
+    assert_rel_close(out.loss, model.loss(x, targets))
+    assert out.logits.keys() == model(x).keys()
+
+
+def _mean_over_shards_grads(shards):
+    """Gradients of the mean of the shards' losses (what DDP's averaged all-reduce computes)."""
+    model = fused_model()
+    total = sum(model(x, t).loss for x, t in shards) / len(shards)
+    total.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _run_rank(rank: int, init_file: str, out_dir: str, wrapper: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = fused_model()
+        if wrapper == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            wrapped = fully_shard(model)
+        x, targets = batch(100 + rank)
+        wrapped(x, targets).loss.backward()
+        grads = {}
+        for n, p in model.named_parameters():
+            g = p.grad
+            if hasattr(g, "full_tensor"):  # FSDP2: a sharded DTensor
+                g = g.full_tensor()
+            grads[n] = g.detach().clone()
+        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(wrapper: str):
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        mp.spawn(_run_rank, args=(init_file, out_dir, wrapper), nprocs=WORLD, start_method="spawn", join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+@needs_gloo
+def test_ddp_forward_with_targets_equals_one_process_on_the_full_batch():
+    expected = _mean_over_shards_grads([batch(100 + r) for r in range(WORLD)])
+    for grads in _spawn("ddp"):
+        for name, g in expected.items():
+            assert_rel_close(grads[name], g, what=f"DDP gradient of {name}")
+
+
+@needs_gloo
+def test_fsdp2_forward_with_targets_equals_one_process_on_the_full_batch():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not in this torch")
+    expected = _mean_over_shards_grads([batch(100 + r) for r in range(WORLD)])
+    for grads in _spawn("fsdp2"):
+        for name, g in expected.items():
+            assert_rel_close(grads[name], g, what=f"FSDP2 gradient of {name}")
+
+
+# ---- shared parameters declared by the trunk
+
+
+def _per_task_model(make_trunk):
+    torch.manual_seed(0)
+    trunk = make_trunk()
+    return fastmtl.nn.MultiTaskModel(trunk, fastmtl.nn.MultiTaskHeads(trunk.out_features, TASKS)).double()
+
+
+@pytest.mark.parametrize("make_trunk", [
+    lambda: fastmtl.nn.MMoE(5, 3, [6], 3),
+    lambda: fastmtl.nn.PLE(5, 2, 1, [6], 3, num_levels=2),
+], ids=["mmoe", "ple"])
+def test_mtl_backward_aggregates_only_the_trunks_shared_parameters(make_trunk):
+    model, reference = _per_task_model(make_trunk), _per_task_model(make_trunk)
+    x, targets = batch(3)
+    shared = model.shared_parameters()
+    assert 0 < len(shared) < len(list(model.trunk.parameters()))  # the task gates are not shared
+    result = model.mtl_backward(x, targets, agg.UPGrad())
+
+    z, _ = reference.features(x)
+    losses = fastmtl.nn.routing.routed_losses(reference.heads, z, targets) * reference.heads.task_weights
+    shared_ids = {id(p) for p in shared}
+    ref_shared = [q for p, q in zip(model.parameters(), reference.parameters()) if id(p) in shared_ids]
+    expected = fastmtl.reference.mtl_backward(losses, z, agg.UPGrad(), shared_params=ref_shared)
+    assert_rel_close(result.gram, expected.gram)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_rel_close(p.grad, q.grad, what=name)
+
+
+def test_mmoe_gate_gets_its_own_tasks_gradient():
+    model = _per_task_model(lambda: fastmtl.nn.MMoE(5, 3, [6], 3))
+    x, targets = batch(4)
+    model.mtl_backward(x, targets, agg.UPGrad())
+    gate_grads = [p.grad.clone() for p in model.trunk.gates.parameters()]
+    model.zero_grad()
+    model.loss(x, targets).backward()  # sum_t w_t L_t: gate t sees only task t's loss
+    for got, want in zip(gate_grads, model.trunk.gates.parameters()):
+        assert_rel_close(got, want.grad)
+
+
+def test_explicit_shared_params_override_the_trunks_declaration():
+    model, reference = fused_model(), fused_model()
+    x, targets = batch(5)
+    model.mtl_backward(x, targets, agg.MGDA(), shared_params=[model.trunk.weights[0]])
+    z = reference.trunk(x)
+    losses = reference.heads.losses(z, targets) * reference.heads.task_weights
+    fastmtl.reference.mtl_backward(losses, z, agg.MGDA(), shared_params=[reference.trunk.weights[0]])
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_rel_close(p.grad, q.grad, what=name)
+
+
+# ---- 16-bit: task weights and target packing
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_16_bit_keeps_the_task_weights_in_float32(dtype):
+    tasks = [fastmtl.Task("a", "regression", weight=0.1234567), fastmtl.Task("b", "binary", weight=3.0001)]
+    model = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(4, [8]), fastmtl.nn.MultiTaskHeads(8, tasks)).to(dtype)
+    assert model.heads.weight.dtype == dtype
+    assert model.heads.task_weights.dtype == torch.float32
+    assert model.heads.task_weights.tolist() == torch.tensor([0.1234567, 3.0001]).tolist()
+    model.double()
+    assert model.heads.task_weights.dtype == torch.float64
+    assert model.heads.task_weights.tolist() == [0.1234567, 3.0001]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_targets_are_packed_in_the_loss_dtype(dtype):
+    heads = fastmtl.nn.MultiTaskHeads(8, TASKS).to(dtype)
+    _, targets = batch(6)
+    assert heads.pack_targets(targets).dtype == fastmtl.ops.loss_dtype(dtype) == torch.float32
