@@ -188,3 +188,74 @@ def test_targets_are_packed_in_the_loss_dtype(dtype):
     heads = fastmtl.nn.MultiTaskHeads(8, TASKS).to(dtype)
     _, targets = batch(6)
     assert heads.pack_targets(targets).dtype == fastmtl.ops.loss_dtype(dtype) == torch.float32
+
+
+# ---- checkpoints across convert / unconvert
+
+
+def _plain_mlp(seed: int):
+    torch.manual_seed(seed)
+    L, R = torch.nn.Linear, torch.nn.ReLU
+    return torch.nn.ModuleDict({
+        "trunk": torch.nn.Sequential(L(4, 8), R(), L(8, 8), R(), L(8, 3)),
+        "tower": torch.nn.Sequential(L(3, 5), torch.nn.GELU(approximate="tanh"), L(5, 5), torch.nn.GELU("tanh")),
+    })
+
+
+def _run(model, x):
+    return model["tower"](model["trunk"](x))
+
+
+def test_converted_model_loads_the_original_checkpoint():
+    converted, report = fastmtl.convert(_plain_mlp(0))
+    assert len(report.replaced) == 2 and isinstance(converted["tower"], fastmtl.nn.FusedMLP)
+    original = _plain_mlp(1)
+    converted.load_state_dict(original.state_dict())  # strict: every key mapped
+    x = torch.randn(7, 4)
+    assert_rel_close(_run(converted, x), _run(original, x))
+    converted.load_state_dict(converted.state_dict())  # its own keys still load
+
+
+def test_unconvert_gives_plain_modules_with_the_original_keys_and_weights():
+    original = _plain_mlp(2)
+    converted, _ = fastmtl.convert(original)
+    torch.manual_seed(3)
+    for p in converted.parameters():  # trained after conversion
+        torch.nn.init.normal_(p)
+    plain = fastmtl.unconvert(converted)
+    assert not any(isinstance(m, fastmtl.nn.FusedMLP) for m in plain.modules())
+    assert list(plain.state_dict()) == list(original.state_dict())
+    assert [type(m) for m in plain.modules()] == [type(m) for m in original.modules()]
+    x = torch.randn(7, 4)
+    assert_rel_close(_run(plain, x), _run(converted, x))
+    original.load_state_dict(plain.state_dict())  # serving the trained weights without fastmtl
+    assert_rel_close(_run(original, x), _run(converted, x))
+
+
+def test_unconvert_checks_its_arguments():
+    with pytest.raises(TypeError, match="unconvert.*'model'"):
+        fastmtl.unconvert("not a module")
+
+
+# ---- smaller items
+
+
+def test_public_names_are_in_all():
+    for name in ["mtl_backward", "aggregation", "weighting", "convert", "unconvert", "nn", "ops", "reference", "Task"]:
+        assert name in fastmtl.__all__
+        assert hasattr(fastmtl, name)
+
+
+@pytest.mark.parametrize("trunk", ["fused", "mmoe"])
+def test_a_nan_loss_is_reported_naming_its_task(trunk):
+    torch.manual_seed(0)
+    body = fastmtl.nn.FusedMLP(5, [7]) if trunk == "fused" else fastmtl.nn.MMoE(5, 2, [7], 3)
+    model = fastmtl.nn.MultiTaskModel(body, fastmtl.nn.MultiTaskHeads(7, TASKS)).double()
+    x, targets = batch(7)
+    name = TASKS[0].name
+    assert TASKS[0].kind == "regression"
+    bad = dict(targets)
+    bad[name] = torch.full_like(targets[name], 1e300)  # its squared error overflows to inf
+    with pytest.raises(ValueError, match=f"task '{name}'"):
+        model.mtl_backward(x, bad, agg.UPGrad())
+    assert all(p.grad is None for p in model.parameters())

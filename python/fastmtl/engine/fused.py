@@ -19,7 +19,7 @@ import torch
 
 from .. import ops
 from .._distributed import DataParallelSync
-from .gradients import checked_weights, write_gradients
+from .gradients import check_finite_losses, checked_weights, write_gradients
 from .options import MTLBackwardOptions, fail
 from .result import MTLBackwardResult
 from .schedule import WeightSchedule, schedule_of
@@ -71,6 +71,7 @@ def fused_mlp_mtl_backward(
         out, saved = ops.fused_mlp_with_saved(x, weights, biases, activation)
         losses, logit_grad, count_scale = ops.multitask_head_loss_with_saved(out, heads.weight, heads.bias, targets,
                                                                               heads.layout)
+        check_finite_losses(losses, [t.name for t in heads.layout.tasks])
         jacobian = None
         computed = schedule.due(key, options.gram_every)
         if computed:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..engine import fused_model_backward, mtl_backward
+from ..engine.gradients import check_finite_losses
 from ..tasks import check_tasks
 from .fused_mlp import FusedMLP
 from .heads import MultiTaskHeads
@@ -161,6 +162,7 @@ class MultiTaskModel(nn.Module):
                              f"got {options['gram_path']!r} with a {type(self.trunk).__name__} trunk")
         z, per_task = self.features(x)
         losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
+        check_finite_losses(losses, self.heads.task_names)
         if shared is None:
             shared = self.shared_parameters()
         result = mtl_backward(losses * self.heads.task_weights.to(losses.dtype), z, aggregator, shared,
