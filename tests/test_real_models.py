@@ -259,3 +259,16 @@ def test_a_nan_loss_is_reported_naming_its_task(trunk):
     with pytest.raises(ValueError, match=f"task '{name}'"):
         model.mtl_backward(x, bad, agg.UPGrad())
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_cpu_model_runs_or_says_which_dtype_it_lacks(dtype):
+    tasks = [fastmtl.Task("a", "regression"), fastmtl.Task("b", "binary")]
+    model = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(4, [8]), fastmtl.nn.MultiTaskHeads(8, tasks)).to(dtype)
+    x, targets = torch.randn(3, 4, dtype=dtype), {"a": torch.randn(3), "b": torch.tensor([1.0, 0.0, float("nan")])}
+    try:
+        out = model(x, targets)
+    except (TypeError, ValueError, NotImplementedError) as error:  # no CPU kernels at this dtype in this build
+        assert "fastmtl." in str(error) and str(dtype) in str(error), str(error)
+    else:
+        assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)

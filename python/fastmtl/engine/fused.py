@@ -35,7 +35,7 @@ def fused_model_backward(model, x: torch.Tensor, targets, aggregator: Callable, 
     opts = MTLBackwardOptions.of("MultiTaskModel.mtl_backward", options)
     heads = model.heads
     if isinstance(targets, Mapping):
-        targets = heads.pack_targets(targets, x.dtype if isinstance(x, torch.Tensor) else None)
+        targets = heads.pack_targets(targets, ops.loss_dtype(x.dtype) if isinstance(x, torch.Tensor) else None)
     return fused_mlp_mtl_backward(x, model.trunk.op_arguments, heads.op_arguments, targets, aggregator, opts,
                                   schedule_of(model))
 
