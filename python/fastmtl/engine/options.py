@@ -71,9 +71,13 @@ class MTLBackwardOptions:
     @classmethod
     def of(cls, function: str, options: Mapping[str, Any]) -> "MTLBackwardOptions":
         """The options of a call's keyword arguments; TypeError naming ``function`` for unknown ones."""
-        known = {f.name for f in fields(cls)}
+        known = OPTION_NAMES
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"{function}: unexpected keyword arguments {unknown}; the options are {sorted(known)} "
                             f"(see fastmtl.engine.MTLBackwardOptions)")
         return cls(**options)
+
+
+# Read once: torch.compile cannot trace dataclasses.fields() of the class inside a compiled call.
+OPTION_NAMES = frozenset(f.name for f in fields(MTLBackwardOptions))
