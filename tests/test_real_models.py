@@ -288,3 +288,17 @@ def test_mtl_backward_and_forward_with_targets_compile_with_fullgraph():
         assert_rel_close(p.grad, q.grad, what=name)
     out = torch.compile(model, fullgraph=True, backend="eager")(x, packed)
     assert_rel_close(out.loss, reference.loss(x, packed))
+
+
+@pytest.mark.parametrize("shared", ["all", "some"])
+def test_jacobian_columns_are_in_parameters_order(shared):
+    model = fused_model()
+    x, targets = batch(9)
+    params = list(model.trunk.parameters())
+    wrt = params if shared == "all" else params[1:]
+    result = model.mtl_backward(x, targets, agg.UPGrad(), keep_jacobian=True,
+                                shared_params=None if shared == "all" else wrt)
+    losses = model.heads.losses(model.trunk(x), targets) * model.heads.task_weights
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], wrt, retain_graph=True)])
+            for t in range(len(TASKS))]
+    assert_rel_close(result.jacobian, torch.stack(rows))

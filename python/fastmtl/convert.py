@@ -218,6 +218,9 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> Tu
     Returns: ``(new_model, report)``; ``print(report)`` lists what was replaced and what was left
     alone, and why. ``new_model.load_state_dict`` takes the original model's checkpoints too (a
     pre-hook renames ``0.weight`` to ``0.weights.0`` and so on); :func:`unconvert` goes back.
+    The layers of a FusedMLP are one module, computed in one op: an intermediate layer cannot be
+    hooked (its output is never a tensor of its own); hook the FusedMLP (the run's last layer), or
+    end the run before the layer to hook by converting a model whose Sequential is split there.
 
     >>> import torch, fastmtl
     >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
