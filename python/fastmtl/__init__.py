@@ -40,7 +40,7 @@ from . import aggregation, nn, weighting  # noqa: E402,F401
 from . import data, metrics  # noqa: E402,F401  (scikit-learn, for multidigits, is imported when called)
 from .engine import mtl_backward  # noqa: E402,F401
 from .tasks import Task  # noqa: E402
-from .convert import ConversionReport, convert  # noqa: E402
+from .convert import ConversionReport, convert, unconvert  # noqa: E402
 
 
 def build_info() -> dict:
@@ -51,4 +51,7 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["Task", "ConversionReport", "build_info", "convert", "nn", "ops", "reference", "__version__"]
+__all__ = [
+    "Task", "ConversionReport", "build_info", "convert", "unconvert", "mtl_backward", "nn", "ops", "reference",
+    "aggregation", "weighting", "data", "metrics", "__version__",
+]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .nn.fused_mlp import FusedMLP, activation_name_of
 
-__all__ = ["convert", "ConversionReport"]
+__all__ = ["convert", "unconvert", "ConversionReport"]
 
 _SUPPORTED = "ReLU, GELU, SiLU, Tanh, Identity"
 
@@ -83,9 +83,43 @@ def _fused_from(layers: List[_Layer]) -> FusedMLP:
     # Trainability follows the original weights (a frozen run stays frozen).
     for i, layer in enumerate(layers):
         fused.weights[i].requires_grad_(layer.weight.requires_grad)
+        _ORIGIN[id(fused.weights[i])] = (fused.weights[i], _origin_of(layer.weight))
         if layer.bias is not None:
             fused.biases[i].requires_grad_(layer.bias.requires_grad)
+            _ORIGIN[id(fused.biases[i])] = (fused.biases[i], _origin_of(layer.bias))
     return fused
+
+
+# id(new parameter) -> (new parameter, the original model's parameter it was copied from), while one
+# convert call runs (a run merged across nested Sequentials is copied twice: the chain resolves to the
+# original). Keyed by id with the tensors held, so no id is reused meanwhile (tensors compare by value).
+_ORIGIN: dict = {}
+
+
+def _origin_of(p: torch.Tensor) -> torch.Tensor:
+    return _ORIGIN[id(p)][1] if id(p) in _ORIGIN else p
+
+
+def _renaming(original_names: dict, converted: nn.Module) -> dict:
+    """Original state_dict key -> converted key, for the keys that changed."""
+    renamed = {}
+    for name, p in converted.named_parameters():
+        old = original_names.get(id(_origin_of(p)))
+        if old is not None and old != name:
+            renamed[old] = name
+    return renamed
+
+
+class _LoadOriginalKeys:
+    """load_state_dict pre-hook: renames the original model's keys to the converted model's."""
+
+    def __init__(self, renamed: dict):
+        self.renamed = renamed
+
+    def __call__(self, module, state_dict, prefix, *args):
+        for old, new in self.renamed.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport) -> nn.Module:
@@ -182,7 +216,11 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> Tu
         strict: raise ``ValueError`` if any Linear had to be left alone.
 
     Returns: ``(new_model, report)``; ``print(report)`` lists what was replaced and what was left
-    alone, and why.
+    alone, and why. ``new_model.load_state_dict`` takes the original model's checkpoints too (a
+    pre-hook renames ``0.weight`` to ``0.weights.0`` and so on); :func:`unconvert` goes back.
+    The layers of a FusedMLP are one module, computed in one op: an intermediate layer cannot be
+    hooked (its output is never a tensor of its own); hook the FusedMLP (the run's last layer), or
+    end the run before the layer to hook by converting a model whose Sequential is split there.
 
     >>> import torch, fastmtl
     >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
@@ -200,7 +238,78 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> Tu
         raise TypeError("fastmtl.convert: arguments 'inplace' and 'strict' expected bools")
     target = model if inplace else copy.deepcopy(model)
     report = ConversionReport()
-    result = _walk(target, "", report)
+    params = dict(target.named_parameters(remove_duplicate=False))
+    original_names = {}  # id -> name; params holds the tensors
+    for name, p in params.items():
+        original_names.setdefault(id(p), name)
+    try:
+        result = _walk(target, "", report)
+        renamed = _renaming(original_names, result)
+    finally:
+        _ORIGIN.clear()
+    if renamed:
+        result.register_load_state_dict_pre_hook(_LoadOriginalKeys(renamed))
     if strict and any(why.startswith("Linear") for _, why in report.left_alone):
         raise ValueError("fastmtl.convert(strict=True): could not convert everything:\n" + str(report))
     return result, report
+
+
+def _activation_module(name: str) -> nn.Module:
+    if name in ("gelu", "gelu_tanh"):
+        return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+    return {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}[name]()
+
+
+def _plain_layers(fused: FusedMLP) -> List[nn.Module]:
+    """The (Linear, activation) modules computing what ``fused`` does, with copies of its weights."""
+    layers: List[nn.Module] = []
+    for i, w in enumerate(fused.weights):
+        bias = fused.biases[i] if fused.biases is not None else None
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        linear.weight.requires_grad_(w.requires_grad)
+        if bias is not None:
+            linear.bias.requires_grad_(bias.requires_grad)
+        layers += [linear, _activation_module(fused.activation)]
+    return layers
+
+
+def _unwalk(module: nn.Module) -> nn.Module:
+    if isinstance(module, FusedMLP):
+        return nn.Sequential(*_plain_layers(module))
+    if type(module) is nn.Sequential and any(isinstance(m, FusedMLP) for m in module):
+        # A FusedMLP inside a Sequential is spliced in, so the indices (the state_dict keys) are the
+        # original model's: convert made [Linear, act, Linear, act, Linear] into [FusedMLP, Linear].
+        out: List[nn.Module] = []
+        for m in module:
+            out += _plain_layers(m) if isinstance(m, FusedMLP) else [_unwalk(m)]
+        return nn.Sequential(*out)
+    for name, child in list(module.named_children()):
+        new = _unwalk(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of :func:`convert`: every :class:`fastmtl.nn.FusedMLP` becomes an
+    ``nn.Sequential`` of ``nn.Linear`` + activation modules with the same weights (inside a
+    Sequential its layers are spliced in, so a converted model gives back the original's structure
+    and state_dict keys), for serving without fastmtl. Other modules (a MultiTaskModel's
+    MultiTaskHeads, say) are left as they are.
+
+    >>> import torch, fastmtl
+    >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> fused, _ = fastmtl.convert(plain)
+    >>> list(fastmtl.unconvert(fused).state_dict()) == list(plain.state_dict())
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastmtl.unconvert: argument 'model' expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"fastmtl.unconvert: argument 'inplace' expected a bool, got {type(inplace).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    return _unwalk(target)

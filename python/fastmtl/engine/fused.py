@@ -19,7 +19,7 @@ import torch
 
 from .. import ops
 from .._distributed import DataParallelSync
-from .gradients import checked_weights, write_gradients
+from .gradients import check_finite_losses, checked_weights, write_gradients
 from .options import MTLBackwardOptions, fail
 from .result import MTLBackwardResult
 from .schedule import WeightSchedule, schedule_of
@@ -35,7 +35,7 @@ def fused_model_backward(model, x: torch.Tensor, targets, aggregator: Callable, 
     opts = MTLBackwardOptions.of("MultiTaskModel.mtl_backward", options)
     heads = model.heads
     if isinstance(targets, Mapping):
-        targets = heads.pack_targets(targets, x.dtype if isinstance(x, torch.Tensor) else None)
+        targets = heads.pack_targets(targets, ops.loss_dtype(x.dtype) if isinstance(x, torch.Tensor) else None)
     return fused_mlp_mtl_backward(x, model.trunk.op_arguments, heads.op_arguments, targets, aggregator, opts,
                                   schedule_of(model))
 
@@ -71,6 +71,7 @@ def fused_mlp_mtl_backward(
         out, saved = ops.fused_mlp_with_saved(x, weights, biases, activation)
         losses, logit_grad, count_scale = ops.multitask_head_loss_with_saved(out, heads.weight, heads.bias, targets,
                                                                               heads.layout)
+        check_finite_losses(losses, [t.name for t in heads.layout.tasks])
         jacobian = None
         computed = schedule.due(key, options.gram_every)
         if computed:

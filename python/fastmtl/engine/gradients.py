@@ -27,13 +27,28 @@ def write_gradients(params, grads, sync: DataParallelSync, owned: bool = False) 
             accumulate(p, g, owned=owned and not sync.active)
 
 
+def check_finite_losses(losses: torch.Tensor, task_names=None) -> None:
+    """Raises naming the first task whose loss is NaN or infinite: a NaN loss otherwise surfaces
+    later as the aggregator's "argument 'gram' expected finite values", which hides its origin.
+    Skipped while torch.compile traces (a data-dependent branch would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.isfinite(losses.detach())
+    if bool(finite.all()):
+        return
+    t = int((~finite).nonzero()[0, 0])
+    name = f"task {task_names[t]!r}" if task_names is not None else f"task {t}"
+    fail("losses", "finite per-task losses", f"a {losses[t].item()} loss for {name} (index {t})")
+
+
 def checked_weights(aggregator, gram: torch.Tensor) -> torch.Tensor:
-    """``aggregator(gram)``, detached, after checking it is ``[T]`` and finite."""
+    """``aggregator(gram)``, detached, after checking it is ``[T]`` and finite (the finite check is
+    skipped while torch.compile traces: it is a data-dependent branch)."""
     weights = aggregator(gram)
     T = gram.shape[0]
     if not isinstance(weights, torch.Tensor) or weights.shape != (T,):
         got = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
         fail("aggregator", f"a callable returning weights of shape [{T}] for a [{T}, {T}] Gram matrix", str(got))
-    if not bool(torch.isfinite(weights).all()):
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights).all()):
         fail("aggregator", "finite weights", str(weights.tolist()))
     return weights.detach()

@@ -73,12 +73,13 @@ class MTLBackwardOptions:
         """The options of a call's keyword arguments; TypeError naming ``function`` for unknown ones."""
         if not options:
             return _DEFAULTS
-        unknown = sorted(set(options) - _OPTION_NAMES)
+        unknown = sorted(set(options) - OPTION_NAMES)
         if unknown:
             raise TypeError(f"{function}: unexpected keyword arguments {unknown}; the options are "
-                            f"{sorted(_OPTION_NAMES)} (see fastmtl.engine.MTLBackwardOptions)")
+                            f"{sorted(OPTION_NAMES)} (see fastmtl.engine.MTLBackwardOptions)")
         return cls(**options)
 
 
-_OPTION_NAMES = frozenset(f.name for f in fields(MTLBackwardOptions))
+# Read once: torch.compile cannot trace dataclasses.fields() of the class inside a compiled call.
+OPTION_NAMES = frozenset(f.name for f in fields(MTLBackwardOptions))
 _DEFAULTS = MTLBackwardOptions()  # frozen: one shared instance for calls that set no option

@@ -15,7 +15,10 @@ __all__ = ["MTLBackwardResult"]
 class MTLBackwardResult:
     """What one ``mtl_backward`` call computed (all detached): the losses ``[T]``, the aggregator's
     weights ``[T]``, the Gram matrix ``[T, T]`` it saw, and the Jacobian ``[T, P]`` of the shared
-    parameters when ``keep_jacobian=True`` (exact mode). With ``gram_every > 1``, ``gram_computed``
+    parameters when ``keep_jacobian=True`` (exact mode), its columns the flattened parameters in
+    the order of ``shared_params`` (``model.mtl_backward``: :meth:`MultiTaskModel.shared_parameters`,
+    in ``trunk.parameters()`` order; :func:`fastmtl.mtl_backward` without ``shared_params``: the
+    order of :func:`fastmtl.engine.graph_leaves`). With ``gram_every > 1``, ``gram_computed``
     says whether this call computed the Gram matrix and weights (else they are the kept ones)."""
 
     losses: torch.Tensor

@@ -2,7 +2,7 @@
 
 from .fused_mlp import FusedMLP
 from .heads import MultiTaskHeads
-from .model import MultiTaskModel
+from .model import MultiTaskModel, MultiTaskOutput
 from .experts import MMoE, PLE
 from .soft_sharing import SoftSharedLinear
 from .embedding import EmbeddedTrunk, FieldEmbedding
@@ -15,5 +15,5 @@ from .esmm import ESMM
 from .aitm import AITM
 from .learning_to_branch import LearningToBranch
 
-__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MMoE", "PLE", "SoftSharedLinear", "FieldEmbedding", "EmbeddedTrunk"]
+__all__ = ["FusedMLP", "MultiTaskHeads", "MultiTaskModel", "MultiTaskOutput", "MMoE", "PLE", "SoftSharedLinear", "FieldEmbedding", "EmbeddedTrunk"]
 __all__ += ["CrossStitch", "MTAN", "DSelectK", "SharedBottom", "ESMM", "AITM", "LearningToBranch"]

@@ -134,6 +134,11 @@ class MMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The parameters every task shares: the experts'. Gate t only feeds task t, so it is
+        task-specific (as in LibMTL) and gets its own task's gradient in ``mtl_backward``."""
+        return list(self.experts.parameters())
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_experts={self.num_experts}, "
                 f"expert_hidden={list(self.expert_hidden)}, num_tasks={self.num_tasks}")
@@ -215,6 +220,13 @@ class PLE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The parameters aggregated by ``mtl_backward``: each level's expert bank and the shared
+        gates. The task gates are task-specific. A level's shared and task experts are one stacked
+        parameter, so the task experts' rows travel with the shared ones (they get ``a_t`` times
+        their task's gradient, not the task's gradient itself); a per-row split is not done."""
+        return list(self.experts.parameters()) + list(self.shared_gates.parameters())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_shared_experts={self.num_shared_experts}, "

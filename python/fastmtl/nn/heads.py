@@ -46,6 +46,14 @@ class MultiTaskHeads(nn.Module):
         )
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # module.to(torch.bfloat16) would round the task weights; they are derived from the tasks,
+        # so recompute them in the losses' dtype (float32 for a 16-bit model) on the new device.
+        super()._apply(fn, recurse)
+        self.task_weights = torch.tensor([t.weight for t in self.tasks], dtype=ops.loss_dtype(self.weight.dtype),
+                                         device=self.weight.device)
+        return self
+
     @property
     def task_names(self):
         return [t.name for t in self.tasks]

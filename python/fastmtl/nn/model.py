@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Dict, Union
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from ..engine import fused_model_backward, mtl_backward
+from ..engine.gradients import check_finite_losses
 from ..tasks import check_tasks
 from .fused_mlp import FusedMLP
 from .heads import MultiTaskHeads
 from .routing import routed_logits, routed_losses
+
+
+@dataclass
+class MultiTaskOutput:
+    """What ``model(x, targets)`` returns (the Hugging Face convention): ``logits`` dict name ->
+    ``[B, num_outputs]``, ``losses`` the per-task losses ``[T]`` (unweighted, as
+    :meth:`MultiTaskModel.losses`), ``loss`` the scalar ``sum_t task.weight * L_t`` to call
+    ``backward`` on. Going through ``forward`` is what lets DDP/FSDP hooks see the step."""
+
+    logits: Dict[str, torch.Tensor]
+    losses: torch.Tensor
+    loss: torch.Tensor
 
 
 class MultiTaskModel(nn.Module):
@@ -67,10 +81,20 @@ class MultiTaskModel(nn.Module):
             return torch.stack(list(z)), True
         return z, False
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Logits per task: dict name -> ``[B, num_outputs]``."""
+    def forward(self, x: torch.Tensor, targets: Optional[Union[Mapping, torch.Tensor]] = None):
+        """Logits per task: dict name -> ``[B, num_outputs]``; with ``targets`` (as for
+        :meth:`losses`) a :class:`MultiTaskOutput` with ``logits``, ``losses`` and ``loss``.
+
+        ``DDP(model)(x, targets).loss.backward()`` is the data-parallel training step: a loss
+        computed by ``model.module.loss`` would skip DDP's gradient all-reduce. The trunk runs
+        once; the heads run once for the logits and once in the fused loss op.
+        """
         z, per_task = self.features(x)
-        return routed_logits(self.heads, z) if per_task else self.heads(z)
+        logits = routed_logits(self.heads, z) if per_task else self.heads(z)
+        if targets is None:
+            return logits
+        losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
+        return MultiTaskOutput(logits=logits, losses=losses, loss=self._weighted_sum(losses))
 
     def losses(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
         """Per-task losses ``[T]`` in task order (mean over each task's labelled entries, 0 if none).
@@ -84,11 +108,22 @@ class MultiTaskModel(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
         """Scalar ``sum_t task.weight * L_t``."""
-        losses = self.losses(x, targets)
-        # Losses of a 16-bit model are float32 (ops.loss_dtype); module.to(dtype) may have cast the buffer.
+        return self._weighted_sum(self.losses(x, targets))
+
+    def _weighted_sum(self, losses: torch.Tensor) -> torch.Tensor:
+        # Losses of a 16-bit model are float32 (ops.loss_dtype), like the task_weights buffer.
         return torch.dot(losses, self.heads.task_weights.to(losses.dtype))
 
-    def mtl_backward(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor], aggregator, **options):
+    def shared_parameters(self):
+        """The trunk's parameters that all tasks share, the ones :meth:`mtl_backward` aggregates:
+        ``trunk.shared_parameters()`` where the trunk declares them (MMoE: the experts; PLE: the
+        expert banks and the shared gates; per-task gates are task-specific), else all of
+        ``trunk.parameters()``."""
+        declared = getattr(self.trunk, "shared_parameters", None)
+        return list(declared()) if callable(declared) else list(self.trunk.parameters())
+
+    def mtl_backward(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor], aggregator,
+                     shared_params: Optional[Iterable[torch.Tensor]] = None, **options):
         """Backward of one multi-task step with an aggregated update of the trunk.
 
         The trunk's parameters get ``sum_t a_t grad(task.weight_t * L_t)`` with ``a =
@@ -98,7 +133,9 @@ class MultiTaskModel(nn.Module):
         e.g. ``fastmtl.aggregation.UPGrad()``; ``options``: the keyword arguments of
         :class:`fastmtl.engine.MTLBackwardOptions` (``mode``, ``gram_every``, ``keep_jacobian``,
         ``gram_path``, ``ddp_gram``, ``process_group``). The ``gram_every`` schedule belongs to the
-        model: a fresh aggregator of the same type per call continues it.
+        model: a fresh aggregator of the same type per call continues it. ``shared_params``: the
+        parameters to aggregate (default :meth:`shared_parameters`); every other parameter the
+        losses depend on (heads, per-task gates) gets its own ``task.weight * L_t`` gradient.
 
         With a :class:`FusedMLP` trunk the step runs in fused C++ ops with no ``T x P`` Jacobian
         (:func:`fastmtl.engine.fused_model_backward`); any other trunk, per-task ones (MMoE, PLE)
@@ -114,14 +151,21 @@ class MultiTaskModel(nn.Module):
         >>> result.gram.shape, model.trunk.weights[0].grad.shape
         (torch.Size([2, 2]), torch.Size([32, 10]))
         """
-        if isinstance(self.trunk, FusedMLP):
+        shared = None if shared_params is None else list(shared_params)
+        trunk_params = list(self.trunk.parameters())
+        every_trunk_param = shared is None or (len(shared) == len(trunk_params)
+                                               and all(any(p is q for q in shared) for p in trunk_params))
+        if isinstance(self.trunk, FusedMLP) and every_trunk_param:
             return fused_model_backward(self, x, targets, aggregator, **options)
         if options.get("gram_path", "auto") != "auto":
             raise ValueError(f"MultiTaskModel.mtl_backward: argument 'gram_path' applies to a FusedMLP trunk only, "
                              f"got {options['gram_path']!r} with a {type(self.trunk).__name__} trunk")
         z, per_task = self.features(x)
         losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
-        result = mtl_backward(losses * self.heads.task_weights, z, aggregator, list(self.trunk.parameters()),
+        check_finite_losses(losses, self.heads.task_names)
+        if shared is None:
+            shared = self.shared_parameters()
+        result = mtl_backward(losses * self.heads.task_weights.to(losses.dtype), z, aggregator, shared,
                               schedule_owner=self, **options)
         result.losses = losses.detach()
         return result

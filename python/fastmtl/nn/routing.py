@@ -42,5 +42,5 @@ def routed_losses(heads: MultiTaskHeads, z: torch.Tensor, targets: Union[Mapping
     side_by_side = z.transpose(0, 1).reshape(B, T * d)
     block_weight = torch.block_diag(*heads.weight.split(heads.num_outputs))
     if isinstance(targets, Mapping):
-        targets = heads.pack_targets(targets, z.dtype)
+        targets = heads.pack_targets(targets, ops.loss_dtype(z.dtype))
     return ops.multitask_head_loss(side_by_side, block_weight, heads.bias, targets, heads.layout)

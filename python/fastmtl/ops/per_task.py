@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ._checks import bias_list, check_devices
-from .heads import Tasks, multitask_head_loss_with_saved, pack_targets, task_layout
+from .heads import Tasks, loss_dtype, multitask_head_loss_with_saved, pack_targets, task_layout
 from .trunk import fused_mlp_with_saved
 
 __all__ = [
@@ -64,7 +64,7 @@ def task_gram(
         raise ValueError(f"fastmtl.task_gram: argument 'mode' expected one of {GRAM_MODES}, got {mode!r}")
     layout = task_layout(tasks, "fastmtl.ops.task_gram")
     if isinstance(targets, Mapping):
-        targets = pack_targets(targets, layout, x.dtype)
+        targets = pack_targets(targets, layout, loss_dtype(x.dtype))
     weights = list(weights)
     biases = bias_list(biases, weights)
     task_weights = torch.tensor([t.weight for t in layout.tasks], dtype=x.dtype, device=x.device)
