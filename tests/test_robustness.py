@@ -1,0 +1,109 @@
+"""Regression tests of issue 18 (nothing crashes, nothing is silently wrong), the Python side: each
+test failed before its fix. The generated cases are in test_fuzz.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastmtl
+from fastmtl import Task, ops
+
+TASKS = [Task("a", "regression"), Task("b", "binary")]
+
+
+def _targets(batch=8):
+    return {"a": torch.randn(batch), "b": torch.randint(0, 2, (batch,)).float()}
+
+
+# ---- 1. Task weight
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf])
+def test_task_refuses_a_non_finite_weight(weight):
+    with pytest.raises(ValueError, match=r"Task 'a': argument 'weight' expected a finite number"):
+        Task("a", "regression", weight=weight)
+
+
+# ---- 2. and 3. targets
+
+
+def test_pack_targets_refuses_a_key_that_names_no_task():
+    targets = {**_targets(), "typo": torch.zeros(8)}
+    with pytest.raises(ValueError, match=r"pack_targets: argument 'targets' has keys \['typo'\].*\['a', 'b'\]"):
+        ops.pack_targets(targets, TASKS)
+
+
+def test_model_losses_refuse_a_key_that_names_no_task():
+    model = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(4, [6]), fastmtl.nn.MultiTaskHeads(6, TASKS))
+    with pytest.raises(ValueError, match=r"'typo'"):
+        model.losses(torch.randn(8, 4), {**_targets(), "typo": torch.zeros(8)})
+
+
+def test_a_target_that_requires_grad_is_refused():
+    targets = _targets()
+    targets["a"] = targets["a"].requires_grad_()
+    with pytest.raises(ValueError, match=r"targets\['a'\]' expected a tensor that does not require grad.*detach"):
+        ops.pack_targets(targets, TASKS)
+    packed = ops.pack_targets(_targets(), TASKS).requires_grad_()
+    with pytest.raises(ValueError, match=r"multitask_head_loss: argument 'targets'.*does not require grad"):
+        ops.multitask_head_loss(torch.randn(8, 5), torch.randn(2, 5), None, packed, TASKS)
+
+
+# ---- 4. bias lists
+
+
+@pytest.mark.parametrize("biases", [[None], [None, None, None]])
+def test_fused_mlp_refuses_a_bias_list_of_nones_of_the_wrong_length(biases):
+    x, ws = torch.randn(3, 4), [torch.randn(5, 4), torch.randn(2, 5)]
+    with pytest.raises(ValueError, match=r"fused_mlp: argument 'biases' expected 2 entries"):
+        ops.fused_mlp(x, ws, biases)
+    # The right length of Nones, None and [] still mean "no bias".
+    expected = ops.fused_mlp(x, ws, None)
+    for none in ([None, None], [], None):
+        assert torch.equal(ops.fused_mlp(x, ws, none), expected)
+
+
+# ---- 5. task_gram
+
+
+def _gram_args():
+    return torch.randn(8, 4), [torch.randn(6, 4), torch.randn(5, 6)], torch.randn(2, 5)
+
+
+@pytest.mark.parametrize("mode", ["exact", "rep"])
+def test_task_gram_checks_gram_path_in_both_modes(mode):
+    x, ws, head = _gram_args()
+    with pytest.raises(ValueError, match=r"task_gram: argument 'gram_path' expected one of"):
+        ops.task_gram(x, ws, None, "relu", head, None, _targets(), TASKS, mode=mode, gram_path="bogus")
+
+
+def test_task_gram_names_its_own_arguments():
+    x, ws, head = _gram_args()
+    with pytest.raises(TypeError, match=r"task_gram: argument 'x' expected a tensor, got float"):
+        ops.task_gram(1.0, ws, None, "relu", head, None, _targets(), TASKS)
+    with pytest.raises(ValueError, match=r"task_gram: argument 'head_weight' expected shape \[2, 5\]"):
+        ops.task_gram(x, ws, None, "relu", torch.randn(2, 4), None, _targets(), TASKS)
+    with pytest.raises(ValueError, match=r"task_gram: argument 'head_bias' expected shape \[2\]"):
+        ops.task_gram(x, ws, None, "relu", head, torch.zeros(3), _targets(), TASKS)
+    with pytest.raises(ValueError, match=r"task_gram: argument 'head_weight' expected dtype torch.float32"):
+        ops.task_gram(x, ws, None, "relu", head.double(), None, _targets(), TASKS)
+    with pytest.raises(ValueError, match=r"task_gram: argument 'biases' expected 2 entries"):
+        ops.task_gram(x, ws, [None], "relu", head, None, _targets(), TASKS)
+
+
+# ---- 6. modules
+
+
+def test_modules_name_the_class_and_argument():
+    with pytest.raises(TypeError, match=r"FusedMLP: argument 'hidden_features' expected an int or a sequence"):
+        fastmtl.nn.FusedMLP(3, None)
+    with pytest.raises(TypeError, match=r"MultiTaskHeads: argument 'tasks' expected a sequence of fastmtl.Task"):
+        fastmtl.nn.MultiTaskHeads(4, None)
+    heads = fastmtl.nn.MultiTaskHeads(4, TASKS)
+    with pytest.raises(ValueError, match=r"MultiTaskHeads.forward: argument 'z' expected shape \[..., 4\]"):
+        heads(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"MultiTaskHeads.losses: argument 'z' expected shape \[..., 4\]"):
+        heads.losses(torch.randn(2, 5), _targets(2))
