@@ -107,3 +107,39 @@ def test_modules_name_the_class_and_argument():
         heads(torch.randn(2, 5))
     with pytest.raises(ValueError, match=r"MultiTaskHeads.losses: argument 'z' expected shape \[..., 4\]"):
         heads.losses(torch.randn(2, 5), _targets(2))
+
+
+# ---- 7. fake kernels check devices: a CPU + meta mix dispatches to them and must fail, not return
+# uninitialised memory.
+
+
+def test_pack_targets_refuses_a_target_on_another_device():
+    targets = {"a": torch.randn(8), "b": torch.ones(8, device="meta")}
+    with pytest.raises(ValueError, match=r"pack_targets: argument 'targets\[1\]' expected device cpu.*got meta"):
+        ops.pack_targets(targets, TASKS)
+
+
+def _backward_calls():
+    """(op name, the CPU arguments of its backward op, index of one tensor argument to move to meta)."""
+    x, ws = torch.randn(3, 4), [torch.randn(5, 4), torch.randn(2, 5)]
+    out, saved = torch.ops.fastmtl.fused_mlp.default(x, ws, [], "relu")
+    yield "fused_mlp_backward", (torch.ones_like(out), x, ws, out, saved, "relu", False, True), 0
+    ews = [torch.randn(2, 5, 4), torch.randn(2, 3, 5)]
+    eout, esaved = torch.ops.fastmtl.fused_experts.default(x, ews, [], "relu")
+    yield "fused_experts_backward", (torch.ones_like(eout), x, ews, eout, esaved, "relu", False, True), 0
+    gx, gw, experts = torch.randn(6, 5), torch.randn(3, 4, 5), torch.randn(4, 6, 7)
+    mix, gates = torch.ops.fastmtl.gated_mixture.default(gx, gw, None, experts, [])
+    yield "gated_mixture_backward", (torch.ones_like(mix), gx, gw, experts, gates, [], False, True), 0
+    z, w = torch.randn(3, 4), torch.randn(2, 4)
+    packed = ops.pack_targets({"a": torch.randn(3), "b": torch.ones(3)}, TASKS)
+    _losses, logit_grad, scale = torch.ops.fastmtl.multitask_head_loss.default(z, w, None, packed, ["mse", "bce"], [1, 1])
+    yield "multitask_head_loss_backward", (torch.ones(2), z, w, logit_grad, scale, [1, 1], False, True), 0
+
+
+@pytest.mark.parametrize("case", list(_backward_calls()), ids=lambda c: c[0])
+def test_backward_ops_refuse_a_cpu_and_meta_mix(case):
+    name, args, moved = case
+    args = list(args)
+    args[moved] = args[moved].to("meta")
+    with pytest.raises((ValueError, RuntimeError), match=r"device"):
+        getattr(torch.ops.fastmtl, name).default(*args)

@@ -165,6 +165,9 @@ def multitask_head_loss_with_saved(
 
 @torch.library.register_fake("fastmtl::pack_targets")
 def _pack_targets_fake(targets, names, losses, num_outputs, dtype):
+    if len(targets) == 0:
+        raise ValueError("fastmtl.pack_targets: argument 'targets' expected at least one tensor, got an empty list")
+    check_devices("pack_targets", "targets[0]", targets[0], targets=targets)
     width = sum(1 if loss in ("bce", "ce") else n for loss, n in zip(losses, num_outputs))
     return targets[0].new_empty((targets[0].shape[0], width), dtype=dtype)
 
@@ -185,6 +188,8 @@ def _multitask_head_loss_fake(z, weight, bias, targets, losses, num_outputs):
 
 @torch.library.register_fake("fastmtl::multitask_head_loss_backward")
 def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale, num_outputs, has_bias, need_z_grad):
+    check_devices("multitask_head_loss_backward", "z", z, grad_losses=grad_losses, weight=weight,
+                  logit_grad=logit_grad, scale=scale)
     grad_z = z.new_empty(z.shape) if need_z_grad else z.new_empty((0,))
     grad_bias = z.new_empty((weight.shape[0],)) if has_bias else z.new_empty((0,))
     return grad_z, weight.new_empty(weight.shape), grad_bias
