@@ -143,3 +143,52 @@ def test_backward_ops_refuse_a_cpu_and_meta_mix(case):
     args[moved] = args[moved].to("meta")
     with pytest.raises((ValueError, RuntimeError), match=r"device"):
         getattr(torch.ops.fastmtl, name).default(*args)
+
+
+# ---- 8. convert keeps tied weights tied
+
+
+def _num_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_convert_leaves_a_linear_used_twice_alone_and_reports_it():
+    linear = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(linear, torch.nn.ReLU(), linear, torch.nn.ReLU())
+    converted, report = fastmtl.convert(model)
+    assert _num_parameters(converted) == _num_parameters(model) == 20
+    assert converted[0] is converted[2]
+    assert [path for path, _ in report.left_alone] == ["0", "2"]
+    assert all("tied" in why for _, why in report.left_alone)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(converted(x), model(x))
+    with pytest.raises(ValueError, match="tied"):
+        fastmtl.convert(model, strict=True)
+
+
+def test_convert_leaves_linears_sharing_a_weight_alone():
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    second.weight = first.weight
+    model = torch.nn.Sequential(first, torch.nn.ReLU(), second, torch.nn.ReLU())
+    converted, report = fastmtl.convert(model)
+    assert _num_parameters(converted) == _num_parameters(model)
+    assert converted[0].weight is converted[2].weight
+    assert len(report.replaced) == 0 and len(report.left_alone) == 2
+
+
+def test_convert_replaces_a_sequential_used_twice_by_one_module():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = self.b = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Twice()
+    converted, report = fastmtl.convert(model)
+    assert isinstance(converted.a, fastmtl.nn.FusedMLP) and converted.a is converted.b
+    assert _num_parameters(converted) == _num_parameters(model) == 20
+    assert len(report.replaced) == 1
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(converted(x), model(x))
