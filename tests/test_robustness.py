@@ -192,3 +192,19 @@ def test_convert_replaces_a_sequential_used_twice_by_one_module():
     assert len(report.replaced) == 1
     x = torch.randn(3, 4)
     torch.testing.assert_close(converted(x), model(x))
+
+
+# ---- 9. mtl_backward: the graph is kept, as documented; a second call accumulates again
+
+
+def test_mtl_backward_documents_what_a_second_call_does():
+    assert "not\n    freed" in fastmtl.mtl_backward.__doc__ and "accumulates" in fastmtl.mtl_backward.__doc__
+    torch.manual_seed(0)
+    trunk, heads = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+    z = trunk(torch.randn(16, 4))
+    losses = ((heads(z) - torch.randn(16, 2)) ** 2).mean(0)
+    fastmtl.mtl_backward(losses, z, fastmtl.aggregation.UPGrad())
+    first = (trunk.weight.grad.clone(), heads.weight.grad.clone())
+    fastmtl.mtl_backward(losses, z, fastmtl.aggregation.UPGrad())
+    torch.testing.assert_close(trunk.weight.grad, 2 * first[0])
+    torch.testing.assert_close(heads.weight.grad, 2 * first[1])
