@@ -22,12 +22,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import fastmtl  # noqa: E402
 from fastmtl import Task, ops, reference  # noqa: E402
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
-                database=None)
+FUZZ = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
+)
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -95,7 +95,9 @@ def test_fuzz_fused_mlp_matches_reference(case):
     grads = torch.autograd.grad(out.sum(), inputs)
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     nb = len(ws)
-    ref_out = reference.fused_mlp(ref_inputs[0], ref_inputs[1 : 1 + nb], ref_inputs[1 + nb :] or None, case["activation"])
+    ref_out = reference.fused_mlp(
+        ref_inputs[0], ref_inputs[1 : 1 + nb], ref_inputs[1 + nb :] or None, case["activation"]
+    )
     ref_grads = torch.autograd.grad(ref_out.sum(), ref_inputs)
     for g, r in zip(grads, ref_grads):
         assert torch.isfinite(g).all() and rel_error(g, r) <= (1e-5 if dtype == torch.float32 else 1e-12)
@@ -190,15 +192,17 @@ def test_fuzz_multitask_head_loss_matches_reference(case):
     params = [z, w] + ([b] if b is not None else [])
     grads = torch.autograd.grad(losses, params, upstream.to(losses.dtype))
     ref_params = [t.detach().double().requires_grad_() for t in params]
-    ref = reference.multitask_head_loss(ref_params[0], ref_params[1], ref_params[2] if b is not None else None,
-                                        targets, tasks)
+    ref = reference.multitask_head_loss(
+        ref_params[0], ref_params[1], ref_params[2] if b is not None else None, targets, tasks
+    )
     ref_grads = torch.autograd.grad(ref, ref_params, upstream)
     for g, r in zip(grads, ref_grads):
         assert torch.isfinite(g).all() and rel_error(g, r) <= (1e-5 if dtype == torch.float32 else 1e-12)
     assert_unmodified(before, inputs)
     # Meta: the shapes; one target on meta among CPU ones is refused.
-    meta = ops.multitask_head_loss(z.detach().to("meta"), w.detach().to("meta"), None,
-                                   {k: v.to("meta") for k, v in typed.items()}, tasks)
+    meta = ops.multitask_head_loss(
+        z.detach().to("meta"), w.detach().to("meta"), None, {k: v.to("meta") for k, v in typed.items()}, tasks
+    )
     assert meta.shape == losses.shape and meta.device.type == "meta"
     mixed = dict(typed)
     first = tasks[0].name
@@ -295,8 +299,13 @@ def _run_raw_cases(names):
     outcomes, pending = {}, list(names)
     env = dict(os.environ)
     while pending:
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "_raw_op_cases.py"), *pending], capture_output=True,
-                              text=True, timeout=120, env=env)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "_raw_op_cases.py"), *pending],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         started = None
         for line in proc.stdout.splitlines():
             words = line.split()
@@ -320,8 +329,12 @@ def raw_outcomes():
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_CPP_DEFECTS[n])) if n in KNOWN_CPP_DEFECTS
-     else n for n in _raw_op_cases.CASES],
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_CPP_DEFECTS[n]))
+        if n in KNOWN_CPP_DEFECTS
+        else n
+        for n in _raw_op_cases.CASES
+    ],
 )
 def test_raw_op_with_bad_arguments_raises_a_clean_error(raw_outcomes, name):
     assert raw_outcomes[name] in ("ValueError", "TypeError"), f"{name}: {raw_outcomes[name]}"

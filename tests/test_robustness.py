@@ -132,7 +132,9 @@ def _backward_calls():
     yield "gated_mixture_backward", (torch.ones_like(mix), gx, gw, experts, gates, [], False, True), 0
     z, w = torch.randn(3, 4), torch.randn(2, 4)
     packed = ops.pack_targets({"a": torch.randn(3), "b": torch.ones(3)}, TASKS)
-    _losses, logit_grad, scale = torch.ops.fastmtl.multitask_head_loss.default(z, w, None, packed, ["mse", "bce"], [1, 1])
+    _losses, logit_grad, scale = torch.ops.fastmtl.multitask_head_loss.default(
+        z, w, None, packed, ["mse", "bce"], [1, 1]
+    )
     yield "multitask_head_loss_backward", (torch.ones(2), z, w, logit_grad, scale, [1, 1], False, True), 0
 
 
