@@ -198,8 +198,8 @@ def test_pack_targets_matches_reference_and_accepts_bool_and_2d(device):
         "b": torch.tensor([True, False, True]),
         "c": torch.tensor([[3], [-100], [0]], dtype=torch.int32),
         "s": torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64),
-        "ignored": torch.zeros(3),
     }
+    # A key that names no task is refused since issue 18 (test_robustness.py), no longer ignored.
     expected = reference.pack_targets(targets, tasks, torch.float64)
     packed = ops.pack_targets({k: v.to(device) for k, v in targets.items()}, tasks, torch.float64)
     assert packed.shape == (3, 5) and packed.device.type == device.type

@@ -122,7 +122,29 @@ class _LoadOriginalKeys:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
-def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport) -> nn.Module:
+def _shared_linears(model: nn.Module) -> set:
+    """The ids of the Linears whose parameters are used in more than one place: a module held by
+    two parents or twice by one Sequential, or whose weight / bias is also another module's. Fusing
+    such a Linear would copy its weights into the FusedMLP and so untie the uses."""
+    module_uses: dict = {}
+    parameter_uses: dict = {}
+    for module in model.modules():  # each module once, however many parents hold it
+        for child in module._modules.values():
+            if child is not None:
+                module_uses[id(child)] = module_uses.get(id(child), 0) + 1
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                parameter_uses[id(parameter)] = parameter_uses.get(id(parameter), 0) + 1
+    return {
+        id(m)
+        for m in model.modules()
+        if type(m) is nn.Linear
+        and (module_uses.get(id(m), 0) > 1
+             or any(parameter_uses.get(id(p), 0) > 1 for p in m._parameters.values() if p is not None))
+    }
+
+
+def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport, shared: set) -> nn.Module:
     """Returns the replacement of ``seq`` (itself if nothing changed, a FusedMLP if it is one run)."""
     modules = list(seq)
     out: List[nn.Module] = []
@@ -149,6 +171,12 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport)
         m, name = modules[i], _join(path, i)
         if isinstance(m, FusedMLP):
             layers = _layers_of_fused(m)
+        elif type(m) is nn.Linear and id(m) in shared:
+            close_run()
+            report.left_alone.append((name, "Linear used in more than one place (tied weights): fusing it would untie them"))
+            out.append(m)
+            i += 1
+            continue
         elif type(m) is nn.Linear:
             follower = modules[i + 1] if i + 1 < len(modules) else None
             act = activation_name_of(follower) if follower is not None else None
@@ -188,19 +216,30 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport)
     return nn.Sequential(*out)
 
 
-def _walk(module: nn.Module, path: str, report: ConversionReport, in_sequential: bool = False) -> nn.Module:
-    """Converts the children of ``module`` bottom up, then ``module`` itself if it is a Sequential."""
+def _walk(module: nn.Module, path: str, report: ConversionReport, shared: set, done: dict,
+          in_sequential: bool = False) -> nn.Module:
+    """Converts the children of ``module`` bottom up, then ``module`` itself if it is a Sequential.
+    ``done`` maps a module already converted to its replacement, so that a module used in several
+    places gets one replacement, used in all of them (it stays tied)."""
+    if id(module) in done:
+        return done[id(module)]
     is_sequential = type(module) is nn.Sequential
-    for name, child in list(module.named_children()):
-        new = _walk(child, _join(path, name), report, is_sequential)
+    # _modules, not named_children(): the latter skips a module held twice by one parent.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new = _walk(child, _join(path, name), report, shared, done, is_sequential)
         if new is not child:
-            setattr(module, name, new)
+            module._modules[name] = new
     if is_sequential:
-        return _convert_sequential(module, path, report)
-    if type(module) is nn.Linear and not in_sequential:
-        report.left_alone.append((path, "Linear outside an nn.Sequential (called by a custom forward; for per-task heads "
-                                        "see MultiTaskHeads.from_linears)"))
-    return module
+        result = _convert_sequential(module, path, report, shared)
+    else:
+        result = module
+        if type(module) is nn.Linear and not in_sequential:
+            report.left_alone.append((path, "Linear outside an nn.Sequential (called by a custom forward; for per-task "
+                                            "heads see MultiTaskHeads.from_linears)"))
+    done[id(module)] = result
+    return result
 
 
 def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> Tuple[nn.Module, ConversionReport]:
@@ -209,6 +248,11 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> Tu
     present or all absent) by an equivalent :class:`fastmtl.nn.FusedMLP` with the same weights.
     Nested Sequentials are converted bottom up, and runs that meet across them merge. Outputs and
     gradients equal the original's to float32 rounding.
+
+    Tied weights stay tied: a Linear used in more than one place (twice in one Sequential, held by
+    two modules, or sharing its weight or bias with another module) is left alone and reported in
+    ``report.left_alone`` (fusing it would copy its weights and untie the uses); a Sequential used
+    in several places is converted once and the one replacement used in all of them.
 
     Args:
         model: any ``nn.Module``; its forward may be custom, only Sequential structure is rewritten.
@@ -249,6 +293,7 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> Tu
         _ORIGIN.clear()
     if renamed:
         result.register_load_state_dict_pre_hook(_LoadOriginalKeys(renamed))
+    result = _walk(target, "", report, _shared_linears(target), {})
     if strict and any(why.startswith("Linear") for _, why in report.left_alone):
         raise ValueError("fastmtl.convert(strict=True): could not convert everything:\n" + str(report))
     return result, report

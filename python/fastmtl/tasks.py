@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -72,6 +73,9 @@ class Task:
             weight = float(self.weight)
         except (TypeError, ValueError):
             raise TypeError(f"Task {self.name!r}: argument 'weight' expected a number, got {self.weight!r}") from None
+        if not math.isfinite(weight):
+            # A NaN or infinite weight poisons every gradient of the trunk, silently.
+            raise ValueError(f"Task {self.name!r}: argument 'weight' expected a finite number, got {self.weight!r}")
         object.__setattr__(self, "loss", loss)
         object.__setattr__(self, "num_outputs", n)
         object.__setattr__(self, "weight", weight)
@@ -84,7 +88,12 @@ class Task:
 
 def check_tasks(tasks: Sequence[Task], where: str) -> tuple:
     """Validates a task list (non-empty, Task objects, unique names) and returns it as a tuple."""
-    tasks = tuple(tasks) if not isinstance(tasks, Task) else (tasks,)
+    if isinstance(tasks, Task):
+        tasks = (tasks,)
+    elif isinstance(tasks, Sequence) and not isinstance(tasks, str):
+        tasks = tuple(tasks)
+    else:
+        raise TypeError(f"{where}: argument 'tasks' expected a sequence of fastmtl.Task, got {type(tasks).__name__}")
     if len(tasks) == 0:
         raise ValueError(f"{where}: argument 'tasks' expected at least one Task, got 0")
     for i, task in enumerate(tasks):

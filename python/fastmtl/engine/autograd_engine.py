@@ -51,8 +51,10 @@ def mtl_backward(
 
     Fills ``.grad`` like ``backward`` (accumulating into existing gradients): the shared parameters
     get ``sum_t a_t dL_t/dtheta``; every other parameter the losses depend on (the heads) gets the
-    gradient of ``sum_t L_t``, its own task's gradient when heads are separate. The graph is freed
-    afterwards. Returns an :class:`~fastmtl.engine.MTLBackwardResult`.
+    gradient of ``sum_t L_t``, its own task's gradient when heads are separate. The graph is not
+    freed (its backward passes retain it, as ``backward(retain_graph=True)`` does): a second call on
+    the same losses succeeds and accumulates the same gradients again, so call it once per forward
+    (or zero the gradients in between). Returns an :class:`~fastmtl.engine.MTLBackwardResult`.
 
     >>> import torch, fastmtl
     >>> from fastmtl.aggregation import UPGrad

@@ -55,7 +55,15 @@ class FusedMLP(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        widths = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
+        if isinstance(hidden_features, int):
+            widths = [hidden_features]
+        elif isinstance(hidden_features, Sequence) and not isinstance(hidden_features, str):
+            widths = list(hidden_features)
+        else:
+            raise TypeError(
+                "FusedMLP: argument 'hidden_features' expected an int or a sequence of ints (the layer widths), "
+                f"got {type(hidden_features).__name__}"
+            )
         if not widths:
             raise ValueError("FusedMLP: argument 'hidden_features' expected at least one layer width, got []")
         for i, w in enumerate([in_features] + widths):

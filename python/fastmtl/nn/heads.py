@@ -80,6 +80,7 @@ class MultiTaskHeads(nn.Module):
 
     def forward(self, z: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Logits per task: dict name -> ``[..., num_outputs]``."""
+        self._check_input(z, "forward")
         logits = F.linear(z, self.weight, self.bias)
         return dict(zip(self.task_names, logits.split(self.layout.num_outputs, dim=-1)))
 
@@ -93,9 +94,20 @@ class MultiTaskHeads(nn.Module):
 
         ``targets``: dict name -> tensor (see :class:`fastmtl.Task`) or an already packed tensor.
         """
+        self._check_input(z, "losses")
         if isinstance(targets, Mapping):
             targets = self.pack_targets(targets, ops.loss_dtype(z.dtype))
         return ops.multitask_head_loss(z, self.weight, self.bias, targets, self.layout)
+
+    def _check_input(self, z, method: str) -> None:
+        # Named here, not by F.linear's "mat1 and mat2 shapes" or the fused op's 'weight'.
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"MultiTaskHeads.{method}: argument 'z' expected a tensor, got {type(z).__name__}")
+        if z.dim() == 0 or z.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MultiTaskHeads.{method}: argument 'z' expected shape [..., {self.in_features}] (in_features), "
+                f"got {list(z.shape)}"
+            )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, tasks={[f'{t.name}:{t.kind}[{t.num_outputs}]' for t in self.tasks]}"

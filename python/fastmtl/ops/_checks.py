@@ -13,12 +13,15 @@ def bias_list(biases, weights, op: str = "fused_mlp") -> list:
     if biases is None:
         return []
     biases = list(biases)
-    if all(b is None for b in biases):
-        return []
+    if not biases:
+        return []  # the op's own form of "no bias" (MLPArguments.biases)
+    # The length is checked first: a list of Nones of the wrong length is as wrong as any other.
     if len(biases) != len(weights):
         raise ValueError(
-            f"fastmtl.{op}: argument 'biases' expected {len(weights)} entries (one per layer), got {len(biases)}"
+            f"fastmtl.{op}: argument 'biases' expected {len(weights)} entries (one per layer) or None, got {len(biases)}"
         )
+    if all(b is None for b in biases):
+        return []
     # The bias of a weight [..., out, in] is [..., out] (per expert for fused_experts).
     return [w.new_zeros(w.shape[:-1]) if b is None else b for b, w in zip(biases, weights)]
 

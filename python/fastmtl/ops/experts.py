@@ -116,6 +116,7 @@ def _fused_experts_fake(x, weights, biases, activation):
 
 @torch.library.register_fake("fastmtl::fused_experts_backward")
 def _fused_experts_backward_fake(grad_out, x, weights, out, saved, activation, has_bias, need_input_grad):
+    check_devices("fused_experts_backward", "x", x, grad_out=grad_out, weights=weights, out=out, saved=saved)
     grad_x = x.new_empty(x.shape) if need_input_grad else x.new_empty((0,))
     grad_weights = [w.new_empty(w.shape) for w in weights]
     grad_biases = [x.new_empty(w.shape[:2]) for w in weights] if has_bias else []
@@ -136,6 +137,8 @@ def _gated_mixture_fake(x, gate_weight, gate_bias, experts, expert_index):
 
 @torch.library.register_fake("fastmtl::gated_mixture_backward")
 def _gated_mixture_backward_fake(grad_mixtures, x, gate_weight, experts, gates, expert_index, has_bias, need_x_grad):
+    check_devices("gated_mixture_backward", "x", x, grad_mixtures=grad_mixtures, gate_weight=gate_weight,
+                  experts=experts, gates=gates)
     grad_x = x.new_empty(x.shape) if need_x_grad else x.new_empty((0,))
     grad_bias = x.new_empty(gate_weight.shape[:2]) if has_bias else x.new_empty((0,))
     return grad_x, gate_weight.new_empty(gate_weight.shape), grad_bias, experts.new_empty(experts.shape)

@@ -73,6 +73,14 @@ def pack_targets(targets: Mapping[str, torch.Tensor], tasks: Tasks, dtype: torch
     layout = task_layout(tasks, "fastmtl.ops.pack_targets")
     if not isinstance(targets, Mapping):
         raise TypeError(f"fastmtl: argument 'targets' expected a dict of task name -> tensor, got {type(targets).__name__}")
+    names = [t.name for t in layout.tasks]
+    unknown = [key for key in targets.keys() if key not in names]
+    if unknown:
+        # A typo'd task name would otherwise be a task silently trained without its labels.
+        raise ValueError(
+            f"fastmtl.ops.pack_targets: argument 'targets' has keys {unknown} that name no task; "
+            f"expected keys among the tasks {names}"
+        )
     values = []
     for task in layout.tasks:
         if task.name not in targets:
@@ -83,8 +91,13 @@ def pack_targets(targets: Mapping[str, torch.Tensor], tasks: Tasks, dtype: torch
         value = targets[task.name]
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"fastmtl: argument 'targets[{task.name!r}]' expected a tensor, got {type(value).__name__}")
+        if value.requires_grad:
+            # The fused loss gives targets no gradient (they are labels): refuse rather than drop it.
+            raise ValueError(
+                f"fastmtl.ops.pack_targets: argument 'targets[{task.name!r}]' expected a tensor that does "
+                "not require grad (targets get no gradient: pass target.detach()), got one that requires grad"
+            )
         values.append(value)
-    names = [t.name for t in layout.tasks]
     return torch.ops.fastmtl.pack_targets.default(values, names, layout.loss_names, layout.num_outputs, dtype)
 
 
@@ -141,9 +154,12 @@ def multitask_head_loss_with_saved(
     layout = task_layout(tasks)
     if isinstance(targets, Mapping):
         targets = pack_targets(targets, layout, loss_dtype(z.dtype))
-    return torch.ops.fastmtl.multitask_head_loss.default(
-        z, weight, bias, targets, layout.loss_names, layout.num_outputs
-    )
+    elif isinstance(targets, torch.Tensor) and targets.requires_grad:
+        raise ValueError(
+            "fastmtl.ops.multitask_head_loss: argument 'targets' expected a tensor that does not require grad "
+            "(targets get no gradient: pass targets.detach()), got one that requires grad"
+        )
+    return torch.ops.fastmtl.multitask_head_loss.default(z, weight, bias, targets, layout.loss_names, layout.num_outputs)
 
 
 # ---- fake kernels (torch.compile tracing, meta tensors, opcheck)
@@ -151,6 +167,9 @@ def multitask_head_loss_with_saved(
 
 @torch.library.register_fake("fastmtl::pack_targets")
 def _pack_targets_fake(targets, names, losses, num_outputs, dtype):
+    if len(targets) == 0:
+        raise ValueError("fastmtl.pack_targets: argument 'targets' expected at least one tensor, got an empty list")
+    check_devices("pack_targets", "targets[0]", targets[0], targets=targets)
     width = sum(1 if loss in ("bce", "ce") else n for loss, n in zip(losses, num_outputs))
     return targets[0].new_empty((targets[0].shape[0], width), dtype=dtype)
 
@@ -171,6 +190,8 @@ def _multitask_head_loss_fake(z, weight, bias, targets, losses, num_outputs):
 
 @torch.library.register_fake("fastmtl::multitask_head_loss_backward")
 def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale, num_outputs, has_bias, need_z_grad):
+    check_devices("multitask_head_loss_backward", "z", z, grad_losses=grad_losses, weight=weight,
+                  logit_grad=logit_grad, scale=scale)
     grad_z = z.new_empty(z.shape) if need_z_grad else z.new_empty((0,))
     grad_bias = z.new_empty((weight.shape[0],)) if has_bias else z.new_empty((0,))
     return grad_z, weight.new_empty(weight.shape), grad_bias

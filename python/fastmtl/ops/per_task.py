@@ -62,11 +62,17 @@ def task_gram(
     """
     if mode not in GRAM_MODES:
         raise ValueError(f"fastmtl.task_gram: argument 'mode' expected one of {GRAM_MODES}, got {mode!r}")
+    # Checked for both modes: "rep" does not use it, but an invalid value is a mistake either way.
+    if gram_path not in GRAM_PATHS:
+        raise ValueError(f"fastmtl.task_gram: argument 'gram_path' expected one of {GRAM_PATHS}, got {gram_path!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fastmtl.task_gram: argument 'x' expected a tensor, got {type(x).__name__}")
     layout = task_layout(tasks, "fastmtl.ops.task_gram")
+    _check_head(x, weights, head_weight, head_bias, layout)
     if isinstance(targets, Mapping):
         targets = pack_targets(targets, layout, loss_dtype(x.dtype))
     weights = list(weights)
-    biases = bias_list(biases, weights)
+    biases = bias_list(biases, weights, "task_gram")
     task_weights = torch.tensor([t.weight for t in layout.tasks], dtype=x.dtype, device=x.device)
     with torch.no_grad():
         out, saved = fused_mlp_with_saved(x, weights, biases, activation)
@@ -76,6 +82,40 @@ def task_gram(
         gram, _jacobian, _paths = mtl_trunk_gram(x, weights, out, saved, activation, bool(biases), head_weight,
                                                  logit_grad, count_scale, task_weights, layout.num_outputs, gram_path)
         return gram
+
+
+def _check_head(x, weights, head_weight, head_bias, layout) -> None:
+    """task_gram's own check of the head arguments, so that errors name them as the caller passed
+    them (``head_weight`` / ``head_bias``), not as the inner op's ``weight`` / ``bias``."""
+    rows = sum(layout.num_outputs)
+    width = None
+    weights = list(weights) if isinstance(weights, (list, tuple)) else None
+    if weights and isinstance(weights[-1], torch.Tensor) and weights[-1].dim() == 2:
+        width = weights[-1].shape[0]
+    if not isinstance(head_weight, torch.Tensor):
+        raise TypeError(f"fastmtl.task_gram: argument 'head_weight' expected a tensor, got {type(head_weight).__name__}")
+    expected = (rows, width if width is not None else head_weight.shape[-1] if head_weight.dim() else 0)
+    if head_weight.dim() != 2 or tuple(head_weight.shape) != expected:
+        raise ValueError(
+            f"fastmtl.task_gram: argument 'head_weight' expected shape [{expected[0]}, {expected[1]}] "
+            f"([sum of num_outputs, trunk output width]), got {list(head_weight.shape)}"
+        )
+    if head_weight.dtype != x.dtype or head_weight.device != x.device:
+        raise ValueError(
+            f"fastmtl.task_gram: argument 'head_weight' expected dtype {x.dtype} on {x.device} (those of 'x'), "
+            f"got {head_weight.dtype} on {head_weight.device}"
+        )
+    if head_bias is None:
+        return
+    if not isinstance(head_bias, torch.Tensor):
+        raise TypeError(f"fastmtl.task_gram: argument 'head_bias' expected a tensor or None, got {type(head_bias).__name__}")
+    if tuple(head_bias.shape) != (rows,):
+        raise ValueError(f"fastmtl.task_gram: argument 'head_bias' expected shape [{rows}], got {list(head_bias.shape)}")
+    if head_bias.dtype != x.dtype or head_bias.device != x.device:
+        raise ValueError(
+            f"fastmtl.task_gram: argument 'head_bias' expected dtype {x.dtype} on {x.device} (those of 'x'), "
+            f"got {head_bias.dtype} on {head_bias.device}"
+        )
 
 
 def mtl_trunk_gram(

@@ -83,6 +83,7 @@ def _fused_mlp_fake(x, weights, biases, activation):
 
 @torch.library.register_fake("fastmtl::fused_mlp_backward")
 def _fused_mlp_backward_fake(grad_out, x, weights, out, saved, activation, has_bias, need_input_grad):
+    check_devices("fused_mlp_backward", "x", x, grad_out=grad_out, weights=weights, out=out, saved=saved)
     grad_x = x.new_empty(x.shape) if need_input_grad else x.new_empty((0,))
     grad_weights = [w.new_empty(w.shape) for w in weights]
     grad_biases = [x.new_empty((w.shape[0],)) for w in weights] if has_bias else []
