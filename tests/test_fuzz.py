@@ -286,8 +286,6 @@ import _raw_op_cases  # noqa: E402
 # Raw-op defects found by this suite that live in C++ (csrc/, owned elsewhere): expected to fail
 # until fixed there; strict, so the fix shows up as an XPASS to remove the mark.
 KNOWN_CPP_DEFECTS = {
-    "head_loss_backward_negative_num_outputs": "C++ checks only the sum of num_outputs: a negative entry "
-    "overflows the heap and aborts the process (issue 18)",
     "pack_targets_empty": "an empty target list has no tensor to dispatch on: the dispatcher's "
     "NotImplementedError leaks instead of a ValueError naming 'targets' (issue 18)",
 }

@@ -45,7 +45,14 @@ inline int64_t check_head_loss_backward_args(const at::Tensor& grad_losses, cons
   constexpr const char* op = "multitask_head_loss_backward";
   const int64_t num_tasks = static_cast<int64_t>(num_outputs.size());
   int64_t logit_cols = 0;
-  for (int64_t n : num_outputs) logit_cols += n;
+  TORCH_CHECK_VALUE(num_tasks >= 1, "fastmtl.", op, ": argument 'num_outputs' expected at least one task, got none");
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    // Each entry bounds a block of logit columns the kernels index: a non-positive one would make
+    // them read and write outside the logit matrix (only their sum is compared with the shapes).
+    TORCH_CHECK_VALUE(num_outputs[t] >= 1, "fastmtl.", op, ": argument 'num_outputs' expected every entry >= 1, got ",
+                      num_outputs[t], " at index ", t);
+    logit_cols += num_outputs[t];
+  }
   check_dim(grad_losses, 1, op, "grad_losses");
   check_loss_like(grad_losses, z, op, "grad_losses", "z");
   check_size(grad_losses, 0, num_tasks, op, "grad_losses", "one per task");
