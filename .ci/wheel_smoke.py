@@ -30,5 +30,7 @@ assert all(p.grad is not None for p in model.parameters())
 model.zero_grad()
 result = model.mtl_backward(x, targets, fastmtl.aggregation.UPGrad())
 assert result.gram.shape == (2, 2) and torch.isfinite(result.weights).all()
-print(f"wheel smoke test passed: fastmtl-torch {dist.version} from {location.parent}, requires {requires}",
-      file=sys.stderr)
+print(
+    f"wheel smoke test passed: fastmtl-torch {dist.version} from {location.parent}, requires {requires}",
+    file=sys.stderr,
+)

@@ -105,8 +105,11 @@ def method_variants(ours, theirs, takes_jacobian: bool, jacobians, grams, batch,
     return [
         Variant("fastmtl", "fastmtl", lambda: ours(grams[next_index()])),
         Variant("torchjd", "torchjd", lambda: theirs(inputs[next_index()])),
-        Variant("fastmtl_batch", "fastmtl x64", (lambda: ours(batch)) if batched else
-                (lambda: [ours(batch[i]) for i in range(BATCH)])),
+        Variant(
+            "fastmtl_batch",
+            "fastmtl x64",
+            (lambda: ours(batch)) if batched else (lambda: [ours(batch[i]) for i in range(BATCH)]),
+        ),
         Variant("torchjd_batch", "torchjd x64", lambda: [theirs(inputs[i % POOL]) for i in range(BATCH)]),
     ]
 
@@ -119,8 +122,9 @@ def measure(T: int, args) -> list:
         if entry is None or (args.methods and name not in args.methods):
             continue
         ours, theirs, takes_jacobian = entry
-        *variants, torchjd_batch = method_variants(ours, theirs, takes_jacobian, jacobians, grams, batch,
-                                                   batched=name not in UNBATCHED)
+        *variants, torchjd_batch = method_variants(
+            ours, theirs, takes_jacobian, jacobians, grams, batch, batched=name not in UNBATCHED
+        )
         for _ in range(args.warmup):
             for v in variants:
                 v.step()

@@ -29,14 +29,17 @@ from fastmtl import Task
 from fastmtl.aggregation import UPGrad
 from fastmtl.nn import FusedMLP, MultiTaskHeads, MultiTaskModel
 
-SIZES = {"small": dict(batch=64, in_features=32, widths=[64, 64], tasks=4),
-         "step": dict(batch=4096, in_features=256, widths=[1024, 1024, 1024], tasks=16)}
+SIZES = {
+    "small": dict(batch=64, in_features=32, widths=[64, 64], tasks=4),
+    "step": dict(batch=4096, in_features=256, widths=[1024, 1024, 1024], tasks=16),
+}
 
 
 def make_tasks(count):
     kinds = [Task("r{}", "regression"), Task("b{}", "binary"), Task("c{}", "multiclass", num_outputs=8)]
-    return [Task(kinds[i % 3].name.format(i), kinds[i % 3].kind, num_outputs=kinds[i % 3].num_outputs)
-            for i in range(count)]
+    return [
+        Task(kinds[i % 3].name.format(i), kinds[i % 3].kind, num_outputs=kinds[i % 3].num_outputs) for i in range(count)
+    ]
 
 
 def make_targets(tasks, batch, device, gen):
@@ -71,8 +74,8 @@ class PlainModel(nn.Module):
         for t in self.tasks:
             lin = nn.Linear(fused.heads.weight.shape[1], t.num_outputs).to(w.device, w.dtype)
             with torch.no_grad():
-                lin.weight.copy_(fused.heads.weight[row:row + t.num_outputs])
-                lin.bias.copy_(fused.heads.bias[row:row + t.num_outputs])
+                lin.weight.copy_(fused.heads.weight[row : row + t.num_outputs])
+                lin.bias.copy_(fused.heads.bias[row : row + t.num_outputs])
             self.heads[t.name] = lin
             row += t.num_outputs
 
@@ -102,14 +105,21 @@ def step_gemm_flops(size, tasks):
 def gemm_rate(size, tasks, device, dtype, repeats):
     """FLOP/s torch.mm reaches on the step's GEMM shapes (the floor no step implementation beats)."""
     dims = [size["in_features"], *size["widths"], sum(t.num_outputs for t in tasks)]
-    mats = [(torch.randn(size["batch"], a, device=device, dtype=dtype), torch.randn(a, b, device=device, dtype=dtype),
-             torch.randn(size["batch"], b, device=device, dtype=dtype)) for a, b in zip(dims[:-1], dims[1:])]
+    mats = [
+        (
+            torch.randn(size["batch"], a, device=device, dtype=dtype),
+            torch.randn(a, b, device=device, dtype=dtype),
+            torch.randn(size["batch"], b, device=device, dtype=dtype),
+        )
+        for a, b in zip(dims[:-1], dims[1:])
+    ]
 
     def run():
         for a, w, g in mats:  # the forward, dW and dx shapes of one layer
             torch.mm(a, w)
             torch.mm(a.t(), g)
             torch.mm(g, w.t())
+
     seconds = timed(run, device, repeats)
     flops = sum(3 * 2 * size["batch"] * a.shape[1] * w.shape[1] for a, w, _ in mats)
     return flops / seconds
@@ -143,6 +153,7 @@ def with_kernels(mode, fn):
                 os.environ.pop("FASTMTL_KERNELS")
             else:
                 os.environ["FASTMTL_KERNELS"] = old
+
     return run
 
 
@@ -185,7 +196,7 @@ def bench(size_name, device, dtype, repeats, compile_plain):
     results = {name: [] for name in variants}
     names = list(variants)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             results[name].append(timed(variants[name], device, 1))
     rate = gemm_rate(size, tasks, device, dtype, max(3, repeats // 2))
     flops = step_gemm_flops(size, tasks)
@@ -209,8 +220,11 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "fastmtl": fastmtl.build_info(), "rows": []}
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "fastmtl": fastmtl.build_info(),
+        "rows": [],
+    }
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         if device.type == "cpu" and dtype != torch.float32:

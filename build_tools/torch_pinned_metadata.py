@@ -16,7 +16,8 @@ error says so rather than letting pip install an unrelated torch.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["dynamic_metadata"]
 

@@ -12,7 +12,9 @@ KINDS = ("generic", "rank_deficient", "conflicting", "duplicated", "zero_task", 
 def jacobian(T: int, kind: str, seed: int, P: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     P = P or max(2 * T, 12)
-    J = torch.randn(T, P, generator=g, dtype=torch.float64) * torch.exp(torch.randn(T, 1, generator=g, dtype=torch.float64))
+    J = torch.randn(T, P, generator=g, dtype=torch.float64) * torch.exp(
+        torch.randn(T, 1, generator=g, dtype=torch.float64)
+    )
     if kind == "rank_deficient" and T > 1:
         r = max(1, T // 2)
         J = torch.randn(T, r, generator=g, dtype=torch.float64) @ torch.randn(r, P, generator=g, dtype=torch.float64)

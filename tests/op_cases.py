@@ -43,29 +43,62 @@ def op_cases(activations=("relu", "gelu", "tanh", "identity")):
             _, logit_grad, scale = fastmtl.multitask_head_loss(out, head_w, head_b, packed, losses, num_outputs)
             task_weights = torch.linspace(0.5, 2.0, len(tasks), dtype=torch.float64)
             for path in ("materialise", "ghost"):
-                cases.append((
-                    "mtl_trunk_gram",
-                    (x, ws, out, saved, act, bool(biases), head_w, logit_grad, scale, task_weights, num_outputs, path,
-                     path == "materialise"),
-                    f"{label}-{path}",
-                ))
-            cases.append((
-                "mtl_weighted_backward",
-                (x, ws, out, saved, act, bool(biases), head_w, True, logit_grad, scale, task_weights,
-                 task_weights.flip(0), num_outputs, True),
-                label,
-            ))
+                cases.append(
+                    (
+                        "mtl_trunk_gram",
+                        (
+                            x,
+                            ws,
+                            out,
+                            saved,
+                            act,
+                            bool(biases),
+                            head_w,
+                            logit_grad,
+                            scale,
+                            task_weights,
+                            num_outputs,
+                            path,
+                            path == "materialise",
+                        ),
+                        f"{label}-{path}",
+                    )
+                )
+            cases.append(
+                (
+                    "mtl_weighted_backward",
+                    (
+                        x,
+                        ws,
+                        out,
+                        saved,
+                        act,
+                        bool(biases),
+                        head_w,
+                        True,
+                        logit_grad,
+                        scale,
+                        task_weights,
+                        task_weights.flip(0),
+                        num_outputs,
+                        True,
+                    ),
+                    label,
+                )
+            )
     z = _randn(gen, BATCH, 4)
     for bias in (head_b, None):
         label = "bias" if bias is not None else "nobias"
         cases.append(("multitask_head_loss", (z, head_w, bias, packed, losses, num_outputs), label))
         _, logit_grad, scale = fastmtl.multitask_head_loss(z, head_w, bias, packed, losses, num_outputs)
         upstream = _randn(gen, len(tasks))
-        cases.append((
-            "multitask_head_loss_backward",
-            (upstream, z, head_w, logit_grad, scale, num_outputs, bias is not None, True),
-            label,
-        ))
+        cases.append(
+            (
+                "multitask_head_loss_backward",
+                (upstream, z, head_w, logit_grad, scale, num_outputs, bias is not None, True),
+                label,
+            )
+        )
         cases.append(("mtl_representation_gram", (head_w, logit_grad, scale, upstream.abs(), num_outputs), label))
     # Experts: a shared input (the strided first layer) and one input per expert.
     experts = 3
@@ -78,11 +111,13 @@ def op_cases(activations=("relu", "gelu", "tanh", "identity")):
                 label = f"{act}-{'shared' if shared else 'each'}-{'bias' if biases else 'nobias'}"
                 out, saved = fastmtl.fused_experts(ex_in, ews, biases, act)
                 cases.append(("fused_experts", (ex_in, ews, biases, act), label))
-                cases.append((
-                    "fused_experts_backward",
-                    (_randn(gen, *out.shape), ex_in, ews, out, saved, act, bool(biases), True),
-                    label,
-                ))
+                cases.append(
+                    (
+                        "fused_experts_backward",
+                        (_randn(gen, *out.shape), ex_in, ews, out, saved, act, bool(biases), True),
+                        label,
+                    )
+                )
     # Gates: every gate over all experts (empty index) and an explicit index with a repeated expert.
     expert_out = _randn(gen, experts, BATCH, 3)
     gate_tasks = 2
@@ -91,15 +126,22 @@ def op_cases(activations=("relu", "gelu", "tanh", "identity")):
             gx = _randn(gen, gate_tasks, BATCH, 5) if per_task else x
             gw = _randn(gen, gate_tasks, k, 5, scale=0.5)
             for gb in (_randn(gen, gate_tasks, k, scale=0.3), None):
-                label = "-".join(["index" if idx else "all", "pertask" if per_task else "shared",
-                                  "bias" if gb is not None else "nobias"])
+                label = "-".join(
+                    [
+                        "index" if idx else "all",
+                        "pertask" if per_task else "shared",
+                        "bias" if gb is not None else "nobias",
+                    ]
+                )
                 cases.append(("gated_mixture", (gx, gw, gb, expert_out, idx), label))
                 mixtures, gates = fastmtl.gated_mixture(gx, gw, gb, expert_out, idx)
-                cases.append((
-                    "gated_mixture_backward",
-                    (_randn(gen, *mixtures.shape), gx, gw, expert_out, gates, idx, gb is not None, True),
-                    label,
-                ))
+                cases.append(
+                    (
+                        "gated_mixture_backward",
+                        (_randn(gen, *mixtures.shape), gx, gw, expert_out, gates, idx, gb is not None, True),
+                        label,
+                    )
+                )
     return cases
 
 
@@ -125,4 +167,3 @@ def flatten(result):
 def case_id(case):
     name, _, label = case
     return f"{name}-{label}"
-

@@ -3,9 +3,10 @@
 gradient, nearly singular). Needs neither torchjd nor quadprog: the comparisons with them are in
 test_aggregation_torchjd.py."""
 
-import fastmtl.aggregation as agg
 import pytest
 import torch
+
+import fastmtl.aggregation as agg
 from aggregation_cases import KINDS, cases, gram, jacobian
 from aggregation_cases import cond_tolerance as _cond_tolerance
 from aggregation_cases import rel_update_error as _rel_update_error
@@ -19,7 +20,7 @@ assert len(CASES) >= 200
 
 
 def test_upgrad_update_conflicts_with_no_task():
-    for T, kind, seed, J, G in CASES:
+    for T, kind, seed, _J, G in CASES:
         w = agg.UPGrad()(G)
         # Exact for the regularised problem: <g_t, update> >= -reg_eps tr(G) w_t.
         assert bool(torch.all(G @ w >= -1e-4 * G.trace() * w.abs() - 1e-12 * G.trace())), (T, kind, seed)
@@ -36,8 +37,19 @@ def test_pcgrad_without_conflicts_is_the_sum_or_the_mean():
         assert_rel_close(agg.PCGrad(seed=0, reduction="mean")(G), agg.Mean()(G), 1e-15)
 
 
-SCALE_INVARIANT = [agg.Mean, agg.Sum, agg.MGDA, agg.UPGrad, agg.DualProj, lambda: agg.PCGrad(seed=0), agg.CAGrad,
-                   agg.IMTLG, agg.AlignedMTL, agg.ConFIG, lambda: agg.GradVac(eps=0.0, seed=0)]  # eps: absolute
+SCALE_INVARIANT = [
+    agg.Mean,
+    agg.Sum,
+    agg.MGDA,
+    agg.UPGrad,
+    agg.DualProj,
+    lambda: agg.PCGrad(seed=0),
+    agg.CAGrad,
+    agg.IMTLG,
+    agg.AlignedMTL,
+    agg.ConFIG,
+    lambda: agg.GradVac(eps=0.0, seed=0),
+]  # eps: absolute
 
 
 @pytest.mark.parametrize("make", SCALE_INVARIANT)
@@ -45,7 +57,7 @@ SCALE_INVARIANT = [agg.Mean, agg.Sum, agg.MGDA, agg.UPGrad, agg.DualProj, lambda
 def test_scale_invariant_methods(make, scale):
     # Down to where the trace falls below norm_eps (torchjd's "all gradients are zero"). Compared on the
     # update: where gradients are dependent, MGDA's weights are not unique but its point is.
-    for T, kind, seed, J, G in CASES[::5]:
+    for T, kind, _seed, J, G in CASES[::5]:
         J = J / G.trace().clamp_min(1e-300).sqrt()
         G = gram(J)
         tol = _cond_tolerance(G, 1e-9) if kind == "nearly_singular" else 1e-9
@@ -59,9 +71,23 @@ def test_nash_and_fairgrad_scale_as_the_inverse_root():
     assert_rel_close(agg.FairGrad(1.0)(100 * G), agg.FairGrad(1.0)(G) / 10, 1e-10)
 
 
-ALL = [agg.Mean, agg.Sum, lambda: agg.Constant(torch.ones(1)), lambda: agg.Random(seed=0), agg.MGDA, agg.UPGrad,
-       agg.DualProj, lambda: agg.PCGrad(seed=0), lambda: agg.GradVac(seed=0), agg.CAGrad, agg.IMTLG, agg.AlignedMTL,
-       agg.NashMTL, agg.ConFIG, agg.FairGrad]
+ALL = [
+    agg.Mean,
+    agg.Sum,
+    lambda: agg.Constant(torch.ones(1)),
+    lambda: agg.Random(seed=0),
+    agg.MGDA,
+    agg.UPGrad,
+    agg.DualProj,
+    lambda: agg.PCGrad(seed=0),
+    lambda: agg.GradVac(seed=0),
+    agg.CAGrad,
+    agg.IMTLG,
+    agg.AlignedMTL,
+    agg.NashMTL,
+    agg.ConFIG,
+    agg.FairGrad,
+]
 
 
 @pytest.mark.parametrize("make", ALL)
@@ -71,8 +97,14 @@ def test_degenerate_gramians_give_finite_weights(make):
         if T > 1 and make is ALL[2]:
             continue
         J = torch.randn(T, 5, generator=g, dtype=torch.float64)
-        for G in (torch.zeros(T, T, dtype=torch.float64), gram(J), gram(J.repeat(2, 1)[:T]), 1e-150 * gram(J),
-                  1e150 * gram(J), gram(J).float()):
+        for G in (
+            torch.zeros(T, T, dtype=torch.float64),
+            gram(J),
+            gram(J.repeat(2, 1)[:T]),
+            1e-150 * gram(J),
+            1e150 * gram(J),
+            gram(J).float(),
+        ):
             w = make()(G)
             assert w.shape == (T,) and w.dtype == G.dtype and bool(torch.isfinite(w).all()), (T, G.dtype)
 
@@ -99,11 +131,15 @@ def test_bad_gram_raises_value_error_naming_it(make):
 
 
 def test_bad_hyperparameters_raise_naming_them():
-    for make, words in [(lambda: agg.UPGrad(pref_vector=torch.ones(2, 2)), "pref_vector"),
-                        (lambda: agg.CAGrad(c=-1), "'c'"), (lambda: agg.GradVac(beta=2), "beta"),
-                        (lambda: agg.NashMTL(update_weights_every=0), "update_weights_every"),
-                        (lambda: agg.AlignedMTL(scale_mode="max"), "scale_mode"),
-                        (lambda: agg.PCGrad(reduction="max"), "reduction"), (lambda: agg.FairGrad(-1), "alpha")]:
+    for make, words in [
+        (lambda: agg.UPGrad(pref_vector=torch.ones(2, 2)), "pref_vector"),
+        (lambda: agg.CAGrad(c=-1), "'c'"),
+        (lambda: agg.GradVac(beta=2), "beta"),
+        (lambda: agg.NashMTL(update_weights_every=0), "update_weights_every"),
+        (lambda: agg.AlignedMTL(scale_mode="max"), "scale_mode"),
+        (lambda: agg.PCGrad(reduction="max"), "reduction"),
+        (lambda: agg.FairGrad(-1), "alpha"),
+    ]:
         with pytest.raises(ValueError, match=words):
             make()
     with pytest.raises(ValueError, match="pref_vector"):
@@ -115,9 +151,24 @@ def test_bad_hyperparameters_raise_naming_them():
 # ---- batches and state
 
 
-@pytest.mark.parametrize("make", [agg.MGDA, agg.UPGrad, agg.DualProj, agg.CAGrad, agg.IMTLG, agg.AlignedMTL, agg.ConFIG,
-                                  agg.FairGrad, lambda: agg.NashMTL(max_norm=0.5), lambda: agg.PCGrad(seed=3),
-                                  lambda: agg.Random(seed=3), lambda: agg.GradVac(), agg.Mean])
+@pytest.mark.parametrize(
+    "make",
+    [
+        agg.MGDA,
+        agg.UPGrad,
+        agg.DualProj,
+        agg.CAGrad,
+        agg.IMTLG,
+        agg.AlignedMTL,
+        agg.ConFIG,
+        agg.FairGrad,
+        lambda: agg.NashMTL(max_norm=0.5),
+        lambda: agg.PCGrad(seed=3),
+        lambda: agg.Random(seed=3),
+        lambda: agg.GradVac(),
+        agg.Mean,
+    ],
+)
 def test_batch_equals_one_matrix_at_a_time(make):
     grams = torch.stack([gram(jacobian(6, KINDS[n % 3], n)) for n in range(5)])
     batched_method, single_method = make(), make()
@@ -136,8 +187,12 @@ def test_batch_equals_one_matrix_at_a_time(make):
 
 def test_stateful_methods_round_trip_through_state_dict():
     Gs = [gram(jacobian(4, "conflicting", s)) for s in range(4)]
-    for make in (lambda: agg.GradVac(seed=1), lambda: agg.NashMTL(update_weights_every=3), lambda: agg.PCGrad(seed=1),
-                 lambda: agg.Random(seed=1)):
+    for make in (
+        lambda: agg.GradVac(seed=1),
+        lambda: agg.NashMTL(update_weights_every=3),
+        lambda: agg.PCGrad(seed=1),
+        lambda: agg.Random(seed=1),
+    ):
         original = make()
         original(Gs[0])
         original(Gs[1])

@@ -4,9 +4,10 @@ is given less than it needs, and the state of the new stateful methods."""
 
 import io
 
-import fastmtl.aggregation as agg
 import pytest
 import torch
+
+import fastmtl.aggregation as agg
 from aggregation_cases import call, gram, jacobian
 from conftest import assert_rel_close
 
@@ -30,15 +31,22 @@ def test_gram_methods_given_the_jacobian_form_its_gram():
         assert_rel_close(method(gram=gram(J)), method(gram(J)), 0.0, type(method).__name__)
 
 
-@pytest.mark.parametrize("method, given, words", [
-    (agg.GradDrop(), dict(gram=gram(J)), "GradDrop: needs the per-task gradients .*requires='jacobian'.*got 'gram'"),
-    (agg.TrimmedMean(1), dict(cross_gram=J @ J2.T), "TrimmedMean: needs the per-task gradients"),
-    (agg.ExcessMTL(), {}, "ExcessMTL: needs .*got nothing"),
-    (agg.MoDo(), dict(gram=gram(J)), "MoDo: needs the cross-Gram of two independent batches.*got 'gram'"),
-    (agg.SDMGrad(), dict(jacobian=J), "SDMGrad: needs the cross-Gram"),
-    (agg.UPGrad(), dict(cross_gram=J @ J2.T), "UPGrad: needs the Gram matrix .*got 'cross_gram'"),
-    (agg.CRMOGM(agg.MoDo()), dict(gram=gram(J)), "MoDo: needs the cross-Gram"),
-])
+@pytest.mark.parametrize(
+    "method, given, words",
+    [
+        (
+            agg.GradDrop(),
+            dict(gram=gram(J)),
+            "GradDrop: needs the per-task gradients .*requires='jacobian'.*got 'gram'",
+        ),
+        (agg.TrimmedMean(1), dict(cross_gram=J @ J2.T), "TrimmedMean: needs the per-task gradients"),
+        (agg.ExcessMTL(), {}, "ExcessMTL: needs .*got nothing"),
+        (agg.MoDo(), dict(gram=gram(J)), "MoDo: needs the cross-Gram of two independent batches.*got 'gram'"),
+        (agg.SDMGrad(), dict(jacobian=J), "SDMGrad: needs the cross-Gram"),
+        (agg.UPGrad(), dict(cross_gram=J @ J2.T), "UPGrad: needs the Gram matrix .*got 'cross_gram'"),
+        (agg.CRMOGM(agg.MoDo()), dict(gram=gram(J)), "MoDo: needs the cross-Gram"),
+    ],
+)
 def test_a_method_given_less_than_it_needs_says_what_it_needs(method, given, words):
     with pytest.raises(ValueError, match=words):
         method(**given)
@@ -46,8 +54,14 @@ def test_a_method_given_less_than_it_needs_says_what_it_needs(method, given, wor
 
 def test_a_positional_argument_is_a_gram_matrix_for_every_method():
     # What the engines pass: a Jacobian or cross-Gram method must not read a [T, T] Gram as its input.
-    for method in (agg.GradDrop(), agg.TrimmedMean(1), agg.ExcessMTL(), agg.MoDo(), agg.SDMGrad(),
-                   agg.CRMOGM(agg.SDMGrad())):
+    for method in (
+        agg.GradDrop(),
+        agg.TrimmedMean(1),
+        agg.ExcessMTL(),
+        agg.MoDo(),
+        agg.SDMGrad(),
+        agg.CRMOGM(agg.SDMGrad()),
+    ):
         with pytest.raises(ValueError, match="needs .*got 'gram'"):
             method(gram(J))
     assert torch.equal(agg.UPGrad()(gram(J)), agg.UPGrad()(gram=gram(J)))
@@ -67,20 +81,33 @@ def test_jacobian_and_cross_gram_inputs_are_checked():
 
 
 def test_inputs_are_not_modified():
-    for method, x in ((agg.GradDrop(seed=0), J), (agg.ExcessMTL(), J), (agg.MoDo(), J @ J2.T), (agg.SDMGrad(), J @ J2.T),
-                      (agg.PCD(), gram(J)), (agg.Krum(1), gram(J)), (agg.TrimmedMean(1), J),
-                      (agg.CRMOGM(agg.UPGrad()), gram(J))):
+    for method, x in (
+        (agg.GradDrop(seed=0), J),
+        (agg.ExcessMTL(), J),
+        (agg.MoDo(), J @ J2.T),
+        (agg.SDMGrad(), J @ J2.T),
+        (agg.PCD(), gram(J)),
+        (agg.Krum(1), gram(J)),
+        (agg.TrimmedMean(1), J),
+        (agg.CRMOGM(agg.UPGrad()), gram(J)),
+    ):
         copy = x.clone()
         call(method, x)
         call(method, x)
         assert torch.equal(x, copy), type(method).__name__
 
 
-@pytest.mark.parametrize("make, needs", [
-    (lambda: agg.ExcessMTL(n_warmup_steps=1), J), (lambda: agg.MoDo(), J @ J2.T), (lambda: agg.SDMGrad(), J @ J2.T),
-    (lambda: agg.PCD(beta=0.5), gram(J)), (lambda: agg.CRMOGM(agg.UPGrad(), alpha=0.5), gram(J)),
-    (lambda: agg.GradDrop(seed=3), J),
-])
+@pytest.mark.parametrize(
+    "make, needs",
+    [
+        (lambda: agg.ExcessMTL(n_warmup_steps=1), J),
+        (lambda: agg.MoDo(), J @ J2.T),
+        (lambda: agg.SDMGrad(), J @ J2.T),
+        (lambda: agg.PCD(beta=0.5), gram(J)),
+        (lambda: agg.CRMOGM(agg.UPGrad(), alpha=0.5), gram(J)),
+        (lambda: agg.GradDrop(seed=3), J),
+    ],
+)
 def test_stateful_methods_round_trip_through_state_dict_and_reset(make, needs):
     inputs = [needs * (1 + 0.3 * k) for k in range(5)]
     original = make()

@@ -4,9 +4,10 @@
 Methods both libraries have declare what torchjd's tests check of them; a method declaring a property
 it lacks fails here."""
 
-import fastmtl.aggregation as agg
 import pytest
 import torch
+
+import fastmtl.aggregation as agg
 from aggregation_cases import call, cases, gram
 
 _REQUIRED = {
@@ -15,8 +16,13 @@ _REQUIRED = {
     "TrimmedMean": lambda T: dict(trim_number=1 if T >= 3 else 0),
     "CRMOGM": lambda T: dict(aggregator=agg.UPGrad()),
 }
-METHODS = [name for name in agg.__all__ if isinstance(getattr(agg, name), type)
-           and issubclass(getattr(agg, name), agg.Aggregator) and name not in agg.INTERFACES]
+METHODS = [
+    name
+    for name in agg.__all__
+    if isinstance(getattr(agg, name), type)
+    and issubclass(getattr(agg, name), agg.Aggregator)
+    and name not in agg.INTERFACES
+]
 PROPERTIES = ("non_conflicting", "permutation_invariant", "linear_under_scaling")
 TS = (1, 2, 3, 5, 8)
 CASES = [c for c in cases(TS, per_T=12, seed0=500)]
@@ -56,12 +62,14 @@ def test_every_method_is_enumerated_and_declares_known_properties():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_expected_structure(name):
-    for T, kind, seed, J, G in CASES:
+    for T, kind, _seed, J, _G in CASES:
         if not _fits(name, T):
             continue
         for dtype in (torch.float64, torch.float32):
             method = _make(name, T)
-            out = call(method, {"gram": gram, "jacobian": lambda J: J, "cross_gram": gram}[method.requires](J.to(dtype)))
+            out = call(
+                method, {"gram": gram, "jacobian": lambda J: J, "cross_gram": gram}[method.requires](J.to(dtype))
+            )
             expected = (J.shape[1],) if method.requires == "jacobian" else (T,)
             assert out.shape == expected and out.dtype == dtype, (name, T, kind)
             assert bool(torch.isfinite(out).all()), (name, T, kind, dtype)
@@ -84,7 +92,7 @@ def test_non_conflicting(name):
 
 @pytest.mark.parametrize("name", _with("permutation_invariant"))
 def test_permutation_invariant(name):
-    for T, kind, seed, J, G in CASES:
+    for T, kind, seed, J, _G in CASES:
         if not _fits(name, T) or kind in ("duplicated", "nearly_singular"):
             continue  # ties (Krum) and non-unique weights: the update may legitimately pick another
         permutation = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
@@ -95,9 +103,12 @@ def test_permutation_invariant(name):
 
 @pytest.mark.parametrize("name", _with("linear_under_scaling"))
 def test_linear_under_scaling(name):
-    for T, kind, seed, J, G in CASES:
+    for T, kind, seed, J, _G in CASES:
         g = torch.Generator().manual_seed(seed)
-        c1, c2 = torch.rand(T, generator=g, dtype=torch.float64) + 0.1, torch.rand(T, generator=g, dtype=torch.float64) + 0.1
+        c1, c2 = (
+            torch.rand(T, generator=g, dtype=torch.float64) + 0.1,
+            torch.rand(T, generator=g, dtype=torch.float64) + 0.1,
+        )
         alpha, beta = 0.3, 1.7
         prop = "linear_under_scaling"
         combined = _update(name, (alpha * c1 + beta * c2)[:, None] * J, prop)[0]

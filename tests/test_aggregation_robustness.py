@@ -6,10 +6,11 @@ tensors and bad hyperparameters."""
 import math
 import warnings
 
-import fastmtl
-import fastmtl.aggregation as agg
 import pytest
 import torch
+
+import fastmtl
+import fastmtl.aggregation as agg
 from aggregation_cases import call, cases, gram, jacobian
 from conftest import assert_rel_close
 
@@ -21,8 +22,13 @@ _REQUIRED = {
     "TrimmedMean": lambda T: dict(trim_number=0),
     "CRMOGM": lambda T: dict(aggregator=agg.UPGrad()),
 }
-METHOD_NAMES = [name for name in agg.__all__ if isinstance(getattr(agg, name), type)
-                and issubclass(getattr(agg, name), agg.Aggregator) and name not in agg.INTERFACES]
+METHOD_NAMES = [
+    name
+    for name in agg.__all__
+    if isinstance(getattr(agg, name), type)
+    and issubclass(getattr(agg, name), agg.Aggregator)
+    and name not in agg.INTERFACES
+]
 GRAM_METHODS = [name for name in METHOD_NAMES if getattr(agg, name).requires == "gram"]
 
 
@@ -94,8 +100,12 @@ def test_power_system_op_matches_the_reference_on_float32_stationary_grams():
     for _ in range(5):
         J = torch.randn(6, 3, generator=g)
         G = (J @ J.T)[None]
-        assert_rel_close(fastmtl.ops.power_system_weights(G, 1.0), fastmtl.reference.power_system_weights(G, 1.0),
-                         1e-4, "float32 stationary")
+        assert_rel_close(
+            fastmtl.ops.power_system_weights(G, 1.0),
+            fastmtl.reference.power_system_weights(G, 1.0),
+            1e-4,
+            "float32 stationary",
+        )
 
 
 # ---- ConFIG in float32: the documented bound
@@ -168,15 +178,21 @@ def test_small_gradients_keep_upgrad_non_conflicting_and_cagrad_nonzero():
 @pytest.mark.parametrize("name", SCALE_FREE)
 def test_scale_invariance_at_every_representable_scale(name):
     # Down to 1e-290: below, the entries of a normalised Gram matrix become subnormal and lose digits.
-    for T, kind, seed, J, G in cases((2, 3, 8), per_T=12):
+    for T, kind, _seed, _J, G in cases((2, 3, 8), per_T=12):
         G = G / G.diagonal().max()
         reference = make(name, T)(G)
         for scale in (1e-290, 1e-200, 1e-100, 1e-20, 1e20, 1e100, 1e200, 1e300):
             w = make(name, T)(G * scale)
             assert bool(torch.isfinite(w).all()), (name, T, kind, scale)
             tolerance = 1e-6 if kind != "nearly_singular" else 1e-3
-            assert float((w - reference).abs().max()) <= tolerance * max(1.0, float(reference.abs().max())), \
-                (name, T, kind, scale, w, reference)
+            assert float((w - reference).abs().max()) <= tolerance * max(1.0, float(reference.abs().max())), (
+                name,
+                T,
+                kind,
+                scale,
+                w,
+                reference,
+            )
             if name == "MGDA":
                 assert float(w.min()) >= 0 and abs(float(w.sum()) - 1) <= 1e-12, (T, kind, scale)
             if name == "UPGrad":
@@ -193,7 +209,7 @@ def test_zero_regularisation_on_a_rank_deficient_gram_gives_no_conflict(method):
     G = gram(J)
     w = method(reg_eps=0.0)(G)
     assert bool((G @ w >= -1e-10 * float(G.trace())).all()), G @ w  # before: [1/3, -1/3, -1/3]
-    for T, kind, seed, J, G in cases((3, 8), per_T=12):
+    for T, kind, seed, _J, G in cases((3, 8), per_T=12):
         if kind in ("rank_deficient", "duplicated", "zero_task"):
             w = method(reg_eps=0.0)(G)
             assert bool((G @ w >= -1e-9 * float(G.trace())).all()), (T, kind, seed)
@@ -221,14 +237,25 @@ def test_meta_tensors_are_refused_naming_the_argument(name):
         call(method, value)
 
 
-@pytest.mark.parametrize("op, args", [
-    ("config_weights", lambda G: (G, torch.ones(1, 3, device="meta", dtype=torch.float64))),
-    ("aligned_mtl_weights", lambda G: (G.to("meta"), torch.ones(1, 3, dtype=torch.float64), "min")),
-    ("pcgrad_weights", lambda G: (G, torch.arange(3).repeat(1, 3, 1).to("meta"))),
-    ("dual_cone_projection", lambda G: (G.to("meta"), torch.eye(3, dtype=torch.float64)[None], 1e-4, 1e-4)),
-    ("gradvac_weights", lambda G: (G, torch.tensor([[[1, 2], [0, 2], [0, 1]]]), torch.zeros(1, 3, 3, device="meta",
-                                   dtype=torch.float64), 0.5, 1e-8)),
-])
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        ("config_weights", lambda G: (G, torch.ones(1, 3, device="meta", dtype=torch.float64))),
+        ("aligned_mtl_weights", lambda G: (G.to("meta"), torch.ones(1, 3, dtype=torch.float64), "min")),
+        ("pcgrad_weights", lambda G: (G, torch.arange(3).repeat(1, 3, 1).to("meta"))),
+        ("dual_cone_projection", lambda G: (G.to("meta"), torch.eye(3, dtype=torch.float64)[None], 1e-4, 1e-4)),
+        (
+            "gradvac_weights",
+            lambda G: (
+                G,
+                torch.tensor([[[1, 2], [0, 2], [0, 1]]]),
+                torch.zeros(1, 3, 3, device="meta", dtype=torch.float64),
+                0.5,
+                1e-8,
+            ),
+        ),
+    ],
+)
 def test_cpu_and_meta_mixed_in_an_op_are_refused(op, args):
     G = gram(jacobian(3, "generic", 0))[None]
     with pytest.raises(ValueError, match=f"fastmtl.{op}: .*meta"):
@@ -238,25 +265,28 @@ def test_cpu_and_meta_mixed_in_an_op_are_refused(op, args):
     assert (out[0] if isinstance(out, tuple) else out).device.type == "meta"
 
 
-@pytest.mark.parametrize("make_bad, error, words", [
-    (lambda: agg.CAGrad(c=float("inf")), ValueError, "CAGrad: argument 'c' expected a finite value"),
-    (lambda: agg.CAGrad(c="0.4"), TypeError, "CAGrad: argument 'c' expected a real number, got str"),
-    (lambda: agg.CAGrad(c=True), TypeError, "CAGrad: argument 'c'"),
-    (lambda: agg.UPGrad(reg_eps=float("nan")), ValueError, "UPGrad: argument 'reg_eps'"),
-    (lambda: agg.NashMTL(max_norm=float("inf")), ValueError, "NashMTL: argument 'max_norm'"),
-    (lambda: agg.Constant("abc"), TypeError, "Constant: argument 'weights' expected"),
-    (lambda: agg.Random(seed="x"), TypeError, "Random: argument 'seed' expected an int or None, got str"),
-    (lambda: agg.PCGrad(seed=1.5), TypeError, "PCGrad: argument 'seed'"),
-    (lambda: agg.Krum(n_byzantine=-1), ValueError, "Krum: argument 'n_byzantine'"),
-    (lambda: agg.TrimmedMean(trim_number="2"), TypeError, "TrimmedMean: argument 'trim_number'"),
-    (lambda: agg.CRMOGM(agg.GradDrop()), ValueError, "CRMOGM: argument 'aggregator'"),
-    (lambda: agg.CRMOGM(agg.MGDA(), alpha=1.5), ValueError, "CRMOGM: argument 'alpha'"),
-    (lambda: agg.MoDo(gamma=0), ValueError, "MoDo: argument 'gamma'"),
-    (lambda: agg.SDMGrad(momentum=1.0), ValueError, "SDMGrad: argument 'momentum'"),
-    (lambda: agg.PCD(tau=2.0), ValueError, "PCD: argument 'tau'"),
-    (lambda: agg.GradDrop(f=3), TypeError, "GradDrop: argument 'f'"),
-    (lambda: agg.ExcessMTL(robust_step_size=0), ValueError, "ExcessMTL: argument 'robust_step_size'"),
-])
+@pytest.mark.parametrize(
+    "make_bad, error, words",
+    [
+        (lambda: agg.CAGrad(c=float("inf")), ValueError, "CAGrad: argument 'c' expected a finite value"),
+        (lambda: agg.CAGrad(c="0.4"), TypeError, "CAGrad: argument 'c' expected a real number, got str"),
+        (lambda: agg.CAGrad(c=True), TypeError, "CAGrad: argument 'c'"),
+        (lambda: agg.UPGrad(reg_eps=float("nan")), ValueError, "UPGrad: argument 'reg_eps'"),
+        (lambda: agg.NashMTL(max_norm=float("inf")), ValueError, "NashMTL: argument 'max_norm'"),
+        (lambda: agg.Constant("abc"), TypeError, "Constant: argument 'weights' expected"),
+        (lambda: agg.Random(seed="x"), TypeError, "Random: argument 'seed' expected an int or None, got str"),
+        (lambda: agg.PCGrad(seed=1.5), TypeError, "PCGrad: argument 'seed'"),
+        (lambda: agg.Krum(n_byzantine=-1), ValueError, "Krum: argument 'n_byzantine'"),
+        (lambda: agg.TrimmedMean(trim_number="2"), TypeError, "TrimmedMean: argument 'trim_number'"),
+        (lambda: agg.CRMOGM(agg.GradDrop()), ValueError, "CRMOGM: argument 'aggregator'"),
+        (lambda: agg.CRMOGM(agg.MGDA(), alpha=1.5), ValueError, "CRMOGM: argument 'alpha'"),
+        (lambda: agg.MoDo(gamma=0), ValueError, "MoDo: argument 'gamma'"),
+        (lambda: agg.SDMGrad(momentum=1.0), ValueError, "SDMGrad: argument 'momentum'"),
+        (lambda: agg.PCD(tau=2.0), ValueError, "PCD: argument 'tau'"),
+        (lambda: agg.GradDrop(f=3), TypeError, "GradDrop: argument 'f'"),
+        (lambda: agg.ExcessMTL(robust_step_size=0), ValueError, "ExcessMTL: argument 'robust_step_size'"),
+    ],
+)
 def test_bad_hyperparameters_raise_naming_the_class_and_argument(make_bad, error, words):
     with pytest.raises(error, match=words):
         make_bad()

@@ -6,10 +6,11 @@ batching and bad input are tested without them in test_aggregation.py."""
 
 import warnings
 
-import fastmtl.aggregation as agg
 import numpy as np
 import pytest
 import torch
+
+import fastmtl.aggregation as agg
 from aggregation_cases import call, cases, gram, jacobian
 from aggregation_cases import cond_tolerance as _cond_tolerance
 from aggregation_cases import rel_update_error as _rel_update_error
@@ -23,13 +24,16 @@ TS = (1, 2, 3, 8, 40)
 CASES = cases(TS, per_T=40)  # 200 Gramians
 assert len(CASES) >= 200
 
+
 @pytest.mark.parametrize(
     "ours, theirs",
     [
         (lambda: agg.UPGrad(), lambda: tjd.UPGradWeighting()),
         (lambda: agg.DualProj(), lambda: tjd.DualProjWeighting()),
-        (lambda: agg.UPGrad(pref_vector=None, reg_eps=1e-3), lambda: tjd.UPGradWeighting(
-            projector=__import__("torchjd")._linalg.QuadprogProjector(reg_eps=1e-3))),
+        (
+            lambda: agg.UPGrad(pref_vector=None, reg_eps=1e-3),
+            lambda: tjd.UPGradWeighting(projector=__import__("torchjd")._linalg.QuadprogProjector(reg_eps=1e-3)),
+        ),
         (lambda: agg.IMTLG(), lambda: tjd.IMTLGWeighting()),
         (lambda: agg.AlignedMTL(), lambda: tjd.AlignedMTLWeighting()),
         (lambda: agg.AlignedMTL(scale_mode="median"), lambda: tjd.AlignedMTLWeighting(scale_mode="median")),
@@ -37,11 +41,20 @@ assert len(CASES) >= 200
         (lambda: agg.Mean(), lambda: tjd.MeanWeighting()),
         (lambda: agg.Sum(), lambda: tjd.SumWeighting()),
     ],
-    ids=["UPGrad", "DualProj", "UPGrad-reg1e-3", "IMTLG", "AlignedMTL-min", "AlignedMTL-median", "AlignedMTL-rmse",
-         "Mean", "Sum"],
+    ids=[
+        "UPGrad",
+        "DualProj",
+        "UPGrad-reg1e-3",
+        "IMTLG",
+        "AlignedMTL-min",
+        "AlignedMTL-median",
+        "AlignedMTL-rmse",
+        "Mean",
+        "Sum",
+    ],
 )
 def test_gramian_weightings_match_torchjd(ours, theirs):
-    for T, kind, seed, J, G in CASES:
+    for T, kind, seed, _J, G in CASES:
         got, want = ours()(G), theirs()(G)
         tol = _cond_tolerance(G) if kind == "nearly_singular" else 1e-6
         assert_rel_close(got, want, tol, f"T={T} {kind} seed={seed}")
@@ -65,7 +78,7 @@ def test_gradvac_matches_torchjd_over_a_run_of_calls():
     for T in TS:
         ours, theirs = agg.GradVac(beta=0.3), tjd.GradVacWeighting(beta=0.3)
         run = [c for c in CASES if c[0] == T]
-        for step, (_, kind, seed, J, G) in enumerate(run):
+        for step, (_, kind, seed, _J, G) in enumerate(run):
             torch.manual_seed(seed)
             want = theirs(G)
             torch.manual_seed(seed)
@@ -85,7 +98,7 @@ def test_config_matches_torchjd_aggregation_of_the_jacobian():
 
 
 def test_constant_matches_torchjd():
-    for T, kind, seed, J, G in CASES[::7]:
+    for T, _kind, _seed, J, G in CASES[::7]:
         w = torch.linspace(0.5, 2.0, T, dtype=torch.float64)
         assert_rel_close(agg.Constant(w)(G) @ J, tjd.Constant(w)(J), 1e-12)
 
@@ -207,19 +220,25 @@ def _cross_gram(J, seed):
 
 def test_krum_matches_torchjd():
     compared = 0
-    for T, kind, seed, J, G in CASES:
+    for T, kind, seed, _J, G in CASES:
         for n_byzantine in range(max(T - 2, 0)):
             for n_selected in sorted({1, min(2, T)}):
-                assert_rel_close(agg.Krum(n_byzantine, n_selected)(G), tjd.KrumWeighting(n_byzantine, n_selected)(G),
-                                 1e-12, f"T={T} {kind} seed={seed}")
+                assert_rel_close(
+                    agg.Krum(n_byzantine, n_selected)(G),
+                    tjd.KrumWeighting(n_byzantine, n_selected)(G),
+                    1e-12,
+                    f"T={T} {kind} seed={seed}",
+                )
                 compared += 1
     assert compared >= 200
 
 
 def test_trimmed_mean_and_graddrop_match_torchjd():
-    for T, kind, seed, J, G in CASES:
+    for T, kind, seed, J, _G in CASES:
         for trim in range(0, (T - 1) // 2 + 1):
-            assert_rel_close(agg.TrimmedMean(trim)(jacobian=J), tjd.TrimmedMean(trim)(J), 1e-12, f"TrimmedMean T={T} {kind}")
+            assert_rel_close(
+                agg.TrimmedMean(trim)(jacobian=J), tjd.TrimmedMean(trim)(J), 1e-12, f"TrimmedMean T={T} {kind}"
+            )
         for leak in (None, torch.linspace(0.0, 0.5, T, dtype=torch.float64)):
             torch.manual_seed(seed)
             want = tjd.GradDrop(leak=leak)(J)
@@ -232,7 +251,11 @@ def test_stateful_methods_match_torchjd_over_runs_of_calls(name):
     make = {
         "PCD": lambda: (agg.PCD(), tjd.PCDWeighting(), "gram"),
         "PCD-tau": lambda: (agg.PCD(tau=0.3, beta=0.9), tjd.PCDWeighting(tau=0.3, beta=0.9), "gram"),
-        "CRMOGM": lambda: (agg.CRMOGM(agg.UPGrad(), alpha=0.7), tjd.CRMOGMWeighting(tjd.UPGradWeighting(), 0.7), "gram"),
+        "CRMOGM": lambda: (
+            agg.CRMOGM(agg.UPGrad(), alpha=0.7),
+            tjd.CRMOGMWeighting(tjd.UPGradWeighting(), 0.7),
+            "gram",
+        ),
         "ExcessMTL": lambda: (agg.ExcessMTL(), tjd.ExcessMTL(), "jacobian"),
         "ExcessMTL-warmup": lambda: (agg.ExcessMTL(0.5, 3), tjd.ExcessMTL(0.5, 3), "jacobian"),
         "MoDo": lambda: (agg.MoDo(gamma=0.2, rho=0.05), tjd.MoDoWeighting(gamma=0.2, rho=0.05), "cross_gram"),
@@ -254,7 +277,7 @@ def test_scalarizations_match_torchjd(name):
     from fastmtl import weighting
 
     scalarization = pytest.importorskip("torchjd.scalarization")
-    for T, kind, seed, J, G in CASES:
+    for T, _kind, seed, _J, _G in CASES:
         g = torch.Generator().manual_seed(seed)
         losses = torch.rand(T, generator=g, dtype=torch.float64) * 3
         preference = torch.rand(T, generator=g, dtype=torch.float64) + 0.05

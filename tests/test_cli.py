@@ -23,6 +23,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def assert_png(path):
     import matplotlib.image
+
     with open(path, "rb") as f:
         assert f.read(8) == PNG_SIGNATURE, path
     pixels = matplotlib.image.imread(path)
@@ -38,8 +39,9 @@ def all_finite(value):
     return not isinstance(value, float) or math.isfinite(value)
 
 
-@pytest.mark.parametrize("method, expected", [("upgrad", "UPGrad"), ("FAMO", "FAMO"), ("dWa", "DWA"),
-                                              ("gradnorm", "GradNorm"), ("uw", "UW")])
+@pytest.mark.parametrize(
+    "method, expected", [("upgrad", "UPGrad"), ("FAMO", "FAMO"), ("dWa", "DWA"), ("gradnorm", "GradNorm"), ("uw", "UW")]
+)
 def test_train_writes_metrics_and_pictures(tmp_path, method, expected, capsys):
     out = tmp_path / "run"
     assert main(["train", "--method", method, *TINY, "--no-progress", "--out", str(out)]) == 0
@@ -60,8 +62,26 @@ def test_train_writes_metrics_and_pictures(tmp_path, method, expected, capsys):
 
 def test_train_on_synthetic_tasks_in_rep_mode_with_missing_labels_shows_progress(tmp_path, capsys):
     out = tmp_path / "synthetic"
-    argv = ["train", "--data", "Synthetic_Tasks", "--num-tasks", "3", "--correlation", "0.8", "--in-features", "10",
-            "--method", "MGDA", "--mode", "REP", "--missing-fraction", "0.2", *TINY, "--out", str(out)]
+    argv = [
+        "train",
+        "--data",
+        "Synthetic_Tasks",
+        "--num-tasks",
+        "3",
+        "--correlation",
+        "0.8",
+        "--in-features",
+        "10",
+        "--method",
+        "MGDA",
+        "--mode",
+        "REP",
+        "--missing-fraction",
+        "0.2",
+        *TINY,
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["tasks"] == ["task0", "task1", "task2"] and report["settings"]["mode"] == "rep"
@@ -72,8 +92,26 @@ def test_train_on_synthetic_tasks_in_rep_mode_with_missing_labels_shows_progress
 
 def test_compare_writes_table_json_and_chart(tmp_path, capsys):
     out = tmp_path / "compare"
-    assert main(["compare", "--methods", "ew", "UPGRAD", "famo", *TINY, "--regimes", "rich", "--speed-rounds", "0",
-                 "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "ew",
+                "UPGRAD",
+                "famo",
+                *TINY,
+                "--regimes",
+                "rich",
+                "--speed-rounds",
+                "0",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "comparison.json").read_text())
     assert [row["label"] for row in report["rows"]] == ["single-task", "EW", "UPGrad", "FAMO"]
     assert report["rows"][0]["delta_m"] == 0.0
@@ -88,8 +126,21 @@ def test_compare_writes_table_json_and_chart(tmp_path, capsys):
 
 def test_compare_default_regimes_and_the_speed_comparison(tmp_path, capsys):
     out = tmp_path / "compare"
-    argv = ["compare", "--methods", "ew", "mgda", "upgrad", *TINY, "--labels-per-task", "20", "--speed-rounds", "2",
-            "--no-progress", "--out", str(out)]
+    argv = [
+        "compare",
+        "--methods",
+        "ew",
+        "mgda",
+        "upgrad",
+        *TINY,
+        "--labels-per-task",
+        "20",
+        "--speed-rounds",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads((out / "comparison.json").read_text())
     assert all_finite(report)
@@ -105,8 +156,9 @@ def test_compare_default_regimes_and_the_speed_comparison(tmp_path, capsys):
     text = (out / "comparison.md").read_text()
     assert "**label-rich**: 256 training rows" in text
     # 4 tasks x 20 disjoint labelled rows; trained for as many steps as the rich regime (4 per epoch x 2)
-    assert ("**label-scarce**: 80 training rows, labelled per task left 20, right 20, sum 20, parity 20; 4 epochs "
-            "(8 steps)") in text
+    assert (
+        "**label-scarce**: 80 training rows, labelled per task left 20, right 20, sum 20, parity 20; 4 epochs (8 steps)"
+    ) in text
     assert "× faster" in text and "| UPGrad |" in text
     assert_png(out / "comparison.png")
     assert "LibMTL" in capsys.readouterr().out
@@ -114,12 +166,37 @@ def test_compare_default_regimes_and_the_speed_comparison(tmp_path, capsys):
 
 def test_compare_recommender_trains_every_architecture_and_reports_auc(tmp_path):
     out = tmp_path / "recommender"
-    argv = ["compare", "--data", "recommender", "--train-samples", "300", "--test-samples", "300", "--epochs", "1",
-            "--batch-size", "100", "--hidden", "6", "--embedding-dim", "2", "--no-progress", "--out", str(out)]
+    argv = [
+        "compare",
+        "--data",
+        "recommender",
+        "--train-samples",
+        "300",
+        "--test-samples",
+        "300",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "100",
+        "--hidden",
+        "6",
+        "--embedding-dim",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads((out / "comparison.json").read_text())
     assert [row["label"] for row in report["rows"]] == [
-        "single-task", "SharedBottom EW", "SharedBottom UPGrad", "MMoE EW", "MMoE UPGrad", "PLE EW", "PLE UPGrad"]
+        "single-task",
+        "SharedBottom EW",
+        "SharedBottom UPGrad",
+        "MMoE EW",
+        "MMoE UPGrad",
+        "PLE EW",
+        "PLE UPGrad",
+    ]
     assert report["speed"] is None and {row["regime"] for row in report["rows"]} == {"rich"}
     for row in report["rows"]:
         assert set(row["metrics"]) == {"click", "conversion", "like"}
@@ -131,9 +208,28 @@ def test_compare_recommender_trains_every_architecture_and_reports_auc(tmp_path)
 
 def test_train_on_the_recommender_with_an_mmoe(tmp_path):
     out = tmp_path / "train"
-    argv = ["train", "--data", "recommender", "--arch", "mmoe", "--method", "famo", "--train-samples", "200",
-            "--test-samples", "200", "--epochs", "1", "--batch-size", "50", "--hidden", "4", "--no-progress",
-            "--out", str(out)]
+    argv = [
+        "train",
+        "--data",
+        "recommender",
+        "--arch",
+        "mmoe",
+        "--method",
+        "famo",
+        "--train-samples",
+        "200",
+        "--test-samples",
+        "200",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--hidden",
+        "4",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["settings"]["arch"] == "MMoE" and report["steps"] == 4 and report["gram_samples"] == 1
@@ -147,15 +243,18 @@ def test_bench_runs_a_benchmark_at_its_small_size(tmp_path, capsys):
     assert "fastmtl" in capsys.readouterr().out  # the benchmark's table
 
 
-@pytest.mark.parametrize("argv, listed", [
-    (["train", "--method", "upgradd"], "UPGrad"),
-    (["compare", "--methods", "ew", "famo2"], "FAMO"),
-    (["train", "--data", "mnist"], "multidigits, synthetic_tasks"),
-    (["train", "--mode", "fast"], "exact, rep"),
-    (["train", "--arch", "dcn"], "SharedBottom, MMoE, PLE"),
-    (["compare", "--regimes", "rich", "poor"], "rich, scarce"),
-    (["bench", "--only", "bench_nothing"], "bench_step"),
-])
+@pytest.mark.parametrize(
+    "argv, listed",
+    [
+        (["train", "--method", "upgradd"], "UPGrad"),
+        (["compare", "--methods", "ew", "famo2"], "FAMO"),
+        (["train", "--data", "mnist"], "multidigits, synthetic_tasks"),
+        (["train", "--mode", "fast"], "exact, rep"),
+        (["train", "--arch", "dcn"], "SharedBottom, MMoE, PLE"),
+        (["compare", "--regimes", "rich", "poor"], "rich, scarce"),
+        (["bench", "--only", "bench_nothing"], "bench_step"),
+    ],
+)
 def test_wrong_names_list_the_valid_ones(argv, listed, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(argv + (["--out", str(tmp_path)] if argv[0] == "bench" else []))
@@ -164,10 +263,14 @@ def test_wrong_names_list_the_valid_ones(argv, listed, capsys, tmp_path):
 
 
 def test_bad_option_values_end_with_a_usage_message(capsys):
-    for argv in (["train", "--epochs", "0"], ["train", "--missing-fraction", "2", *TINY],
-                 ["train", "--activation", "sigmoid", *TINY], ["compare", "--labels-per-task", "1000", *TINY],
-                 ["compare", "--data", "recommender", "--speed-rounds", "3", *TINY],
-                 ["compare", "--speed-rounds", "-1", *TINY]):
+    for argv in (
+        ["train", "--epochs", "0"],
+        ["train", "--missing-fraction", "2", *TINY],
+        ["train", "--activation", "sigmoid", *TINY],
+        ["compare", "--labels-per-task", "1000", *TINY],
+        ["compare", "--data", "recommender", "--speed-rounds", "3", *TINY],
+        ["compare", "--speed-rounds", "-1", *TINY],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
@@ -178,6 +281,7 @@ def test_bad_option_values_end_with_a_usage_message(capsys):
 
 def test_every_method_of_the_api_has_a_command_line_name():
     import fastmtl
+
     for name in METHODS.values():
         assert hasattr(fastmtl.aggregation, name) or hasattr(fastmtl.weighting, name)
     assert {"ew", "uw", "dwa", "mgda", "pcgrad", "cagrad", "upgrad", "nashmtl", "famo"} <= set(METHODS)
@@ -198,6 +302,7 @@ def test_help_documents_every_option(capsys):
 
 def test_the_command_line_leaves_the_thread_count_as_it_was(tmp_path):
     import torch
+
     before = torch.get_num_threads()
     main(["train", "--method", "ew", *TINY, "--threads", "1", "--no-progress", "--out", str(tmp_path)])
     assert torch.get_num_threads() == before

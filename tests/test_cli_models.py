@@ -5,9 +5,10 @@ fastmtl's model, and the usual way (LibMTL's loop) takes the same step as fastmt
 
 import math
 
-import fastmtl
 import pytest
 import torch
+
+import fastmtl
 from fastmtl.cli.names import make_method
 from fastmtl.cli.speed import PlainModel, make_variants, markdown_table, time_steps
 from fastmtl.cli.training import TrainingConfig, build_model, model_gram

@@ -18,7 +18,10 @@ def bce_case(soft_values):
     z = torch.randn(6, 4, generator=gen, dtype=torch.float64)
     w = torch.randn(2, 4, generator=gen, dtype=torch.float64)
     b = torch.randn(2, generator=gen, dtype=torch.float64)
-    targets = {"click": torch.tensor(soft_values, dtype=torch.float64), "y": torch.randn(6, generator=gen, dtype=torch.float64)}
+    targets = {
+        "click": torch.tensor(soft_values, dtype=torch.float64),
+        "y": torch.randn(6, generator=gen, dtype=torch.float64),
+    }
     return z, w, b, targets, tasks
 
 
@@ -27,7 +30,8 @@ def test_bce_accepts_soft_labels_and_matches_bce_with_logits(namespace):
     z, w, b, targets, tasks = bce_case([0.0, 0.25, 0.5, 1.0, math.nan, 0.875])
     packed = ops.pack_targets(targets, tasks, torch.float64)
     losses, _, _ = getattr(torch.ops, namespace).multitask_head_loss(
-        z, w, b, packed, [t.loss for t in tasks], [t.num_outputs for t in tasks])
+        z, w, b, packed, [t.loss for t in tasks], [t.num_outputs for t in tasks]
+    )
     logits = z @ w[0] + b[0]
     labelled = ~targets["click"].isnan()
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[labelled], targets["click"][labelled])
@@ -38,8 +42,11 @@ def test_bce_accepts_soft_labels_and_matches_bce_with_logits(namespace):
 @pytest.mark.parametrize("bad", [1.25, -0.5, math.inf])
 def test_bce_target_outside_unit_interval_raises_naming_the_task(bad):
     z, w, b, targets, tasks = bce_case([0.0, 1.0, bad, 1.0, 0.5, 0.0])
-    with pytest.raises(ValueError, match=r"row 2, column 0 \(task 0, loss 'bce', num_outputs 1\): expected a "
-                                         r"probability in \[0, 1\] \(soft labels allowed; NaN = missing\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"row 2, column 0 \(task 0, loss 'bce', num_outputs 1\): expected a "
+        r"probability in \[0, 1\] \(soft labels allowed; NaN = missing\)",
+    ):
         ops.multitask_head_loss(z, w, b, targets, tasks)
 
 
@@ -57,8 +64,11 @@ def test_bce_soft_label_gradient_matches_reference():
 @pytest.mark.parametrize("namespace", ["fastmtl", "fastmtl_portable"])
 def test_fused_mlp_rejects_zero_input_features(namespace):
     x = torch.randn(4, 0)
-    with pytest.raises(ValueError, match=r"fastmtl.fused_mlp: argument 'x' expected at least 1 input feature "
-                                         r"\(in_features >= 1\), got shape \[4, 0\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"fastmtl.fused_mlp: argument 'x' expected at least 1 input feature "
+        r"\(in_features >= 1\), got shape \[4, 0\]",
+    ):
         getattr(torch.ops, namespace).fused_mlp(x, [torch.randn(3, 0)], [torch.randn(3)], "relu")
 
 

@@ -8,13 +8,17 @@ import torch
 from torch import nn
 
 import fastmtl
+from conftest import assert_rel_close
 from fastmtl import Task
 from fastmtl.nn import FusedMLP, MultiTaskHeads
-from conftest import assert_rel_close
 
 PLAIN_ACTIVATIONS = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-    "tanh": nn.Tanh, "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
 }
 
 
@@ -26,10 +30,12 @@ class HandWritten(nn.Module):
         act = PLAIN_ACTIVATIONS[activation]
         self.body = nn.Sequential(nn.Linear(12, 32), act(), nn.Linear(32, 16), act())
         self.skip = nn.Linear(12, 16)
-        self.towers = nn.ModuleDict({
-            "click": nn.Sequential(nn.Linear(16, 8), act(), nn.Linear(8, 1)),
-            "rating": nn.Sequential(nn.Linear(16, 8), nn.LeakyReLU(), nn.Linear(8, 5)),
-        })
+        self.towers = nn.ModuleDict(
+            {
+                "click": nn.Sequential(nn.Linear(16, 8), act(), nn.Linear(8, 1)),
+                "rating": nn.Sequential(nn.Linear(16, 8), nn.LeakyReLU(), nn.Linear(8, 5)),
+            }
+        )
 
     def forward(self, x):
         z = self.body(x) + self.skip(x)
@@ -84,7 +90,8 @@ def test_nested_sequentials_merge_into_one_fused_mlp():
     model = nn.Sequential(
         nn.Sequential(nn.Linear(6, 9), nn.SiLU()),
         nn.Sequential(nn.Sequential(nn.Linear(9, 7), nn.SiLU()), nn.Linear(7, 5), nn.SiLU()),
-        nn.Linear(5, 3), nn.SiLU(),
+        nn.Linear(5, 3),
+        nn.SiLU(),
         nn.Dropout(0.0),
         nn.Linear(3, 2),
     )
@@ -96,8 +103,18 @@ def test_nested_sequentials_merge_into_one_fused_mlp():
 
 def test_runs_split_where_activation_bias_or_width_changes():
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(),
-                          nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 3), nn.Tanh())
+    model = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.ReLU(),
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 5, bias=False),
+        nn.Tanh(),
+        nn.Linear(5, 5, bias=False),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+        nn.Tanh(),
+    )
     converted, _ = fastmtl.convert(model)
     kinds = [(m.activation, m.biases is not None, m.hidden_features) for m in converted]
     assert kinds == [("relu", True, (6,)), ("tanh", True, (6,)), ("tanh", False, (5, 5)), ("tanh", True, (3,))]

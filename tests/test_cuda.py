@@ -17,11 +17,10 @@ import math
 import pytest
 import torch
 
-from fastmtl import Task, ops, reference
-from fastmtl.nn import FusedMLP, MultiTaskHeads, MultiTaskModel
 import fastmtl
 from conftest import HAS_CUDA_KERNELS, assert_rel_close, mixed_tasks, random_head_inputs, random_targets
-from fastmtl.nn import MMoE, PLE, SoftSharedLinear
+from fastmtl import Task, ops, reference
+from fastmtl.nn import PLE, FusedMLP, MMoE, MultiTaskHeads, MultiTaskModel, SoftSharedLinear
 from op_cases import case_id, convert, flatten, op_cases
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and fastmtl built with CUDA kernels")
@@ -157,7 +156,9 @@ def test_opcheck_fused_mlp_on_cuda(dtype, activation):
     ws, bs = leaves(w64, "cuda", dtype), leaves(b64, "cuda", dtype)
     for biases in (bs, []):
         torch.library.opcheck(torch.ops.fastmtl.fused_mlp.default, (x, ws, biases, activation))
-    out, saved = torch.ops.fastmtl.fused_mlp.default(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], activation)
+    out, saved = torch.ops.fastmtl.fused_mlp.default(
+        x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], activation
+    )
     grad_out = torch.randn_like(out)
     for need_input_grad in (True, False):
         torch.library.opcheck(
@@ -196,9 +197,7 @@ def test_opcheck_head_loss_and_pack_targets_on_cuda(dtype):
 
 def cuda_model(tasks, dtype=torch.float32, activation="relu", seed=0):
     torch.manual_seed(seed)
-    return MultiTaskModel(
-        FusedMLP(24, [64, 32], activation=activation), MultiTaskHeads(32, tasks)
-    ).to("cuda", dtype)
+    return MultiTaskModel(FusedMLP(24, [64, 32], activation=activation), MultiTaskHeads(32, tasks)).to("cuda", dtype)
 
 
 def cuda_batch(model, rows, generator, dtype):
@@ -299,7 +298,9 @@ def test_more_tasks_than_one_kernel_launch_holds():
     inputs = leaves([z64, w64, b64], "cuda", torch.float32)
     cuda_targets = {k: v.cuda() for k, v in targets.items()}
     packed = ops.pack_targets(cuda_targets, tasks, torch.float64)
-    assert torch.equal(packed.cpu().nan_to_num(nan=-7.0), reference.pack_targets(targets, tasks, torch.float64).nan_to_num(nan=-7.0))
+    assert torch.equal(
+        packed.cpu().nan_to_num(nan=-7.0), reference.pack_targets(targets, tasks, torch.float64).nan_to_num(nan=-7.0)
+    )
     got = ops.multitask_head_loss(*inputs, cuda_targets, tasks)
     assert_rel_close(got, ref, what="losses")
     assert got[7].item() == 0.0 and got[129].item() == 0.0
@@ -356,7 +357,9 @@ def test_16bit_targets_must_be_float32():
     gen = torch.Generator().manual_seed(111)
     z, w, b = (t.to("cuda", torch.bfloat16) for t in random_head_inputs(tasks, 4, 5, gen))
     packed = ops.pack_targets({k: v.cuda() for k, v in random_targets(tasks, 4, gen).items()}, tasks, torch.float64)
-    with pytest.raises(TypeError, match=r"'targets' expected dtype torch.float32 \(losses, scales and targets of a torch.bfloat16 'z'"):
+    with pytest.raises(
+        TypeError, match=r"'targets' expected dtype torch.float32 \(losses, scales and targets of a torch.bfloat16 'z'"
+    ):
         ops.multitask_head_loss(z, w, b, packed, tasks)
 
 
@@ -369,8 +372,9 @@ def test_bce_soft_label_is_valid_on_cuda(task, soft):
     targets = random_targets(tasks, 6, gen, missing=0.0)
     targets["b"][2] = soft
     expected = reference.multitask_head_loss(z, w, b, targets, tasks)
-    got = ops.multitask_head_loss(z.cuda().float(), w.cuda().float(), b.cuda().float(),
-                                  {k: v.cuda() for k, v in targets.items()}, tasks)
+    got = ops.multitask_head_loss(
+        z.cuda().float(), w.cuda().float(), b.cuda().float(), {k: v.cuda() for k, v in targets.items()}, tasks
+    )
     assert_rel_close(got, expected, what="losses")
 
 
@@ -452,8 +456,9 @@ def test_model_mtl_backward_on_cuda_matches_cpu(mode, dtype, kernels):
     x = torch.randn(29, 10, dtype=torch.float64)
     targets = random_targets(tasks, 29, gen)
     expected = cpu_model.mtl_backward(x, targets, fastmtl.aggregation.UPGrad(), mode=mode)
-    got = cuda_model_.mtl_backward(x.to("cuda", dtype), {k: v.cuda() for k, v in targets.items()},
-                                   fastmtl.aggregation.UPGrad(), mode=mode)
+    got = cuda_model_.mtl_backward(
+        x.to("cuda", dtype), {k: v.cuda() for k, v in targets.items()}, fastmtl.aggregation.UPGrad(), mode=mode
+    )
     assert_rel_close(got.gram, expected.gram, rtol=10 * TOLERANCE[dtype], what="gram")
     for (name, p), q in zip(cpu_model.named_parameters(), cuda_model_.parameters()):
         assert_rel_close(q.grad, p.grad, rtol=10 * TOLERANCE[dtype], what=f"grad of {name}")
@@ -474,8 +479,9 @@ def test_generic_mtl_backward_on_cuda_matches_cpu(trunk_kind, dtype, kernels):
     def step(model, inputs, device_targets):
         features = model.trunk(inputs)
         losses = model.heads.losses(features, device_targets)
-        return fastmtl.mtl_backward(losses, features, fastmtl.aggregation.UPGrad(),
-                                    shared_params=list(model.trunk.parameters()))
+        return fastmtl.mtl_backward(
+            losses, features, fastmtl.aggregation.UPGrad(), shared_params=list(model.trunk.parameters())
+        )
 
     expected = step(cpu_model, x, targets)
     got = step(cuda_model_, x.to("cuda", dtype), {k: v.cuda() for k, v in targets.items()})

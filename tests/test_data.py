@@ -2,8 +2,6 @@
 correlation of synthetic_tasks, the recommender's fields and funnel (conversion labelled only where
 clicked), the Dataset interface, label hiding and the label-scarce subsets; EW learns multidigits."""
 
-import math
-
 import pytest
 import torch
 
@@ -26,6 +24,7 @@ def digits_test():
 
 
 # ---- multidigits
+
 
 def test_multidigits_shapes_and_ranges(digits_train):
     data = digits_train
@@ -85,9 +84,14 @@ def test_multidigits_default_sizes_and_missing_labels():
     assert hidden.labelled_counts() == {"task0": 40, "task1": 40} and hidden.task_weight_vectors.shape == (2, 4)
 
 
-@pytest.mark.parametrize("kwargs, argument", [
-    (dict(split="validation"), "split"), (dict(num_samples=0), "num_samples"), (dict(seed=1.5), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(split="validation"), "split"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
 def test_multidigits_bad_arguments_name_them(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         multidigits(**kwargs)
@@ -108,6 +112,7 @@ def test_short_equal_weighting_run_reaches_85_percent_on_left_and_right(digits_t
 
 # ---- synthetic_tasks
 
+
 def test_synthetic_tasks_shapes_and_weight_vector_cosines():
     data = synthetic_tasks(500, in_features=12, num_tasks=4, correlation=0.3, seed=1)
     assert data.features.shape == (500, 12) and data.task_names == ["task0", "task1", "task2", "task3"]
@@ -122,6 +127,7 @@ def test_synthetic_tasks_label_correlation_follows_the_setting():
     def label_correlation(p):
         data = synthetic_tasks(4000, in_features=20, num_tasks=2, correlation=p, seed=0)
         return float(torch.corrcoef(torch.stack([data.targets["task0"], data.targets["task1"]]))[0, 1])
+
     low, high, negative = label_correlation(0.1), label_correlation(0.9), label_correlation(-0.8)
     assert negative < -0.5 < low < 0.5 < high
     assert abs(high - 0.9) < 0.1 and abs(low - 0.1) < 0.1
@@ -136,11 +142,17 @@ def test_synthetic_tasks_splits_share_the_tasks_not_the_inputs():
     assert not torch.equal(train.features, test.features)
 
 
-@pytest.mark.parametrize("kwargs, argument", [
-    (dict(n=0), "'n'"), (dict(in_features=1, num_tasks=2), "in_features"), (dict(num_tasks=0), "num_tasks"),
-    (dict(num_tasks=3, correlation=-0.9), "correlation"), (dict(correlation=1.5), "correlation"),
-    (dict(split="val"), "split"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(n=0), "'n'"),
+        (dict(in_features=1, num_tasks=2), "in_features"),
+        (dict(num_tasks=0), "num_tasks"),
+        (dict(num_tasks=3, correlation=-0.9), "correlation"),
+        (dict(correlation=1.5), "correlation"),
+        (dict(split="val"), "split"),
+    ],
+)
 def test_synthetic_tasks_bad_arguments_name_them(kwargs, argument):
     args = dict(n=10, in_features=4, num_tasks=2, correlation=0.5)
     args.update(kwargs)
@@ -150,16 +162,21 @@ def test_synthetic_tasks_bad_arguments_name_them(kwargs, argument):
 
 # ---- MultiTaskDataset and label hiding
 
+
 def small_dataset():
     tasks = [Task("r", "regression", num_outputs=2), Task("b", "binary"), Task("c", "multiclass", num_outputs=3)]
     g = torch.Generator().manual_seed(0)
-    targets = {"r": torch.randn(10, 2, generator=g), "b": (torch.rand(10, generator=g) > 0.5).float(),
-               "c": torch.randint(0, 3, (10,), generator=g)}
+    targets = {
+        "r": torch.randn(10, 2, generator=g),
+        "b": (torch.rand(10, generator=g) > 0.5).float(),
+        "c": torch.randint(0, 3, (10,), generator=g),
+    }
     return MultiTaskDataset(torch.rand(10, 5, generator=g), targets, tasks)
 
 
 def test_dataset_works_with_a_dataloader_and_the_model():
     import fastmtl
+
     data = small_dataset()
     model = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(5, [8]), fastmtl.nn.MultiTaskHeads(8, data.tasks))
     x, targets = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
@@ -213,8 +230,10 @@ def test_dataset_bad_inputs_name_the_argument():
 
 # ---- recommender
 
+
 def test_recommender_fields_tasks_and_the_click_conversion_funnel():
     from fastmtl.data.recommender import CARDINALITIES, RATES
+
     data = recommender(20000, seed=3)
     assert data.features.shape == (20000, 6) and data.task_names == ["click", "conversion", "like"]
     assert data.field_cardinalities == list(CARDINALITIES)
@@ -233,6 +252,7 @@ def test_recommender_fields_tasks_and_the_click_conversion_funnel():
     assert abs(float(torch.nanmean(conversion)) - RATES["conversion"]) < 0.03
     # The labels follow data.probabilities, which carry the signal a model can learn (AUC well above 0.5).
     from fastmtl.metrics import auc
+
     for name in data.task_names:
         assert 0.75 < auc(data.probabilities[name], data.targets[name]) < 0.9
 
@@ -250,8 +270,9 @@ def test_recommender_is_deterministic_and_splits_share_the_world_not_the_impress
     assert not torch.equal(recommender(500, seed=2).features, a.features)
 
 
-@pytest.mark.parametrize("kwargs, argument", [({"n": 0}, "'n'"), ({"split": "val"}, "'split'"),
-                                              ({"seed": 1.5}, "'seed'")])
+@pytest.mark.parametrize(
+    "kwargs, argument", [({"n": 0}, "'n'"), ({"split": "val"}, "'split'"), ({"seed": 1.5}, "'seed'")]
+)
 def test_recommender_bad_arguments_name_them(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         recommender(**{"n": 10, **kwargs})
@@ -259,12 +280,14 @@ def test_recommender_bad_arguments_name_them(kwargs, argument):
 
 # ---- label-scarce subsets, metrics and fields carried along
 
+
 def test_with_task_subsets_gives_each_task_its_own_rows():
     data = multidigits("train", num_samples=400)
     before = {n: t.clone() for n, t in data.targets.items()}
     scarce = data.with_task_subsets(30, seed=5)
     assert len(scarce) == 4 * 30 and scarce.labelled_counts() == {"left": 30, "right": 30, "sum": 30, "parity": 30}
     from fastmtl.data import labelled_mask
+
     masks = torch.stack([labelled_mask(t, scarce.targets[t.name]) for t in scarce.tasks])
     assert torch.equal(masks.sum(0), torch.ones(120, dtype=torch.long))  # every row labelled for exactly one task
     # The labels kept are the original rows' labels.

@@ -73,20 +73,38 @@ def compare(model, x, y, make_aggregator, mode="exact", rtol=1e-9, reset_rng=Non
 
 
 AGGREGATORS = {
-    "Mean": agg.Mean, "Sum": agg.Sum, "Constant": lambda: agg.Constant([1.0, 0.5, 2.0]),
-    "Random": lambda: agg.Random(seed=0), "MGDA": agg.MGDA, "UPGrad": agg.UPGrad, "DualProj": agg.DualProj,
-    "PCGrad": lambda: agg.PCGrad(seed=0), "GradVac": agg.GradVac, "CAGrad": agg.CAGrad, "IMTLG": agg.IMTLG,
-    "AlignedMTL": agg.AlignedMTL, "NashMTL": agg.NashMTL, "ConFIG": agg.ConFIG, "FairGrad": agg.FairGrad,
-    "Krum": lambda: agg.Krum(n_byzantine=0), "PCD": agg.PCD, "CRMOGM": lambda: agg.CRMOGM(agg.UPGrad(), alpha=0.5),
+    "Mean": agg.Mean,
+    "Sum": agg.Sum,
+    "Constant": lambda: agg.Constant([1.0, 0.5, 2.0]),
+    "Random": lambda: agg.Random(seed=0),
+    "MGDA": agg.MGDA,
+    "UPGrad": agg.UPGrad,
+    "DualProj": agg.DualProj,
+    "PCGrad": lambda: agg.PCGrad(seed=0),
+    "GradVac": agg.GradVac,
+    "CAGrad": agg.CAGrad,
+    "IMTLG": agg.IMTLG,
+    "AlignedMTL": agg.AlignedMTL,
+    "NashMTL": agg.NashMTL,
+    "ConFIG": agg.ConFIG,
+    "FairGrad": agg.FairGrad,
+    "Krum": lambda: agg.Krum(n_byzantine=0),
+    "PCD": agg.PCD,
+    "CRMOGM": lambda: agg.CRMOGM(agg.UPGrad(), alpha=0.5),
 }
 
 
 def test_every_aggregator_of_the_package_is_compared():
     # The methods that need more than the Gram matrix (requires "jacobian" / "cross_gram") are not
     # supplied by the engines yet; they refuse a Gram matrix, saying what they need (test below).
-    classes = {name for name in agg.__all__ if isinstance(getattr(agg, name), type)
-               and issubclass(getattr(agg, name), agg.Aggregator) and name not in agg.INTERFACES
-               and getattr(agg, name).requires == "gram"}
+    classes = {
+        name
+        for name in agg.__all__
+        if isinstance(getattr(agg, name), type)
+        and issubclass(getattr(agg, name), agg.Aggregator)
+        and name not in agg.INTERFACES
+        and getattr(agg, name).requires == "gram"
+    }
     assert set(AGGREGATORS) == classes
 
 
@@ -161,8 +179,9 @@ def test_a_task_without_labels_has_a_zero_row_and_nothing_is_nan():
 
 def test_cnn_trunk():
     torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, bias=False), nn.BatchNorm2d(5),
-                          nn.ReLU())
+    trunk = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU()
+    )
 
     class ChannelsLast(nn.Module):
         def forward(self, x):
@@ -199,8 +218,16 @@ def test_explicit_shared_params_and_several_feature_tensors():
     shared = list(model.trunk.parameters())
     result = fastmtl.mtl_backward(losses, [z2], agg.Mean(), shared_params=shared, keep_jacobian=True)
     assert result.jacobian.shape == (T_TASKS, sum(p.numel() for p in shared))
-    summed = torch.autograd.grad(((torch.stack([((h(model.trunk(x)).squeeze(-1) - y[:, t]) ** 2).mean()
-                                                for t, h in enumerate(model.heads)])).mean()), shared)
+    summed = torch.autograd.grad(
+        (
+            (
+                torch.stack(
+                    [((h(model.trunk(x)).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(model.heads)]
+                )
+            ).mean()
+        ),
+        shared,
+    )
     for p, g in zip(shared, summed):
         assert_rel_close(p.grad, g, 1e-12)
 
@@ -261,8 +288,7 @@ def test_the_gram_every_schedule_is_kept_by_the_engine_not_written_into_the_mode
     model = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(6, [8]), fastmtl.nn.MultiTaskHeads(8, tasks))
     before = set(vars(model))
     targets = {"a": torch.randn(4), "b": torch.ones(4)}
-    flags = [model.mtl_backward(torch.randn(4, 6), targets, agg.UPGrad(), gram_every=2).gram_computed
-             for _ in range(3)]
+    flags = [model.mtl_backward(torch.randn(4, 6), targets, agg.UPGrad(), gram_every=2).gram_computed for _ in range(3)]
     assert flags == [True, False, True]
     assert set(vars(model)) == before
     assert isinstance(fastmtl.engine.schedule_of(model), fastmtl.engine.WeightSchedule)
@@ -285,9 +311,13 @@ def test_methods_that_need_the_per_task_gradients_get_them_in_exact_mode(make):
     assert_rel_close(got, update, 1e-12, "update")
 
 
-@pytest.mark.parametrize("make, words", [
-    (agg.MoDo, "two independent batches"), (agg.SDMGrad, "two independent batches"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (agg.MoDo, "two independent batches"),
+        (agg.SDMGrad, "two independent batches"),
+    ],
+)
 def test_methods_the_engine_cannot_supply_are_refused_saying_what_they_need(make, words):
     model = mlp_model()
     x, y = batch()

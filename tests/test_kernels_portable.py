@@ -119,8 +119,16 @@ def test_environment_switch_selects_the_portable_steps(monkeypatch):
 def test_default_kernels_are_custom_on_cpu_and_portable_on_cuda(monkeypatch):
     monkeypatch.delenv("FASTMTL_KERNELS", raising=False)
     kernels = fastmtl.build_info()["kernels"]
-    assert set(kernels) >= {"fused_mlp", "multitask_head_loss", "pack_targets", "fused_experts", "gated_mixture",
-                            "mtl_trunk_gram", "mtl_representation_gram", "mtl_weighted_backward"}
+    assert set(kernels) >= {
+        "fused_mlp",
+        "multitask_head_loss",
+        "pack_targets",
+        "fused_experts",
+        "gated_mixture",
+        "mtl_trunk_gram",
+        "mtl_representation_gram",
+        "mtl_weighted_backward",
+    }
     # No GPU run has verified the CUDA kernels yet (README, CUDA): portable steps there by default.
     assert all(v == {"cpu": "cpu", "cuda": "portable"} for v in kernels.values())
 

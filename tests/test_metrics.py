@@ -47,8 +47,9 @@ def test_multi_output_regression_counts_labelled_entries():
 
 def test_a_task_without_labels_gets_nan():
     assert math.isnan(task_metrics(Task("b", "binary"), torch.zeros(2, 1), torch.full((2,), NAN))["accuracy"])
-    assert all(math.isnan(v) for v in task_metrics(Task("y", "regression"), torch.zeros(2, 1),
-                                                   torch.full((2,), NAN)).values())
+    assert all(
+        math.isnan(v) for v in task_metrics(Task("y", "regression"), torch.zeros(2, 1), torch.full((2,), NAN)).values()
+    )
 
 
 def test_all_task_metrics_and_inputs_unmodified():
@@ -60,8 +61,15 @@ def test_all_task_metrics_and_inputs_unmodified():
     metrics = all_task_metrics(tasks, logits, targets)
     assert metrics == {"c": {"accuracy": 0.5}, "y": {"rmse": 0.0, "mae": 0.0}}
     assert all(torch.equal(logits[k], logits_before[k]) for k in logits)
-    assert all(torch.equal(targets[k], targets_before[k], ) if k == "c" else
-               torch.allclose(targets[k], targets_before[k], equal_nan=True) for k in targets)
+    assert all(
+        torch.equal(
+            targets[k],
+            targets_before[k],
+        )
+        if k == "c"
+        else torch.allclose(targets[k], targets_before[k], equal_nan=True)
+        for k in targets
+    )
 
 
 def test_delta_m_by_hand():
@@ -92,6 +100,7 @@ def test_metrics_shape_mismatch_names_logits():
 
 # ---- AUC
 
+
 def _pairwise_auc(scores, labels):
     """The definition: the share of (positive, negative) pairs ranked right, a tie counting one half."""
     pos = [s for s, y in zip(scores, labels) if y == 1]
@@ -102,6 +111,7 @@ def _pairwise_auc(scores, labels):
 
 def test_auc_matches_the_pairwise_definition_with_ties_and_missing_labels():
     from fastmtl.metrics import auc
+
     generator = torch.Generator().manual_seed(0)
     for trial in range(20):
         n = int(torch.randint(2, 60, (1,), generator=generator))
@@ -122,6 +132,7 @@ def test_auc_matches_the_pairwise_definition_with_ties_and_missing_labels():
 
 def test_auc_extremes_and_ties():
     from fastmtl.metrics import auc
+
     labels = torch.tensor([0.0, 0.0, 1.0, 1.0])
     assert auc(torch.tensor([1.0, 2.0, 3.0, 4.0]), labels) == 1.0
     assert auc(torch.tensor([4.0, 3.0, 2.0, 1.0]), labels) == 0.0
@@ -131,6 +142,7 @@ def test_auc_extremes_and_ties():
 
 def test_auc_bad_inputs_name_the_argument():
     from fastmtl.metrics import auc
+
     with pytest.raises(ValueError, match="'scores' and 'labels'"):
         auc(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="'labels' expected 0/1"):

@@ -16,8 +16,9 @@ from conftest import assert_rel_close, mixed_tasks, random_targets
 WORLD = 2
 TASKS = mixed_tasks(4)
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 
 def make_model(fused: bool):
@@ -57,8 +58,10 @@ def expected(fused: bool, mode: str, ddp_gram: str):
         z = model.trunk(x)
         losses = model.heads.losses(z, targets) * model.heads.task_weights
         wrt = [z] if mode == "rep" else list(model.trunk.parameters())
-        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], wrt, retain_graph=True)])
-                for t in range(len(TASKS))]
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], wrt, retain_graph=True)])
+            for t in range(len(TASKS))
+        ]
         jacobians.append(torch.stack(rows))
         grams.append(jacobians[-1] @ jacobians[-1].T)
     if mode == "exact" and ddp_gram == "exact":
@@ -72,8 +75,10 @@ def expected(fused: bool, mode: str, ddp_gram: str):
         x, targets = shard(rank)
         losses = model.heads.losses(model.trunk(x), targets) * model.heads.task_weights
         trunk, heads = list(model.trunk.parameters()), list(model.heads.parameters())
-        local_grads.append(torch.autograd.grad(torch.dot(losses, weights), trunk, retain_graph=True)
-                           + torch.autograd.grad(losses.sum(), heads))
+        local_grads.append(
+            torch.autograd.grad(torch.dot(losses, weights), trunk, retain_graph=True)
+            + torch.autograd.grad(losses.sum(), heads)
+        )
     names = [n for n, _ in make_model(fused).named_parameters()]
     mean_grads = [sum(g[i] for g in local_grads) / WORLD for i in range(len(names))]
     return gram, weights, {n: 2 * g for n, g in zip(names, mean_grads)}  # two identical calls accumulate
@@ -84,8 +89,9 @@ def expected(fused: bool, mode: str, ddp_gram: str):
 def test_two_ranks_match_the_single_process_computation(fused, mode, ddp_gram):
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        mp.start_processes(run_rank, args=(init_file, out_dir, fused, mode, ddp_gram), nprocs=WORLD,
-                           start_method="spawn", join=True)
+        mp.start_processes(
+            run_rank, args=(init_file, out_dir, fused, mode, ddp_gram), nprocs=WORLD, start_method="spawn", join=True
+        )
         gram, weights, grads = expected(fused, mode, ddp_gram)
         for rank in range(WORLD):
             got = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))

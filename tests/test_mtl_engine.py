@@ -12,11 +12,24 @@ import fastmtl.aggregation as agg
 from conftest import assert_rel_close, mixed_tasks, random_targets
 
 AGGREGATORS = {
-    "Mean": agg.Mean, "Sum": agg.Sum, "Constant": lambda: agg.Constant([1.0, 0.5, 2.0, 1.5]),
-    "Random": lambda: agg.Random(seed=0), "MGDA": agg.MGDA, "UPGrad": agg.UPGrad, "DualProj": agg.DualProj,
-    "PCGrad": lambda: agg.PCGrad(seed=0), "GradVac": agg.GradVac, "CAGrad": agg.CAGrad, "IMTLG": agg.IMTLG,
-    "AlignedMTL": agg.AlignedMTL, "NashMTL": agg.NashMTL, "ConFIG": agg.ConFIG, "FairGrad": agg.FairGrad,
-    "Krum": lambda: agg.Krum(n_byzantine=0), "PCD": agg.PCD, "CRMOGM": lambda: agg.CRMOGM(agg.UPGrad(), alpha=0.5),
+    "Mean": agg.Mean,
+    "Sum": agg.Sum,
+    "Constant": lambda: agg.Constant([1.0, 0.5, 2.0, 1.5]),
+    "Random": lambda: agg.Random(seed=0),
+    "MGDA": agg.MGDA,
+    "UPGrad": agg.UPGrad,
+    "DualProj": agg.DualProj,
+    "PCGrad": lambda: agg.PCGrad(seed=0),
+    "GradVac": agg.GradVac,
+    "CAGrad": agg.CAGrad,
+    "IMTLG": agg.IMTLG,
+    "AlignedMTL": agg.AlignedMTL,
+    "NashMTL": agg.NashMTL,
+    "ConFIG": agg.ConFIG,
+    "FairGrad": agg.FairGrad,
+    "Krum": lambda: agg.Krum(n_byzantine=0),
+    "PCD": agg.PCD,
+    "CRMOGM": lambda: agg.CRMOGM(agg.UPGrad(), alpha=0.5),
 }
 
 
@@ -37,9 +50,14 @@ def reference_step(model, x, targets, aggregator, mode="exact", keep_jacobian=Fa
     """The plain T-call reference on the same model: losses weighted by task.weight, trunk shared."""
     z = model.trunk(x)
     losses = model.heads.losses(z, targets)
-    return fastmtl.reference.mtl_backward(losses * model.heads.task_weights, z, aggregator,
-                                          shared_params=list(model.trunk.parameters()), mode=mode,
-                                          keep_jacobian=keep_jacobian)
+    return fastmtl.reference.mtl_backward(
+        losses * model.heads.task_weights,
+        z,
+        aggregator,
+        shared_params=list(model.trunk.parameters()),
+        mode=mode,
+        keep_jacobian=keep_jacobian,
+    )
 
 
 def grads(model):
@@ -53,8 +71,9 @@ def compare(model, x, targets, make_aggregator, mode="exact", rtol=1e-9, rng=5, 
     got_grads = grads(model)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(rng)
-    want = reference_step(model, x, targets, make_aggregator(), mode=mode,
-                          keep_jacobian=kwargs.get("keep_jacobian", False))
+    want = reference_step(
+        model, x, targets, make_aggregator(), mode=mode, keep_jacobian=kwargs.get("keep_jacobian", False)
+    )
     want_grads = grads(model)
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:
@@ -70,9 +89,14 @@ TASKS = mixed_tasks(4)
 def test_every_aggregator_of_the_package_is_compared():
     # The methods that need more than the Gram matrix (requires "jacobian" / "cross_gram") are not
     # supplied by the engines yet; they refuse a Gram matrix, saying what they need (test below).
-    classes = {name for name in agg.__all__ if isinstance(getattr(agg, name), type)
-               and issubclass(getattr(agg, name), agg.Aggregator) and name not in agg.INTERFACES
-               and getattr(agg, name).requires == "gram"}
+    classes = {
+        name
+        for name in agg.__all__
+        if isinstance(getattr(agg, name), type)
+        and issubclass(getattr(agg, name), agg.Aggregator)
+        and name not in agg.INTERFACES
+        and getattr(agg, name).requires == "gram"
+    }
     assert set(AGGREGATORS) == classes
 
 
@@ -98,8 +122,15 @@ def test_ghost_and_materialise_give_the_same_gram_and_jacobian_matches_the_refer
     model = make_model(tasks, widths=(16, 13))
     x, targets = make_batch(tasks, B=7)
     heads = model.heads
-    args = [p.detach() for p in model.trunk.weights], [p.detach() for p in model.trunk.biases], "relu", \
-        heads.weight.detach(), heads.bias.detach(), targets, tasks
+    args = (
+        [p.detach() for p in model.trunk.weights],
+        [p.detach() for p in model.trunk.biases],
+        "relu",
+        heads.weight.detach(),
+        heads.bias.detach(),
+        targets,
+        tasks,
+    )
     ghost = fastmtl.ops.task_gram(x, *args, gram_path="ghost")
     materialised = fastmtl.ops.task_gram(x, *args, gram_path="materialise")
     assert_rel_close(ghost, materialised, 1e-12, "ghost vs materialise")
@@ -118,10 +149,23 @@ def layer_paths(B, widths, in_features, keep_jacobian=False):
     out, saved = torch.ops.fastmtl.fused_mlp.default(x, ws, [], "relu")
     head, widths_out = model.heads.weight.detach(), [t.num_outputs for t in tasks]
     _, logit_grad, count_scale = torch.ops.fastmtl.multitask_head_loss.default(
-        out, head, None, model.heads.pack_targets(targets), [t.loss for t in tasks], widths_out)
-    _, _, paths = torch.ops.fastmtl.mtl_trunk_gram.default(x, ws, out, saved, "relu", False, head, logit_grad,
-                                                           count_scale, model.heads.task_weights, widths_out, "auto",
-                                                           keep_jacobian)
+        out, head, None, model.heads.pack_targets(targets), [t.loss for t in tasks], widths_out
+    )
+    _, _, paths = torch.ops.fastmtl.mtl_trunk_gram.default(
+        x,
+        ws,
+        out,
+        saved,
+        "relu",
+        False,
+        head,
+        logit_grad,
+        count_scale,
+        model.heads.task_weights,
+        widths_out,
+        "auto",
+        keep_jacobian,
+    )
     return paths.tolist()
 
 
@@ -215,7 +259,7 @@ def test_gram_every_reuses_the_weights_between_gram_steps():
     for mode in ("exact", "rep"):
         kept = None
         model.zero_grad(set_to_none=True)
-        for step, (x, targets) in enumerate(batches):
+        for _step, (x, targets) in enumerate(batches):
             model.zero_grad(set_to_none=True)
             result = model.mtl_backward(x, targets, agg.UPGrad(), mode=mode, gram_every=2)
             computed.append(result.gram_computed)
@@ -239,7 +283,7 @@ def test_gram_every_in_the_generic_path():
     trunk, head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
     aggregator = agg.UPGrad()
     flags = []
-    for step in range(4):
+    for _step in range(4):
         x, y = torch.randn(8, 4), torch.randn(8, 3)
         z = trunk(x)
         losses = ((head(z) - y) ** 2).mean(0)
@@ -290,17 +334,36 @@ def test_the_engine_ops_pass_opcheck():
         out, saved = torch.ops.fastmtl.fused_mlp.default(x, ws, bs, activation)
         head, packed = model.heads.weight.detach(), model.heads.pack_targets(targets)
         names, widths = [t.loss for t in tasks], [t.num_outputs for t in tasks]
-        _, logit_grad, scale = torch.ops.fastmtl.multitask_head_loss.default(out, head, model.heads.bias.detach(),
-                                                                             packed, names, widths)
+        _, logit_grad, scale = torch.ops.fastmtl.multitask_head_loss.default(
+            out, head, model.heads.bias.detach(), packed, names, widths
+        )
         tw = model.heads.task_weights
         for path, keep in (("auto", False), ("ghost", False), ("materialise", True)):
-            torch.library.opcheck(torch.ops.fastmtl.mtl_trunk_gram.default,
-                                  (x, ws, out, saved, activation, bias, head, logit_grad, scale, tw, widths, path, keep))
+            torch.library.opcheck(
+                torch.ops.fastmtl.mtl_trunk_gram.default,
+                (x, ws, out, saved, activation, bias, head, logit_grad, scale, tw, widths, path, keep),
+            )
         torch.library.opcheck(torch.ops.fastmtl.mtl_representation_gram.default, (head, logit_grad, scale, tw, widths))
         for need_input_grad in (False, True):
-            torch.library.opcheck(torch.ops.fastmtl.mtl_weighted_backward.default,
-                                  (x, ws, out, saved, activation, bias, head, True, logit_grad, scale, tw, 0.5 * tw,
-                                   widths, need_input_grad))
+            torch.library.opcheck(
+                torch.ops.fastmtl.mtl_weighted_backward.default,
+                (
+                    x,
+                    ws,
+                    out,
+                    saved,
+                    activation,
+                    bias,
+                    head,
+                    True,
+                    logit_grad,
+                    scale,
+                    tw,
+                    0.5 * tw,
+                    widths,
+                    need_input_grad,
+                ),
+            )
 
 
 def test_inputs_are_not_modified():
@@ -312,8 +375,11 @@ def test_inputs_are_not_modified():
     model.mtl_backward(x, targets, agg.UPGrad(), gram_path="ghost")
     assert torch.equal(x, before_x)
     for k, v in targets.items():
-        assert torch.equal(v, before_targets[k]) or (v.is_floating_point() and torch.equal(v.isnan(), before_targets[k].isnan())
-                                                    and torch.equal(v.nan_to_num(), before_targets[k].nan_to_num()))
+        assert torch.equal(v, before_targets[k]) or (
+            v.is_floating_point()
+            and torch.equal(v.isnan(), before_targets[k].isnan())
+            and torch.equal(v.nan_to_num(), before_targets[k].nan_to_num())
+        )
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before_params[n]), n
 

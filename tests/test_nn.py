@@ -5,16 +5,20 @@ import math
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
+from conftest import assert_rel_close, mixed_tasks, random_targets
 from fastmtl import Task
 from fastmtl.nn import FusedMLP, MultiTaskHeads, MultiTaskModel
-from conftest import assert_rel_close, mixed_tasks, random_targets
 
 PLAIN_ACTIVATIONS = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-    "tanh": nn.Tanh, "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
 }
 
 
@@ -52,8 +56,10 @@ def make_pair(in_features=12, widths=(16, 8), tasks=None, activation="relu", dty
     torch.manual_seed(seed)
     trunk = plain_trunk(in_features, widths, activation).to(dtype)
     linears = nn.ModuleDict({t.name: nn.Linear(widths[-1], t.num_outputs) for t in tasks}).to(dtype)
-    model = MultiTaskModel(FusedMLP(in_features, list(widths), activation=activation, dtype=dtype),
-                           MultiTaskHeads(widths[-1], tasks, dtype=dtype))
+    model = MultiTaskModel(
+        FusedMLP(in_features, list(widths), activation=activation, dtype=dtype),
+        MultiTaskHeads(widths[-1], tasks, dtype=dtype),
+    )
     model.load_plain_weights(trunk, linears)
     return model, trunk, linears, tasks
 
@@ -67,7 +73,9 @@ def test_initialised_like_nn_linear():
     heads = MultiTaskHeads(300, [Task("a", "regression", num_outputs=400)])
     bound = 1.0 / math.sqrt(300)
     assert heads.weight.abs().max() <= bound and heads.weight.abs().max() > 0.95 * bound
-    assert heads.bias.abs().max() <= bound and heads.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert heads.bias.abs().max() <= bound and heads.weight.std().item() == pytest.approx(
+        bound / math.sqrt(3), rel=0.02
+    )
 
 
 @pytest.mark.parametrize("activation", list(PLAIN_ACTIVATIONS))
@@ -111,7 +119,10 @@ def test_model_losses_match_plain_pytorch_model_float32(device):
     assert_rel_close(losses, ref, what="losses")
     model32.loss(x32, targets).backward()
     assert_rel_close(model32.loss(x32, targets), (ref * weights).sum(), what="loss")
-    plain_trunk_grads, plain_head_grads = ref_grads[: len(list(trunk.parameters()))], ref_grads[len(list(trunk.parameters())):]
+    plain_trunk_grads, plain_head_grads = (
+        ref_grads[: len(list(trunk.parameters()))],
+        ref_grads[len(list(trunk.parameters())) :],
+    )
     fused_trunk = [p.grad for pair in zip(model32.trunk.weights, model32.trunk.biases) for p in pair]
     for g, rg in zip(fused_trunk, plain_trunk_grads):
         assert_rel_close(g, rg, what="trunk grad")

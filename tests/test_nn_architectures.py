@@ -11,21 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmtl
+from conftest import assert_rel_close, mixed_tasks, random_targets
 from fastmtl import Task, reference
 from fastmtl.aggregation import UPGrad
 from fastmtl.nn import (
     AITM,
-    DSelectK,
     ESMM,
     MTAN,
     CrossStitch,
+    DSelectK,
     LearningToBranch,
     MultiTaskHeads,
     MultiTaskModel,
     SharedBottom,
 )
 from fastmtl.nn.routing import routed_logits, routed_losses
-from conftest import assert_rel_close, mixed_tasks, random_targets
 
 
 def reference_features(m, x):

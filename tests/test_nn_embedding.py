@@ -3,10 +3,11 @@ input checks; EmbeddedTrunk in front of a FusedMLP and an MMoE inside a MultiTas
 
 import doctest
 
-import fastmtl
-import fastmtl.nn.embedding
 import pytest
 import torch
+
+import fastmtl
+import fastmtl.nn.embedding
 from fastmtl.nn import EmbeddedTrunk, FieldEmbedding
 
 CARDINALITIES = [7, 1, 5]  # a field with a single category included

@@ -3,17 +3,21 @@ libraries write them (a Python loop over experts, gates and tasks); MultiTaskMod
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 import fastmtl
-from fastmtl import Task
-from fastmtl.nn import MMoE, PLE, MultiTaskHeads, MultiTaskModel, SoftSharedLinear
 from conftest import assert_rel_close, mixed_tasks, random_targets
+from fastmtl import Task
+from fastmtl.nn import PLE, MMoE, MultiTaskHeads, MultiTaskModel, SoftSharedLinear
 
 PLAIN_ACTIVATIONS = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-    "tanh": nn.Tanh, "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
 }
 
 
@@ -54,10 +58,16 @@ class PlainMMoE(nn.Module):
 class PlainPLE(nn.Module):
     def __init__(self, fused: PLE, activation):
         super().__init__()
-        self.S, self.P, self.T, self.L = fused.num_shared_experts, fused.num_task_experts, fused.num_tasks, fused.num_levels
+        self.S, self.P, self.T, self.L = (
+            fused.num_shared_experts,
+            fused.num_task_experts,
+            fused.num_tasks,
+            fused.num_levels,
+        )
         E = self.S + self.T * self.P
         self.experts = nn.ModuleList(
-            [nn.ModuleList([plain_expert(bank, e, activation) for e in range(E)]) for bank in fused.experts])
+            [nn.ModuleList([plain_expert(bank, e, activation) for e in range(E)]) for bank in fused.experts]
+        )
         self.task_gates = nn.ModuleList([plain_gates(g) for g in fused.task_gates])
         self.shared_gates = nn.ModuleList([plain_gates(g) for g in fused.shared_gates])
 
@@ -81,8 +91,11 @@ class PlainPLE(nn.Module):
 
 
 @pytest.mark.parametrize("activation", list(PLAIN_ACTIVATIONS))
-@pytest.mark.parametrize("shape", [(1, 1, 1, [1], 1), (7, 5, 1, [3], 2), (13, 9, 8, [31, 5], 6), (64, 33, 3, [17, 9, 4], 1)],
-                         ids=lambda s: f"B{s[0]}-in{s[1]}-E{s[2]}-{'x'.join(map(str, s[3]))}-T{s[4]}")
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1, [1], 1), (7, 5, 1, [3], 2), (13, 9, 8, [31, 5], 6), (64, 33, 3, [17, 9, 4], 1)],
+    ids=lambda s: f"B{s[0]}-in{s[1]}-E{s[2]}-{'x'.join(map(str, s[3]))}-T{s[4]}",
+)
 def test_mmoe_matches_plain_loop(activation, shape):
     batch, d, E, hidden, T = shape
     torch.manual_seed(batch + E)
@@ -99,9 +112,14 @@ def test_mmoe_matches_plain_loop(activation, shape):
         assert_rel_close(o, r, what="task representation")
     sum((o * c.float()).sum() for o, c in zip(out, cot)).backward()
     for i, w in enumerate(fused.experts.weights):
-        assert_rel_close(w.grad, torch.stack([plain.experts[e][2 * i].weight.grad for e in range(E)]), what=f"expert W{i}")
-        assert_rel_close(fused.experts.biases[i].grad, torch.stack([plain.experts[e][2 * i].bias.grad for e in range(E)]),
-                         what=f"expert b{i}")
+        assert_rel_close(
+            w.grad, torch.stack([plain.experts[e][2 * i].weight.grad for e in range(E)]), what=f"expert W{i}"
+        )
+        assert_rel_close(
+            fused.experts.biases[i].grad,
+            torch.stack([plain.experts[e][2 * i].bias.grad for e in range(E)]),
+            what=f"expert b{i}",
+        )
     assert_rel_close(fused.gates.weight.grad, torch.stack([g.weight.grad for g in plain.gates]), what="gate weight")
     assert_rel_close(fused.gates.bias.grad, torch.stack([g.bias.grad for g in plain.gates]), what="gate bias")
 
@@ -138,10 +156,15 @@ def test_ple_matches_plain_loop(case, activation):
             expected = torch.stack([plain.experts[level][e][2 * i].weight.grad for e in range(E)])
             assert_rel_close(w.grad, expected, what=f"level {level} expert W{i}")
     for level, gates in enumerate(fused.task_gates):
-        assert_rel_close(gates.weight.grad, torch.stack([g.weight.grad for g in plain.task_gates[level]]),
-                         what=f"level {level} task gates")
+        assert_rel_close(
+            gates.weight.grad,
+            torch.stack([g.weight.grad for g in plain.task_gates[level]]),
+            what=f"level {level} task gates",
+        )
     for level, gates in enumerate(fused.shared_gates):
-        assert_rel_close(gates.bias.grad, plain.shared_gates[level][0].bias.grad[None], what=f"level {level} shared gate")
+        assert_rel_close(
+            gates.bias.grad, plain.shared_gates[level][0].bias.grad[None], what=f"level {level} shared gate"
+        )
 
 
 def test_ple_one_level_is_cgc_over_shared_and_own_experts():
@@ -159,7 +182,7 @@ def test_gradcheck_float64_modules():
         soft.task_weight.normal_()
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     for module in (mmoe, ple, soft):
-        assert torch.autograd.gradcheck(lambda x: module.task_features(x), (x,))
+        assert torch.autograd.gradcheck(lambda x, module=module: module.task_features(x), (x,))
 
 
 @pytest.mark.parametrize("per_task_input", [False, True])
@@ -173,8 +196,9 @@ def test_soft_shared_linear_matches_per_task_linear(per_task_input, bias):
     w64 = layer.weight.detach().double().requires_grad_()
     tw64 = layer.task_weight.detach().double().requires_grad_()
     b64 = None if layer.bias is None else layer.bias.detach().double().requires_grad_()
-    ref = torch.stack([F.linear(x64[t] if per_task_input else x64, w64 + tw64[t], None if b64 is None else b64[t])
-                       for t in range(3)])
+    ref = torch.stack(
+        [F.linear(x64[t] if per_task_input else x64, w64 + tw64[t], None if b64 is None else b64[t]) for t in range(3)]
+    )
     out = layer(x64.float())
     assert out.shape == (3, 9, 5)
     assert_rel_close(out, ref, what="outputs")
@@ -201,8 +225,9 @@ def plain_routed_losses(reps, heads, tasks, targets):
     losses, row = [], 0
     for t, task in enumerate(tasks):
         n = task.num_outputs
-        one = reference.multitask_head_loss(reps[t], heads.weight[row:row + n], heads.bias[row:row + n],
-                                            {task.name: targets[task.name]}, [task])
+        one = reference.multitask_head_loss(
+            reps[t], heads.weight[row : row + n], heads.bias[row : row + n], {task.name: targets[task.name]}, [task]
+        )
         losses.append(one[0])
         row += n
     return torch.stack(losses)
@@ -212,8 +237,11 @@ def plain_routed_losses(reps, heads, tasks, targets):
 def test_multitask_model_routes_task_representations_to_their_heads(trunk_kind):
     torch.manual_seed(3)
     tasks = mixed_tasks(5)
-    trunk = {"mmoe": lambda: MMoE(10, 4, [12, 6], 5), "ple": lambda: PLE(10, 2, 1, [6], 5, num_levels=2),
-             "soft": lambda: SoftSharedLinear(10, 6, 5)}[trunk_kind]()
+    trunk = {
+        "mmoe": lambda: MMoE(10, 4, [12, 6], 5),
+        "ple": lambda: PLE(10, 2, 1, [6], 5, num_levels=2),
+        "soft": lambda: SoftSharedLinear(10, 6, 5),
+    }[trunk_kind]()
     model = MultiTaskModel(trunk, MultiTaskHeads(6, tasks)).double()
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(23, 10, dtype=torch.float64)
@@ -230,7 +258,7 @@ def test_multitask_model_routes_task_representations_to_their_heads(trunk_kind):
     logits = model(x)
     row = 0
     for t, task in enumerate(tasks):
-        w, b = model.heads.weight[row:row + task.num_outputs], model.heads.bias[row:row + task.num_outputs]
+        w, b = model.heads.weight[row : row + task.num_outputs], model.heads.bias[row : row + task.num_outputs]
         assert_rel_close(logits[task.name], F.linear(reps[t], w, b), rtol=1e-12, what=f"logits of {task.name}")
         row += task.num_outputs
 
@@ -273,7 +301,7 @@ def test_initialised_like_nn_linear():
     torch.manual_seed(8)
     mmoe = MMoE(100, 3, [50, 20], 2)
     for w, fan_in in zip(mmoe.experts.weights, [100, 50]):
-        bound = 1 / fan_in ** 0.5  # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1 / fan_in**0.5  # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
     assert mmoe.gates.weight.abs().max() <= 0.1
 
@@ -313,7 +341,8 @@ def test_bad_inputs():
 
     with pytest.raises(ValueError, match=r"per-task representations expected shape \[2, B, 4\].*got \[3, 5, 4\]"):
         MultiTaskModel(ThreeReps(), MultiTaskHeads(4, mixed_tasks(2))).losses(
-            torch.randn(5, 8), random_targets(mixed_tasks(2), 5, torch.Generator().manual_seed(0)))
+            torch.randn(5, 8), random_targets(mixed_tasks(2), 5, torch.Generator().manual_seed(0))
+        )
 
 
 def test_ops_registered():

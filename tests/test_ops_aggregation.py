@@ -15,8 +15,12 @@ ops, ref = fastmtl.ops, fastmtl.reference
 def _order(T, seed, exclude_self):
     g = torch.Generator().manual_seed(seed)
     if exclude_self:
-        return torch.stack([torch.tensor([j for j in range(T) if j != i], dtype=torch.int64)[torch.randperm(T - 1, generator=g)]
-                            for i in range(T)])[None]
+        return torch.stack(
+            [
+                torch.tensor([j for j in range(T) if j != i], dtype=torch.int64)[torch.randperm(T - 1, generator=g)]
+                for i in range(T)
+            ]
+        )[None]
     return torch.stack([torch.randperm(T, generator=g) for _ in range(T)])[None]
 
 
@@ -71,8 +75,18 @@ def test_op_matches_reference_in_float64(name, T):
             assert_rel_close(got, want, tol, f"{name} {kind} T={T}")
 
 
-@pytest.mark.parametrize("name", ["dual_cone_projection", "power_system_weights", "pcgrad_weights", "aligned_mtl_weights",
-                                  "imtlg_weights", "config_weights", "gradvac_weights"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dual_cone_projection",
+        "power_system_weights",
+        "pcgrad_weights",
+        "aligned_mtl_weights",
+        "imtlg_weights",
+        "config_weights",
+        "gradvac_weights",
+    ],
+)
 def test_op_scales_to_many_tasks(name):
     # T = 40 and 128: the iterative/closed-form references still run; results agree.
     for T in (40, 128):
@@ -121,8 +135,10 @@ def test_batch_equals_one_matrix_at_a_time(name):
     for n in range(N):
         grams.append(gram(jacobian(T, KINDS[n % 2], 50 + n)))
         argss.append(_calls(T, 50 + n)[name])
-    batched_args = tuple(torch.cat([a[i] for a in argss]) if isinstance(argss[0][i], torch.Tensor) else argss[0][i]
-                         for i in range(len(argss[0])))
+    batched_args = tuple(
+        torch.cat([a[i] for a in argss]) if isinstance(argss[0][i], torch.Tensor) else argss[0][i]
+        for i in range(len(argss[0]))
+    )
     batched = getattr(ops, name)(torch.stack(grams), *batched_args)
     for n in range(N):
         one = getattr(ops, name)(grams[n][None], *argss[n])
@@ -181,13 +197,19 @@ def test_bad_gram_raises_naming_it(name):
     bad = {
         "shape": (G[0], ValueError, "gram"),
         "not square": (G[:, :, :2], ValueError, "gram"),
-        "nan": (G.clone().index_put_((torch.tensor([0]), torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan"),
-                dtype=torch.float64)), ValueError, "finite"),
+        "nan": (
+            G.clone().index_put_(
+                (torch.tensor([0]), torch.tensor([0]), torch.tensor([1])),
+                torch.tensor(float("nan"), dtype=torch.float64),
+            ),
+            ValueError,
+            "finite",
+        ),
         "asymmetric": (G + torch.triu(torch.ones(T, T, dtype=torch.float64), 1), ValueError, "symmetric"),
         "negative diagonal": (G - 10 * torch.eye(T, dtype=torch.float64) * G.abs().max(), ValueError, "diagonal"),
         "dtype": (G.to(torch.int64), TypeError, "gram"),
     }
-    for what, (g, error, words) in bad.items():
+    for _what, (g, error, words) in bad.items():
         with pytest.raises(error, match=words):
             op(g, *args)
 
@@ -199,7 +221,9 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(ValueError, match="'order' expected each row to list distinct tasks"):
         ops.pcgrad_weights(G, torch.zeros(1, 3, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="'order' expected each row"):
-        ops.gradvac_weights(G, torch.tensor([[[0, 1], [0, 2], [0, 1]]]), torch.zeros(1, 3, 3, dtype=torch.float64), 0.5, 1e-8)
+        ops.gradvac_weights(
+            G, torch.tensor([[[0, 1], [0, 2], [0, 1]]]), torch.zeros(1, 3, 3, dtype=torch.float64), 0.5, 1e-8
+        )
     with pytest.raises(TypeError, match="'order' expected dtype torch.int64"):
         ops.pcgrad_weights(G, torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match="'exponent' expected a finite value > 0"):
@@ -222,15 +246,20 @@ def test_cuda_gram_is_solved_and_returned_on_its_device(device):
 
 @pytest.mark.parametrize("each", [True, False])
 def test_dual_cone_weights_is_upgrad_and_dualproj_in_one_call_batched_or_not(each):
-    for T, kind, seed, J, G in cases([1, 3, 8], per_T=len(KINDS)):
+    for T, kind, seed, _J, G in cases([1, 3, 8], per_T=len(KINDS)):
         pref = _pref(T, seed)
         u = torch.diag_embed(pref) if each else pref[:, None, :]
         want = ops.dual_cone_projection(G[None], u, 0.0, 1e-4).sum(dim=1)
         # Summed over the T projections in C++: the same terms as torch's sum, perhaps in another order.
         assert_rel_close(ops.dual_cone_weights(G[None], pref, 0.0, 1e-4, each), want, 1e-13, f"{kind} T={T}")
-        assert torch.equal(ops.dual_cone_weights(G, pref[0], 0.0, 1e-4, each),
-                           ops.dual_cone_weights(G[None], pref, 0.0, 1e-4, each)[0]), (T, kind)
-        assert_rel_close(ops.dual_cone_weights(G, pref[0], 0.0, 1e-4, each),
-                         ref.dual_cone_weights(G, pref[0], 0.0, 1e-4, each), 1e-7, f"{kind} T={T}")
+        assert torch.equal(
+            ops.dual_cone_weights(G, pref[0], 0.0, 1e-4, each), ops.dual_cone_weights(G[None], pref, 0.0, 1e-4, each)[0]
+        ), (T, kind)
+        assert_rel_close(
+            ops.dual_cone_weights(G, pref[0], 0.0, 1e-4, each),
+            ref.dual_cone_weights(G, pref[0], 0.0, 1e-4, each),
+            1e-7,
+            f"{kind} T={T}",
+        )
     with pytest.raises(ValueError, match="'pref' expected \\[T\\]"):
         ops.dual_cone_weights(G, pref, 0.0, 1e-4, each)

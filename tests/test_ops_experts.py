@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from fastmtl import ops, reference
 from conftest import assert_rel_close
+from fastmtl import ops, reference
 
 ACTIVATIONS = list(ops.ACTIVATIONS)
 
@@ -42,7 +42,11 @@ EXPERT_SHAPES = [
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape", EXPERT_SHAPES, ids=lambda s: f"E{s[0]}-B{s[1]}-in{s[2]}-{'x'.join(map(str, s[3]))}-{'per' if s[4] else 'shared'}")
+@pytest.mark.parametrize(
+    "shape",
+    EXPERT_SHAPES,
+    ids=lambda s: f"E{s[0]}-B{s[1]}-in{s[2]}-{'x'.join(map(str, s[3]))}-{'per' if s[4] else 'shared'}",
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_experts_float32_matches_float64_reference(device, activation, shape, bias):
     num_experts, batch, in_features, widths, per_expert = shape
@@ -72,7 +76,11 @@ def test_fused_experts_float32_matches_float64_reference(device, activation, sha
 @pytest.mark.parametrize("per_expert", [False, True])
 def test_fused_experts_gradcheck_float64(device, activation, bias, per_expert):
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(*((3, 4, 5) if per_expert else (4, 5)), generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x = (
+        torch.randn(*((3, 4, 5) if per_expert else (4, 5)), generator=gen, dtype=torch.float64)
+        .to(device)
+        .requires_grad_()
+    )
     ws, bs = make_experts(3, 5, [6, 3], bias, gen)
     ws, bs = leaves(ws, device, torch.float64), leaves(bs, device, torch.float64)
     num_layers = len(ws)
@@ -156,22 +164,56 @@ def _experts32():
     "mutate, error, pattern",
     [
         (lambda x, ws, bs: (x[:, :3], ws, bs, "relu"), ValueError, r"'weights\[0\]' expected size 3 in dimension 2"),
-        (lambda x, ws, bs: (x, [ws[0], ws[1][:, :, :5]], bs, "relu"), ValueError, r"'weights\[1\]'.*got shape \[3, 2, 5\]"),
-        (lambda x, ws, bs: (x, [ws[0], ws[1][:2]], bs, "relu"), ValueError, r"'weights\[1\]' expected size 3 in dimension 0"),
-        (lambda x, ws, bs: (x, [w[:0] for w in ws], [b[:0] for b in bs], "relu"), ValueError, r"'weights\[0\]' expected at least 1 expert"),
-        (lambda x, ws, bs: (x, ws, [bs[0][:, :5], bs[1]], "relu"), ValueError, r"'biases\[0\]' expected size 6 in dimension 1"),
+        (
+            lambda x, ws, bs: (x, [ws[0], ws[1][:, :, :5]], bs, "relu"),
+            ValueError,
+            r"'weights\[1\]'.*got shape \[3, 2, 5\]",
+        ),
+        (
+            lambda x, ws, bs: (x, [ws[0], ws[1][:2]], bs, "relu"),
+            ValueError,
+            r"'weights\[1\]' expected size 3 in dimension 0",
+        ),
+        (
+            lambda x, ws, bs: (x, [w[:0] for w in ws], [b[:0] for b in bs], "relu"),
+            ValueError,
+            r"'weights\[0\]' expected at least 1 expert",
+        ),
+        (
+            lambda x, ws, bs: (x, ws, [bs[0][:, :5], bs[1]], "relu"),
+            ValueError,
+            r"'biases\[0\]' expected size 6 in dimension 1",
+        ),
         (lambda x, ws, bs: (x, ws, bs[:1], "relu"), ValueError, r"'biases' expected 2 entries"),
         (lambda x, ws, bs: (x, ws, bs, "swish"), ValueError, r"'activation' expected one of relu.*got 'swish'"),
         (lambda x, ws, bs: (x[:0], ws, bs, "relu"), ValueError, r"'x' expected a batch of at least 1 row"),
         (lambda x, ws, bs: (x[0], ws, bs, "relu"), ValueError, r"'x' expected a 2-D \[B, d\] or 3-D"),
         (lambda x, ws, bs: (x.expand(2, 5, 4), ws, bs, "relu"), ValueError, r"'x' expected size 3 in dimension 0"),
         (lambda x, ws, bs: (x.long(), ws, bs, "relu"), TypeError, r"'x' expected dtype torch.float32 or torch.float64"),
-        (lambda x, ws, bs: (x, [ws[0].double(), ws[1]], bs, "relu"), TypeError, r"'weights\[0\]' expected dtype torch.float32"),
+        (
+            lambda x, ws, bs: (x, [ws[0].double(), ws[1]], bs, "relu"),
+            TypeError,
+            r"'weights\[0\]' expected dtype torch.float32",
+        ),
         (lambda x, ws, bs: (x, [], [], "relu"), ValueError, r"'weights' expected at least one layer"),
         (lambda x, ws, bs: (x, [ws[0][0]], [], "relu"), ValueError, r"'weights\[0\]' expected a 3-D tensor"),
     ],
-    ids=["x-width", "chain", "expert-count", "no-experts", "bias-size", "bias-count", "activation", "empty-batch",
-         "x-1d", "x-experts", "x-int", "dtype-mix", "no-layers", "weight-2d"],
+    ids=[
+        "x-width",
+        "chain",
+        "expert-count",
+        "no-experts",
+        "bias-size",
+        "bias-count",
+        "activation",
+        "empty-batch",
+        "x-1d",
+        "x-experts",
+        "x-int",
+        "dtype-mix",
+        "no-layers",
+        "weight-2d",
+    ],
 )
 def test_fused_experts_bad_input_names_the_argument(mutate, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -210,7 +252,9 @@ def make_gates(shape, generator, bias=True):
     return x, gate_weight, gate_bias, experts, index
 
 
-@pytest.mark.parametrize("shape", GATE_SHAPES, ids=lambda s: f"T{s[0]}-B{s[1]}-d{s[2]}-E{s[3]}-h{s[4]}-K{s[5]}-{'per' if s[6] else 'shared'}")
+@pytest.mark.parametrize(
+    "shape", GATE_SHAPES, ids=lambda s: f"T{s[0]}-B{s[1]}-d{s[2]}-E{s[3]}-h{s[4]}-K{s[5]}-{'per' if s[6] else 'shared'}"
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_gated_mixture_float32_matches_float64_reference(device, shape, bias):
     gen = torch.Generator().manual_seed(shape[0] * 31 + shape[1])
@@ -235,7 +279,9 @@ def test_gated_mixture_float32_matches_float64_reference(device, shape, bias):
 def test_gated_mixture_gradcheck_float64(device, shape, bias):
     gen = torch.Generator().manual_seed(4)
     x, gw, gb, experts, index = make_gates(shape, gen, bias)
-    inputs = [t.to(device).requires_grad_() for t in (x, gw, experts)] + ([gb.to(device).requires_grad_()] if bias else [])
+    inputs = [t.to(device).requires_grad_() for t in (x, gw, experts)] + (
+        [gb.to(device).requires_grad_()] if bias else []
+    )
 
     def fn(x, gw, experts, *gb):
         return ops.gated_mixture(x, gw, gb[0] if gb else None, experts, index)
@@ -290,21 +336,57 @@ def _gates32():
 @pytest.mark.parametrize(
     "mutate, error, pattern",
     [
-        (lambda x, gw, gb, ex: (x[:, :3], gw, gb, ex, None), ValueError, r"'gate_weight' expected size 3 in dimension 2"),
-        (lambda x, gw, gb, ex: (x, gw[:, :2], gb[:, :2], ex, None), ValueError, r"'gate_weight' expected size 3 in dimension 1"),
+        (
+            lambda x, gw, gb, ex: (x[:, :3], gw, gb, ex, None),
+            ValueError,
+            r"'gate_weight' expected size 3 in dimension 2",
+        ),
+        (
+            lambda x, gw, gb, ex: (x, gw[:, :2], gb[:, :2], ex, None),
+            ValueError,
+            r"'gate_weight' expected size 3 in dimension 1",
+        ),
         (lambda x, gw, gb, ex: (x, gw, gb[:, :2], ex, None), ValueError, r"'gate_bias' expected size 3 in dimension 1"),
         (lambda x, gw, gb, ex: (x, gw, gb, ex[:, :4], None), ValueError, r"'experts' expected size 5 in dimension 1"),
         (lambda x, gw, gb, ex: (x, gw, gb, ex[:0], None), ValueError, r"'experts' expected at least 1 expert"),
-        (lambda x, gw, gb, ex: (x, gw, gb, ex, [[0, 1, 3], [0, 1, 2]]), ValueError, r"'expert_index' expected entries in \[0, 3\).*got 3"),
+        (
+            lambda x, gw, gb, ex: (x, gw, gb, ex, [[0, 1, 3], [0, 1, 2]]),
+            ValueError,
+            r"'expert_index' expected entries in \[0, 3\).*got 3",
+        ),
         (lambda x, gw, gb, ex: (x, gw, gb, ex, [[0, 1], [0, 1]]), ValueError, r"'expert_index' expected 6 entries"),
-        (lambda x, gw, gb, ex: (x, gw, gb, ex, [[0, 1.0, 2], [0, 1, 2]]), TypeError, r"'expert_index' expected integers"),
-        (lambda x, gw, gb, ex: (x.expand(3, 5, 4), gw, gb, ex, None), ValueError, r"'x' expected size 2 in dimension 0"),
-        (lambda x, gw, gb, ex: (x, gw.double(), gb, ex, None), TypeError, r"'gate_weight' expected dtype torch.float32"),
+        (
+            lambda x, gw, gb, ex: (x, gw, gb, ex, [[0, 1.0, 2], [0, 1, 2]]),
+            TypeError,
+            r"'expert_index' expected integers",
+        ),
+        (
+            lambda x, gw, gb, ex: (x.expand(3, 5, 4), gw, gb, ex, None),
+            ValueError,
+            r"'x' expected size 2 in dimension 0",
+        ),
+        (
+            lambda x, gw, gb, ex: (x, gw.double(), gb, ex, None),
+            TypeError,
+            r"'gate_weight' expected dtype torch.float32",
+        ),
         (lambda x, gw, gb, ex: (x, gw[0], gb, ex, None), ValueError, r"'gate_weight' expected a 3-D tensor"),
         (lambda x, gw, gb, ex: (x[:0], gw, gb, ex[:, :0], None), ValueError, r"'x' expected a batch of at least 1 row"),
     ],
-    ids=["d", "K-vs-E", "bias", "batch", "no-experts", "index-range", "index-count", "index-type", "x-tasks", "dtype",
-         "weight-2d", "empty-batch"],
+    ids=[
+        "d",
+        "K-vs-E",
+        "bias",
+        "batch",
+        "no-experts",
+        "index-range",
+        "index-count",
+        "index-type",
+        "x-tasks",
+        "dtype",
+        "weight-2d",
+        "empty-batch",
+    ],
 )
 def test_gated_mixture_bad_input_names_the_argument(mutate, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fastmtl import Task, ops, reference
 from conftest import assert_rel_close, mixed_tasks, random_head_inputs, random_targets
+from fastmtl import Task, ops, reference
 
 CASES = [
     # (batch, features, num_tasks, tasks with no label at all)
@@ -65,25 +65,30 @@ def test_each_regression_column_can_be_missing_on_its_own(device):
     task = Task("r", "regression", num_outputs=3)
     z = torch.eye(3, dtype=torch.float64, device=device)
     w = torch.eye(3, dtype=torch.float64, device=device)  # logits == z
-    targets = torch.tensor([[0.0, math.nan, 0.0], [math.nan, 0.0, 0.0], [0.0, 0.0, math.nan]], dtype=torch.float64,
-                           device=device)
+    targets = torch.tensor(
+        [[0.0, math.nan, 0.0], [math.nan, 0.0, 0.0], [0.0, 0.0, math.nan]], dtype=torch.float64, device=device
+    )
     # Labelled entries: 6; squared errors: row0 col0 = 1, row1 col1 = 1, others 0 -> mean 2/6.
     loss = ops.multitask_head_loss(z, w, None, targets, [task])
     assert loss.item() == pytest.approx(2.0 / 6.0, rel=1e-15)
 
 
 def test_hand_computed_losses(device):
-    tasks = [Task("b", "binary"), Task("c", "multiclass", num_outputs=3), Task("h", "regression", loss="huber"),
-             Task("l", "regression", loss="l1")]
+    tasks = [
+        Task("b", "binary"),
+        Task("c", "multiclass", num_outputs=3),
+        Task("h", "regression", loss="huber"),
+        Task("l", "regression", loss="l1"),
+    ]
     z = torch.ones(1, 1, dtype=torch.float64, device=device)
     w = torch.tensor([[2.0], [0.0], [1.0], [0.0], [3.0], [-1.0]], dtype=torch.float64, device=device)  # logits = w^T
     targets = torch.tensor([[1.0, 2.0, 0.5, 1.0]], dtype=torch.float64, device=device)
     losses = ops.multitask_head_loss(z, w, None, targets, tasks)
     expected = [
-        math.log1p(math.exp(-2.0)),                              # bce(2, 1)
+        math.log1p(math.exp(-2.0)),  # bce(2, 1)
         math.log(math.exp(0) + math.exp(1) + math.exp(0)) - 0.0,  # ce([0, 1, 0], class 2)
-        3.0 - 0.5 - 0.5,                                         # huber(d = 2.5) = |d| - 0.5
-        2.0,                                                     # l1(-1 - 1)
+        3.0 - 0.5 - 0.5,  # huber(d = 2.5) = |d| - 0.5
+        2.0,  # l1(-1 - 1)
     ]
     assert losses.tolist() == pytest.approx(expected, rel=1e-14)
 
@@ -170,8 +175,9 @@ def test_opcheck(device):
     losses, num_outputs = [t.loss for t in tasks], [t.num_outputs for t in tasks]
     torch.library.opcheck(torch.ops.fastmtl.multitask_head_loss.default, (z, w, b, packed, losses, num_outputs))
     torch.library.opcheck(torch.ops.fastmtl.multitask_head_loss.default, (z, w, None, packed, losses, num_outputs))
-    _, logit_grad, scale = torch.ops.fastmtl.multitask_head_loss.default(z.detach(), w.detach(), b.detach(), packed,
-                                                                          losses, num_outputs)
+    _, logit_grad, scale = torch.ops.fastmtl.multitask_head_loss.default(
+        z.detach(), w.detach(), b.detach(), packed, losses, num_outputs
+    )
     upstream = torch.randn(len(tasks), device=device)
     for has_bias in (True, False):
         for need_z_grad in (True, False):
@@ -191,8 +197,12 @@ def test_opcheck(device):
 
 
 def test_pack_targets_matches_reference_and_accepts_bool_and_2d(device):
-    tasks = [Task("r", "regression", num_outputs=2), Task("b", "binary"), Task("c", "multiclass", num_outputs=4),
-             Task("s", "regression")]
+    tasks = [
+        Task("r", "regression", num_outputs=2),
+        Task("b", "binary"),
+        Task("c", "multiclass", num_outputs=4),
+        Task("s", "regression"),
+    ]
     targets = {
         "r": torch.tensor([[1.0, math.nan], [3.0, 4.0], [5.0, 6.0]]),
         "b": torch.tensor([True, False, True]),
@@ -211,18 +221,36 @@ def test_pack_targets_matches_reference_and_accepts_bool_and_2d(device):
     "targets, error, pattern",
     [
         ({"r": torch.zeros(4), "c": torch.zeros(4, dtype=torch.long)}, ValueError, r"no entry for task 'b'"),
-        ({"r": torch.zeros(4), "b": torch.zeros(4), "c": torch.zeros(4)}, TypeError,
-         r"targets\['c'\]' \(multiclass task\) expected integer class indices.*got dtype torch.float32"),
-        ({"r": torch.zeros(4, dtype=torch.long), "b": torch.zeros(4), "c": torch.zeros(4, dtype=torch.long)}, TypeError,
-         r"targets\['r'\]' \(regression task\) expected a floating tensor"),
-        ({"r": torch.zeros(4), "b": torch.zeros(3), "c": torch.zeros(4, dtype=torch.long)}, ValueError,
-         r"targets\['b'\]' expected shape \[4\].*got \[3\]"),
-        ({"r": torch.zeros(4, 2), "b": torch.zeros(4), "c": torch.zeros(4, dtype=torch.long)}, ValueError,
-         r"targets\['r'\]' expected shape.*got \[4, 2\]"),
-        ({"r": torch.zeros(0), "b": torch.zeros(0), "c": torch.zeros(0, dtype=torch.long)}, ValueError,
-         r"targets\['r'\]'.*B >= 1"),
-        ({"r": [0.0] * 4, "b": torch.zeros(4), "c": torch.zeros(4, dtype=torch.long)}, TypeError,
-         r"targets\['r'\]' expected a tensor, got list"),
+        (
+            {"r": torch.zeros(4), "b": torch.zeros(4), "c": torch.zeros(4)},
+            TypeError,
+            r"targets\['c'\]' \(multiclass task\) expected integer class indices.*got dtype torch.float32",
+        ),
+        (
+            {"r": torch.zeros(4, dtype=torch.long), "b": torch.zeros(4), "c": torch.zeros(4, dtype=torch.long)},
+            TypeError,
+            r"targets\['r'\]' \(regression task\) expected a floating tensor",
+        ),
+        (
+            {"r": torch.zeros(4), "b": torch.zeros(3), "c": torch.zeros(4, dtype=torch.long)},
+            ValueError,
+            r"targets\['b'\]' expected shape \[4\].*got \[3\]",
+        ),
+        (
+            {"r": torch.zeros(4, 2), "b": torch.zeros(4), "c": torch.zeros(4, dtype=torch.long)},
+            ValueError,
+            r"targets\['r'\]' expected shape.*got \[4, 2\]",
+        ),
+        (
+            {"r": torch.zeros(0), "b": torch.zeros(0), "c": torch.zeros(0, dtype=torch.long)},
+            ValueError,
+            r"targets\['r'\]'.*B >= 1",
+        ),
+        (
+            {"r": [0.0] * 4, "b": torch.zeros(4), "c": torch.zeros(4, dtype=torch.long)},
+            TypeError,
+            r"targets\['r'\]' expected a tensor, got list",
+        ),
     ],
     ids=["missing-task", "float-classes", "int-regression", "batch-mismatch", "width", "empty-batch", "not-tensor"],
 )
@@ -256,13 +284,28 @@ def _head_args():
         (lambda z, w, b, t, ts: (z, w, b, t[:, :2], ts), ValueError, r"'targets' expected size 3 in dimension 1"),
         (lambda z, w, b, t, ts: (z, w, b, t.double(), ts), TypeError, r"'targets' expected dtype torch.float32"),
         (lambda z, w, b, t, ts: (z.double(), w, b, t, ts), TypeError, r"'weight' expected dtype torch.float64"),
-        (lambda z, w, b, t, ts: (z.int(), w, b, t, ts), TypeError, r"'z' expected dtype torch.float32 or torch.float64"),
+        (
+            lambda z, w, b, t, ts: (z.int(), w, b, t, ts),
+            TypeError,
+            r"'z' expected dtype torch.float32 or torch.float64",
+        ),
         (lambda z, w, b, t, ts: (z[:0], w, b, t[:0], ts), ValueError, r"'z' expected a batch of at least 1 row"),
         (lambda z, w, b, t, ts: (z, w, b, t, []), ValueError, r"'tasks' expected at least one Task, got 0"),
         (lambda z, w, b, t, ts: (z, w, b, t, ts[:2] + ["c"]), TypeError, r"'tasks\[2\]' expected a fastmtl.Task"),
     ],
-    ids=["weight-rows", "weight-cols", "bias", "batch", "target-cols", "target-dtype", "weight-dtype", "z-int",
-         "empty-batch", "no-tasks", "not-a-task"],
+    ids=[
+        "weight-rows",
+        "weight-cols",
+        "bias",
+        "batch",
+        "target-cols",
+        "target-dtype",
+        "weight-dtype",
+        "z-int",
+        "empty-batch",
+        "no-tasks",
+        "not-a-task",
+    ],
 )
 def test_bad_input_raises_with_argument_name(mutate, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -272,11 +315,21 @@ def test_bad_input_raises_with_argument_name(mutate, error, pattern):
 @pytest.mark.parametrize(
     "row, col, value, pattern",
     [
-        (0, 2, 3.0, r"row 0, column 2 \(task 2, loss 'ce', num_outputs 3\): expected a class index in \[0, num_outputs\) or -100.*got 3"),
+        (
+            0,
+            2,
+            3.0,
+            r"row 0, column 2 \(task 2, loss 'ce', num_outputs 3\): expected a class index in \[0, num_outputs\) or -100.*got 3",
+        ),
         (1, 2, -1.0, r"row 1, column 2.*got -1"),
         (3, 2, 1.5, r"row 3, column 2.*got 1.5"),
         (2, 2, math.nan, r"row 2, column 2.*got nan"),
-        (1, 1, 2.0, r"row 1, column 1 \(task 1, loss 'bce'.*expected a probability in \[0, 1\] \(soft labels allowed; NaN = missing\), got 2"),
+        (
+            1,
+            1,
+            2.0,
+            r"row 1, column 1 \(task 1, loss 'bce'.*expected a probability in \[0, 1\] \(soft labels allowed; NaN = missing\), got 2",
+        ),
         (3, 0, math.inf, r"row 3, column 0 \(task 0, loss 'mse'.*expected a finite value"),
     ],
     ids=["class-too-big", "class-negative", "class-fractional", "class-nan", "bce-2", "regression-inf"],

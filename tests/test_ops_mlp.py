@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fastmtl import ops, reference
 from conftest import assert_rel_close
+from fastmtl import ops, reference
 
 ACTIVATIONS = list(ops.ACTIVATIONS)
 
@@ -48,7 +48,9 @@ def test_float32_forward_and_gradients_match_float64_reference(device, activatio
     grad_out = torch.randn(batch, widths[-1], generator=gen, dtype=torch.float64)
 
     ref_inputs = [x64.clone().requires_grad_()] + on("cpu", torch.float64, w64) + (on("cpu", torch.float64, b64) or [])
-    ref_out = reference.fused_mlp(ref_inputs[0], ref_inputs[1 : 1 + len(widths)], ref_inputs[1 + len(widths) :] or None, activation)
+    ref_out = reference.fused_mlp(
+        ref_inputs[0], ref_inputs[1 : 1 + len(widths)], ref_inputs[1 + len(widths) :] or None, activation
+    )
     ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out)
 
     x = x64.to(device, torch.float32).requires_grad_()
@@ -117,7 +119,9 @@ def test_non_contiguous_inputs(device):
         return x_base[:, ::2], [w0_base.t(), w1_base[:, ::2]], [b0_base[::2], w1_base[:, 0]]
 
     x, ws, bs = views()
-    assert not x.is_contiguous() and not ws[0].is_contiguous() and not ws[1].is_contiguous() and not bs[0].is_contiguous()
+    assert (
+        not x.is_contiguous() and not ws[0].is_contiguous() and not ws[1].is_contiguous() and not bs[0].is_contiguous()
+    )
     grad_out = torch.randn(5, 11, generator=gen, dtype=torch.float64).to(device).t()
     assert not grad_out.is_contiguous()
     out = ops.fused_mlp(x, ws, bs, "gelu")
@@ -194,7 +198,11 @@ def test_respects_thread_count():
 def _trunk32(device="cpu"):
     gen = torch.Generator().manual_seed(9)
     ws, bs = make_trunk(4, [6, 3], True, gen, dtype=torch.float32)
-    return torch.randn(5, 4, generator=gen).to(device), on(device, torch.float32, ws, False), on(device, torch.float32, bs, False)
+    return (
+        torch.randn(5, 4, generator=gen).to(device),
+        on(device, torch.float32, ws, False),
+        on(device, torch.float32, bs, False),
+    )
 
 
 @pytest.mark.parametrize(
@@ -207,13 +215,32 @@ def _trunk32(device="cpu"):
         (lambda x, ws, bs: (x, ws, bs, "swish"), ValueError, r"'activation' expected one of relu.*got 'swish'"),
         (lambda x, ws, bs: (x[:0], ws, bs, "relu"), ValueError, r"'x' expected a batch of at least 1 row"),
         (lambda x, ws, bs: (x[0], ws, bs, "relu"), ValueError, r"'x' expected a 2-D tensor"),
-        (lambda x, ws, bs: (x.long(), ws, bs, "relu"), TypeError, r"'x' expected dtype torch.float32 or torch.float64, got torch.int64"),
-        (lambda x, ws, bs: (x, [ws[0].double(), ws[1]], bs, "relu"), TypeError, r"'weights\[0\]' expected dtype torch.float32"),
+        (
+            lambda x, ws, bs: (x.long(), ws, bs, "relu"),
+            TypeError,
+            r"'x' expected dtype torch.float32 or torch.float64, got torch.int64",
+        ),
+        (
+            lambda x, ws, bs: (x, [ws[0].double(), ws[1]], bs, "relu"),
+            TypeError,
+            r"'weights\[0\]' expected dtype torch.float32",
+        ),
         (lambda x, ws, bs: (x, [], [], "relu"), ValueError, r"'weights' expected at least one layer"),
         (lambda x, ws, bs: (x, [ws[0][None]], [], "relu"), ValueError, r"'weights\[0\]' expected a 2-D tensor"),
     ],
-    ids=["x-width", "chain", "bias-size", "bias-count", "activation", "empty-batch", "x-1d", "x-int", "dtype-mix",
-         "no-layers", "weight-3d"],
+    ids=[
+        "x-width",
+        "chain",
+        "bias-size",
+        "bias-count",
+        "activation",
+        "empty-batch",
+        "x-1d",
+        "x-int",
+        "dtype-mix",
+        "no-layers",
+        "weight-3d",
+    ],
 )
 def test_bad_input_raises_with_argument_name(mutate, error, pattern):
     x, ws, bs = _trunk32()
@@ -242,7 +269,7 @@ def test_backward_bits_do_not_depend_on_thread_count():
     finally:
         torch.set_num_threads(threads)
     many = torch.autograd.grad(ops.fused_mlp(x, ws, bs, "relu"), [*ws, *bs], grad_out)
-    for a, b in zip(one[len(ws):], many[len(ws):]):
+    for a, b in zip(one[len(ws) :], many[len(ws) :]):
         assert torch.equal(a, b), "bias gradients are reduced in a fixed order"
 
 
@@ -251,7 +278,11 @@ def test_interleaved_shapes_and_dtypes_give_the_reference_results():
     # turn must never see each other's data.
     gen = torch.Generator().manual_seed(11)
     cases = []
-    for batch, widths, dtype in [(300, [64, 32], torch.float32), (3, [5, 7, 2], torch.float64), (50, [128], torch.float32)]:
+    for batch, widths, dtype in [
+        (300, [64, 32], torch.float32),
+        (3, [5, 7, 2], torch.float64),
+        (50, [128], torch.float32),
+    ]:
         x = torch.randn(batch, 9, generator=gen, dtype=torch.float64)
         ws, bs = make_trunk(9, widths, True, gen)
         cases.append((x, ws, bs, dtype))

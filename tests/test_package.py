@@ -67,11 +67,30 @@ MODULES_WITH_EXAMPLES = (
     + [f"fastmtl.ops.{name}" for name in ("trunk", "heads", "experts", "per_task", "aggregation")]
     + ["fastmtl.engine.autograd_engine", "fastmtl.engine.options"]
     + [f"fastmtl.data.{name}" for name in ("dataset", "multidigits", "synthetic")]
-    + [f"fastmtl.aggregation.{name}" for name in  # one module per method (issue 17)
-       ["__init__"] + sorted(m.name for m in pkgutil.iter_modules(fastmtl.aggregation.__path__) if m.name[0] != "_")]
-    + [f"fastmtl.weighting.{name}" for name in
-       ("__init__", "equal", "uncertainty", "dwa", "rlw", "gradnorm", "famo", "dbmtl", "imtl", "gls", "stch", "cosmos",
-        "pbi", "metabalance")]
+    + [
+        f"fastmtl.aggregation.{name}"
+        for name in ["__init__"]  # one module per method (issue 17)
+        + sorted(m.name for m in pkgutil.iter_modules(fastmtl.aggregation.__path__) if m.name[0] != "_")
+    ]
+    + [
+        f"fastmtl.weighting.{name}"
+        for name in (
+            "__init__",
+            "equal",
+            "uncertainty",
+            "dwa",
+            "rlw",
+            "gradnorm",
+            "famo",
+            "dbmtl",
+            "imtl",
+            "gls",
+            "stch",
+            "cosmos",
+            "pbi",
+            "metabalance",
+        )
+    ]
 )
 
 

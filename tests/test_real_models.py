@@ -92,8 +92,9 @@ def _spawn(wrapper: str):
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 
-needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+needs_gloo = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 
 @needs_gloo
@@ -125,10 +126,14 @@ def _per_task_model(make_trunk):
     return fastmtl.nn.MultiTaskModel(trunk, fastmtl.nn.MultiTaskHeads(trunk.out_features, TASKS)).double()
 
 
-@pytest.mark.parametrize("make_trunk", [
-    lambda: fastmtl.nn.MMoE(5, 3, [6], 3),
-    lambda: fastmtl.nn.PLE(5, 2, 1, [6], 3, num_levels=2),
-], ids=["mmoe", "ple"])
+@pytest.mark.parametrize(
+    "make_trunk",
+    [
+        lambda: fastmtl.nn.MMoE(5, 3, [6], 3),
+        lambda: fastmtl.nn.PLE(5, 2, 1, [6], 3, num_levels=2),
+    ],
+    ids=["mmoe", "ple"],
+)
 def test_mtl_backward_aggregates_only_the_trunks_shared_parameters(make_trunk):
     model, reference = _per_task_model(make_trunk), _per_task_model(make_trunk)
     x, targets = batch(3)
@@ -196,10 +201,12 @@ def test_targets_are_packed_in_the_loss_dtype(dtype):
 def _plain_mlp(seed: int):
     torch.manual_seed(seed)
     L, R = torch.nn.Linear, torch.nn.ReLU
-    return torch.nn.ModuleDict({
-        "trunk": torch.nn.Sequential(L(4, 8), R(), L(8, 8), R(), L(8, 3)),
-        "tower": torch.nn.Sequential(L(3, 5), torch.nn.GELU(approximate="tanh"), L(5, 5), torch.nn.GELU("tanh")),
-    })
+    return torch.nn.ModuleDict(
+        {
+            "trunk": torch.nn.Sequential(L(4, 8), R(), L(8, 8), R(), L(8, 3)),
+            "tower": torch.nn.Sequential(L(3, 5), torch.nn.GELU(approximate="tanh"), L(5, 5), torch.nn.GELU("tanh")),
+        }
+    )
 
 
 def _run(model, x):
@@ -296,9 +303,12 @@ def test_jacobian_columns_are_in_parameters_order(shared):
     x, targets = batch(9)
     params = list(model.trunk.parameters())
     wrt = params if shared == "all" else params[1:]
-    result = model.mtl_backward(x, targets, agg.UPGrad(), keep_jacobian=True,
-                                shared_params=None if shared == "all" else wrt)
+    result = model.mtl_backward(
+        x, targets, agg.UPGrad(), keep_jacobian=True, shared_params=None if shared == "all" else wrt
+    )
     losses = model.heads.losses(model.trunk(x), targets) * model.heads.task_weights
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], wrt, retain_graph=True)])
-            for t in range(len(TASKS))]
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], wrt, retain_graph=True)])
+        for t in range(len(TASKS))
+    ]
     assert_rel_close(result.jacobian, torch.stack(rows))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from fastmtl.weighting import (
     COSMOS,
     DBMTL,
@@ -621,12 +622,18 @@ def test_metabalance_moves_auxiliary_norms_toward_the_main_task():
     assert_close(balance.grad_norm_average, m)
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda: STCH(2, mu=0.0), "'mu'"), (lambda: STCH(2, weights=[1.0]), "'weights'"),
-    (lambda: COSMOS(2, lambda_=-1.0), "'lambda_'"), (lambda: PBI(2, weights=[0.0, 0.0]), "'weights'"),
-    (lambda: PBI(2, theta=float("inf")), "'theta'"), (lambda: MetaBalance(2, relax_factor=2.0), "'relax_factor'"),
-    (lambda: MetaBalance(2, main_task=2), "'main_task'"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: STCH(2, mu=0.0), "'mu'"),
+        (lambda: STCH(2, weights=[1.0]), "'weights'"),
+        (lambda: COSMOS(2, lambda_=-1.0), "'lambda_'"),
+        (lambda: PBI(2, weights=[0.0, 0.0]), "'weights'"),
+        (lambda: PBI(2, theta=float("inf")), "'theta'"),
+        (lambda: MetaBalance(2, relax_factor=2.0), "'relax_factor'"),
+        (lambda: MetaBalance(2, main_task=2), "'main_task'"),
+    ],
+)
 def test_new_weightings_refuse_bad_hyperparameters_naming_them(make, words):
     with pytest.raises(ValueError, match=words):
         make()

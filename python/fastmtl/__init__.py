@@ -34,13 +34,19 @@ _check_torch_version()
 
 import torch  # noqa: E402
 
-from . import _C  # noqa: E402,F401  (loading it registers torch.ops.fastmtl.*)
-from . import ops, reference  # noqa: E402
-from . import aggregation, nn, weighting  # noqa: E402,F401
-from . import data, metrics  # noqa: E402,F401  (scikit-learn, for multidigits, is imported when called)
+from . import (  # noqa: E402  # noqa: E402,F401  # noqa: E402,F401  (scikit-learn, for multidigits, is imported when called)
+    _C,  # noqa: E402,F401  (loading it registers torch.ops.fastmtl.*)
+    aggregation,
+    data,
+    metrics,
+    nn,
+    ops,
+    reference,
+    weighting,
+)
+from .convert import ConversionReport, convert, unconvert  # noqa: E402
 from .engine import mtl_backward  # noqa: E402,F401
 from .tasks import Task  # noqa: E402
-from .convert import ConversionReport, convert, unconvert  # noqa: E402
 
 
 def build_info() -> dict:
@@ -52,6 +58,18 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "Task", "ConversionReport", "build_info", "convert", "unconvert", "mtl_backward", "nn", "ops", "reference",
-    "aggregation", "weighting", "data", "metrics", "__version__",
+    "Task",
+    "ConversionReport",
+    "build_info",
+    "convert",
+    "unconvert",
+    "mtl_backward",
+    "nn",
+    "ops",
+    "reference",
+    "aggregation",
+    "weighting",
+    "data",
+    "metrics",
+    "__version__",
 ]

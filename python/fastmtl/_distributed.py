@@ -19,8 +19,6 @@ Grams' sum over ``R^2`` *is* the exact Gram: both settings all-reduce the Grams.
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 
 DDP_GRAMS = ("local", "exact", "none")
@@ -63,7 +61,7 @@ class DataParallelSync:
             return jacobian
         return self._all_reduce_sum(jacobian.contiguous().clone()).div_(self.size)
 
-    def average(self, grads: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+    def average(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """The mean over ranks of each gradient, in one coalesced all-reduce."""
         present = [g for g in grads if g is not None]
         if not self.active or not present:
@@ -74,6 +72,6 @@ class DataParallelSync:
             if g is None:
                 out.append(None)
                 continue
-            out.append(flat[offset: offset + g.numel()].view_as(g))
+            out.append(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
         return out

@@ -3,12 +3,10 @@ and argument, what was expected and what was given."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 __all__ = ["check_int_at_least"]
 
 
-def check_int_at_least(where: str, argument: str, value, minimum: int, meaning: Optional[str] = None) -> int:
+def check_int_at_least(where: str, argument: str, value, minimum: int, meaning: str | None = None) -> int:
     """``value`` if it is an int (not a bool) ``>= minimum``, else ValueError
     ``"{where}: argument '{argument}' expected an int >= {minimum} ({meaning}), got {value!r}"``.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,8 +28,8 @@ class ConversionReport:
     ``(path, reason)`` pairs. Paths are module names as in ``model.named_modules()`` (of the
     original model; an element of a Sequential is ``"path.index"``)."""
 
-    replaced: List[Tuple[str, str]] = field(default_factory=list)
-    left_alone: List[Tuple[str, str]] = field(default_factory=list)
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    left_alone: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fastmtl.convert: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"]
@@ -44,7 +43,7 @@ class _Layer:
     """One layer a run is made of: a (Linear, activation) pair or one layer of a FusedMLP."""
 
     weight: torch.Tensor
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
     activation: str
 
 
@@ -52,12 +51,12 @@ def _join(prefix: str, name) -> str:
     return f"{prefix}.{name}" if prefix else str(name)
 
 
-def _layers_of_fused(module: FusedMLP) -> List[_Layer]:
+def _layers_of_fused(module: FusedMLP) -> list[_Layer]:
     biases = module.biases if module.biases is not None else [None] * len(module.weights)
     return [_Layer(w, b, module.activation) for w, b in zip(module.weights, biases)]
 
 
-def _compatible(run: List[_Layer], layer: _Layer) -> Optional[str]:
+def _compatible(run: list[_Layer], layer: _Layer) -> str | None:
     """Why ``layer`` cannot extend ``run`` (None if it can)."""
     last = run[-1]
     if layer.activation != last.activation:
@@ -71,10 +70,16 @@ def _compatible(run: List[_Layer], layer: _Layer) -> Optional[str]:
     return None
 
 
-def _fused_from(layers: List[_Layer]) -> FusedMLP:
+def _fused_from(layers: list[_Layer]) -> FusedMLP:
     first = layers[0]
-    fused = FusedMLP(first.weight.shape[1], [l.weight.shape[0] for l in layers], activation=first.activation,
-                     bias=first.bias is not None, device=first.weight.device, dtype=first.weight.dtype)
+    fused = FusedMLP(
+        first.weight.shape[1],
+        [l.weight.shape[0] for l in layers],
+        activation=first.activation,
+        bias=first.bias is not None,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
     with torch.no_grad():
         for i, layer in enumerate(layers):
             fused.weights[i].copy_(layer.weight)
@@ -139,19 +144,21 @@ def _shared_linears(model: nn.Module) -> set:
         id(m)
         for m in model.modules()
         if type(m) is nn.Linear
-        and (module_uses.get(id(m), 0) > 1
-             or any(parameter_uses.get(id(p), 0) > 1 for p in m._parameters.values() if p is not None))
+        and (
+            module_uses.get(id(m), 0) > 1
+            or any(parameter_uses.get(id(p), 0) > 1 for p in m._parameters.values() if p is not None)
+        )
     }
 
 
 def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport, shared: set) -> nn.Module:
     """Returns the replacement of ``seq`` (itself if nothing changed, a FusedMLP if it is one run)."""
     modules = list(seq)
-    out: List[nn.Module] = []
-    run: List[_Layer] = []
-    run_paths: List[str] = []
+    out: list[nn.Module] = []
+    run: list[_Layer] = []
+    run_paths: list[str] = []
     run_has_linear = False
-    run_members: List[nn.Module] = []
+    run_members: list[nn.Module] = []
 
     def close_run():
         nonlocal run, run_paths, run_has_linear, run_members
@@ -160,8 +167,13 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
             out.append(_fused_from(run))
             widths = "x".join(str(l.weight.shape[0]) for l in run)
             where = run_paths[0] if len(run_paths) == 1 else f"{run_paths[0]}..{run_paths[-1].rsplit('.', 1)[-1]}"
-            report.replaced.append((where, f"{len(run)} x (Linear, {run[0].activation}) -> FusedMLP("
-                                           f"in={run[0].weight.shape[1]}, widths={widths})"))
+            report.replaced.append(
+                (
+                    where,
+                    f"{len(run)} x (Linear, {run[0].activation}) -> FusedMLP("
+                    f"in={run[0].weight.shape[1]}, widths={widths})",
+                )
+            )
         else:
             out.extend(run_members)
         run, run_paths, run_has_linear, run_members = [], [], False, []
@@ -173,7 +185,9 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
             layers = _layers_of_fused(m)
         elif type(m) is nn.Linear and id(m) in shared:
             close_run()
-            report.left_alone.append((name, "Linear used in more than one place (tied weights): fusing it would untie them"))
+            report.left_alone.append(
+                (name, "Linear used in more than one place (tied weights): fusing it would untie them")
+            )
             out.append(m)
             i += 1
             continue
@@ -182,8 +196,11 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
             act = activation_name_of(follower) if follower is not None else None
             if act is None:
                 close_run()
-                why = ("last module of the Sequential, no activation after it" if follower is None else
-                       f"followed by {type(follower).__name__}, not a supported activation ({_SUPPORTED})")
+                why = (
+                    "last module of the Sequential, no activation after it"
+                    if follower is None
+                    else f"followed by {type(follower).__name__}, not a supported activation ({_SUPPORTED})"
+                )
                 report.left_alone.append((name, f"Linear {why}"))
                 out.append(m)
                 i += 1
@@ -206,7 +223,7 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
             i += 1
         else:
             run_has_linear = True
-            run_members.extend(modules[i:i + 2])
+            run_members.extend(modules[i : i + 2])
             i += 2
     close_run()
     if len(out) == 1 and isinstance(out[0], FusedMLP) and len(modules) > 1:
@@ -216,8 +233,9 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
     return nn.Sequential(*out)
 
 
-def _walk(module: nn.Module, path: str, report: ConversionReport, shared: set, done: dict,
-          in_sequential: bool = False) -> nn.Module:
+def _walk(
+    module: nn.Module, path: str, report: ConversionReport, shared: set, done: dict, in_sequential: bool = False
+) -> nn.Module:
     """Converts the children of ``module`` bottom up, then ``module`` itself if it is a Sequential.
     ``done`` maps a module already converted to its replacement, so that a module used in several
     places gets one replacement, used in all of them (it stays tied)."""
@@ -236,13 +254,18 @@ def _walk(module: nn.Module, path: str, report: ConversionReport, shared: set, d
     else:
         result = module
         if type(module) is nn.Linear and not in_sequential:
-            report.left_alone.append((path, "Linear outside an nn.Sequential (called by a custom forward; for per-task "
-                                            "heads see MultiTaskHeads.from_linears)"))
+            report.left_alone.append(
+                (
+                    path,
+                    "Linear outside an nn.Sequential (called by a custom forward; for per-task "
+                    "heads see MultiTaskHeads.from_linears)",
+                )
+            )
     done[id(module)] = result
     return result
 
 
-def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> Tuple[nn.Module, ConversionReport]:
+def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Replaces every ``nn.Sequential`` run of ``nn.Linear`` layers each followed by a supported
     activation module (ReLU, GELU, SiLU, Tanh, Identity; the same one throughout the run, biases all
     present or all absent) by an equivalent :class:`fastmtl.nn.FusedMLP` with the same weights.
@@ -305,9 +328,9 @@ def _activation_module(name: str) -> nn.Module:
     return {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}[name]()
 
 
-def _plain_layers(fused: FusedMLP) -> List[nn.Module]:
+def _plain_layers(fused: FusedMLP) -> list[nn.Module]:
     """The (Linear, activation) modules computing what ``fused`` does, with copies of its weights."""
-    layers: List[nn.Module] = []
+    layers: list[nn.Module] = []
     for i, w in enumerate(fused.weights):
         bias = fused.biases[i] if fused.biases is not None else None
         linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
@@ -328,7 +351,7 @@ def _unwalk(module: nn.Module) -> nn.Module:
     if type(module) is nn.Sequential and any(isinstance(m, FusedMLP) for m in module):
         # A FusedMLP inside a Sequential is spliced in, so the indices (the state_dict keys) are the
         # original model's: convert made [Linear, act, Linear, act, Linear] into [FusedMLP, Linear].
-        out: List[nn.Module] = []
+        out: list[nn.Module] = []
         for m in module:
             out += _plain_layers(m) if isinstance(m, FusedMLP) else [_unwalk(m)]
         return nn.Sequential(*out)

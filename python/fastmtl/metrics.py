@@ -24,8 +24,7 @@ a task with several metrics counts once, with the mean of its metrics' changes (
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Dict, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -52,11 +51,15 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     0.5
     """
     if not isinstance(scores, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError(f"fastmtl.metrics.auc: arguments 'scores' and 'labels' expected tensors, got "
-                        f"{type(scores).__name__} and {type(labels).__name__}")
+        raise TypeError(
+            f"fastmtl.metrics.auc: arguments 'scores' and 'labels' expected tensors, got "
+            f"{type(scores).__name__} and {type(labels).__name__}"
+        )
     if scores.dim() != 1 or scores.shape != labels.shape:
-        raise ValueError(f"fastmtl.metrics.auc: arguments 'scores' and 'labels' expected two 1-d tensors of the same "
-                         f"length, got shapes {list(scores.shape)} and {list(labels.shape)}")
+        raise ValueError(
+            f"fastmtl.metrics.auc: arguments 'scores' and 'labels' expected two 1-d tensors of the same "
+            f"length, got shapes {list(scores.shape)} and {list(labels.shape)}"
+        )
     labels = labels.double()
     labelled = ~torch.isnan(labels)
     scores, labels = scores.detach().double()[labelled], labels[labelled]
@@ -90,19 +93,24 @@ def predictions(task: Task, logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 0] if task.num_outputs == 1 else logits
 
 
-def task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor,
-                 metrics: Optional[Sequence[str]] = None) -> Dict[str, float]:
+def task_metrics(
+    task: Task, logits: torch.Tensor, target: torch.Tensor, metrics: Sequence[str] | None = None
+) -> dict[str, float]:
     """The metrics of one task (see the module docstring) from its logits and targets: ``metrics``
     (names, default ``METRICS_BY_KIND[task.kind]``)."""
     names = check_metric_names(task, metrics)
     if logits.dim() != 2 or logits.shape[0] != target.shape[0]:
-        raise ValueError(f"fastmtl.metrics: task {task.name!r}: argument 'logits' expected [{target.shape[0]}, n] "
-                         f"(one row per target), got {list(logits.shape)}")
+        raise ValueError(
+            f"fastmtl.metrics: task {task.name!r}: argument 'logits' expected [{target.shape[0]}, n] "
+            f"(one row per target), got {list(logits.shape)}"
+        )
     predicted = predictions(task, logits.detach())
     labelled = labelled_mask(task, target)
     if task.kind == "regression" and predicted.shape != target.shape:
-        raise ValueError(f"fastmtl.metrics: task {task.name!r}: targets of shape {list(target.shape)} do not match "
-                         f"predictions of shape {list(predicted.shape)}")
+        raise ValueError(
+            f"fastmtl.metrics: task {task.name!r}: targets of shape {list(target.shape)} do not match "
+            f"predictions of shape {list(predicted.shape)}"
+        )
     count = int(labelled.sum())
     if count == 0:
         return {name: math.nan for name in names}
@@ -118,25 +126,29 @@ def task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor,
     return {name: values[name] for name in names}
 
 
-def check_metric_names(task: Task, metrics: Optional[Sequence[str]]) -> tuple:
+def check_metric_names(task: Task, metrics: Sequence[str] | None) -> tuple:
     """``metrics`` as a tuple (default: the task kind's), ValueError if the kind has no such metric."""
     if metrics is None:
         return METRICS_BY_KIND[task.kind]
     names = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     wrong = [m for m in names if m not in VALID_METRICS[task.kind]]
     if not names or wrong:
-        raise ValueError(f"fastmtl.metrics: task {task.name!r}: argument 'metrics' expected names among "
-                         f"{', '.join(VALID_METRICS[task.kind])} for a {task.kind} task, got {list(names)}")
+        raise ValueError(
+            f"fastmtl.metrics: task {task.name!r}: argument 'metrics' expected names among "
+            f"{', '.join(VALID_METRICS[task.kind])} for a {task.kind} task, got {list(names)}"
+        )
     return names
 
 
-def all_task_metrics(tasks: Sequence[Task], logits: Mapping, targets: Mapping,
-                     metrics: Optional[Mapping] = None) -> Dict[str, Dict[str, float]]:
+def all_task_metrics(
+    tasks: Sequence[Task], logits: Mapping, targets: Mapping, metrics: Mapping | None = None
+) -> dict[str, dict[str, float]]:
     """``{task name: {metric: value}}`` for every task, from dicts name -> logits and name -> targets;
     ``metrics``: dict task name -> metric names (tasks left out: their kind's default)."""
     metrics = metrics or {}
-    return {task.name: task_metrics(task, logits[task.name], targets[task.name], metrics.get(task.name))
-            for task in tasks}
+    return {
+        task.name: task_metrics(task, logits[task.name], targets[task.name], metrics.get(task.name)) for task in tasks
+    }
 
 
 def relative_change(metric: str, value: float, baseline: float) -> float:
@@ -144,8 +156,10 @@ def relative_change(metric: str, value: float, baseline: float) -> float:
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"fastmtl.metrics: unknown metric {metric!r}; known: {', '.join(HIGHER_IS_BETTER)}")
     if baseline == 0 or not math.isfinite(baseline):
-        raise ValueError(f"fastmtl.metrics.delta_m: the baseline's {metric} is {baseline}: a relative change needs "
-                         f"a finite, non-zero baseline")
+        raise ValueError(
+            f"fastmtl.metrics.delta_m: the baseline's {metric} is {baseline}: a relative change needs "
+            f"a finite, non-zero baseline"
+        )
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
     return sign * (value - baseline) / baseline
 
@@ -158,8 +172,9 @@ def delta_m(metrics: Mapping, baseline: Mapping) -> float:
     per_task = []
     for task, base in baseline.items():
         if task not in metrics:
-            raise ValueError(f"fastmtl.metrics.delta_m: argument 'metrics' has no task {task!r} (baseline tasks: "
-                             f"{list(baseline)})")
+            raise ValueError(
+                f"fastmtl.metrics.delta_m: argument 'metrics' has no task {task!r} (baseline tasks: {list(baseline)})"
+            )
         missing = [m for m in base if m not in metrics[task]]
         if missing:
             raise ValueError(f"fastmtl.metrics.delta_m: argument 'metrics' has no {missing} for task {task!r}")

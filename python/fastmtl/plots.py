@@ -4,7 +4,7 @@ files, leaving pyplot's global backend alone for whoever imported it."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ._optional import require
 
@@ -27,8 +27,13 @@ def _moving_average(values: Sequence[float], window: int):
     return out
 
 
-def training_curves(step_losses: Sequence[Sequence[float]], task_names: Sequence[str], path: str,
-                    title: str = "", steps_per_epoch: int = 0) -> None:
+def training_curves(
+    step_losses: Sequence[Sequence[float]],
+    task_names: Sequence[str],
+    path: str,
+    title: str = "",
+    steps_per_epoch: int = 0,
+) -> None:
     """One panel per task (their losses have different scales): the loss of every step, light, and
     its moving average over ~2% of the run; epoch boundaries on the x axis when given."""
     count = len(task_names)
@@ -94,16 +99,24 @@ def comparison_chart(regimes: Sequence[Mapping], speed, path: str, title: str = 
         by_label = {row["label"]: row["delta_m"] for row in regime["rows"]}
         xs = [i + (k - (len(regimes) - 1) / 2) * width for i in range(len(labels))]
         values = [by_label.get(label, float("nan")) for label in labels]
-        bars = delta.bar(xs, values, width=width * 0.95, color=REGIME_COLORS[k % len(REGIME_COLORS)],
-                         label=regime["regime"])
+        bars = delta.bar(
+            xs, values, width=width * 0.95, color=REGIME_COLORS[k % len(REGIME_COLORS)], label=regime["regime"]
+        )
         for bar, value in zip(bars, values):
             if value == value:  # not NaN
-                delta.annotate(f"{value:+.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center",
-                               va="bottom" if value >= 0 else "top", fontsize=7, xytext=(0, 2 if value >= 0 else -2),
-                               textcoords="offset points")
+                delta.annotate(
+                    f"{value:+.1f}",
+                    (bar.get_x() + bar.get_width() / 2, value),
+                    ha="center",
+                    va="bottom" if value >= 0 else "top",
+                    fontsize=7,
+                    xytext=(0, 2 if value >= 0 else -2),
+                    textcoords="offset points",
+                )
     delta.axhline(0, color="black", linewidth=1.2)
-    delta.text(1.0, 0, " single-task\n models", transform=delta.get_yaxis_transform(), va="center", ha="left",
-               fontsize=8)
+    delta.text(
+        1.0, 0, " single-task\n models", transform=delta.get_yaxis_transform(), va="center", ha="left", fontsize=8
+    )
     crowded = len(labels) > 6 or max((len(label) for label in labels), default=0) > 9  # would overlap flat
     delta.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     delta.set_ylabel("Δm% vs one model per task (↑ better)")
@@ -117,15 +130,31 @@ def comparison_chart(regimes: Sequence[Mapping], speed, path: str, title: str = 
         axes = figure.add_subplot(grid[1])
         rows = speed["rows"]
         ys = list(range(len(rows)))
-        axes.barh([y + 0.2 for y in ys], [r["loop_ms"] for r in rows], height=0.38, color="#aaaaaa",
-                  label="usual way: T backward passes (LibMTL loop)")
-        axes.barh([y - 0.2 for y in ys], [r["fastmtl_ms"] for r in rows], height=0.38, color="#d62728",
-                  label="fastmtl")
+        axes.barh(
+            [y + 0.2 for y in ys],
+            [r["loop_ms"] for r in rows],
+            height=0.38,
+            color="#aaaaaa",
+            label="usual way: T backward passes (LibMTL loop)",
+        )
+        axes.barh([y - 0.2 for y in ys], [r["fastmtl_ms"] for r in rows], height=0.38, color="#d62728", label="fastmtl")
         for y, r in zip(ys, rows):
-            axes.annotate(f"{r['times_faster']:.2f}× faster", (max(r["loop_ms"], r["fastmtl_ms"]), y), va="center",
-                          xytext=(4, 0), textcoords="offset points", fontsize=8, fontweight="bold")
-        axes.axvline(speed["plain_ms"], color="black", linestyle="--", linewidth=1,
-                     label=f"plain summed-loss step ({speed['plain_ms']:.1f} ms)")
+            axes.annotate(
+                f"{r['times_faster']:.2f}× faster",
+                (max(r["loop_ms"], r["fastmtl_ms"]), y),
+                va="center",
+                xytext=(4, 0),
+                textcoords="offset points",
+                fontsize=8,
+                fontweight="bold",
+            )
+        axes.axvline(
+            speed["plain_ms"],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"plain summed-loss step ({speed['plain_ms']:.1f} ms)",
+        )
         axes.set_yticks(ys, [r["method"] for r in rows])
         axes.invert_yaxis()
         axes.set_xlabel("ms per training step (median, interleaved)")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from ._validation import check_int_at_least
 
@@ -42,15 +42,17 @@ class Task:
 
     name: str
     kind: str
-    num_outputs: Optional[int] = None
-    loss: Optional[str] = None
+    num_outputs: int | None = None
+    loss: str | None = None
     weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Task: argument 'name' expected a non-empty string, got {self.name!r}")
         if self.kind not in KINDS:
-            raise ValueError(f"Task {self.name!r}: argument 'kind' expected one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise ValueError(
+                f"Task {self.name!r}: argument 'kind' expected one of {', '.join(KINDS)}, got {self.kind!r}"
+            )
         allowed = LOSSES_BY_KIND[self.kind]
         loss = allowed[0] if self.loss is None else self.loss
         if loss not in allowed:

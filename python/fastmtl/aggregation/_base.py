@@ -210,7 +210,9 @@ def checked_jacobian(method: str, jacobian) -> torch.Tensor:
     _check_has_values(method, "jacobian", jacobian)
     J = jacobian.detach()
     if J.numel() and not bool(torch.isfinite(J).all()):
-        raise ValueError(f"fastmtl.aggregation.{method}: argument 'jacobian' expected finite values, got NaN or infinity")
+        raise ValueError(
+            f"fastmtl.aggregation.{method}: argument 'jacobian' expected finite values, got NaN or infinity"
+        )
     return J
 
 
@@ -243,7 +245,9 @@ def checked_cross_gram(method: str, cross_gram) -> torch.Tensor:
 def _checked_shape(method: str, gram) -> bool:
     """Whether ``gram`` is a batch; raises ValueError/TypeError naming it otherwise."""
     if not isinstance(gram, torch.Tensor):
-        raise TypeError(f"fastmtl.aggregation.{method}: argument 'gram' expected a torch.Tensor, got {type(gram).__name__}")
+        raise TypeError(
+            f"fastmtl.aggregation.{method}: argument 'gram' expected a torch.Tensor, got {type(gram).__name__}"
+        )
     if gram.dtype not in (torch.float32, torch.float64):
         raise TypeError(
             f"fastmtl.aggregation.{method}: argument 'gram' expected dtype torch.float32 or torch.float64, "

@@ -45,8 +45,14 @@ class DualConeMethod(Aggregator):
     def forward(self, gram):
         # The lean path of an unbatched [T, T] Gram matrix: one op call that checks the matrix and returns
         # the weights (issue 17: the fixed cost of the general path dominated a 5-20 us solve).
-        if (type(gram) is torch.Tensor and gram.dim() == 2 and gram.shape[0] > 0 and gram.dtype in _DTYPES
-                and not gram.requires_grad and gram.device.type != "meta"):
+        if (
+            type(gram) is torch.Tensor
+            and gram.dim() == 2
+            and gram.shape[0] > 0
+            and gram.dtype in _DTYPES
+            and not gram.requires_grad
+            and gram.device.type != "meta"
+        ):
             T = gram.shape[0]
             pref = _uniform(T) if self.pref_vector is None else self._checked_pref_vector(T)
             try:

@@ -40,8 +40,9 @@ class AlignedMTL(Aggregator):
 
     def _weights(self, gram):
         T = gram.shape[-1]
-        return ops.aligned_mtl_weights(gram, checked_pref("AlignedMTL", self.pref_vector, T, gram, 1.0 / T),
-                                       self.scale_mode)
+        return ops.aligned_mtl_weights(
+            gram, checked_pref("AlignedMTL", self.pref_vector, T, gram, 1.0 / T), self.scale_mode
+        )
 
     def _hyperparameters(self):
         return {"scale_mode": self.scale_mode}

@@ -32,8 +32,10 @@ class ExcessMTL(JacobianAggregator):
         super().__init__()
         self.robust_step_size = check_scalar("ExcessMTL", "robust_step_size", robust_step_size)
         if self.robust_step_size <= 0:
-            raise ValueError(f"fastmtl.aggregation.ExcessMTL: argument 'robust_step_size' expected a value > 0, got "
-                             f"{self.robust_step_size}")
+            raise ValueError(
+                f"fastmtl.aggregation.ExcessMTL: argument 'robust_step_size' expected a value > 0, got "
+                f"{self.robust_step_size}"
+            )
         self.n_warmup_steps = check_int("ExcessMTL", "n_warmup_steps", n_warmup_steps, 0)
         self.reset()
 
@@ -81,8 +83,14 @@ class ExcessMTL(JacobianAggregator):
         return self._weights_now @ J
 
     def get_extra_state(self):
-        return {"weights": self._weights_now, "squares": self._squares, "baseline": self._baseline,
-                "warmup_sum": self._warmup_sum, "steps": self._steps, "key": self._key}
+        return {
+            "weights": self._weights_now,
+            "squares": self._squares,
+            "baseline": self._baseline,
+            "warmup_sum": self._warmup_sum,
+            "steps": self._steps,
+            "key": self._key,
+        }
 
     def set_extra_state(self, state):
         self._weights_now, self._squares = state["weights"], state["squares"]

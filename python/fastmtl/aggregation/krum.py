@@ -22,7 +22,6 @@ class Krum(Aggregator):
     tensor([0., 1., 0., 0.], dtype=torch.float64)
     """
 
-
     _checks_values_in_op = False
 
     def __init__(self, n_byzantine: int, n_selected: int = 1):

@@ -63,8 +63,9 @@ class NashMTL(Aggregator):
         weights = self._last.to(gram.device, gram.dtype)
         if self.max_norm > 0:
             norm = torch.einsum("ns,nst,nt->n", weights, gram, weights).clamp_min(0).sqrt()
-            weights = torch.where((norm > self.max_norm).unsqueeze(-1), weights * (self.max_norm / norm).unsqueeze(-1),
-                                  weights)
+            weights = torch.where(
+                (norm > self.max_norm).unsqueeze(-1), weights * (self.max_norm / norm).unsqueeze(-1), weights
+            )
         return weights
 
     def get_extra_state(self):

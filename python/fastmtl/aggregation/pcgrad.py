@@ -28,7 +28,9 @@ class PCGrad(SeededAggregator):
     def __init__(self, seed: int | None = None, reduction: str = "sum"):
         super().__init__(seed)
         if reduction not in ("sum", "mean"):
-            raise ValueError(f"fastmtl.aggregation.PCGrad: argument 'reduction' expected 'sum' or 'mean', got {reduction!r}")
+            raise ValueError(
+                f"fastmtl.aggregation.PCGrad: argument 'reduction' expected 'sum' or 'mean', got {reduction!r}"
+            )
         self.reduction = reduction
 
     def _weights(self, gram):

@@ -27,16 +27,18 @@ class SDMGrad(CrossGramAggregator):
     [0.333333, 0.333333, 0.333333]
     """
 
-    def __init__(self, lr: float = 10.0, momentum: float = 0.5, n_iter: int = 20, lambda_: float = 0.3,
-                 pref_vector=None):
+    def __init__(
+        self, lr: float = 10.0, momentum: float = 0.5, n_iter: int = 20, lambda_: float = 0.3, pref_vector=None
+    ):
         super().__init__()
         self.lr = check_scalar("SDMGrad", "lr", lr)
         if self.lr <= 0:
             raise ValueError(f"fastmtl.aggregation.SDMGrad: argument 'lr' expected a value > 0, got {self.lr}")
         self.momentum = check_scalar("SDMGrad", "momentum", momentum, 0.0, 1.0)
         if self.momentum >= 1:
-            raise ValueError(f"fastmtl.aggregation.SDMGrad: argument 'momentum' expected a value in [0, 1), got "
-                             f"{self.momentum}")
+            raise ValueError(
+                f"fastmtl.aggregation.SDMGrad: argument 'momentum' expected a value in [0, 1), got {self.momentum}"
+            )
         self.n_iter = check_int("SDMGrad", "n_iter", n_iter, 1)
         self.lambda_ = check_scalar("SDMGrad", "lambda_", lambda_)
         self.pref_vector = check_vector("SDMGrad", "pref_vector", pref_vector)

@@ -11,7 +11,7 @@ Needs the apps extra (scikit-learn, matplotlib, tqdm): ``pip install "fastmtl-to
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -21,15 +21,18 @@ COMMANDS = (train, compare, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastmtl", description="fastmtl: multi-task learning on real data.",
-                                     epilog="`python -m fastmtl <command> --help` documents each command's options.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmtl",
+        description="fastmtl: multi-task learning on real data.",
+        epilog="`python -m fastmtl <command> --help` documents each command's options.",
+    )
     subparsers = parser.add_subparsers(title="commands", dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(subparsers)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line on ``argv`` (default: sys.argv[1:]) and returns the exit status. Bad
     option values end with argparse's usage message (exit status 2)."""
     parser = build_parser()

@@ -14,15 +14,31 @@ REQUIRES = {"bench_aggregation": "torchjd", "bench_mtl_step": "torchjd"}
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run bench/'s micro-benchmarks at a small size and print their tables",
-                                   description=__doc__.split("\n\n")[0].replace("``", ""))
-    parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
-                        help="run these benchmarks only (script names without .py, e.g. bench_step)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile baselines of the benchmarks that have them (much faster)")
-    parser.add_argument("--bench-dir", default=None,
-                        help="the bench/ folder (default: ./bench, else the one of the source tree fastmtl runs from)")
-    parser.add_argument("--out", default=os.path.join("runs", "bench"), help="folder for the JSON results (default: runs/bench)")
+    parser = subparsers.add_parser(
+        "bench",
+        help="run bench/'s micro-benchmarks at a small size and print their tables",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="run these benchmarks only (script names without .py, e.g. bench_step)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile baselines of the benchmarks that have them (much faster)",
+    )
+    parser.add_argument(
+        "--bench-dir",
+        default=None,
+        help="the bench/ folder (default: ./bench, else the one of the source tree fastmtl runs from)",
+    )
+    parser.add_argument(
+        "--out", default=os.path.join("runs", "bench"), help="folder for the JSON results (default: runs/bench)"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -32,8 +48,10 @@ def find_bench_dir(explicit=None) -> Path:
         if (folder / "_common.py").is_file():
             return folder
     where = explicit or " or ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"no fastmtl bench/ folder at {where}: the benchmarks live in the source tree, not in the "
-                            f"installed package; run from a fastmtl checkout or pass --bench-dir")
+    raise FileNotFoundError(
+        f"no fastmtl bench/ folder at {where}: the benchmarks live in the source tree, not in the "
+        f"installed package; run from a fastmtl checkout or pass --bench-dir"
+    )
 
 
 def _stream(command, cwd) -> int:
@@ -57,7 +75,7 @@ def run(args) -> int:
     for name in names:
         needs = REQUIRES.get(name)
         if needs and importlib.util.find_spec(needs) is None:
-            skipped.append(f"{name} (needs {needs}: pip install \"fastmtl-torch[test]\")")
+            skipped.append(f'{name} (needs {needs}: pip install "fastmtl-torch[test]")')
             continue
         command = [sys.executable, str(scripts[name]), "--small", "--out", os.path.join(args.out, f"{name}.json")]
         if args.no_compile and "--no-compile" in scripts[name].read_text():

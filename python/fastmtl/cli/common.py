@@ -43,8 +43,9 @@ def data_defaults(args) -> None:
         args.epochs = defaults["epochs"][args.command]
 
 
-def add_command(subparsers, name: str, summary: str, doc: str, default_out: str, method_option,
-                default_epochs=None) -> argparse.ArgumentParser:
+def add_command(
+    subparsers, name: str, summary: str, doc: str, default_out: str, method_option, default_epochs=None
+) -> argparse.ArgumentParser:
     """A train-like command: its method option (``method_option(parser)``), the data and training
     options, and ``--out``."""
     parser = subparsers.add_parser(name, help=summary, description=doc.split("\n\n")[0].replace("``", ""))
@@ -57,47 +58,91 @@ def add_command(subparsers, name: str, summary: str, doc: str, default_out: str,
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", type=argument_type("data set", DATA_SETS), default="multidigits",
-                       help=f"data set, as named in fastmtl.data: {', '.join(DATA_SETS.values())} (default: multidigits)")
-    group.add_argument("--train-samples", type=positive_int, default=None,
-                       help="training samples (default: multidigits 10000, synthetic_tasks 10000, "
-                            "recommender 40000)")
-    group.add_argument("--test-samples", type=positive_int, default=None,
-                       help="test samples (default: multidigits 2000, synthetic_tasks 2000, recommender 20000)")
-    group.add_argument("--missing-fraction", type=float, default=0.0,
-                       help="share of each task's training labels hidden (default: 0)")
+    group.add_argument(
+        "--data",
+        type=argument_type("data set", DATA_SETS),
+        default="multidigits",
+        help=f"data set, as named in fastmtl.data: {', '.join(DATA_SETS.values())} (default: multidigits)",
+    )
+    group.add_argument(
+        "--train-samples",
+        type=positive_int,
+        default=None,
+        help="training samples (default: multidigits 10000, synthetic_tasks 10000, recommender 40000)",
+    )
+    group.add_argument(
+        "--test-samples",
+        type=positive_int,
+        default=None,
+        help="test samples (default: multidigits 2000, synthetic_tasks 2000, recommender 20000)",
+    )
+    group.add_argument(
+        "--missing-fraction", type=float, default=0.0, help="share of each task's training labels hidden (default: 0)"
+    )
     group.add_argument("--num-tasks", type=positive_int, default=2, help="synthetic_tasks: tasks (default: 2)")
-    group.add_argument("--correlation", type=float, default=0.5,
-                       help="synthetic_tasks: cosine between the tasks' weight vectors (default: 0.5)")
-    group.add_argument("--in-features", type=positive_int, default=100,
-                       help="synthetic_tasks: input width (default: 100)")
+    group.add_argument(
+        "--correlation",
+        type=float,
+        default=0.5,
+        help="synthetic_tasks: cosine between the tasks' weight vectors (default: 0.5)",
+    )
+    group.add_argument(
+        "--in-features", type=positive_int, default=100, help="synthetic_tasks: input width (default: 100)"
+    )
 
 
 def add_training_options(parser: argparse.ArgumentParser, default_epochs=None) -> None:
     group = parser.add_argument_group("training")
-    epochs_help = f"default: {default_epochs}" if default_epochs else "default: " + ", ".join(
-        f"{data} {d['epochs'][parser.prog.split()[-1]]}" for data, d in DATA_DEFAULTS.items())
+    epochs_help = (
+        f"default: {default_epochs}"
+        if default_epochs
+        else "default: "
+        + ", ".join(f"{data} {d['epochs'][parser.prog.split()[-1]]}" for data, d in DATA_DEFAULTS.items())
+    )
     group.add_argument("--epochs", type=positive_int, default=default_epochs, help=epochs_help)
     group.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
     group.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 1e-3)")
-    group.add_argument("--hidden", type=positive_int, nargs="+", default=None,
-                       help="widths of the trunk's layers (SharedBottom: the FusedMLP; MMoE: every expert; PLE: "
-                            "one level per width) (default: 256 256; recommender: 64 64)")
-    group.add_argument("--embedding-dim", type=positive_int, default=8,
-                       help="data sets of categorical fields (recommender): each field's embedding width (default: 8)")
-    group.add_argument("--activation", default="relu",
-                       help="trunk activation, as fastmtl.nn.FusedMLP names it (default: relu)")
-    group.add_argument("--mode", type=argument_type("mode", MODE_NAMES), default="exact",
-                       help="aggregators' Gram matrix: exact (trunk parameters) or rep (trunk output, MGDA-UB); "
-                            "default: exact")
-    group.add_argument("--gram-every", type=positive_int, default=1,
-                       help="aggregators: recompute the weights every k steps (default: 1)")
+    group.add_argument(
+        "--hidden",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="widths of the trunk's layers (SharedBottom: the FusedMLP; MMoE: every expert; PLE: "
+        "one level per width) (default: 256 256; recommender: 64 64)",
+    )
+    group.add_argument(
+        "--embedding-dim",
+        type=positive_int,
+        default=8,
+        help="data sets of categorical fields (recommender): each field's embedding width (default: 8)",
+    )
+    group.add_argument(
+        "--activation", default="relu", help="trunk activation, as fastmtl.nn.FusedMLP names it (default: relu)"
+    )
+    group.add_argument(
+        "--mode",
+        type=argument_type("mode", MODE_NAMES),
+        default="exact",
+        help="aggregators' Gram matrix: exact (trunk parameters) or rep (trunk output, MGDA-UB); default: exact",
+    )
+    group.add_argument(
+        "--gram-every",
+        type=positive_int,
+        default=1,
+        help="aggregators: recompute the weights every k steps (default: 1)",
+    )
     group.add_argument("--seed", type=int, default=0, help="data, initial weights and batch order (default: 0)")
-    group.add_argument("--device", default="cpu",
-                       help="torch device of the model and batches (default: cpu; cuda needs a CUDA build of fastmtl)")
-    group.add_argument("--threads", type=positive_int, default=1,
-                       help="torch.set_num_threads (default: 1: at these sizes waking more threads costs "
-                            "more than it saves)")
+    group.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the model and batches (default: cpu; cuda needs a CUDA build of fastmtl)",
+    )
+    group.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch.set_num_threads (default: 1: at these sizes waking more threads costs more than it saves)",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -113,8 +158,9 @@ def load_data(args):
         train = make(args.train_samples, split="train", seed=args.seed)
         test = make(args.test_samples, split="test", seed=args.seed)
     else:
-        shape = dict(in_features=args.in_features, num_tasks=args.num_tasks, correlation=args.correlation,
-                     seed=args.seed)
+        shape = dict(
+            in_features=args.in_features, num_tasks=args.num_tasks, correlation=args.correlation, seed=args.seed
+        )
         train = make(args.train_samples or 10000, split="train", **shape)
         test = make(args.test_samples or 2000, split="test", **shape)
     if args.missing_fraction:
@@ -124,16 +170,27 @@ def load_data(args):
 
 def training_config(args, gram_stats_every=None) -> TrainingConfig:
     torch.set_num_threads(args.threads)
-    return TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden=tuple(args.hidden),
-                          activation=args.activation, mode=args.mode, gram_every=args.gram_every, seed=args.seed,
-                          device=args.device, gram_stats_every=gram_stats_every,
-                          arch=getattr(args, "arch", "SharedBottom"), embedding_dim=args.embedding_dim)
+    return TrainingConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=tuple(args.hidden),
+        activation=args.activation,
+        mode=args.mode,
+        gram_every=args.gram_every,
+        seed=args.seed,
+        device=args.device,
+        gram_stats_every=gram_stats_every,
+        arch=getattr(args, "arch", "SharedBottom"),
+        embedding_dim=args.embedding_dim,
+    )
 
 
 def progress_bar(total: int, args, description: str):
     tqdm = require("tqdm", "the fastmtl command line").tqdm
-    return tqdm(total=total, desc=description, unit="step", disable=args.no_progress, dynamic_ncols=True,
-                mininterval=0.25)
+    return tqdm(
+        total=total, desc=description, unit="step", disable=args.no_progress, dynamic_ncols=True, mininterval=0.25
+    )
 
 
 def write_json(path: str, payload) -> None:

@@ -18,8 +18,17 @@ import time
 from .. import plots
 from ..metrics import HIGHER_IS_BETTER, delta_m
 from . import speed as speed_comparison
-from .common import (add_command, data_defaults, load_data, output_dir, positive_int, progress_bar, run_settings,
-                     training_config, write_json)
+from .common import (
+    add_command,
+    data_defaults,
+    load_data,
+    output_dir,
+    positive_int,
+    progress_bar,
+    run_settings,
+    training_config,
+    write_json,
+)
 from .names import METHODS, argument_type, is_aggregator
 from .training import ARCHITECTURES, steps_per_run, train_run, train_single_task_baselines
 
@@ -38,27 +47,58 @@ _ARCHS = {name.lower(): name for name in ARCHITECTURES}
 
 def add_parser(subparsers) -> None:
     def methods_option(parser):
-        parser.add_argument("--methods", type=argument_type("method", METHODS), nargs="+", default=None,
-                            help=f"fastmtl.aggregation / fastmtl.weighting classes, any case (default: "
-                                 f"{' '.join(DEFAULT_METHODS)}; recommender: EW UPGrad; all: "
-                                 f"{', '.join(METHODS.values())})")
-        parser.add_argument("--regimes", type=argument_type("regime", {r: r for r in REGIMES}), nargs="+", default=None,
-                            help="rich: the data set's labels as they are; scarce: each task labelled on its own "
-                                 "--labels-per-task rows (default: rich scarce; recommender: rich, its conversion "
-                                 "labels are scarce already)")
-        parser.add_argument("--labels-per-task", type=positive_int, default=DEFAULT_LABELS_PER_TASK,
-                            help=f"the scarce regime's labelled rows per task, disjoint across tasks; it is trained "
-                                 f"for as many steps as the rich one (default: {DEFAULT_LABELS_PER_TASK})")
-        parser.add_argument("--archs", type=argument_type("architecture", _ARCHS), nargs="+", default=None,
-                            help=f"trunks to train each method with: {', '.join(ARCHITECTURES)} (default: "
-                                 f"SharedBottom; recommender: all three)")
-        parser.add_argument("--speed-rounds", type=int, default=None,
-                            help=f"rounds of the interleaved speed comparison of every aggregator's step against "
-                                 f"the LibMTL loop and the plain step, 0 for none (default: {DEFAULT_SPEED_ROUNDS}; "
-                                 f"recommender: 0, its trunk is not a FusedMLP)")
-    parser = add_command(subparsers, "compare", "single-task baselines against MTL methods in label-rich and "
-                         "label-scarce regimes; each method's step against the usual way (Markdown, JSON, PNG)",
-                         __doc__, "runs/compare-<data>", methods_option, default_epochs=None)
+        parser.add_argument(
+            "--methods",
+            type=argument_type("method", METHODS),
+            nargs="+",
+            default=None,
+            help=f"fastmtl.aggregation / fastmtl.weighting classes, any case (default: "
+            f"{' '.join(DEFAULT_METHODS)}; recommender: EW UPGrad; all: "
+            f"{', '.join(METHODS.values())})",
+        )
+        parser.add_argument(
+            "--regimes",
+            type=argument_type("regime", {r: r for r in REGIMES}),
+            nargs="+",
+            default=None,
+            help="rich: the data set's labels as they are; scarce: each task labelled on its own "
+            "--labels-per-task rows (default: rich scarce; recommender: rich, its conversion "
+            "labels are scarce already)",
+        )
+        parser.add_argument(
+            "--labels-per-task",
+            type=positive_int,
+            default=DEFAULT_LABELS_PER_TASK,
+            help=f"the scarce regime's labelled rows per task, disjoint across tasks; it is trained "
+            f"for as many steps as the rich one (default: {DEFAULT_LABELS_PER_TASK})",
+        )
+        parser.add_argument(
+            "--archs",
+            type=argument_type("architecture", _ARCHS),
+            nargs="+",
+            default=None,
+            help=f"trunks to train each method with: {', '.join(ARCHITECTURES)} (default: "
+            f"SharedBottom; recommender: all three)",
+        )
+        parser.add_argument(
+            "--speed-rounds",
+            type=int,
+            default=None,
+            help=f"rounds of the interleaved speed comparison of every aggregator's step against "
+            f"the LibMTL loop and the plain step, 0 for none (default: {DEFAULT_SPEED_ROUNDS}; "
+            f"recommender: 0, its trunk is not a FusedMLP)",
+        )
+
+    parser = add_command(
+        subparsers,
+        "compare",
+        "single-task baselines against MTL methods in label-rich and "
+        "label-scarce regimes; each method's step against the usual way (Markdown, JSON, PNG)",
+        __doc__,
+        "runs/compare-<data>",
+        methods_option,
+        default_epochs=None,
+    )
     parser.set_defaults(handler=run)
 
 
@@ -76,14 +116,23 @@ def compare_defaults(args) -> None:
     if args.speed_rounds < 0:
         raise ValueError(f"argument --speed-rounds expected an int >= 0, got {args.speed_rounds}")
     if args.speed_rounds and (args.archs != ["SharedBottom"] or recommender):
-        raise ValueError("argument --speed-rounds: the speed comparison needs the SharedBottom trunk on dense "
-                         "features (--archs SharedBottom, not the recommender); pass --speed-rounds 0")
+        raise ValueError(
+            "argument --speed-rounds: the speed comparison needs the SharedBottom trunk on dense "
+            "features (--archs SharedBottom, not the recommender); pass --speed-rounds 0"
+        )
 
 
 def _row(result, baseline_metrics, regime: str, arch: str) -> dict:
-    return {"label": result.label, "method": result.method, "arch": arch, "regime": regime,
-            "metrics": result.metrics, "delta_m": delta_m(result.metrics, baseline_metrics),
-            "step_ms": result.step_ms, "train_seconds": result.train_seconds}
+    return {
+        "label": result.label,
+        "method": result.method,
+        "arch": arch,
+        "regime": regime,
+        "metrics": result.metrics,
+        "delta_m": delta_m(result.metrics, baseline_metrics),
+        "step_ms": result.step_ms,
+        "train_seconds": result.train_seconds,
+    }
 
 
 def _format(metric: str, value: float) -> str:
@@ -110,7 +159,7 @@ def markdown_table(rows, tasks, metrics) -> str:
         for task, metric in columns:
             value = row["metrics"][task][metric]
             sign = 1 if HIGHER_IS_BETTER[metric] else -1
-            top = is_best(row, lambda r: sign * r["metrics"][task][metric])
+            top = is_best(row, lambda r, sign=sign, task=task, metric=metric: sign * r["metrics"][task][metric])
             cells.append(f"**{_format(metric, value)}**" if top else _format(metric, value))
         top = is_best(row, lambda r: r["delta_m"])
         cells.append(f"**{row['delta_m']:+.2f}**" if top else f"{row['delta_m']:+.2f}")
@@ -172,30 +221,48 @@ def run(args) -> int:
     text, chart_regimes = [], []
     for regime, train, cfg, rows in sections:
         labelled = train.labelled_counts()
-        title = (f"**{REGIMES[regime]}**: {len(train)} training rows, labelled per task "
-                 + ", ".join(f"{name} {count}" for name, count in labelled.items())
-                 + f"; {cfg.epochs} epochs ({steps_per_run(train, cfg)} steps)")
+        title = (
+            f"**{REGIMES[regime]}**: {len(train)} training rows, labelled per task "
+            + ", ".join(f"{name} {count}" for name, count in labelled.items())
+            + f"; {cfg.epochs} epochs ({steps_per_run(train, cfg)} steps)"
+        )
         table = markdown_table(rows, train.tasks, train.metrics)
         text.append(f"{table}\n\n{title}.\n")  # the caption below: the file starts with the first table
         chart_regimes.append({"regime": REGIMES[regime], "rows": rows})
     if speed is not None:
-        text.append(f"{speed_comparison.markdown_table(speed)}\n\n**Time per step**: fastmtl against the same "
-                    f"method done the usual way (LibMTL's T backward passes over a retained graph, plain PyTorch "
-                    f"model) and the plain summed-loss step; medians of {speed['rounds']} interleaved steps, batch "
-                    f"{speed['batch_size']}.\n")
-    settings = (f"{args.data}, {len(rich_train)} train / {len(test)} test samples, trunk {list(config.hidden)} "
-                f"({config.activation}; {', '.join(archs)}), batch {config.batch_size}, Adam lr {config.lr}, "
-                f"mode {config.mode}, seed {config.seed}, {args.threads} thread(s); single-task: one SharedBottom "
-                f"model per task, ms/step the {len(rich_train.tasks)} models' steps together")
+        text.append(
+            f"{speed_comparison.markdown_table(speed)}\n\n**Time per step**: fastmtl against the same "
+            f"method done the usual way (LibMTL's T backward passes over a retained graph, plain PyTorch "
+            f"model) and the plain summed-loss step; medians of {speed['rounds']} interleaved steps, batch "
+            f"{speed['batch_size']}.\n"
+        )
+    settings = (
+        f"{args.data}, {len(rich_train)} train / {len(test)} test samples, trunk {list(config.hidden)} "
+        f"({config.activation}; {', '.join(archs)}), batch {config.batch_size}, Adam lr {config.lr}, "
+        f"mode {config.mode}, seed {config.seed}, {args.threads} thread(s); single-task: one SharedBottom "
+        f"model per task, ms/step the {len(rich_train.tasks)} models' steps together"
+    )
     report = "\n".join(text) + f"\n{settings}. Total {seconds:.0f} s.\n"
     with open(os.path.join(out, "comparison.md"), "w") as f:
         f.write(report)
-    write_json(os.path.join(out, "comparison.json"), {
-        "command": "compare", "settings": run_settings(args), "tasks": rich_train.task_names,
-        "metrics": rich_train.metrics, "rows": all_rows, "speed": speed, "total_seconds": seconds,
-    })
-    plots.comparison_chart(chart_regimes, speed, os.path.join(out, "comparison.png"),
-                           title=f"{args.data}: MTL methods against one model per task")
+    write_json(
+        os.path.join(out, "comparison.json"),
+        {
+            "command": "compare",
+            "settings": run_settings(args),
+            "tasks": rich_train.task_names,
+            "metrics": rich_train.metrics,
+            "rows": all_rows,
+            "speed": speed,
+            "total_seconds": seconds,
+        },
+    )
+    plots.comparison_chart(
+        chart_regimes,
+        speed,
+        os.path.join(out, "comparison.png"),
+        title=f"{args.data}: MTL methods against one model per task",
+    )
     print(report)
     print(f"{seconds:.0f} s in all; wrote {out}/comparison.md, comparison.json, comparison.png")
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from typing import Dict
 
 from .. import aggregation, weighting
 from ..data import DATASETS
@@ -16,19 +15,23 @@ from ..engine import MODES
 # matrix (requires "jacobian" / "cross_gram": GradDrop, TrimmedMean, ExcessMTL, MoDo, SDMGrad), which
 # the engines behind the command line (model.mtl_backward) do not supply yet.
 _AGGREGATOR_NAMES = [
-    name for name in aggregation.__all__
-    if isinstance(getattr(aggregation, name), type) and issubclass(getattr(aggregation, name), aggregation.Aggregator)
-    and name not in aggregation.INTERFACES and name != "Constant" and getattr(aggregation, name).requires == "gram"
+    name
+    for name in aggregation.__all__
+    if isinstance(getattr(aggregation, name), type)
+    and issubclass(getattr(aggregation, name), aggregation.Aggregator)
+    and name not in aggregation.INTERFACES
+    and name != "Constant"
+    and getattr(aggregation, name).requires == "gram"
 ]
 _WEIGHTING_NAMES = [name for name in weighting.__all__ if name != "Weighting"]
 
 #: lower-case name -> the class name in fastmtl.aggregation / fastmtl.weighting
-METHODS: Dict[str, str] = {name.lower(): name for name in _WEIGHTING_NAMES + _AGGREGATOR_NAMES}
-DATA_SETS: Dict[str, str] = {name.lower(): name for name in DATASETS}
-MODE_NAMES: Dict[str, str] = {name.lower(): name for name in MODES}
+METHODS: dict[str, str] = {name.lower(): name for name in _WEIGHTING_NAMES + _AGGREGATOR_NAMES}
+DATA_SETS: dict[str, str] = {name.lower(): name for name in DATASETS}
+MODE_NAMES: dict[str, str] = {name.lower(): name for name in MODES}
 
 
-def canonical(what: str, name: str, names: Dict[str, str]) -> str:
+def canonical(what: str, name: str, names: dict[str, str]) -> str:
     """The API spelling of ``name`` in ``names``; ValueError listing the valid names otherwise."""
     try:
         return names[str(name).lower()]
@@ -36,13 +39,15 @@ def canonical(what: str, name: str, names: Dict[str, str]) -> str:
         raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(names.values())}") from None
 
 
-def argument_type(what: str, names: Dict[str, str]):
+def argument_type(what: str, names: dict[str, str]):
     """An argparse ``type=`` that maps a name case-insensitively and reports a wrong one with the list."""
+
     def parse(name: str) -> str:
         try:
             return canonical(what, name, names)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
+
     parse.__name__ = what  # argparse names the type in its messages
     return parse
 

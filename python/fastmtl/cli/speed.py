@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,7 @@ def task_loss(task, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Variant:
     name: str
-    step: Callable[[torch.Tensor, Dict[str, torch.Tensor]], None]
+    step: Callable[[torch.Tensor, dict[str, torch.Tensor]], None]
     model: nn.Module  # the model the step trains (fastmtl's MultiTaskModel or a PlainModel)
 
 
@@ -134,7 +134,7 @@ def _loop_step(plain: PlainModel, optimizer, aggregator, mode):
     return step
 
 
-def make_variants(train: MultiTaskDataset, methods: Sequence[str], config: TrainingConfig) -> List[Variant]:
+def make_variants(train: MultiTaskDataset, methods: Sequence[str], config: TrainingConfig) -> list[Variant]:
     """``plain`` (plain PyTorch, summed loss), ``fastmtl summed`` and, per aggregator in ``methods``,
     ``fastmtl <m>`` and ``loop <m>``: fresh models with the same initial weights."""
 
@@ -190,7 +190,7 @@ def time_steps(
             for x, t in train.batches(config.batch_size, shuffle=True, generator=generator)
             if x.shape[0] == config.batch_size
         ]  # a full batch every round: same work
-    samples: Dict[str, List[float]] = {v.name: [] for v in variants}
+    samples: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(WARMUP_ROUNDS + rounds):
         x, targets = batches[r]
         # Rotate the order each round, so that no variant always runs right after the same other one.

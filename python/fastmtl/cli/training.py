@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable
 
 import torch
 
@@ -43,7 +44,7 @@ class TrainingConfig:
     embedding_dim: int = 8
     # Weightings compute no Gram matrix; the train command's heatmap needs one every this many steps
     # (outside the timed step). None: none.
-    gram_stats_every: Optional[int] = None
+    gram_stats_every: int | None = None
 
 
 @dataclass
@@ -54,13 +55,13 @@ class RunResult:
 
     label: str
     method: str
-    task_names: List[str]
-    metrics: Dict[str, Dict[str, float]]
+    task_names: list[str]
+    metrics: dict[str, dict[str, float]]
     step_ms: float
     steps: int
     train_seconds: float
-    step_losses: List[List[float]] = field(default_factory=list)
-    mean_cosine: Optional[List[List[float]]] = None
+    step_losses: list[list[float]] = field(default_factory=list)
+    mean_cosine: list[list[float]] | None = None
     gram_samples: int = 0
 
 
@@ -88,8 +89,15 @@ def build_trunk(num_features: int, num_tasks: int, config: TrainingConfig, field
     elif config.arch == "MMoE":
         body = fnn.MMoE(num_features, MMOE_EXPERTS, hidden, num_tasks, activation=config.activation)
     elif config.arch == "PLE":
-        body = fnn.PLE(num_features, PLE_SHARED_EXPERTS, PLE_TASK_EXPERTS, [hidden[-1]], num_tasks,
-                       num_levels=len(hidden), activation=config.activation)
+        body = fnn.PLE(
+            num_features,
+            PLE_SHARED_EXPERTS,
+            PLE_TASK_EXPERTS,
+            [hidden[-1]],
+            num_tasks,
+            num_levels=len(hidden),
+            activation=config.activation,
+        )
     else:
         raise ValueError(f"argument --arch expected one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
     return body if front is None else fnn.EmbeddedTrunk(front, body)
@@ -104,7 +112,7 @@ def build_model(num_features: int, tasks, config: TrainingConfig, field_cardinal
 
 
 @torch.no_grad()
-def evaluate(model: fnn.MultiTaskModel, data: MultiTaskDataset, batch_size: int = 4096) -> Dict[str, Dict[str, float]]:
+def evaluate(model: fnn.MultiTaskModel, data: MultiTaskDataset, batch_size: int = 4096) -> dict[str, dict[str, float]]:
     """Test metrics of every task of the model (see fastmtl.metrics) on ``data``."""
     device = next(model.parameters()).device
     chunks = [model(x.to(device)) for x, _ in data.batches(batch_size)]
@@ -120,9 +128,17 @@ def model_gram(model: fnn.MultiTaskModel, x, targets, mode: str) -> torch.Tensor
         with torch.enable_grad():
             losses = model.losses(x, targets) * heads.task_weights
             shared = [p for p in trunk.parameters() if p.requires_grad]
-            rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True,
-                                                                          allow_unused=True, materialize_grads=True)])
-                    for loss in losses]
+            rows = [
+                torch.cat(
+                    [
+                        g.reshape(-1)
+                        for g in torch.autograd.grad(
+                            loss, shared, retain_graph=True, allow_unused=True, materialize_grads=True
+                        )
+                    ]
+                )
+                for loss in losses
+            ]
         jacobian = torch.stack(rows)
         return jacobian @ jacobian.T
     return ops.task_gram(x, *trunk.op_arguments, heads.weight, heads.bias, targets, heads.layout, mode=mode)
@@ -152,8 +168,9 @@ class _Step:
     def __call__(self, x, targets):
         self.optimizer.zero_grad(set_to_none=True)
         if self.aggregates:
-            result = self.model.mtl_backward(x, targets, self.method, mode=self.config.mode,
-                                             gram_every=self.config.gram_every)
+            result = self.model.mtl_backward(
+                x, targets, self.method, mode=self.config.mode, gram_every=self.config.gram_every
+            )
             self.optimizer.step()
             return result.losses, result.gram if result.gram_computed else None
         losses = self.model.losses(x, targets)
@@ -175,8 +192,15 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_run(label: str, method_name: str, train: MultiTaskDataset, test: MultiTaskDataset, config: TrainingConfig,
-              progress=None, on_step: Optional[Callable] = None) -> RunResult:
+def train_run(
+    label: str,
+    method_name: str,
+    train: MultiTaskDataset,
+    test: MultiTaskDataset,
+    config: TrainingConfig,
+    progress=None,
+    on_step: Callable | None = None,
+) -> RunResult:
     """Trains a fresh model on ``train`` with ``method_name`` for ``config.epochs`` and evaluates it on
     ``test``. ``progress``: a tqdm bar advanced by one per step, its postfix showing the losses."""
     model = build_model(train.num_features, train.tasks, config, train.field_cardinalities)
@@ -205,20 +229,28 @@ def train_run(label: str, method_name: str, train: MultiTaskDataset, test: Multi
             if progress is not None:
                 progress.update(1)
                 if len(step_seconds) % POSTFIX_EVERY == 0:
-                    progress.set_postfix_str(label + " " + " ".join(
-                        f"{n}={v:.3g}" for n, v in zip(names, step_losses[-1])), refresh=False)
+                    progress.set_postfix_str(
+                        label + " " + " ".join(f"{n}={v:.3g}" for n, v in zip(names, step_losses[-1])), refresh=False
+                    )
         step.end_epoch()
     train_seconds = time.perf_counter() - started
     return RunResult(
-        label=label, method=method_name, task_names=names, metrics=evaluate(model, test),
-        step_ms=1000 * statistics.median(step_seconds) if step_seconds else float("nan"), steps=len(step_seconds),
-        train_seconds=train_seconds, step_losses=step_losses,
-        mean_cosine=None if cosine_sum is None else (cosine_sum / gram_samples).tolist(), gram_samples=gram_samples,
+        label=label,
+        method=method_name,
+        task_names=names,
+        metrics=evaluate(model, test),
+        step_ms=1000 * statistics.median(step_seconds) if step_seconds else float("nan"),
+        steps=len(step_seconds),
+        train_seconds=train_seconds,
+        step_losses=step_losses,
+        mean_cosine=None if cosine_sum is None else (cosine_sum / gram_samples).tolist(),
+        gram_samples=gram_samples,
     )
 
 
-def train_single_task_baselines(train: MultiTaskDataset, test: MultiTaskDataset, config: TrainingConfig,
-                                progress=None) -> RunResult:
+def train_single_task_baselines(
+    train: MultiTaskDataset, test: MultiTaskDataset, config: TrainingConfig, progress=None
+) -> RunResult:
     """Independent learning: one model per task (a SharedBottom trunk of the same widths, its own
     head), each trained on its task alone. Returns the tasks' test metrics together; ``step_ms`` is
     the sum of the models' median step times (one step of every task), ``step_losses`` each step's
@@ -226,14 +258,24 @@ def train_single_task_baselines(train: MultiTaskDataset, test: MultiTaskDataset,
     runs = []
     single_config = dataclasses.replace(config, arch="SharedBottom")  # one task: nothing to mix or gate
     for task in train.tasks:
-        def alone(data):
-            return MultiTaskDataset(data.features, {task.name: data.targets[task.name]}, [task],
-                                    {task.name: data.metrics[task.name]}, data.field_cardinalities)
+
+        def alone(data, task=task):
+            return MultiTaskDataset(
+                data.features,
+                {task.name: data.targets[task.name]},
+                [task],
+                {task.name: data.metrics[task.name]},
+                data.field_cardinalities,
+            )
+
         runs.append(train_run(f"single-task {task.name}", "EW", alone(train), alone(test), single_config, progress))
     return RunResult(
-        label="single-task", method="single-task", task_names=train.task_names,
+        label="single-task",
+        method="single-task",
+        task_names=train.task_names,
         metrics={run.task_names[0]: run.metrics[run.task_names[0]] for run in runs},
-        step_ms=sum(run.step_ms for run in runs), steps=runs[0].steps,
+        step_ms=sum(run.step_ms for run in runs),
+        steps=runs[0].steps,
         train_seconds=sum(run.train_seconds for run in runs),
         step_losses=[[run.step_losses[i][0] for run in runs] for i in range(runs[0].steps)],
     )

@@ -23,5 +23,13 @@ from .synthetic import synthetic_tasks
 #: The data sets by the name the command line uses (the function's name).
 DATASETS = {"multidigits": multidigits, "synthetic_tasks": synthetic_tasks, "recommender": recommender}
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "MultiTaskDataset", "labelled_mask", "missing_value", "multidigits",
-           "recommender", "synthetic_tasks"]
+__all__ = [
+    "DATASETS",
+    "IGNORE_INDEX",
+    "MultiTaskDataset",
+    "labelled_mask",
+    "missing_value",
+    "multidigits",
+    "recommender",
+    "synthetic_tasks",
+]

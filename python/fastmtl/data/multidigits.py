@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import numpy as np
 import torch
@@ -48,8 +47,9 @@ def source_image_split(seed: int = 0):
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def multidigits(split: str = "train", seed: int = 0, num_samples: Optional[int] = None,
-                missing_fraction: float = 0.0) -> MultiTaskDataset:
+def multidigits(
+    split: str = "train", seed: int = 0, num_samples: int | None = None, missing_fraction: float = 0.0
+) -> MultiTaskDataset:
     """Pairs of 8x8 handwritten digits side by side: 8 rows x 16 columns = 128 features in [0, 1].
 
     Tasks: ``left`` and ``right`` (multiclass, 10 classes: the two digits), ``sum`` (regression:
@@ -71,7 +71,9 @@ def multidigits(split: str = "train", seed: int = 0, num_samples: Optional[int] 
     (torch.Size([100, 128]), ['left', 'right', 'sum', 'parity'])
     """
     if split not in SPLITS:
-        raise ValueError(f"fastmtl.data.multidigits: argument 'split' expected one of {', '.join(SPLITS)}, got {split!r}")
+        raise ValueError(
+            f"fastmtl.data.multidigits: argument 'split' expected one of {', '.join(SPLITS)}, got {split!r}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"fastmtl.data.multidigits: argument 'seed' expected an int, got {seed!r}")
     n = DEFAULT_SAMPLES[split] if num_samples is None else num_samples

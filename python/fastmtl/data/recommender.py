@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -84,7 +83,7 @@ def _world(seed: int):
     return user_group, item_category, users, items, preference, user_bias, item_bias, device_bias, hour_bias
 
 
-def recommender(n: Optional[int] = None, split: str = "train", seed: int = 0) -> MultiTaskDataset:
+def recommender(n: int | None = None, split: str = "train", seed: int = 0) -> MultiTaskDataset:
     """Feed impressions: six categorical fields (``user``, ``item``, ``user_group``,
     ``item_category``, ``device``, ``hour``; their category indices stored as floats, the
     cardinalities in ``field_cardinalities``, for an embedding front such as

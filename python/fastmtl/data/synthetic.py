@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from ..tasks import Task
 from .dataset import MultiTaskDataset
 
 SPLITS = ("train", "test")
-NUM_SINES = 10          # m in the paper
-SINE_PARAM_STD = 0.1    # alpha_i, beta_i ~ N(0, 0.01): variance 0.01
-NOISE_STD = 0.1         # epsilon ~ N(0, 0.01)
+NUM_SINES = 10  # m in the paper
+SINE_PARAM_STD = 0.1  # alpha_i, beta_i ~ N(0, 0.01): variance 0.01
+NOISE_STD = 0.1  # epsilon ~ N(0, 0.01)
 
 
 def task_names(num_tasks: int):
     return [f"task{t}" for t in range(num_tasks)]
 
 
-def synthetic_tasks(n: int, in_features: int = 100, num_tasks: int = 2, correlation: float = 0.5, seed: int = 0,
-                    split: str = "train", scale: float = 1.0, missing_fraction: float = 0.0) -> MultiTaskDataset:
+def synthetic_tasks(
+    n: int,
+    in_features: int = 100,
+    num_tasks: int = 2,
+    correlation: float = 0.5,
+    seed: int = 0,
+    split: str = "train",
+    scale: float = 1.0,
+    missing_fraction: float = 0.0,
+) -> MultiTaskDataset:
     """The synthetic regression tasks of Ma et al. 2018 (MMoE), whose pairwise correlation is set.
 
     As in the paper: task weight vectors ``w_t = scale * v_t`` with ``<v_s, v_t> = correlation``
@@ -47,12 +54,16 @@ def synthetic_tasks(n: int, in_features: int = 100, num_tasks: int = 2, correlat
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{where}: argument '{name}' expected an int >= {low}, got {value!r}")
     if in_features < num_tasks:
-        raise ValueError(f"{where}: argument 'in_features' expected >= num_tasks = {num_tasks} (one orthogonal "
-                         f"direction per task), got {in_features}")
+        raise ValueError(
+            f"{where}: argument 'in_features' expected >= num_tasks = {num_tasks} (one orthogonal "
+            f"direction per task), got {in_features}"
+        )
     lowest = -1.0 / (num_tasks - 1) if num_tasks > 1 else -1.0
     if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not lowest <= correlation <= 1:
-        raise ValueError(f"{where}: argument 'correlation' expected a number in [{lowest:.4g}, 1] for "
-                         f"{num_tasks} tasks, got {correlation!r}")
+        raise ValueError(
+            f"{where}: argument 'correlation' expected a number in [{lowest:.4g}, 1] for "
+            f"{num_tasks} tasks, got {correlation!r}"
+        )
     if split not in SPLITS:
         raise ValueError(f"{where}: argument 'split' expected one of {', '.join(SPLITS)}, got {split!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -80,5 +91,3 @@ def synthetic_tasks(n: int, in_features: int = 100, num_tasks: int = 2, correlat
         data = data.with_missing_labels(missing_fraction, seed)
     data.task_weight_vectors = weights.float()
     return data
-
-

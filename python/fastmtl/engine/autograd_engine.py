@@ -16,7 +16,8 @@ This path forms the T x P Jacobian (in the parameters' dtype); the fused path of
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Callable
 
 import torch
 
@@ -32,9 +33,9 @@ __all__ = ["mtl_backward", "graph_leaves"]
 
 def mtl_backward(
     losses: torch.Tensor,
-    features: Union[torch.Tensor, Sequence[torch.Tensor]],
+    features: torch.Tensor | Sequence[torch.Tensor],
     aggregator: Callable[[torch.Tensor], torch.Tensor],
-    shared_params: Optional[Iterable[torch.Tensor]] = None,
+    shared_params: Iterable[torch.Tensor] | None = None,
     *,
     schedule_owner=None,
     **options,
@@ -79,11 +80,18 @@ def mtl_backward(
     # independent batch, which this call has not got: refused, saying so, before any backward.
     requires = requirement(aggregator)
     if requires == "cross_gram":
-        fail("aggregator", "a method fastmtl.mtl_backward can supply (it needs the per-task gradients of two "
-             "independent batches, a cross-Gram: call it on J1 @ J2.T yourself)", type(aggregator).__name__)
+        fail(
+            "aggregator",
+            "a method fastmtl.mtl_backward can supply (it needs the per-task gradients of two "
+            "independent batches, a cross-Gram: call it on J1 @ J2.T yourself)",
+            type(aggregator).__name__,
+        )
     if requires == "jacobian" and (opts.mode != "exact" or opts.gram_every > 1):
-        fail("aggregator", "with mode='exact' and gram_every=1 a method that needs the per-task gradients (they "
-             "exist only there)", f"{type(aggregator).__name__} with mode={opts.mode!r}, gram_every={opts.gram_every}")
+        fail(
+            "aggregator",
+            "with mode='exact' and gram_every=1 a method that needs the per-task gradients (they exist only there)",
+            f"{type(aggregator).__name__} with mode={opts.mode!r}, gram_every={opts.gram_every}",
+        )
     schedule = None
     if opts.gram_every > 1:
         schedule = schedule_of(aggregator if schedule_owner is None else schedule_owner)
@@ -118,7 +126,7 @@ def _as_tensors(features) -> list:
     fail("features", "a tensor or a non-empty sequence of tensors (the trunk's outputs)", type(features).__name__)
 
 
-def graph_leaves(roots: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+def graph_leaves(roots: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The leaf tensors that require grad and that the roots depend on, each once, in depth-first
     order: from the last root, a node's inputs last to first (the order of the Jacobian's columns)."""
     seen, leaves, stack = set(), [], [r.grad_fn for r in roots if r.grad_fn is not None]
@@ -140,19 +148,38 @@ def _batched_vjp(outputs, inputs, cotangents, retain_graph: bool):
     The vectorised attempt keeps the graph: when an op has no batching rule (fastmtl's own ops, for
     one) it fails part-way, after freeing buffers the per-task fallback still needs."""
     try:
-        grads = torch.autograd.grad(outputs, inputs, grad_outputs=cotangents, is_grads_batched=True,
-                                    retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            outputs, inputs, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
     except RuntimeError:
         T = cotangents[0].shape[0]
-        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=[c[t] for c in cotangents],
-                                    retain_graph=retain_graph or t + 1 < T, allow_unused=True) for t in range(T)]
+        rows = [
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                grad_outputs=[c[t] for c in cotangents],
+                retain_graph=retain_graph or t + 1 < T,
+                allow_unused=True,
+            )
+            for t in range(T)
+        ]
         grads = tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
-    return [torch.zeros((cotangents[0].shape[0],) + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g
-            for g, x in zip(grads, inputs)]
+    return [
+        torch.zeros((cotangents[0].shape[0],) + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g
+        for g, x in zip(grads, inputs)
+    ]
 
 
-def _aggregated_backward(losses, feats, shared, heads, aggregator, opts: MTLBackwardOptions,
-                         schedule: Optional[WeightSchedule], sync: DataParallelSync) -> MTLBackwardResult:
+def _aggregated_backward(
+    losses,
+    feats,
+    shared,
+    heads,
+    aggregator,
+    opts: MTLBackwardOptions,
+    schedule: WeightSchedule | None,
+    sync: DataParallelSync,
+) -> MTLBackwardResult:
     """A call that computes the Gram matrix and the weights; ``schedule``: where the weights of
     ``gram_every`` are kept, None when every call computes them."""
     T = losses.shape[0]
@@ -161,15 +188,19 @@ def _aggregated_backward(losses, feats, shared, heads, aggregator, opts: MTLBack
     try:
         cotangents = _batched_vjp([losses], feats, [eye], retain_graph=True)
     except RuntimeError as error:
-        raise ValueError(f"fastmtl.mtl_backward: argument 'features' could not be differentiated against "
-                         f"'losses' ({error})") from None
+        raise ValueError(
+            f"fastmtl.mtl_backward: argument 'features' could not be differentiated against 'losses' ({error})"
+        ) from None
 
     # Heads: the gradient of sum_t L_t, through the task-specific parts only. The same backward
     # tells whether the losses depend on the features at all.
     summed = torch.autograd.grad(losses.sum(), heads + feats, retain_graph=True, allow_unused=True)
-    if all(g is None for g in summed[len(heads):]):
-        fail("features", "tensors in the graph of 'losses' (the losses must be computed from them)",
-             "features the losses do not depend on")
+    if all(g is None for g in summed[len(heads) :]):
+        fail(
+            "features",
+            "tensors in the graph of 'losses' (the losses must be computed from them)",
+            "features the losses do not depend on",
+        )
     head_grads = list(summed[: len(heads)])
 
     jacobian = None
@@ -189,8 +220,10 @@ def _aggregated_backward(losses, feats, shared, heads, aggregator, opts: MTLBack
             gram = sync.gram(flat @ flat.T)
         if requirement(aggregator) == "jacobian":
             update = aggregator(jacobian=flat.detach())  # [P]: the method's update of the shared parameters
-            shared_grads = [u.view_as(g[0]).to(g.dtype) for u, g in
-                            zip(torch.split(update, [g[0].numel() for g in per_task]), per_task)]
+            shared_grads = [
+                u.view_as(g[0]).to(g.dtype)
+                for u, g in zip(torch.split(update, [g[0].numel() for g in per_task]), per_task)
+            ]
             weights = getattr(aggregator, "last_weights", None)  # ExcessMTL's; GradDrop, TrimmedMean have none
             weights = torch.full((T,), float("nan"), dtype=gram.dtype) if weights is None else weights.detach()
         else:

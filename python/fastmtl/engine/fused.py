@@ -36,8 +36,9 @@ def fused_model_backward(model, x: torch.Tensor, targets, aggregator: Callable, 
     heads = model.heads
     if isinstance(targets, Mapping):
         targets = heads.pack_targets(targets, ops.loss_dtype(x.dtype) if isinstance(x, torch.Tensor) else None)
-    return fused_mlp_mtl_backward(x, model.trunk.op_arguments, heads.op_arguments, targets, aggregator, opts,
-                                  schedule_of(model))
+    return fused_mlp_mtl_backward(
+        x, model.trunk.op_arguments, heads.op_arguments, targets, aggregator, opts, schedule_of(model)
+    )
 
 
 def fused_mlp_mtl_backward(
@@ -69,16 +70,28 @@ def fused_mlp_mtl_backward(
 
     with torch.no_grad():
         out, saved = ops.fused_mlp_with_saved(x, weights, biases, activation)
-        losses, logit_grad, count_scale = ops.multitask_head_loss_with_saved(out, heads.weight, heads.bias, targets,
-                                                                              heads.layout)
+        losses, logit_grad, count_scale = ops.multitask_head_loss_with_saved(
+            out, heads.weight, heads.bias, targets, heads.layout
+        )
         check_finite_losses(losses, [t.name for t in heads.layout.tasks])
         jacobian = None
         computed = schedule.due(key, options.gram_every)
         if computed:
             if options.mode == "exact":
                 gram, jacobian, _paths = ops.mtl_trunk_gram(
-                    x, weights, out, saved, activation, trunk.has_bias, heads.weight, logit_grad, count_scale,
-                    task_weights, num_outputs, options.gram_path, options.keep_jacobian or sync.exact,
+                    x,
+                    weights,
+                    out,
+                    saved,
+                    activation,
+                    trunk.has_bias,
+                    heads.weight,
+                    logit_grad,
+                    count_scale,
+                    task_weights,
+                    num_outputs,
+                    options.gram_path,
+                    options.keep_jacobian or sync.exact,
                 )
                 if sync.exact:
                     jacobian = sync.jacobian(jacobian)
@@ -87,17 +100,31 @@ def fused_mlp_mtl_backward(
                     gram = sync.gram(gram)
                 jacobian = jacobian if options.keep_jacobian else None
             else:
-                gram = sync.gram(ops.mtl_representation_gram(heads.weight, logit_grad, count_scale, task_weights,
-                                                             num_outputs))
+                gram = sync.gram(
+                    ops.mtl_representation_gram(heads.weight, logit_grad, count_scale, task_weights, num_outputs)
+                )
             schedule.keep(checked_weights(aggregator, gram), gram)
         head_w, head_b, grad_x, grad_ws, grad_bs = ops.mtl_weighted_backward(
-            x, weights, out, saved, activation, trunk.has_bias, heads.weight, has_head_bias, logit_grad,
-            count_scale, task_weights, schedule.weights.to(x.dtype) * task_weights, num_outputs, x.requires_grad,
+            x,
+            weights,
+            out,
+            saved,
+            activation,
+            trunk.has_bias,
+            heads.weight,
+            has_head_bias,
+            logit_grad,
+            count_scale,
+            task_weights,
+            schedule.weights.to(x.dtype) * task_weights,
+            num_outputs,
+            x.requires_grad,
         )
     params = [heads.weight] + ([heads.bias] if has_head_bias else []) + weights + biases
     grads = [head_w] + ([head_b] if has_head_bias else []) + list(grad_ws) + list(grad_bs)
     write_gradients(params, grads, sync, owned=True)
     if x.requires_grad:
         torch.autograd.backward(x, grad_x)
-    return MTLBackwardResult(losses=losses, weights=schedule.weights, gram=schedule.gram, jacobian=jacobian,
-                             gram_computed=computed)
+    return MTLBackwardResult(
+        losses=losses, weights=schedule.weights, gram=schedule.gram, jacobian=jacobian, gram_computed=computed
+    )

@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, NoReturn
+from typing import Any, NoReturn
 
 from .._distributed import DDP_GRAMS
 from .._validation import check_int_at_least
@@ -69,14 +70,16 @@ class MTLBackwardOptions:
             fail("ddp_gram", f"one of {DDP_GRAMS}", repr(self.ddp_gram))
 
     @classmethod
-    def of(cls, function: str, options: Mapping[str, Any]) -> "MTLBackwardOptions":
+    def of(cls, function: str, options: Mapping[str, Any]) -> MTLBackwardOptions:
         """The options of a call's keyword arguments; TypeError naming ``function`` for unknown ones."""
         if not options:
             return _DEFAULTS
         unknown = sorted(set(options) - OPTION_NAMES)
         if unknown:
-            raise TypeError(f"{function}: unexpected keyword arguments {unknown}; the options are "
-                            f"{sorted(OPTION_NAMES)} (see fastmtl.engine.MTLBackwardOptions)")
+            raise TypeError(
+                f"{function}: unexpected keyword arguments {unknown}; the options are "
+                f"{sorted(OPTION_NAMES)} (see fastmtl.engine.MTLBackwardOptions)"
+            )
         return cls(**options)
 
 

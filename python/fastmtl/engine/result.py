@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -24,5 +23,5 @@ class MTLBackwardResult:
     losses: torch.Tensor
     weights: torch.Tensor
     gram: torch.Tensor
-    jacobian: Optional[torch.Tensor] = None
+    jacobian: torch.Tensor | None = None
     gram_computed: bool = True

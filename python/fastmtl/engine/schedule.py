@@ -10,7 +10,7 @@ aggregator object of :func:`fastmtl.mtl_backward`, the model of ``model.mtl_back
 from __future__ import annotations
 
 import weakref
-from typing import Hashable, Optional
+from collections.abc import Hashable
 
 import torch
 
@@ -26,8 +26,8 @@ class WeightSchedule:
 
     def __init__(self):
         self.calls, self.key = 0, None
-        self.weights: Optional[torch.Tensor] = None
-        self.gram: Optional[torch.Tensor] = None
+        self.weights: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
 
     def due(self, key: Hashable, every: int) -> bool:
         """Whether this call computes the weights (and counts the call)."""
@@ -42,7 +42,7 @@ class WeightSchedule:
 
 
 # One schedule per owner, dropped with it.
-_schedules: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_schedules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def schedule_of(owner) -> WeightSchedule:
@@ -50,5 +50,8 @@ def schedule_of(owner) -> WeightSchedule:
     try:
         return _schedules.setdefault(owner, WeightSchedule())
     except TypeError:
-        fail("aggregator", "an object that can be weakly referenced when gram_every > 1 (its weights are kept "
-             "with it)", type(owner).__name__)
+        fail(
+            "aggregator",
+            "an object that can be weakly referenced when gram_every > 1 (its weights are kept with it)",
+            type(owner).__name__,
+        )

@@ -4,7 +4,6 @@ SharedBottom): every message names the class, the argument, what was expected an
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 
@@ -17,7 +16,7 @@ def check_count(owner: str, name: str, value, minimum: int) -> int:
     return value
 
 
-def check_widths(owner: str, name: str, widths) -> List[int]:
+def check_widths(owner: str, name: str, widths) -> list[int]:
     """An int (one layer) or a non-empty sequence of layer widths, each an int >= 1."""
     if isinstance(widths, bool) or not isinstance(widths, (int, list, tuple)):
         raise TypeError(

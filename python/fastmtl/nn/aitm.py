@@ -5,8 +5,7 @@ funnel through attention, and a calibrator keeps each step's probability below t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import List, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -92,9 +91,9 @@ class AITM(nn.Module):
     def __init__(
         self,
         in_features: int,
-        tower_hidden: Union[int, Sequence[int]],
+        tower_hidden: int | Sequence[int],
         num_tasks: int,
-        shared_hidden: Optional[Union[int, Sequence[int]]] = None,
+        shared_hidden: int | Sequence[int] | None = None,
         activation: str = "relu",
         device=None,
         dtype=None,
@@ -153,7 +152,7 @@ class AITM(nn.Module):
             z.append((attention.unsqueeze(2) * value).sum(0))
         return torch.stack(z)
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
     def extra_repr(self) -> str:

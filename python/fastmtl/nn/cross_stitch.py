@@ -3,7 +3,7 @@ between the tasks by learned T x T cross-stitch units."""
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class CrossStitch(nn.Module):
     def __init__(
         self,
         in_features: int,
-        hidden_features: Union[int, Sequence[int]],
+        hidden_features: int | Sequence[int],
         num_tasks: int,
         activation: str = "relu",
         self_weight: float = 0.9,
@@ -94,7 +94,7 @@ class CrossStitch(nn.Module):
             h = torch.mm(self.stitch[layer], h.reshape(T, -1)).view(h.shape)
         return h
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
     def extra_repr(self) -> str:

@@ -4,7 +4,7 @@ a differentiable binary encoding, instead of MMoE's dense softmax over all of th
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ class DSelectK(nn.Module):
         self,
         in_features: int,
         num_experts: int,
-        expert_hidden: Union[int, Sequence[int]],
+        expert_hidden: int | Sequence[int],
         num_tasks: int,
         k: int = 2,
         gamma: float = 1.0,
@@ -157,7 +157,7 @@ class DSelectK(nn.Module):
         experts = self.experts(x)  # [E, B, h]
         return torch.bmm(gates.transpose(0, 1), experts.transpose(0, 1)).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
     def extra_repr(self) -> str:

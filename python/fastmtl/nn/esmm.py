@@ -4,7 +4,7 @@ over all impressions, so the CVR tower is trained on the entire space without sa
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -80,8 +80,8 @@ class ESMM(nn.Module):
     def __init__(
         self,
         in_features: int,
-        tower_hidden: Union[int, Sequence[int]],
-        shared_hidden: Optional[Union[int, Sequence[int]]] = None,
+        tower_hidden: int | Sequence[int],
+        shared_hidden: int | Sequence[int] | None = None,
         activation: str = "relu",
         task_names: Sequence[str] = ("ctr", "ctcvr"),
         device=None,
@@ -147,16 +147,16 @@ class ESMM(nn.Module):
         a_ctr, a_cvr = self.tower_logits(x).unbind(0)
         return torch.stack([a_ctr, product_logit(a_ctr, a_cvr)]).unsqueeze(-1)
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits: dict ``ctr``, ``cvr``, ``ctcvr`` -> ``[B]`` (``ctcvr`` the product's log-odds)."""
         a_ctr, a_cvr = self.tower_logits(x).unbind(0)
         return {"ctr": a_ctr, "cvr": a_cvr, "ctcvr": product_logit(a_ctr, a_cvr)}
 
-    def probabilities(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def probabilities(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """dict ``ctr``, ``cvr``, ``ctcvr`` -> ``[B]`` probabilities, ``ctcvr = ctr * cvr``."""
         return {name: torch.sigmoid(logit) for name, logit in self.forward(x).items()}
 
-    def targets(self, click: torch.Tensor, conversion: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def targets(self, click: torch.Tensor, conversion: torch.Tensor) -> dict[str, torch.Tensor]:
         """The two tasks' targets from click labels (0/1, NaN = impression unlabelled) and
         conversion labels (0/1 where clicked; anything, NaN included, where not clicked):
         ``ctr = click``, ``ctcvr = click * conversion``, 0 where not clicked."""

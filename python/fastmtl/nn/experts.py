@@ -10,7 +10,7 @@ Both give one representation per task: ``forward(x)`` a list of ``T`` tensors ``
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from .._validation import check_int_at_least
 from ._init import linear_init_
 
 
-def _widths(owner: str, expert_hidden) -> List[int]:
+def _widths(owner: str, expert_hidden) -> list[int]:
     widths = [expert_hidden] if isinstance(expert_hidden, int) else list(expert_hidden)
     if not widths:
         raise ValueError(f"{owner}: argument 'expert_hidden' expected at least one layer width, got []")
@@ -33,17 +33,27 @@ class ExpertBank(nn.Module):
     """E expert MLPs with the same widths, stored stacked (``weights[l]``: ``[E, out_l, in_l]``) and
     run by one fused op call. Each expert is initialised like its own ``nn.Linear`` layers."""
 
-    def __init__(self, in_features: int, num_experts: int, widths: Sequence[int], activation: str, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        widths: Sequence[int],
+        activation: str,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_experts = num_experts
         self.activation = activation
         fan_ins = [in_features] + list(widths[:-1])
         self.weights = nn.ParameterList(
-            [nn.Parameter(torch.empty(num_experts, n, k, **factory)) for n, k in zip(widths, fan_ins)])
-        self.biases = nn.ParameterList(
-            [nn.Parameter(torch.empty(num_experts, n, **factory)) for n in widths]) if bias else None
+            [nn.Parameter(torch.empty(num_experts, n, k, **factory)) for n, k in zip(widths, fan_ins)]
+        )
+        self.biases = (
+            nn.ParameterList([nn.Parameter(torch.empty(num_experts, n, **factory)) for n in widths]) if bias else None
+        )
         self.reset_parameters()
 
     @property
@@ -109,8 +119,16 @@ class MMoE(nn.Module):
     [torch.Size([5, 8]), torch.Size([5, 8]), torch.Size([5, 8])]
     """
 
-    def __init__(self, in_features: int, num_experts: int, expert_hidden: Union[int, Sequence[int]], num_tasks: int,
-                 activation: str = "relu", device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        expert_hidden: int | Sequence[int],
+        num_tasks: int,
+        activation: str = "relu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_int_at_least("MMoE", "in_features", in_features, 1)
         check_int_at_least("MMoE", "num_experts", num_experts, 1)
@@ -131,17 +149,19 @@ class MMoE(nn.Module):
         _check_input("MMoE", x, self.in_features)
         return self.gates(x, self.experts(x))
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
-    def shared_parameters(self) -> List[nn.Parameter]:
+    def shared_parameters(self) -> list[nn.Parameter]:
         """The parameters every task shares: the experts'. Gate t only feeds task t, so it is
         task-specific (as in LibMTL) and gets its own task's gradient in ``mtl_backward``."""
         return list(self.experts.parameters())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, num_experts={self.num_experts}, "
-                f"expert_hidden={list(self.expert_hidden)}, num_tasks={self.num_tasks}")
+        return (
+            f"in_features={self.in_features}, num_experts={self.num_experts}, "
+            f"expert_hidden={list(self.expert_hidden)}, num_tasks={self.num_tasks}"
+        )
 
 
 class PLE(nn.Module):
@@ -159,9 +179,18 @@ class PLE(nn.Module):
     [torch.Size([5, 8]), torch.Size([5, 8]), torch.Size([5, 8])]
     """
 
-    def __init__(self, in_features: int, num_shared_experts: int, num_task_experts: int,
-                 expert_hidden: Union[int, Sequence[int]], num_tasks: int, num_levels: int = 1,
-                 activation: str = "relu", device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        num_shared_experts: int,
+        num_task_experts: int,
+        expert_hidden: int | Sequence[int],
+        num_tasks: int,
+        num_levels: int = 1,
+        activation: str = "relu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_int_at_least("PLE", "in_features", in_features, 1)
         check_int_at_least("PLE", "num_shared_experts", num_shared_experts, 0)
@@ -169,8 +198,10 @@ class PLE(nn.Module):
         check_int_at_least("PLE", "num_tasks", num_tasks, 1)
         check_int_at_least("PLE", "num_levels", num_levels, 1)
         if num_shared_experts + num_task_experts == 0:
-            raise ValueError("PLE: arguments 'num_shared_experts' and 'num_task_experts' expected at least one "
-                             "expert per gate, got 0 and 0")
+            raise ValueError(
+                "PLE: arguments 'num_shared_experts' and 'num_task_experts' expected at least one "
+                "expert per gate, got 0 and 0"
+            )
         widths = _widths("PLE", expert_hidden)
         ops.check_activation("PLE", activation)
         self.in_features, self.num_tasks, self.num_levels = in_features, num_tasks, num_levels
@@ -193,8 +224,9 @@ class PLE(nn.Module):
             if level + 1 < num_levels and S > 0:  # the next level's shared experts read its mixture
                 self.shared_gates.append(TaskGates(fan_in, 1, num_experts, **factory))
             fan_in = widths[-1]
-        self.register_buffer("_source_index", torch.tensor(self._expert_source, dtype=torch.long, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "_source_index", torch.tensor(self._expert_source, dtype=torch.long, device=device), persistent=False
+        )
 
     @property
     def out_features(self) -> int:
@@ -218,10 +250,10 @@ class PLE(nn.Module):
             tasks = new_tasks
         return tasks
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
-    def shared_parameters(self) -> List[nn.Parameter]:
+    def shared_parameters(self) -> list[nn.Parameter]:
         """The parameters aggregated by ``mtl_backward``: each level's expert bank and the shared
         gates. The task gates are task-specific. A level's shared and task experts are one stacked
         parameter, so the task experts' rows travel with the shared ones (they get ``a_t`` times
@@ -229,6 +261,8 @@ class PLE(nn.Module):
         return list(self.experts.parameters()) + list(self.shared_gates.parameters())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, num_shared_experts={self.num_shared_experts}, "
-                f"num_task_experts={self.num_task_experts}, expert_hidden={list(self.expert_hidden)}, "
-                f"num_tasks={self.num_tasks}, num_levels={self.num_levels}")
+        return (
+            f"in_features={self.in_features}, num_shared_experts={self.num_shared_experts}, "
+            f"num_task_experts={self.num_task_experts}, expert_hidden={list(self.expert_hidden)}, "
+            f"num_tasks={self.num_tasks}, num_levels={self.num_levels}"
+        )

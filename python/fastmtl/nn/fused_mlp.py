@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ class FusedMLP(nn.Module):
     def __init__(
         self,
         in_features: int,
-        hidden_features: Union[int, Sequence[int]],
+        hidden_features: int | Sequence[int],
         activation: str = "relu",
         bias: bool = True,
         device=None,
@@ -147,7 +147,7 @@ class FusedMLP(nn.Module):
         return layers
 
     @classmethod
-    def from_sequential(cls, sequential: nn.Sequential) -> "FusedMLP":
+    def from_sequential(cls, sequential: nn.Sequential) -> FusedMLP:
         """A FusedMLP computing the same function as ``sequential`` (Linear, Act, Linear, Act, ...),
         carrying copies of its weights.
 
@@ -172,7 +172,7 @@ class FusedMLP(nn.Module):
         return module
 
     @torch.no_grad()
-    def load_from_sequential(self, sequential: nn.Sequential) -> "FusedMLP":
+    def load_from_sequential(self, sequential: nn.Sequential) -> FusedMLP:
         """Copies the weights of an equivalent plain ``nn.Sequential`` (Linear, Act, ...) into this module."""
         layers = self._layers_of(sequential)
         if len(layers) != len(self.weights) or layers[0][1] != self.activation:

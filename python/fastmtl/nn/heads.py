@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Dict, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +49,9 @@ class MultiTaskHeads(nn.Module):
         # module.to(torch.bfloat16) would round the task weights; they are derived from the tasks,
         # so recompute them in the losses' dtype (float32 for a 16-bit model) on the new device.
         super()._apply(fn, recurse)
-        self.task_weights = torch.tensor([t.weight for t in self.tasks], dtype=ops.loss_dtype(self.weight.dtype),
-                                         device=self.weight.device)
+        self.task_weights = torch.tensor(
+            [t.weight for t in self.tasks], dtype=ops.loss_dtype(self.weight.dtype), device=self.weight.device
+        )
         return self
 
     @property
@@ -78,7 +78,7 @@ class MultiTaskHeads(nn.Module):
         # Per-task nn.Linear init has the same distribution for every row: fan_in is in_features.
         linear_init_(self.weight, self.bias)
 
-    def forward(self, z: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per task: dict name -> ``[..., num_outputs]``."""
         self._check_input(z, "forward")
         logits = F.linear(z, self.weight, self.bias)
@@ -89,7 +89,7 @@ class MultiTaskHeads(nn.Module):
         path) take: ``[B, sum of target widths]`` in ``dtype`` (default: the losses' dtype)."""
         return ops.pack_targets(targets, self.layout, dtype or ops.loss_dtype(self.weight.dtype))
 
-    def losses(self, z: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
+    def losses(self, z: torch.Tensor, targets: Mapping | torch.Tensor) -> torch.Tensor:
         """Per-task losses ``[T]`` in task order, from trunk features ``z`` ``[B, in_features]``.
 
         ``targets``: dict name -> tensor (see :class:`fastmtl.Task`) or an already packed tensor.
@@ -125,7 +125,9 @@ class MultiTaskHeads(nn.Module):
             raise ValueError(f"MultiTaskHeads: argument 'linears' expected {len(self.tasks)} heads, got {len(linears)}")
         for task, linear in zip(self.tasks, linears):
             if not isinstance(linear, nn.Linear):
-                raise TypeError(f"MultiTaskHeads: head of task {task.name!r} expected nn.Linear, got {type(linear).__name__}")
+                raise TypeError(
+                    f"MultiTaskHeads: head of task {task.name!r} expected nn.Linear, got {type(linear).__name__}"
+                )
             if tuple(linear.weight.shape) != (task.num_outputs, self.in_features):
                 raise ValueError(
                     f"MultiTaskHeads: head of task {task.name!r} expected weight shape "
@@ -134,7 +136,7 @@ class MultiTaskHeads(nn.Module):
         return linears
 
     @torch.no_grad()
-    def load_from_linears(self, linears) -> "MultiTaskHeads":
+    def load_from_linears(self, linears) -> MultiTaskHeads:
         """Copies per-task ``nn.Linear`` heads (dict name -> Linear, or a list in task order) into the
         stacked weight; a head without bias gets a zero bias."""
         row = 0
@@ -149,7 +151,7 @@ class MultiTaskHeads(nn.Module):
         return self
 
     @classmethod
-    def from_linears(cls, linears, tasks: Sequence[Task]) -> "MultiTaskHeads":
+    def from_linears(cls, linears, tasks: Sequence[Task]) -> MultiTaskHeads:
         """Fused heads carrying the weights of existing per-task ``nn.Linear`` heads.
 
         >>> import torch, fastmtl

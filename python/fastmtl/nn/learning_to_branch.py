@@ -3,7 +3,7 @@ every node picks its parent in the layer below through a Gumbel-softmax over lea
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class LearningToBranch(nn.Module):
     def __init__(
         self,
         in_features: int,
-        hidden_features: Union[int, Sequence[int]],
+        hidden_features: int | Sequence[int],
         num_tasks: int,
         branches: Sequence[int] = (),
         tau: float = 1.0,
@@ -102,7 +102,7 @@ class LearningToBranch(nn.Module):
         for logits in self.branch_logits:
             nn.init.zeros_(logits)
 
-    def branch_gates(self, noise: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+    def branch_gates(self, noise: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """``g_l`` ``[N_l, N_{l-1}]`` for every layer above the first: in training mode (or with
         ``noise``, the Gumbel noise ``[N_l, N_{l-1}]`` per layer) ``softmax((logits + noise) / tau)``,
         one-hot with a straight-through gradient when ``hard``; in eval mode without noise the
@@ -130,11 +130,11 @@ class LearningToBranch(nn.Module):
             gates.append(soft)
         return gates
 
-    def parents(self) -> List[List[int]]:
+    def parents(self) -> list[list[int]]:
         """Every node's most likely parent, per layer above the first: the tree found so far."""
         return [logits.argmax(1).tolist() for logits in self.branch_logits]
 
-    def task_features(self, x: torch.Tensor, gates: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    def task_features(self, x: torch.Tensor, gates: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The last layer's nodes, one per task: ``[T, B, out_features]``."""
         check_input("LearningToBranch", x, self.in_features)
         if gates is None:
@@ -153,7 +153,7 @@ class LearningToBranch(nn.Module):
             h = torch.ops.fastmtl.fused_experts.default(children, [weights[layer]], [biases[layer]], self.activation)[0]
         return h
 
-    def forward(self, x: torch.Tensor, gates: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor, gates: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         return list(self.task_features(x, gates).unbind(0))
 
     def extra_repr(self) -> str:

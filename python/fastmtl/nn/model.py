@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ class MultiTaskOutput:
     :meth:`MultiTaskModel.losses`), ``loss`` the scalar ``sum_t task.weight * L_t`` to call
     ``backward`` on. Going through ``forward`` is what lets DDP/FSDP hooks see the step."""
 
-    logits: Dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor]
     losses: torch.Tensor
     loss: torch.Tensor
 
@@ -63,8 +62,10 @@ class MultiTaskModel(nn.Module):
             )
         trunk_tasks = getattr(trunk, "num_tasks", None)
         if hasattr(trunk, "task_features") and trunk_tasks is not None and trunk_tasks != len(heads.tasks):
-            raise ValueError(f"MultiTaskModel: the trunk gives {trunk_tasks} per-task representations but heads "
-                             f"have {len(heads.tasks)} tasks")
+            raise ValueError(
+                f"MultiTaskModel: the trunk gives {trunk_tasks} per-task representations but heads "
+                f"have {len(heads.tasks)} tasks"
+            )
         self.trunk = trunk
         self.heads = heads
 
@@ -81,7 +82,7 @@ class MultiTaskModel(nn.Module):
             return torch.stack(list(z)), True
         return z, False
 
-    def forward(self, x: torch.Tensor, targets: Optional[Union[Mapping, torch.Tensor]] = None):
+    def forward(self, x: torch.Tensor, targets: Mapping | torch.Tensor | None = None):
         """Logits per task: dict name -> ``[B, num_outputs]``; with ``targets`` (as for
         :meth:`losses`) a :class:`MultiTaskOutput` with ``logits``, ``losses`` and ``loss``.
 
@@ -96,7 +97,7 @@ class MultiTaskModel(nn.Module):
         losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
         return MultiTaskOutput(logits=logits, losses=losses, loss=self._weighted_sum(losses))
 
-    def losses(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
+    def losses(self, x: torch.Tensor, targets: Mapping | torch.Tensor) -> torch.Tensor:
         """Per-task losses ``[T]`` in task order (mean over each task's labelled entries, 0 if none).
 
         ``targets``: dict name -> tensor — regression float ``[B]`` or ``[B, n]`` (NaN = missing),
@@ -106,7 +107,7 @@ class MultiTaskModel(nn.Module):
         z, per_task = self.features(x)
         return routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
 
-    def loss(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, targets: Mapping | torch.Tensor) -> torch.Tensor:
         """Scalar ``sum_t task.weight * L_t``."""
         return self._weighted_sum(self.losses(x, targets))
 
@@ -122,8 +123,14 @@ class MultiTaskModel(nn.Module):
         declared = getattr(self.trunk, "shared_parameters", None)
         return list(declared()) if callable(declared) else list(self.trunk.parameters())
 
-    def mtl_backward(self, x: torch.Tensor, targets: Union[Mapping, torch.Tensor], aggregator,
-                     shared_params: Optional[Iterable[torch.Tensor]] = None, **options):
+    def mtl_backward(
+        self,
+        x: torch.Tensor,
+        targets: Mapping | torch.Tensor,
+        aggregator,
+        shared_params: Iterable[torch.Tensor] | None = None,
+        **options,
+    ):
         """Backward of one multi-task step with an aggregated update of the trunk.
 
         The trunk's parameters get ``sum_t a_t grad(task.weight_t * L_t)`` with ``a =
@@ -153,25 +160,29 @@ class MultiTaskModel(nn.Module):
         """
         shared = None if shared_params is None else list(shared_params)
         trunk_params = list(self.trunk.parameters())
-        every_trunk_param = shared is None or (len(shared) == len(trunk_params)
-                                               and all(any(p is q for q in shared) for p in trunk_params))
+        every_trunk_param = shared is None or (
+            len(shared) == len(trunk_params) and all(any(p is q for q in shared) for p in trunk_params)
+        )
         if isinstance(self.trunk, FusedMLP) and every_trunk_param:
             return fused_model_backward(self, x, targets, aggregator, **options)
         if options.get("gram_path", "auto") != "auto":
-            raise ValueError(f"MultiTaskModel.mtl_backward: argument 'gram_path' applies to a FusedMLP trunk only, "
-                             f"got {options['gram_path']!r} with a {type(self.trunk).__name__} trunk")
+            raise ValueError(
+                f"MultiTaskModel.mtl_backward: argument 'gram_path' applies to a FusedMLP trunk only, "
+                f"got {options['gram_path']!r} with a {type(self.trunk).__name__} trunk"
+            )
         z, per_task = self.features(x)
         losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
         check_finite_losses(losses, self.heads.task_names)
         if shared is None:
             shared = self.shared_parameters()
-        result = mtl_backward(losses * self.heads.task_weights.to(losses.dtype), z, aggregator, shared,
-                              schedule_owner=self, **options)
+        result = mtl_backward(
+            losses * self.heads.task_weights.to(losses.dtype), z, aggregator, shared, schedule_owner=self, **options
+        )
         result.losses = losses.detach()
         return result
 
     @torch.no_grad()
-    def load_plain_weights(self, trunk: nn.Sequential, heads) -> "MultiTaskModel":
+    def load_plain_weights(self, trunk: nn.Sequential, heads) -> MultiTaskModel:
         """Loads the weights of the equivalent plain PyTorch model: ``trunk`` an ``nn.Sequential``
         of (Linear, activation) pairs (for a FusedMLP trunk; any other trunk gets
         ``load_state_dict(trunk.state_dict())``), ``heads`` one ``nn.Linear`` per task (dict name
@@ -185,7 +196,7 @@ class MultiTaskModel(nn.Module):
 
     # ---- transfer learning
 
-    def add_tasks(self, tasks) -> "MultiTaskModel":
+    def add_tasks(self, tasks) -> MultiTaskModel:
         """Adds heads for new tasks after the existing ones, keeping the trained heads' weights.
 
         The trunk must give one shared representation (an MMoE or PLE has a gate per task fixed at
@@ -193,13 +204,17 @@ class MultiTaskModel(nn.Module):
         """
         new = list(check_tasks(tasks, "MultiTaskModel.add_tasks"))
         if hasattr(self.trunk, "task_features"):
-            raise ValueError(f"MultiTaskModel.add_tasks: a {type(self.trunk).__name__} trunk has one representation "
-                             f"per task, fixed at construction; build a new trunk for {len(self.tasks) + len(new)} tasks")
+            raise ValueError(
+                f"MultiTaskModel.add_tasks: a {type(self.trunk).__name__} trunk has one representation "
+                f"per task, fixed at construction; build a new trunk for {len(self.tasks) + len(new)} tasks"
+            )
         old = self.heads
         taken = set(old.task_names)
         for t in new:
             if t.name in taken:
-                raise ValueError(f"MultiTaskModel.add_tasks: argument 'tasks' has task {t.name!r}, which the model has already")
+                raise ValueError(
+                    f"MultiTaskModel.add_tasks: argument 'tasks' has task {t.name!r}, which the model has already"
+                )
         heads = MultiTaskHeads(old.in_features, list(old.tasks) + new, device=old.weight.device, dtype=old.weight.dtype)
         rows = old.weight.shape[0]
         with torch.no_grad():
@@ -209,7 +224,7 @@ class MultiTaskModel(nn.Module):
         self.heads = heads
         return self
 
-    def freeze_trunk(self) -> "MultiTaskModel":
+    def freeze_trunk(self) -> MultiTaskModel:
         """Stops gradients to the trunk's parameters (``requires_grad = False``) and drops their
         ``.grad``: optimizers skip parameters without one, so the trunk stays bit-identical even
         under an optimizer built over all parameters (a stale gradient would still move it).
@@ -218,11 +233,11 @@ class MultiTaskModel(nn.Module):
             p.grad = None
         return self._set_trunk_trainable(False)
 
-    def unfreeze_trunk(self) -> "MultiTaskModel":
+    def unfreeze_trunk(self) -> MultiTaskModel:
         """Undoes :meth:`freeze_trunk`."""
         return self._set_trunk_trainable(True)
 
-    def _set_trunk_trainable(self, trainable: bool) -> "MultiTaskModel":
+    def _set_trunk_trainable(self, trainable: bool) -> MultiTaskModel:
         for p in self.trunk.parameters():
             p.requires_grad_(trainable)
         return self

@@ -3,7 +3,7 @@ shared trunk: every task reads the shared layers through its own soft attention 
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ class MTAN(nn.Module):
     def __init__(
         self,
         in_features: int,
-        hidden_features: Union[int, Sequence[int]],
+        hidden_features: int | Sequence[int],
         num_tasks: int,
         activation: str = "relu",
         device=None,
@@ -114,7 +114,7 @@ class MTAN(nn.Module):
             attended = mask * h
         return attended
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
     def extra_repr(self) -> str:

@@ -11,7 +11,6 @@ trunk; their gradients are discarded by block_diag's backward.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Dict, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +22,13 @@ from .heads import MultiTaskHeads
 def check_task_features(heads: MultiTaskHeads, z: torch.Tensor) -> None:
     T = len(heads.tasks)
     if z.dim() != 3 or z.shape[0] != T or z.shape[2] != heads.in_features:
-        raise ValueError(f"MultiTaskModel: the trunk's per-task representations expected shape "
-                         f"[{T}, B, {heads.in_features}] (one per task), got {list(z.shape)}")
+        raise ValueError(
+            f"MultiTaskModel: the trunk's per-task representations expected shape "
+            f"[{T}, B, {heads.in_features}] (one per task), got {list(z.shape)}"
+        )
 
 
-def routed_logits(heads: MultiTaskHeads, z: torch.Tensor) -> Dict[str, torch.Tensor]:
+def routed_logits(heads: MultiTaskHeads, z: torch.Tensor) -> dict[str, torch.Tensor]:
     """Dict name -> logits of task t's head on ``z[t]``."""
     check_task_features(heads, z)
     weights = heads.weight.split(heads.num_outputs)
@@ -35,7 +36,7 @@ def routed_logits(heads: MultiTaskHeads, z: torch.Tensor) -> Dict[str, torch.Ten
     return {t.name: F.linear(z[i], weights[i], biases[i]) for i, t in enumerate(heads.tasks)}
 
 
-def routed_losses(heads: MultiTaskHeads, z: torch.Tensor, targets: Union[Mapping, torch.Tensor]) -> torch.Tensor:
+def routed_losses(heads: MultiTaskHeads, z: torch.Tensor, targets: Mapping | torch.Tensor) -> torch.Tensor:
     """Per-task losses ``[T]``, task t's head on ``z[t]``, in one fused op."""
     check_task_features(heads, z)
     T, B, d = z.shape

@@ -3,7 +3,7 @@ tower MLP per task."""
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -36,8 +36,8 @@ class SharedBottom(nn.Module):
     def __init__(
         self,
         in_features: int,
-        bottom_hidden: Union[int, Sequence[int]],
-        tower_hidden: Union[int, Sequence[int]],
+        bottom_hidden: int | Sequence[int],
+        tower_hidden: int | Sequence[int],
         num_tasks: int,
         activation: str = "relu",
         device=None,
@@ -63,7 +63,7 @@ class SharedBottom(nn.Module):
         check_input("SharedBottom", x, self.in_features)
         return self.towers(self.bottom(x))
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
     def extra_repr(self) -> str:

@@ -41,7 +41,7 @@ class SoftSharedLinear(nn.Module):
         linear_init_(self.weight, None)
         nn.init.zeros_(self.task_weight)
         if self.bias is not None:
-            bound = 1.0 / self.in_features ** 0.5
+            bound = 1.0 / self.in_features**0.5
             nn.init.uniform_(self.bias, -bound, bound)
 
     def penalty(self) -> torch.Tensor:
@@ -64,5 +64,7 @@ class SoftSharedLinear(nn.Module):
     task_features = forward
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, num_tasks={self.num_tasks}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_tasks={self.num_tasks}, "
+            f"bias={self.bias is not None}"
+        )

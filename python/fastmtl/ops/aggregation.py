@@ -45,8 +45,9 @@ def dual_cone_projection(gram: torch.Tensor, u: torch.Tensor, norm_eps: float = 
     return _fastmtl.dual_cone_projection.default(gram, u, norm_eps, reg_eps)
 
 
-def dual_cone_weights(gram: torch.Tensor, pref: torch.Tensor, norm_eps: float = 0.0, reg_eps: float = 1e-4,
-                      each: bool = True) -> torch.Tensor:
+def dual_cone_weights(
+    gram: torch.Tensor, pref: torch.Tensor, norm_eps: float = 0.0, reg_eps: float = 1e-4, each: bool = True
+) -> torch.Tensor:
     """UPGrad's (``each``: the sum of the projections of ``pref_t g_t``) or DualProj's (the projection of
     ``sum_t pref_t g_t``) weights in one call: ``gram [T, T]`` with ``pref [T]``, or ``[N, T, T]`` with
     ``[N, T]``. Same QP and normalisation as :func:`dual_cone_projection`."""

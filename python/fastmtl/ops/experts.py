@@ -4,7 +4,7 @@ typed wrappers. Autograd is registered in C++ (``csrc/ops/experts_autograd.cpp``
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ __all__ = ["fused_experts", "gated_mixture", "gated_mixture_flat", "expert_index
 def fused_experts(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
-    biases: Optional[Sequence[Optional[torch.Tensor]]],
+    biases: Sequence[torch.Tensor | None] | None,
     activation: str = "relu",
 ) -> torch.Tensor:
     """E expert MLPs in one call: expert e computes ``h_l = act(h_{l-1} W_l[e]^T + b_l[e])``.
@@ -41,7 +41,9 @@ def fused_experts(
     torch.Size([8, 4, 2])
     """
     weights = list(weights)
-    out, _saved = torch.ops.fastmtl.fused_experts.default(x, weights, bias_list(biases, weights, "fused_experts"), activation)
+    out, _saved = torch.ops.fastmtl.fused_experts.default(
+        x, weights, bias_list(biases, weights, "fused_experts"), activation
+    )
     return out
 
 
@@ -51,7 +53,9 @@ def expert_index_list(expert_index) -> list:
         return []
     if isinstance(expert_index, torch.Tensor):
         if expert_index.dtype.is_floating_point or expert_index.dtype == torch.bool:
-            raise TypeError(f"fastmtl.gated_mixture: argument 'expert_index' expected integers, got {expert_index.dtype}")
+            raise TypeError(
+                f"fastmtl.gated_mixture: argument 'expert_index' expected integers, got {expert_index.dtype}"
+            )
         return [int(i) for i in expert_index.reshape(-1).tolist()]
     flat = []
     for row in expert_index:
@@ -65,9 +69,9 @@ def expert_index_list(expert_index) -> list:
 def gated_mixture(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
-    gate_bias: Optional[torch.Tensor],
+    gate_bias: torch.Tensor | None,
     experts: torch.Tensor,
-    expert_index: Union[None, Sequence[Sequence[int]], torch.Tensor] = None,
+    expert_index: None | Sequence[Sequence[int]] | torch.Tensor = None,
 ) -> torch.Tensor:
     """Every task's softmax gate over experts and its mixture, in one call.
 
@@ -94,9 +98,9 @@ def gated_mixture(
 def gated_mixture_flat(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
-    gate_bias: Optional[torch.Tensor],
+    gate_bias: torch.Tensor | None,
     experts: torch.Tensor,
-    flat_index: List[int],
+    flat_index: list[int],
 ) -> torch.Tensor:
     """:func:`gated_mixture` with ``expert_index`` already flattened by :func:`expert_index_list`
     (``[]`` for every gate over all experts): what a module checks once and keeps, so that its
@@ -137,8 +141,15 @@ def _gated_mixture_fake(x, gate_weight, gate_bias, experts, expert_index):
 
 @torch.library.register_fake("fastmtl::gated_mixture_backward")
 def _gated_mixture_backward_fake(grad_mixtures, x, gate_weight, experts, gates, expert_index, has_bias, need_x_grad):
-    check_devices("gated_mixture_backward", "x", x, grad_mixtures=grad_mixtures, gate_weight=gate_weight,
-                  experts=experts, gates=gates)
+    check_devices(
+        "gated_mixture_backward",
+        "x",
+        x,
+        grad_mixtures=grad_mixtures,
+        gate_weight=gate_weight,
+        experts=experts,
+        gates=gates,
+    )
     grad_x = x.new_empty(x.shape) if need_x_grad else x.new_empty((0,))
     grad_bias = x.new_empty(gate_weight.shape[:2]) if has_bias else x.new_empty((0,))
     return grad_x, gate_weight.new_empty(gate_weight.shape), grad_bias, experts.new_empty(experts.shape)

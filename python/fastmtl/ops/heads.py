@@ -4,8 +4,8 @@ Autograd is registered in C++ (``csrc/ops/``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Union
 
 import torch
 
@@ -29,9 +29,9 @@ class TaskLayout(NamedTuple):
     :attr:`fastmtl.nn.MultiTaskHeads.layout` is that of a module. Wherever the ops take ``tasks``
     they also take a TaskLayout (and skip checking the tasks again)."""
 
-    tasks: Tuple[Task, ...]
-    loss_names: List[str]
-    num_outputs: List[int]
+    tasks: tuple[Task, ...]
+    loss_names: list[str]
+    num_outputs: list[int]
 
 
 Tasks = Union[Sequence[Task], TaskLayout]
@@ -44,7 +44,7 @@ class HeadArguments(NamedTuple):
     gives those of a module."""
 
     weight: torch.Tensor
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
     layout: TaskLayout
     task_weights: torch.Tensor
 
@@ -72,7 +72,9 @@ def pack_targets(targets: Mapping[str, torch.Tensor], tasks: Tasks, dtype: torch
     """
     layout = task_layout(tasks, "fastmtl.ops.pack_targets")
     if not isinstance(targets, Mapping):
-        raise TypeError(f"fastmtl: argument 'targets' expected a dict of task name -> tensor, got {type(targets).__name__}")
+        raise TypeError(
+            f"fastmtl: argument 'targets' expected a dict of task name -> tensor, got {type(targets).__name__}"
+        )
     names = [t.name for t in layout.tasks]
     unknown = [key for key in targets.keys() if key not in names]
     if unknown:
@@ -104,7 +106,7 @@ def pack_targets(targets: Mapping[str, torch.Tensor], tasks: Tasks, dtype: torch
 def multitask_head_loss(
     z: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     targets,
     tasks: Tasks,
 ) -> torch.Tensor:
@@ -143,10 +145,10 @@ def multitask_head_loss(
 def multitask_head_loss_with_saved(
     z: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     targets,
     tasks: Tasks,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`multitask_head_loss` and what its backward reads: ``(losses [T], logit_grad [B, sum
     n_t], count_scale [T])``, the gradient of each task's loss sum with respect to its logits and
     the ``1 / labelled count`` of each task, which the per-task Gram ops
@@ -159,7 +161,9 @@ def multitask_head_loss_with_saved(
             "fastmtl.ops.multitask_head_loss: argument 'targets' expected a tensor that does not require grad "
             "(targets get no gradient: pass targets.detach()), got one that requires grad"
         )
-    return torch.ops.fastmtl.multitask_head_loss.default(z, weight, bias, targets, layout.loss_names, layout.num_outputs)
+    return torch.ops.fastmtl.multitask_head_loss.default(
+        z, weight, bias, targets, layout.loss_names, layout.num_outputs
+    )
 
 
 # ---- fake kernels (torch.compile tracing, meta tensors, opcheck)
@@ -190,8 +194,15 @@ def _multitask_head_loss_fake(z, weight, bias, targets, losses, num_outputs):
 
 @torch.library.register_fake("fastmtl::multitask_head_loss_backward")
 def _multitask_head_loss_backward_fake(grad_losses, z, weight, logit_grad, scale, num_outputs, has_bias, need_z_grad):
-    check_devices("multitask_head_loss_backward", "z", z, grad_losses=grad_losses, weight=weight,
-                  logit_grad=logit_grad, scale=scale)
+    check_devices(
+        "multitask_head_loss_backward",
+        "z",
+        z,
+        grad_losses=grad_losses,
+        weight=weight,
+        logit_grad=logit_grad,
+        scale=scale,
+    )
     grad_z = z.new_empty(z.shape) if need_z_grad else z.new_empty((0,))
     grad_bias = z.new_empty((weight.shape[0],)) if has_bias else z.new_empty((0,))
     return grad_z, weight.new_empty(weight.shape), grad_bias

@@ -10,8 +10,7 @@ meant to run under ``torch.no_grad()``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -35,10 +34,10 @@ GRAM_MODES = ("exact", "rep")
 def task_gram(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
-    biases: Optional[Sequence[torch.Tensor]],
+    biases: Sequence[torch.Tensor] | None,
     activation: str,
     head_weight: torch.Tensor,
-    head_bias: Optional[torch.Tensor],
+    head_bias: torch.Tensor | None,
     targets,
     tasks: Tasks,
     mode: str = "exact",
@@ -79,8 +78,20 @@ def task_gram(
         _losses, logit_grad, count_scale = multitask_head_loss_with_saved(out, head_weight, head_bias, targets, layout)
         if mode == "rep":
             return mtl_representation_gram(head_weight, logit_grad, count_scale, task_weights, layout.num_outputs)
-        gram, _jacobian, _paths = mtl_trunk_gram(x, weights, out, saved, activation, bool(biases), head_weight,
-                                                 logit_grad, count_scale, task_weights, layout.num_outputs, gram_path)
+        gram, _jacobian, _paths = mtl_trunk_gram(
+            x,
+            weights,
+            out,
+            saved,
+            activation,
+            bool(biases),
+            head_weight,
+            logit_grad,
+            count_scale,
+            task_weights,
+            layout.num_outputs,
+            gram_path,
+        )
         return gram
 
 
@@ -93,7 +104,9 @@ def _check_head(x, weights, head_weight, head_bias, layout) -> None:
     if weights and isinstance(weights[-1], torch.Tensor) and weights[-1].dim() == 2:
         width = weights[-1].shape[0]
     if not isinstance(head_weight, torch.Tensor):
-        raise TypeError(f"fastmtl.task_gram: argument 'head_weight' expected a tensor, got {type(head_weight).__name__}")
+        raise TypeError(
+            f"fastmtl.task_gram: argument 'head_weight' expected a tensor, got {type(head_weight).__name__}"
+        )
     expected = (rows, width if width is not None else head_weight.shape[-1] if head_weight.dim() else 0)
     if head_weight.dim() != 2 or tuple(head_weight.shape) != expected:
         raise ValueError(
@@ -108,9 +121,13 @@ def _check_head(x, weights, head_weight, head_bias, layout) -> None:
     if head_bias is None:
         return
     if not isinstance(head_bias, torch.Tensor):
-        raise TypeError(f"fastmtl.task_gram: argument 'head_bias' expected a tensor or None, got {type(head_bias).__name__}")
+        raise TypeError(
+            f"fastmtl.task_gram: argument 'head_bias' expected a tensor or None, got {type(head_bias).__name__}"
+        )
     if tuple(head_bias.shape) != (rows,):
-        raise ValueError(f"fastmtl.task_gram: argument 'head_bias' expected shape [{rows}], got {list(head_bias.shape)}")
+        raise ValueError(
+            f"fastmtl.task_gram: argument 'head_bias' expected shape [{rows}], got {list(head_bias.shape)}"
+        )
     if head_bias.dtype != x.dtype or head_bias.device != x.device:
         raise ValueError(
             f"fastmtl.task_gram: argument 'head_bias' expected dtype {x.dtype} on {x.device} (those of 'x'), "
@@ -132,7 +149,7 @@ def mtl_trunk_gram(
     num_outputs: Sequence[int],
     gram_path: str = "auto",
     keep_jacobian: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Gram matrix ``[T, T]`` of the per-task gradients of ``task_weights[t] * L_t`` over the
     trunk's parameters, from the forward's results (``out, saved`` of :func:`fused_mlp_with_saved`;
     ``logit_grad, count_scale`` of :func:`multitask_head_loss_with_saved`). Returns ``(gram,
@@ -140,8 +157,19 @@ def mtl_trunk_gram(
     ``keep_jacobian`` (else empty) and the per-layer algorithm taken (int64 ``[L]``: 0 materialised,
     1 ghost; ``gram_path="auto"`` picks by a cost model)."""
     return torch.ops.fastmtl.mtl_trunk_gram.default(
-        x, list(weights), out, list(saved), activation, has_bias, head_weight, logit_grad, count_scale, task_weights,
-        list(num_outputs), gram_path, keep_jacobian,
+        x,
+        list(weights),
+        out,
+        list(saved),
+        activation,
+        has_bias,
+        head_weight,
+        logit_grad,
+        count_scale,
+        task_weights,
+        list(num_outputs),
+        gram_path,
+        keep_jacobian,
     )
 
 
@@ -174,14 +202,26 @@ def mtl_weighted_backward(
     trunk_task_weights: torch.Tensor,
     num_outputs: Sequence[int],
     need_input_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """One backward of the model with per-task weights: the heads get the gradient of
     ``sum_t head_task_weights[t] L_t``, the trunk that of ``sum_t trunk_task_weights[t] L_t``.
     Returns ``(head_weight_grad, head_bias_grad (empty without bias), input_grad (empty unless
     need_input_grad), trunk weight grads, trunk bias grads)``."""
     return torch.ops.fastmtl.mtl_weighted_backward.default(
-        x, list(weights), out, list(saved), activation, has_bias, head_weight, head_has_bias, logit_grad, count_scale,
-        head_task_weights, trunk_task_weights, list(num_outputs), need_input_grad,
+        x,
+        list(weights),
+        out,
+        list(saved),
+        activation,
+        has_bias,
+        head_weight,
+        head_has_bias,
+        logit_grad,
+        count_scale,
+        head_task_weights,
+        trunk_task_weights,
+        list(num_outputs),
+        need_input_grad,
     )
 
 
@@ -189,12 +229,37 @@ def mtl_weighted_backward(
 
 
 @torch.library.register_fake("fastmtl::mtl_trunk_gram")
-def _mtl_trunk_gram_fake(x, weights, out, saved, activation, has_bias, head_weight, logit_grad, count_scale,
-                         task_weights, num_outputs, gram_path, keep_jacobian):
-    check_devices("mtl_trunk_gram", "x", x, weights=weights, out=out, saved=saved, head_weight=head_weight,
-                   logit_grad=logit_grad, count_scale=count_scale, task_weights=task_weights)
+def _mtl_trunk_gram_fake(
+    x,
+    weights,
+    out,
+    saved,
+    activation,
+    has_bias,
+    head_weight,
+    logit_grad,
+    count_scale,
+    task_weights,
+    num_outputs,
+    gram_path,
+    keep_jacobian,
+):
+    check_devices(
+        "mtl_trunk_gram",
+        "x",
+        x,
+        weights=weights,
+        out=out,
+        saved=saved,
+        head_weight=head_weight,
+        logit_grad=logit_grad,
+        count_scale=count_scale,
+        task_weights=task_weights,
+    )
     if gram_path not in GRAM_PATHS:
-        raise ValueError(f"fastmtl.mtl_trunk_gram: argument 'gram_path' expected one of {GRAM_PATHS}, got {gram_path!r}")
+        raise ValueError(
+            f"fastmtl.mtl_trunk_gram: argument 'gram_path' expected one of {GRAM_PATHS}, got {gram_path!r}"
+        )
     tasks = len(num_outputs)
     params = sum(w.numel() + (w.shape[0] if has_bias else 0) for w in weights)
     # 16-bit inputs: the engine computes in float32 and returns its Gram matrix and Jacobian in it.
@@ -205,19 +270,55 @@ def _mtl_trunk_gram_fake(x, weights, out, saved, activation, has_bias, head_weig
 
 @torch.library.register_fake("fastmtl::mtl_representation_gram")
 def _mtl_representation_gram_fake(head_weight, logit_grad, count_scale, task_weights, num_outputs):
-    check_devices("mtl_representation_gram", "logit_grad", logit_grad, head_weight=head_weight,
-                   count_scale=count_scale, task_weights=task_weights)
+    check_devices(
+        "mtl_representation_gram",
+        "logit_grad",
+        logit_grad,
+        head_weight=head_weight,
+        count_scale=count_scale,
+        task_weights=task_weights,
+    )
     wide = torch.float32 if logit_grad.dtype in (torch.float16, torch.bfloat16) else logit_grad.dtype
     return logit_grad.new_empty((len(num_outputs), len(num_outputs)), dtype=wide)
 
 
 @torch.library.register_fake("fastmtl::mtl_weighted_backward")
-def _mtl_weighted_backward_fake(x, weights, out, saved, activation, has_bias, head_weight, head_has_bias, logit_grad,
-                                count_scale, head_task_weights, trunk_task_weights, num_outputs, need_input_grad):
-    check_devices("mtl_weighted_backward", "x", x, weights=weights, out=out, saved=saved, head_weight=head_weight,
-                   logit_grad=logit_grad, count_scale=count_scale, head_task_weights=head_task_weights,
-                   trunk_task_weights=trunk_task_weights)
+def _mtl_weighted_backward_fake(
+    x,
+    weights,
+    out,
+    saved,
+    activation,
+    has_bias,
+    head_weight,
+    head_has_bias,
+    logit_grad,
+    count_scale,
+    head_task_weights,
+    trunk_task_weights,
+    num_outputs,
+    need_input_grad,
+):
+    check_devices(
+        "mtl_weighted_backward",
+        "x",
+        x,
+        weights=weights,
+        out=out,
+        saved=saved,
+        head_weight=head_weight,
+        logit_grad=logit_grad,
+        count_scale=count_scale,
+        head_task_weights=head_task_weights,
+        trunk_task_weights=trunk_task_weights,
+    )
     head_bias_grad = x.new_empty((head_weight.shape[0],)) if head_has_bias else x.new_empty((0,))
     input_grad = x.new_empty(x.shape) if need_input_grad else x.new_empty((0,))
     bias_grads = [x.new_empty((w.shape[0],)) for w in weights] if has_bias else []
-    return head_weight.new_empty(head_weight.shape), head_bias_grad, input_grad, [w.new_empty(w.shape) for w in weights], bias_grads
+    return (
+        head_weight.new_empty(head_weight.shape),
+        head_bias_grad,
+        input_grad,
+        [w.new_empty(w.shape) for w in weights],
+        bias_grads,
+    )

@@ -3,7 +3,8 @@ wrappers and its fake (meta) kernels. Autograd is registered in C++ (``csrc/ops/
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -18,8 +19,8 @@ class MLPArguments(NamedTuple):
     layer or an empty list for none (the op takes all or none), and the activation name.
     :attr:`fastmtl.nn.FusedMLP.op_arguments` gives those of a module."""
 
-    weights: List[torch.Tensor]
-    biases: List[torch.Tensor]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
     activation: str
 
     @property
@@ -30,7 +31,7 @@ class MLPArguments(NamedTuple):
 def fused_mlp(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
-    biases: Optional[Sequence[Optional[torch.Tensor]]],
+    biases: Sequence[torch.Tensor | None] | None,
     activation: str = "relu",
 ) -> torch.Tensor:
     """The whole trunk in one call: ``z_l = act(z_{l-1} W_l^T + b_l)`` for every layer.
@@ -58,9 +59,9 @@ def fused_mlp(
 def fused_mlp_with_saved(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
-    biases: Optional[Sequence[Optional[torch.Tensor]]],
+    biases: Sequence[torch.Tensor | None] | None,
     activation: str = "relu",
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`fused_mlp` and the activations its backward reads (``saved``: the pre-activations of
     every layer for gelu / gelu_tanh / silu, else the outputs of all but the last layer), which the
     per-task Gram ops (:mod:`fastmtl.ops.per_task`) read instead of running the forward again."""

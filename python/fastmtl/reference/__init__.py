@@ -4,21 +4,25 @@ One module per module of :mod:`fastmtl.ops` (trunk, heads, experts, per_task, ag
 :mod:`.mtl_backward_loop` for :func:`fastmtl.mtl_backward`."""
 
 from . import aggregation, architectures
-from .architectures import *  # noqa: F401, F403  (its __all__: the architecture modules)
 from .aggregation import *  # noqa: F401, F403  (its __all__: the aggregation ops)
+from .architectures import *  # noqa: F401, F403  (its __all__: the architecture modules)
 from .experts import fused_experts, gated_mixture
 from .heads import multitask_head_loss, pack_targets
 from .mtl_backward_loop import mtl_backward
 from .per_task import task_gram
 from .trunk import activation_fn, fused_mlp
 
-__all__ = [
-    "fused_mlp",
-    "activation_fn",
-    "multitask_head_loss",
-    "pack_targets",
-    "fused_experts",
-    "gated_mixture",
-    "task_gram",
-    "mtl_backward",
-] + list(aggregation.__all__) + list(architectures.__all__)
+__all__ = (
+    [
+        "fused_mlp",
+        "activation_fn",
+        "multitask_head_loss",
+        "pack_targets",
+        "fused_experts",
+        "gated_mixture",
+        "task_gram",
+        "mtl_backward",
+    ]
+    + list(aggregation.__all__)
+    + list(architectures.__all__)
+)

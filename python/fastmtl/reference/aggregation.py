@@ -88,7 +88,9 @@ def _affine_min_norm(G, support):
 def _min_norm_by_enumeration(G):
     T = G.shape[0]
     if T > _MAX_ENUMERATED_TASKS:
-        raise ValueError(f"fastmtl.reference.min_norm_weights enumerates supports: T <= {_MAX_ENUMERATED_TASKS}, got {T}")
+        raise ValueError(
+            f"fastmtl.reference.min_norm_weights enumerates supports: T <= {_MAX_ENUMERATED_TASKS}, got {T}"
+        )
     best, best_value = None, float("inf")
     for size in range(1, T + 1):
         for support in itertools.combinations(range(T), size):
@@ -242,7 +244,9 @@ def gradvac_weights(gram, order, targets, beta, eps):
                 target = phi[i, j].clone()
                 correction_denominator = norm_j * (1 - target**2).clamp_min(0).sqrt() + eps
                 if cosine < target and correction_denominator > 0:
-                    w = norm_i * (target * (1 - cosine**2).clamp_min(0).sqrt() - cosine * (1 - target**2).clamp_min(0).sqrt())
+                    w = norm_i * (
+                        target * (1 - cosine**2).clamp_min(0).sqrt() - cosine * (1 - target**2).clamp_min(0).sqrt()
+                    )
                     C[i, j] += w / correction_denominator
                 phi[i, j] = (1 - beta) * target + beta * cosine
         out.append(C.sum(0))

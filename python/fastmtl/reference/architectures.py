@@ -8,7 +8,7 @@ tests/test_nn_architectures.py."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,14 +165,14 @@ def shared_bottom(x, bottom_weights, bottom_biases, tower_weights, tower_biases,
 
 def esmm(
     x,
-    bottom_weights: Optional[Sequence[torch.Tensor]],
+    bottom_weights: Sequence[torch.Tensor] | None,
     bottom_biases,
     tower_weights,
     tower_biases,
     logit_weight,
     logit_bias,
     activation="relu",
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ma et al. 2018: ``(pCTR, pCVR)``, ``[B]`` each: the sigmoid of each tower's logit layer."""
     z = _bottom(x, bottom_weights, bottom_biases, activation)
     ctr, cvr = (

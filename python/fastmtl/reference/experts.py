@@ -3,7 +3,7 @@ as the recommendation libraries write it. The oracle of tests/test_ops_experts.p
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,22 +16,28 @@ __all__ = ["fused_experts", "gated_mixture"]
 def fused_experts(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
-    biases: Optional[Sequence[Optional[torch.Tensor]]],
+    biases: Sequence[torch.Tensor | None] | None,
     activation: str = "relu",
 ) -> torch.Tensor:
     # Expert e is the plain MLP of its slices of the stacked parameters.
     biases = [None] * len(weights) if biases is None else list(biases)
-    return torch.stack([
-        fused_mlp(x if x.dim() == 2 else x[e], [w[e] for w in weights], [None if b is None else b[e] for b in biases],
-                  activation)
-        for e in range(weights[0].shape[0])
-    ])
+    return torch.stack(
+        [
+            fused_mlp(
+                x if x.dim() == 2 else x[e],
+                [w[e] for w in weights],
+                [None if b is None else b[e] for b in biases],
+                activation,
+            )
+            for e in range(weights[0].shape[0])
+        ]
+    )
 
 
 def gated_mixture(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
-    gate_bias: Optional[torch.Tensor],
+    gate_bias: torch.Tensor | None,
     experts: torch.Tensor,
     expert_index=None,
 ) -> torch.Tensor:

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,7 @@ def _task_loss(task: Task, logits: torch.Tensor, target: torch.Tensor) -> torch.
 def multitask_head_loss(
     z: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     targets,
     tasks: Sequence[Task],
 ) -> torch.Tensor:
@@ -66,7 +65,9 @@ def multitask_head_loss(
     losses = []
     col = tcol = 0
     for task in tasks:
-        losses.append(_task_loss(task, logits[:, col : col + task.num_outputs], targets[:, tcol : tcol + task.target_width]))
+        losses.append(
+            _task_loss(task, logits[:, col : col + task.num_outputs], targets[:, tcol : tcol + task.target_width])
+        )
         col += task.num_outputs
         tcol += task.target_width
     return torch.stack(losses)

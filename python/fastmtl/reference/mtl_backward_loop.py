@@ -38,11 +38,15 @@ def mtl_backward(losses, features, aggregator, shared_params=None, mode="exact",
     heads = [p for p in leaves_of([losses]) if all(p is not q for q in shared)]
     T = losses.shape[0]
     if mode == "rep":
-        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], feats, retain_graph=True)])
-                for t in range(T)]
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], feats, retain_graph=True)])
+            for t in range(T)
+        ]
     else:
-        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
-                for t in range(T)]
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+            for t in range(T)
+        ]
     J = torch.stack(rows)
     gram = J @ J.T
     weights = aggregator(gram.detach()).detach()

@@ -19,11 +19,14 @@ def task_gram(x, weights, biases, activation, head_weight, head_bias, targets, t
     bias_leaves = [b.detach().requires_grad_() for b in biases] if biases is not None else []
     with torch.enable_grad():
         z = fused_mlp(x.detach(), leaves, bias_leaves or None, activation)
-        losses = multitask_head_loss(z, head_weight.detach(), None if head_bias is None else head_bias.detach(),
-                                     targets, tasks)
+        losses = multitask_head_loss(
+            z, head_weight.detach(), None if head_bias is None else head_bias.detach(), targets, tasks
+        )
         losses = losses * torch.tensor([t.weight for t in task_list(tasks)], dtype=losses.dtype)
         wrt = [z] if mode == "rep" else leaves + bias_leaves
-        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], wrt, retain_graph=True)])
-                for t in range(len(losses))]
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], wrt, retain_graph=True)])
+            for t in range(len(losses))
+        ]
     J = torch.stack(rows)
     return J @ J.T

@@ -3,7 +3,7 @@ activation, layer by layer."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +22,16 @@ def activation_fn(name: str):
         "identity": lambda a: a,
     }
     if name not in table:
-        raise ValueError(f"fastmtl.reference.fused_mlp: argument 'activation' expected one of {', '.join(table)}, got {name!r}")
+        raise ValueError(
+            f"fastmtl.reference.fused_mlp: argument 'activation' expected one of {', '.join(table)}, got {name!r}"
+        )
     return table[name]
 
 
 def fused_mlp(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
-    biases: Optional[Sequence[Optional[torch.Tensor]]],
+    biases: Sequence[torch.Tensor | None] | None,
     activation: str = "relu",
 ) -> torch.Tensor:
     act = activation_fn(activation)

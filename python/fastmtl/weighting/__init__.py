@@ -57,5 +57,19 @@ from .rlw import RLW
 from .stch import STCH
 from .uncertainty import UW
 
-__all__ = ["Weighting", "EW", "UW", "DWA", "RLW", "GradNorm", "FAMO", "DBMTL", "IMTLL", "GLS", "STCH", "COSMOS", "PBI",
-           "MetaBalance"]
+__all__ = [
+    "Weighting",
+    "EW",
+    "UW",
+    "DWA",
+    "RLW",
+    "GradNorm",
+    "FAMO",
+    "DBMTL",
+    "IMTLL",
+    "GLS",
+    "STCH",
+    "COSMOS",
+    "PBI",
+    "MetaBalance",
+]

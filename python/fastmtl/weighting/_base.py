@@ -84,14 +84,18 @@ class Weighting(nn.Module, abc.ABC):
         if not losses.is_floating_point():
             raise ValueError(f"{name}: argument 'losses' expected a floating tensor, got dtype {losses.dtype}")
         if losses.shape != (t,):
-            raise ValueError(f"{name}: argument 'losses' expected shape [{t}] (one loss per task), got {list(losses.shape)}")
+            raise ValueError(
+                f"{name}: argument 'losses' expected shape [{t}] (one loss per task), got {list(losses.shape)}"
+            )
         if not bool(torch.isfinite(losses).all()):
             raise ValueError(f"{name}: argument 'losses' expected finite values, got {losses.detach().cpu().tolist()}")
 
     def _check_gram(self, gram) -> None:
         name, t = type(self).__name__, self.num_tasks
         if not isinstance(gram, Tensor):
-            raise ValueError(f"{name}: argument 'gram' expected a Tensor of shape [{t}, {t}], got {type(gram).__name__}")
+            raise ValueError(
+                f"{name}: argument 'gram' expected a Tensor of shape [{t}, {t}], got {type(gram).__name__}"
+            )
         if not gram.is_floating_point():
             raise ValueError(f"{name}: argument 'gram' expected a floating tensor, got dtype {gram.dtype}")
         if gram.shape != (t, t):

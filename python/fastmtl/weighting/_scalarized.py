@@ -14,7 +14,9 @@ def checked_preference(values, name: str, owner: str, num_tasks: int, default: f
     try:
         vector = torch.as_tensor(values, dtype=torch.float64).detach().clone()
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{owner}: argument '{name}' expected a sequence of {num_tasks} numbers, got {values!r}") from None
+        raise TypeError(
+            f"{owner}: argument '{name}' expected a sequence of {num_tasks} numbers, got {values!r}"
+        ) from None
     if vector.shape != (num_tasks,) or not bool(torch.isfinite(vector).all()):
         raise ValueError(
             f"{owner}: argument '{name}' expected {num_tasks} finite numbers (one per task), got {vector.tolist()}"

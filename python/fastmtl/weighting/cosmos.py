@@ -28,8 +28,9 @@ class COSMOS(Weighting):
 
     def __init__(self, num_tasks: int, lambda_: float = 1.0, weights=None):
         super().__init__(num_tasks)
-        self.lambda_ = check_number(lambda_, "lambda_", "COSMOS", "a finite number >= 0",
-                                    lambda v: 0 <= v < float("inf"))
+        self.lambda_ = check_number(
+            lambda_, "lambda_", "COSMOS", "a finite number >= 0", lambda v: 0 <= v < float("inf")
+        )
         self.register_buffer("preference", checked_preference(weights, "weights", "COSMOS", num_tasks, 1.0 / num_tasks))
 
     def _scalarize(self, losses):

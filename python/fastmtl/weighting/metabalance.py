@@ -36,11 +36,14 @@ class MetaBalance(Weighting):
 
     def __init__(self, num_tasks: int, relax_factor: float = 0.7, beta: float = 0.9, main_task: int = 0):
         super().__init__(num_tasks)
-        self.relax_factor = check_number(relax_factor, "relax_factor", "MetaBalance", "a number in [0, 1]",
-                                         lambda v: 0 <= v <= 1)
+        self.relax_factor = check_number(
+            relax_factor, "relax_factor", "MetaBalance", "a number in [0, 1]", lambda v: 0 <= v <= 1
+        )
         self.beta = check_number(beta, "beta", "MetaBalance", "a number in [0, 1)", lambda v: 0 <= v < 1)
         if isinstance(main_task, bool) or not isinstance(main_task, int) or not 0 <= main_task < num_tasks:
-            raise ValueError(f"MetaBalance: argument 'main_task' expected an int in [0, {num_tasks}), got {main_task!r}")
+            raise ValueError(
+                f"MetaBalance: argument 'main_task' expected an int in [0, {num_tasks}), got {main_task!r}"
+            )
         self.main_task = main_task
         self.register_buffer("grad_norm_average", torch.zeros(num_tasks, dtype=torch.float64))
 
@@ -56,5 +59,7 @@ class MetaBalance(Weighting):
         return (weights * losses).sum(), weights
 
     def extra_repr(self) -> str:
-        return (f"num_tasks={self.num_tasks}, relax_factor={self.relax_factor}, beta={self.beta}, "
-                f"main_task={self.main_task}")
+        return (
+            f"num_tasks={self.num_tasks}, relax_factor={self.relax_factor}, beta={self.beta}, "
+            f"main_task={self.main_task}"
+        )

@@ -34,7 +34,9 @@ class PBI(Weighting):
         self.theta = check_number(theta, "theta", "PBI", "a finite number >= 0", lambda v: 0 <= v < float("inf"))
         preference = checked_preference(weights, "weights", "PBI", num_tasks, 1.0)
         if not bool((preference != 0).any()):
-            raise ValueError(f"PBI: argument 'weights' expected a non-zero preference direction, got {preference.tolist()}")
+            raise ValueError(
+                f"PBI: argument 'weights' expected a non-zero preference direction, got {preference.tolist()}"
+            )
         self.register_buffer("preference", preference)
         self.register_buffer("reference", checked_preference(reference, "reference", "PBI", num_tasks, None))
 
