@@ -3,7 +3,10 @@
 namespace fastmtl {
 
 bool parse_activation(const std::string& name, Activation* out) {
-  static const struct { const char* name; Activation act; } kTable[] = {
+  static const struct {
+    const char* name;
+    Activation act;
+  } kTable[] = {
       {"relu", Activation::Relu}, {"gelu", Activation::Gelu}, {"gelu_tanh", Activation::GeluTanh},
       {"silu", Activation::Silu}, {"tanh", Activation::Tanh}, {"identity", Activation::Identity},
   };

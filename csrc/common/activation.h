@@ -24,9 +24,8 @@ enum class Activation : int64_t { Relu, Gelu, GeluTanh, Silu, Tanh, Identity };
 enum class SavedKind { Post, Pre };
 
 FASTMTL_HOST_DEVICE constexpr SavedKind saved_kind(Activation act) {
-  return (act == Activation::Gelu || act == Activation::GeluTanh || act == Activation::Silu)
-             ? SavedKind::Pre
-             : SavedKind::Post;
+  return (act == Activation::Gelu || act == Activation::GeluTanh || act == Activation::Silu) ? SavedKind::Pre
+                                                                                             : SavedKind::Post;
 }
 
 // Returns false for an unknown name (the caller reports it with the valid names).
@@ -40,19 +39,25 @@ using ActivationTag = std::integral_constant<Activation, A>;
 template <typename F>
 decltype(auto) dispatch_activation(Activation act, F&& f) {
   switch (act) {
-    case Activation::Relu: return f(ActivationTag<Activation::Relu>{});
-    case Activation::Gelu: return f(ActivationTag<Activation::Gelu>{});
-    case Activation::GeluTanh: return f(ActivationTag<Activation::GeluTanh>{});
-    case Activation::Silu: return f(ActivationTag<Activation::Silu>{});
-    case Activation::Tanh: return f(ActivationTag<Activation::Tanh>{});
+    case Activation::Relu:
+      return f(ActivationTag<Activation::Relu>{});
+    case Activation::Gelu:
+      return f(ActivationTag<Activation::Gelu>{});
+    case Activation::GeluTanh:
+      return f(ActivationTag<Activation::GeluTanh>{});
+    case Activation::Silu:
+      return f(ActivationTag<Activation::Silu>{});
+    case Activation::Tanh:
+      return f(ActivationTag<Activation::Tanh>{});
     case Activation::Identity:
-    default: return f(ActivationTag<Activation::Identity>{});
+    default:
+      return f(ActivationTag<Activation::Identity>{});
   }
 }
 
-constexpr double kSqrtHalf = 0.70710678118654752440;      // 1/sqrt(2)
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;    // 1/sqrt(2*pi)
-constexpr double kSqrt2OverPi = 0.79788456080286535588;   // sqrt(2/pi)
+constexpr double kSqrtHalf = 0.70710678118654752440;     // 1/sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2*pi)
+constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
 constexpr double kGeluTanhCoef = 0.044715;
 
 template <Activation A, typename T>

@@ -52,20 +52,30 @@ constexpr double kIgnoreIndex = -100.0;
 // ---- validity of one target value (C: the compute type, float or double)
 
 template <typename C>
-FASTMTL_HOST_DEVICE inline bool is_nan(C v) { return v != v; }
+FASTMTL_HOST_DEVICE inline bool is_nan(C v) {
+  return v != v;
+}
 
 // Finite: v - v is 0 for a finite v and NaN for +-inf and NaN.
 template <typename C>
-FASTMTL_HOST_DEVICE inline bool is_finite(C v) { return (v - v) == C(0); }
+FASTMTL_HOST_DEVICE inline bool is_finite(C v) {
+  return (v - v) == C(0);
+}
 
 template <typename C>
-FASTMTL_HOST_DEVICE inline bool regression_target_valid(C t) { return is_finite(t); }
+FASTMTL_HOST_DEVICE inline bool regression_target_valid(C t) {
+  return is_finite(t);
+}
 
 template <typename C>
-FASTMTL_HOST_DEVICE inline bool bce_target_valid(C t) { return t >= C(0) && t <= C(1); }
+FASTMTL_HOST_DEVICE inline bool bce_target_valid(C t) {
+  return t >= C(0) && t <= C(1);
+}
 
 template <typename C>
-FASTMTL_HOST_DEVICE inline bool ce_target_missing(C t) { return static_cast<double>(t) == kIgnoreIndex; }
+FASTMTL_HOST_DEVICE inline bool ce_target_missing(C t) {
+  return static_cast<double>(t) == kIgnoreIndex;
+}
 
 template <typename C>
 FASTMTL_HOST_DEVICE inline bool ce_target_valid(C t, int64_t num_classes) {
@@ -81,7 +91,9 @@ struct EntryLoss {
 };
 
 template <typename C>
-FASTMTL_HOST_DEVICE inline C sign_of(C d) { return C((d > C(0)) - (d < C(0))); }
+FASTMTL_HOST_DEVICE inline C sign_of(C d) {
+  return C((d > C(0)) - (d < C(0)));
+}
 
 // mse, l1, huber (smooth L1, beta 1) of d = logit - target.
 template <typename C>
@@ -114,6 +126,8 @@ FASTMTL_HOST_DEVICE inline EntryLoss<C> bce_entry(C x, C t) {
 // Softmax cross-entropy of one row from its log-sum-exp pieces: max m, s = sum exp(v - m), the
 // target class's logit v_cls. The gradient of entry j is exp(v_j - m) / s - [j == cls].
 template <typename C>
-FASTMTL_HOST_DEVICE inline C ce_loss(C m, C s, C v_cls) { return m + std::log(s) - v_cls; }
+FASTMTL_HOST_DEVICE inline C ce_loss(C m, C s, C v_cls) {
+  return m + std::log(s) - v_cls;
+}
 
 }  // namespace fastmtl

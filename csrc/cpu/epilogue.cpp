@@ -43,8 +43,8 @@ void activation_apply(Activation act, int64_t n, const T* pre, T* out) {
 }
 
 template <typename T>
-void activation_backward(Activation act, int64_t rows, int64_t cols, const T* grad, const T* saved,
-                         T* delta, T* bias_grad) {
+void activation_backward(Activation act, int64_t rows, int64_t cols, const T* grad, const T* saved, T* delta,
+                         T* bias_grad) {
   dispatch_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
     if (!bias_grad) {
@@ -69,8 +69,8 @@ void activation_backward(Activation act, int64_t rows, int64_t cols, const T* gr
 }
 
 template <typename T>
-void activation_backward_tasks(Activation act, int64_t rows, int64_t tasks, int64_t cols, const T* grad,
-                               const T* saved, T* delta, T* bias_grad) {
+void activation_backward_tasks(Activation act, int64_t rows, int64_t tasks, int64_t cols, const T* grad, const T* saved,
+                               T* delta, T* bias_grad) {
   dispatch_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
     auto row_map = [&](int64_t i) {
@@ -119,10 +119,10 @@ void scale_columns(int64_t rows, int64_t cols, const T* in, const T* col_scale, 
   });
 }
 
-#define FASTMTL_INSTANTIATE(T)                                                                    \
-  template void bias_activation_forward<T>(Activation, int64_t, int64_t, T*, const T*, T*);       \
-  template void activation_apply<T>(Activation, int64_t, const T*, T*);                          \
-  template void activation_backward<T>(Activation, int64_t, int64_t, const T*, const T*, T*, T*); \
+#define FASTMTL_INSTANTIATE(T)                                                                                   \
+  template void bias_activation_forward<T>(Activation, int64_t, int64_t, T*, const T*, T*);                      \
+  template void activation_apply<T>(Activation, int64_t, const T*, T*);                                          \
+  template void activation_backward<T>(Activation, int64_t, int64_t, const T*, const T*, T*, T*);                \
   template void activation_backward_tasks<T>(Activation, int64_t, int64_t, int64_t, const T*, const T*, T*, T*); \
   template void scale_columns<T>(int64_t, int64_t, const T*, const T*, T*, T*);
 FASTMTL_INSTANTIATE(float)

@@ -22,15 +22,15 @@ void activation_apply(Activation act, int64_t n, const T* pre, T* out);
 // (accumulated in double over fixed chunks of rows, then chunks in order: the same bits for any
 // number of threads). delta may alias grad.
 template <typename T>
-void activation_backward(Activation act, int64_t rows, int64_t cols, const T* grad, const T* saved,
-                         T* delta, T* bias_grad);
+void activation_backward(Activation act, int64_t rows, int64_t cols, const T* grad, const T* saved, T* delta,
+                         T* bias_grad);
 
 // The same for `tasks` cotangents stacked per row (the per-task backward of one layer: every task's
 // cotangent meets the same activation derivative): grad and delta are [rows, tasks, cols], saved is
 // [rows, cols], and, if bias_grad, bias_grad[t, j] = sum_i delta[i, t, j] (same deterministic order).
 template <typename T>
-void activation_backward_tasks(Activation act, int64_t rows, int64_t tasks, int64_t cols, const T* grad,
-                               const T* saved, T* delta, T* bias_grad);
+void activation_backward_tasks(Activation act, int64_t rows, int64_t tasks, int64_t cols, const T* grad, const T* saved,
+                               T* delta, T* bias_grad);
 
 // One pass: out[i, j] = in[i, j] * col_scale[j] and, if col_sum, col_sum[j] = sum_i out[i, j]
 // (same deterministic order as above). out may alias in.

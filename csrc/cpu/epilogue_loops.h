@@ -16,7 +16,9 @@ constexpr int64_t kMinElementsPerThread = 16384;
 // then chunks in order) and hence the bits of the result never depend on the number of threads.
 constexpr int64_t kRowsPerChunk = 64;
 
-inline int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(inner, 1)); }
+inline int64_t grain_for(int64_t inner) {
+  return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(inner, 1));
+}
 
 template <typename F>
 void for_row_blocks(int64_t rows, int64_t cols, F&& body) {
@@ -43,6 +45,5 @@ void rows_with_column_sum(int64_t rows, int64_t cols, T* col_sum, RowBody&& row_
     col_sum[j] = static_cast<T>(total);
   }
 }
-
 
 }  // namespace fastmtl::cpu::detail

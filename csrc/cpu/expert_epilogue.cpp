@@ -131,15 +131,16 @@ void expert_activation_backward(Activation act, int64_t experts, int64_t rows, i
       return;
     }
     // bias_grad [experts, cols] is the column sum of the rows' [experts * cols] deltas.
-    detail::rows_with_column_sum(rows, experts * cols, bias_grad, [&](int64_t i, double* part) { run(i, i + 1, part); });
+    detail::rows_with_column_sum(rows, experts * cols, bias_grad,
+                                 [&](int64_t i, double* part) { run(i, i + 1, part); });
   });
 }
 
-#define FASTMTL_INSTANTIATE(T)                                                                                 \
-  template void expert_bias_activation_forward<T>(Activation, int64_t, int64_t, int64_t, const T*, int64_t,   \
-                                                  int64_t, const T*, T*, T*);                                 \
-  template void expert_activation_backward<T>(Activation, int64_t, int64_t, int64_t, const T*, const T*, T*, \
-                                              int64_t, int64_t, T*);
+#define FASTMTL_INSTANTIATE(T)                                                                                        \
+  template void expert_bias_activation_forward<T>(Activation, int64_t, int64_t, int64_t, const T*, int64_t, int64_t,  \
+                                                  const T*, T*, T*);                                                  \
+  template void expert_activation_backward<T>(Activation, int64_t, int64_t, int64_t, const T*, const T*, T*, int64_t, \
+                                              int64_t, T*);
 FASTMTL_INSTANTIATE(float)
 FASTMTL_INSTANTIATE(double)
 #undef FASTMTL_INSTANTIATE

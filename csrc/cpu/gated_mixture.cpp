@@ -8,7 +8,6 @@
 namespace fastmtl::cpu {
 namespace {
 
-
 // Row b of the forward: every task's softmax over its gate logits (in place), then its mixture.
 template <typename T>
 FASTMTL_ALWAYS_INLINE void forward_row(const GateLayout& g, int64_t b, T* gates, const T* gate_bias, const T* experts,
@@ -87,8 +86,8 @@ FASTMTL_TARGET_AVX2 void forward_rows_avx2(const GateLayout& g, int64_t r0, int6
 }
 
 template <typename T>
-void forward_rows_baseline(const GateLayout& g, int64_t r0, int64_t r1, T* gates, const T* gate_bias,
-                           const T* experts, const int64_t* index, T* mixtures) {
+void forward_rows_baseline(const GateLayout& g, int64_t r0, int64_t r1, T* gates, const T* gate_bias, const T* experts,
+                           const int64_t* index, T* mixtures) {
   for (int64_t b = r0; b < r1; ++b) forward_row(g, b, gates, gate_bias, experts, index, mixtures);
 }
 
@@ -108,8 +107,8 @@ void backward_row_baseline(const GateLayout& g, int64_t b, int64_t num_experts, 
 }  // namespace
 
 template <typename T>
-void gated_mixture_forward(const GateLayout& g, T* gates, const T* gate_bias, const T* experts,
-                           const int64_t* index, T* mixtures) {
+void gated_mixture_forward(const GateLayout& g, T* gates, const T* gate_bias, const T* experts, const int64_t* index,
+                           T* mixtures) {
   const bool avx2 = cpu_has_avx2_fma();
   detail::for_row_blocks(g.rows, g.tasks * (g.gate_width + 1) * g.features, [&](int64_t r0, int64_t r1) {
     if (avx2) {
@@ -140,10 +139,10 @@ void gated_mixture_backward(const GateLayout& g, int64_t num_experts, const T* g
   }
 }
 
-#define FASTMTL_INSTANTIATE(T)                                                                              \
-  template void gated_mixture_forward<T>(const GateLayout&, T*, const T*, const T*, const int64_t*, T*);   \
-  template void gated_mixture_backward<T>(const GateLayout&, int64_t, const T*, const T*, const T*,         \
-                                          const int64_t*, T*, T*, T*);
+#define FASTMTL_INSTANTIATE(T)                                                                                      \
+  template void gated_mixture_forward<T>(const GateLayout&, T*, const T*, const T*, const int64_t*, T*);            \
+  template void gated_mixture_backward<T>(const GateLayout&, int64_t, const T*, const T*, const T*, const int64_t*, \
+                                          T*, T*, T*);
 FASTMTL_INSTANTIATE(float)
 FASTMTL_INSTANTIATE(double)
 #undef FASTMTL_INSTANTIATE

@@ -14,13 +14,19 @@ constexpr int64_t kRowsPerChunk = 32;  // fixed, so the reduction order never de
 
 // One row of one regression task (mse / l1 / huber with beta 1): each column is its own entry.
 template <typename T>
-inline void regression_row(LossKind loss, int64_t n, T* y, const T* bias, const T* t, double* sum,
-                           int64_t* cnt, bool* bad, int64_t* bad_col, double* bad_val) {
+inline void regression_row(LossKind loss, int64_t n, T* y, const T* bias, const T* t, double* sum, int64_t* cnt,
+                           bool* bad, int64_t* bad_col, double* bad_val) {
   for (int64_t j = 0; j < n; ++j) {
     const T target = t[j];
-    if (is_nan(target)) { y[j] = T(0); continue; }
+    if (is_nan(target)) {
+      y[j] = T(0);
+      continue;
+    }
     if (!regression_target_valid(target)) {
-      if (!*bad) { *bad_col = j; *bad_val = double(target); }  // report the first invalid column
+      if (!*bad) {
+        *bad_col = j;
+        *bad_val = double(target);
+      }  // report the first invalid column
       *bad = true;
       y[j] = T(0);
       continue;
@@ -35,8 +41,16 @@ inline void regression_row(LossKind loss, int64_t n, T* y, const T* bias, const 
 // Binary cross-entropy with logits against a target probability (soft labels allowed).
 template <typename T>
 inline void bce_row(T* y, const T* bias, T target, double* sum, int64_t* cnt, bool* bad, double* bad_val) {
-  if (is_nan(target)) { y[0] = T(0); return; }
-  if (!bce_target_valid(target)) { *bad = true; *bad_val = double(target); y[0] = T(0); return; }
+  if (is_nan(target)) {
+    y[0] = T(0);
+    return;
+  }
+  if (!bce_target_valid(target)) {
+    *bad = true;
+    *bad_val = double(target);
+    y[0] = T(0);
+    return;
+  }
   const EntryLoss<T> e = bce_entry(y[0] + (bias ? bias[0] : T(0)), target);
   *sum += double(e.loss);
   *cnt += 1;
@@ -46,8 +60,16 @@ inline void bce_row(T* y, const T* bias, T target, double* sum, int64_t* cnt, bo
 // Softmax cross-entropy over the task's own n columns, log-sum-exp stable; -100 = missing row.
 template <typename T>
 inline void ce_row(int64_t n, T* y, const T* bias, T target, double* sum, int64_t* cnt, bool* bad, double* bad_val) {
-  if (ce_target_missing(target)) { std::fill(y, y + n, T(0)); return; }
-  if (!ce_target_valid(target, n)) { *bad = true; *bad_val = double(target); std::fill(y, y + n, T(0)); return; }
+  if (ce_target_missing(target)) {
+    std::fill(y, y + n, T(0));
+    return;
+  }
+  if (!ce_target_valid(target, n)) {
+    *bad = true;
+    *bad_val = double(target);
+    std::fill(y, y + n, T(0));
+    return;
+  }
   const int64_t cls = static_cast<int64_t>(target);
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < n; ++j) {
@@ -70,9 +92,8 @@ inline void ce_row(int64_t n, T* y, const T* bias, T target, double* sum, int64_
 }  // namespace
 
 template <typename T>
-void head_loss_forward(const std::vector<HeadTask>& tasks, int64_t rows, int64_t logit_cols,
-                       int64_t target_cols, T* logits, const T* bias, const T* targets,
-                       double* loss_sum, int64_t* count, BadTarget* bad) {
+void head_loss_forward(const std::vector<HeadTask>& tasks, int64_t rows, int64_t logit_cols, int64_t target_cols,
+                       T* logits, const T* bias, const T* targets, double* loss_sum, int64_t* count, BadTarget* bad) {
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   const int64_t num_chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<double> chunk_sum(num_chunks * num_tasks, 0.0);
@@ -100,9 +121,14 @@ void head_loss_forward(const std::vector<HeadTask>& tasks, int64_t rows, int64_t
           int64_t bad_col = 0;
           double bad_val = 0.0;
           switch (task.loss) {
-            case LossKind::Bce: bce_row(y, b, t[0], &sum[k], &cnt[k], &is_bad, &bad_val); break;
-            case LossKind::Ce: ce_row(task.num_outputs, y, b, t[0], &sum[k], &cnt[k], &is_bad, &bad_val); break;
-            default: regression_row(task.loss, task.num_outputs, y, b, t, &sum[k], &cnt[k], &is_bad, &bad_col, &bad_val);
+            case LossKind::Bce:
+              bce_row(y, b, t[0], &sum[k], &cnt[k], &is_bad, &bad_val);
+              break;
+            case LossKind::Ce:
+              ce_row(task.num_outputs, y, b, t[0], &sum[k], &cnt[k], &is_bad, &bad_val);
+              break;
+            default:
+              regression_row(task.loss, task.num_outputs, y, b, t, &sum[k], &cnt[k], &is_bad, &bad_col, &bad_val);
           }
           if (is_bad && first_bad.row < 0) first_bad = BadTarget{i, k, task.target_offset + bad_col, bad_val};
         }
@@ -110,7 +136,10 @@ void head_loss_forward(const std::vector<HeadTask>& tasks, int64_t rows, int64_t
     }
   });
 
-  for (int64_t k = 0; k < num_tasks; ++k) { loss_sum[k] = 0.0; count[k] = 0; }
+  for (int64_t k = 0; k < num_tasks; ++k) {
+    loss_sum[k] = 0.0;
+    count[k] = 0;
+  }
   *bad = BadTarget{};
   for (int64_t c = 0; c < num_chunks; ++c) {
     for (int64_t k = 0; k < num_tasks; ++k) {
@@ -121,10 +150,10 @@ void head_loss_forward(const std::vector<HeadTask>& tasks, int64_t rows, int64_t
   }
 }
 
-template void head_loss_forward<float>(const std::vector<HeadTask>&, int64_t, int64_t, int64_t, float*,
-                                       const float*, const float*, double*, int64_t*, BadTarget*);
-template void head_loss_forward<double>(const std::vector<HeadTask>&, int64_t, int64_t, int64_t, double*,
-                                        const double*, const double*, double*, int64_t*, BadTarget*);
+template void head_loss_forward<float>(const std::vector<HeadTask>&, int64_t, int64_t, int64_t, float*, const float*,
+                                       const float*, double*, int64_t*, BadTarget*);
+template void head_loss_forward<double>(const std::vector<HeadTask>&, int64_t, int64_t, int64_t, double*, const double*,
+                                        const double*, double*, int64_t*, BadTarget*);
 
 }  // namespace cpu
 }  // namespace fastmtl

@@ -16,8 +16,7 @@ namespace fastmtl::cpu {
 // Chunks of rows are reduced in a fixed order: the same input gives the same bits for any
 // number of threads.
 template <typename T>
-void head_loss_forward(const std::vector<HeadTask>& tasks, int64_t rows, int64_t logit_cols,
-                       int64_t target_cols, T* logits, const T* bias, const T* targets,
-                       double* loss_sum, int64_t* count, BadTarget* bad);
+void head_loss_forward(const std::vector<HeadTask>& tasks, int64_t rows, int64_t logit_cols, int64_t target_cols,
+                       T* logits, const T* bias, const T* targets, double* loss_sum, int64_t* count, BadTarget* bad);
 
 }  // namespace fastmtl::cpu

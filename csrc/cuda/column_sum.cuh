@@ -11,12 +11,14 @@
 
 namespace fastmtl::cuda {
 
-constexpr int kSumTileCols = 32;     // one warp across consecutive columns: coalesced rows
-constexpr int kSumLanes = 8;         // warps per block, each walking every 8th row of the chunk
+constexpr int kSumTileCols = 32;  // one warp across consecutive columns: coalesced rows
+constexpr int kSumLanes = 8;      // warps per block, each walking every 8th row of the chunk
 constexpr int64_t kSumChunkRows = 64;
 constexpr int64_t kMaxGridY = 65535;
 
-__host__ __device__ inline int64_t column_sum_chunks(int64_t rows) { return (rows + kSumChunkRows - 1) / kSumChunkRows; }
+__host__ __device__ inline int64_t column_sum_chunks(int64_t rows) {
+  return (rows + kSumChunkRows - 1) / kSumChunkRows;
+}
 
 template <typename Index, typename Map>
 __global__ void map_elements_kernel(Index n, Index cols, Map map) {
@@ -32,8 +34,8 @@ cudaError_t map_elements(int64_t rows, int64_t cols, Map map, cudaStream_t strea
   const int64_t n = rows * cols;
   if (n == 0) return cudaGetLastError();
   if (n <= static_cast<int64_t>(INT32_MAX)) {
-    map_elements_kernel<uint32_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        static_cast<uint32_t>(n), static_cast<uint32_t>(cols), map);
+    map_elements_kernel<uint32_t>
+        <<<blocks_for(n), kThreads, 0, stream>>>(static_cast<uint32_t>(n), static_cast<uint32_t>(cols), map);
   } else {
     map_elements_kernel<int64_t><<<blocks_for(n), kThreads, 0, stream>>>(n, cols, map);
   }

@@ -31,22 +31,35 @@ at::Tensor column_workspace(const at::Tensor& like, int64_t rows, int64_t cols) 
   return at::empty({cuda::column_sum_workspace(rows, cols)}, like.options().dtype(at::kDouble));
 }
 
-double* workspace_ptr(at::Tensor& workspace) { return workspace.defined() ? workspace.mutable_data_ptr<double>() : nullptr; }
+double* workspace_ptr(at::Tensor& workspace) {
+  return workspace.defined() ? workspace.mutable_data_ptr<double>() : nullptr;
+}
 
 cuda::SourceType source_type(at::ScalarType t) {
   using cuda::SourceType;
   switch (t) {
-    case at::kFloat: return SourceType::Float32;
-    case at::kDouble: return SourceType::Float64;
-    case at::kHalf: return SourceType::Float16;
-    case at::kBFloat16: return SourceType::BFloat16;
-    case at::kBool: return SourceType::Bool;
-    case at::kByte: return SourceType::UInt8;
-    case at::kChar: return SourceType::Int8;
-    case at::kShort: return SourceType::Int16;
-    case at::kInt: return SourceType::Int32;
-    case at::kLong: return SourceType::Int64;
-    default: TORCH_CHECK_TYPE(false, "fastmtl.pack_targets: no CUDA conversion from dtype ", t);
+    case at::kFloat:
+      return SourceType::Float32;
+    case at::kDouble:
+      return SourceType::Float64;
+    case at::kHalf:
+      return SourceType::Float16;
+    case at::kBFloat16:
+      return SourceType::BFloat16;
+    case at::kBool:
+      return SourceType::Bool;
+    case at::kByte:
+      return SourceType::UInt8;
+    case at::kChar:
+      return SourceType::Int8;
+    case at::kShort:
+      return SourceType::Int16;
+    case at::kInt:
+      return SourceType::Int32;
+    case at::kLong:
+      return SourceType::Int64;
+    default:
+      TORCH_CHECK_TYPE(false, "fastmtl.pack_targets: no CUDA conversion from dtype ", t);
   }
 }
 
@@ -64,8 +77,8 @@ class CudaSteps final : public Steps {
 
   void activation_apply(Activation act, const at::Tensor& pre, const at::Tensor& out) const override {
     FASTMTL_DISPATCH_CUDA_FLOATING_TYPES(pre.scalar_type(), "fastmtl_activation_apply_cuda", [&] {
-      check_launch(cuda::activation_apply(act, pre.numel(), kptr<scalar_t>(pre), kmut<scalar_t>(out),
-                                          current_stream(pre)));
+      check_launch(
+          cuda::activation_apply(act, pre.numel(), kptr<scalar_t>(pre), kmut<scalar_t>(out), current_stream(pre)));
     });
   }
 
@@ -130,10 +143,9 @@ class CudaSteps final : public Steps {
     sources.reserve(targets.size());
     for (size_t t = 0; t < targets.size(); ++t) {
       const at::Tensor& target = targets[t];
-      sources.push_back(cuda::PackSource{target.const_data_ptr(), target.stride(0),
-                                         target.dim() == 2 ? target.stride(1) : 0, tasks[t].target_offset,
-                                         static_cast<int32_t>(target_width(tasks[t].loss, tasks[t].num_outputs)),
-                                         source_type(target.scalar_type())});
+      sources.push_back(cuda::PackSource{
+          target.const_data_ptr(), target.stride(0), target.dim() == 2 ? target.stride(1) : 0, tasks[t].target_offset,
+          static_cast<int32_t>(target_width(tasks[t].loss, tasks[t].num_outputs)), source_type(target.scalar_type())});
     }
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fastmtl_pack_targets_cuda", [&] {
       check_launch(cuda::pack_targets<scalar_t>(sources.data(), static_cast<int64_t>(sources.size()), out.size(0),
@@ -177,10 +189,9 @@ class CudaSteps final : public Steps {
     const int64_t experts = grad.size(0), rows = grad.size(1), cols = grad.size(2);
     at::Tensor workspace = bias_grad.defined() ? column_workspace(grad, rows, experts * cols) : at::Tensor();
     FASTMTL_DISPATCH_CUDA_FLOATING_TYPES(grad.scalar_type(), "fastmtl_expert_activation_backward_cuda", [&] {
-      check_launch(cuda::expert_activation_backward(act, experts, rows, cols, kptr<scalar_t>(grad),
-                                                    kptr<scalar_t>(saved), kmut<scalar_t>(delta), delta.stride(0),
-                                                    delta.stride(1), kmut<scalar_t>(bias_grad),
-                                                    workspace_ptr(workspace), current_stream(grad)));
+      check_launch(cuda::expert_activation_backward(
+          act, experts, rows, cols, kptr<scalar_t>(grad), kptr<scalar_t>(saved), kmut<scalar_t>(delta), delta.stride(0),
+          delta.stride(1), kmut<scalar_t>(bias_grad), workspace_ptr(workspace), current_stream(grad)));
     });
   }
 
@@ -197,21 +208,19 @@ class CudaSteps final : public Steps {
   }
 
   void gated_mixture_backward(const GateArgs& g, const at::Tensor& grad_mixtures, const at::Tensor& gates,
-                              const at::Tensor& experts, const at::Tensor& grad_logits,
-                              const at::Tensor& grad_experts, const at::Tensor& grad_bias) const override {
+                              const at::Tensor& experts, const at::Tensor& grad_logits, const at::Tensor& grad_experts,
+                              const at::Tensor& grad_bias) const override {
     if (g.tasks * g.gate_width > cuda::kMaxGateEntries || g.num_experts > INT16_MAX)
       return portable_steps().gated_mixture_backward(g, grad_mixtures, gates, experts, grad_logits, grad_experts,
                                                      grad_bias);
     TORCH_INTERNAL_ASSERT(grad_logits.stride(0) == gates.stride(0) && grad_logits.stride(1) == gates.stride(1));
     const cuda::GateTable table = make_table(g, gates);
-    at::Tensor workspace =
-        grad_bias.defined() ? column_workspace(gates, g.rows, g.tasks * g.gate_width) : at::Tensor();
+    at::Tensor workspace = grad_bias.defined() ? column_workspace(gates, g.rows, g.tasks * g.gate_width) : at::Tensor();
     FASTMTL_DISPATCH_CUDA_FLOATING_TYPES(gates.scalar_type(), "fastmtl_gated_mixture_backward_cuda", [&] {
-      check_launch(cuda::gated_mixture_backward(table, g.rows, g.features, kptr<scalar_t>(grad_mixtures),
-                                                kptr<scalar_t>(gates), kptr<scalar_t>(experts),
-                                                kmut<scalar_t>(grad_logits), kmut<scalar_t>(grad_experts),
-                                                kmut<scalar_t>(grad_bias), workspace_ptr(workspace),
-                                                current_stream(gates)));
+      check_launch(cuda::gated_mixture_backward(
+          table, g.rows, g.features, kptr<scalar_t>(grad_mixtures), kptr<scalar_t>(gates), kptr<scalar_t>(experts),
+          kmut<scalar_t>(grad_logits), kmut<scalar_t>(grad_experts), kmut<scalar_t>(grad_bias),
+          workspace_ptr(workspace), current_stream(gates)));
     });
   }
 

@@ -14,7 +14,8 @@
 namespace fastmtl::cuda {
 
 // Elementwise math of storage type T runs in this type (kernels.h: float for the 16-bit types).
-template <typename T> using compute_t = typename WideTypeOf<T>::type;
+template <typename T>
+using compute_t = typename WideTypeOf<T>::type;
 
 __device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -22,20 +23,28 @@ __device__ __forceinline__ float to_compute(float v) { return v; }
 __device__ __forceinline__ double to_compute(double v) { return v; }
 
 // Rounds a compute value to storage type T (round to nearest even).
-template <typename T> struct Store {
-  template <typename C> __device__ __forceinline__ static T from(C v) { return static_cast<T>(v); }
+template <typename T>
+struct Store {
+  template <typename C>
+  __device__ __forceinline__ static T from(C v) {
+    return static_cast<T>(v);
+  }
 };
-template <> struct Store<__half> {
+template <>
+struct Store<__half> {
   __device__ __forceinline__ static __half from(float v) { return __float2half_rn(v); }
   __device__ __forceinline__ static __half from(double v) { return __double2half(v); }
 };
-template <> struct Store<__nv_bfloat16> {
+template <>
+struct Store<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
   __device__ __forceinline__ static __nv_bfloat16 from(double v) { return __double2bfloat16(v); }
 };
 
 template <typename T, typename C>
-__device__ __forceinline__ T store_as(C v) { return Store<T>::from(v); }
+__device__ __forceinline__ T store_as(C v) {
+  return Store<T>::from(v);
+}
 
 __device__ __forceinline__ double quiet_nan() { return __longlong_as_double(0x7ff8000000000000LL); }
 

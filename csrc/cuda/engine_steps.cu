@@ -35,8 +35,8 @@ struct TaskActivationBackwardMap {
 // own logit columns (a handful), so the [B * T, C] x [C, d] GEMM's zeros are never touched.
 template <typename T>
 __global__ void task_cotangents_kernel(TaskColumns columns, int64_t num_tasks, int64_t rows, int64_t logit_cols,
-                                       int64_t features, const T* logit_grad, const loss_t<T>* col_scale,
-                                       const T* head, T* out) {
+                                       int64_t features, const T* logit_grad, const loss_t<T>* col_scale, const T* head,
+                                       T* out) {
   using C = compute_t<T>;
   const int64_t n = rows * columns.count * features;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
@@ -80,10 +80,10 @@ cudaError_t task_cotangents(const TaskColumns& columns, int64_t num_tasks, int64
   return cudaGetLastError();
 }
 
-#define FASTMTL_INSTANTIATE(T)                                                                                  \
-  template cudaError_t activation_backward_tasks<T>(Activation, int64_t, int64_t, int64_t, const T*, const T*, \
-                                                    T*, T*, double*, cudaStream_t);                            \
-  template cudaError_t task_cotangents<T>(const TaskColumns&, int64_t, int64_t, int64_t, int64_t, const T*,    \
+#define FASTMTL_INSTANTIATE(T)                                                                                         \
+  template cudaError_t activation_backward_tasks<T>(Activation, int64_t, int64_t, int64_t, const T*, const T*, T*, T*, \
+                                                    double*, cudaStream_t);                                            \
+  template cudaError_t task_cotangents<T>(const TaskColumns&, int64_t, int64_t, int64_t, int64_t, const T*,            \
                                           const loss_t<T>*, const T*, T*, cudaStream_t);
 FASTMTL_FOR_EACH_KERNEL_TYPE(FASTMTL_INSTANTIATE)
 #undef FASTMTL_INSTANTIATE

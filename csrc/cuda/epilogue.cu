@@ -90,7 +90,7 @@ cudaError_t activation_backward(Activation act, int64_t rows, int64_t cols, cons
   });
 }
 
-#define FASTMTL_INSTANTIATE(T)                                                                                  \
+#define FASTMTL_INSTANTIATE(T)                                                                                   \
   template cudaError_t bias_activation_forward<T>(Activation, int64_t, int64_t, T*, const T*, T*, cudaStream_t); \
   template cudaError_t activation_apply<T>(Activation, int64_t, const T*, T*, cudaStream_t);                     \
   template cudaError_t activation_backward<T>(Activation, int64_t, int64_t, const T*, const T*, T*, T*, double*, \

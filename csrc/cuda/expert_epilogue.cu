@@ -75,18 +75,18 @@ cudaError_t expert_activation_backward(Activation act, int64_t experts, int64_t 
                                        T* bias_grad, double* workspace, cudaStream_t stream) {
   return dispatch_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    const ExpertActivationBackwardMap<A, T> map{grad, saved, delta, delta_expert_stride, delta_row_stride,
-                                                rows, cols, experts * cols};
+    const ExpertActivationBackwardMap<A, T> map{grad, saved, delta,         delta_expert_stride, delta_row_stride,
+                                                rows, cols,  experts * cols};
     if (bias_grad) return map_with_column_sum(rows, experts * cols, map, bias_grad, workspace, stream);
     return map_elements(rows, experts * cols, map, stream);
   });
 }
 
-#define FASTMTL_INSTANTIATE(T)                                                                                    \
-  template cudaError_t expert_bias_activation<T>(Activation, int64_t, int64_t, int64_t, const T*, int64_t,       \
-                                                 int64_t, const T*, T*, T*, cudaStream_t);                       \
-  template cudaError_t expert_activation_backward<T>(Activation, int64_t, int64_t, int64_t, const T*, const T*, \
-                                                     T*, int64_t, int64_t, T*, double*, cudaStream_t);
+#define FASTMTL_INSTANTIATE(T)                                                                                      \
+  template cudaError_t expert_bias_activation<T>(Activation, int64_t, int64_t, int64_t, const T*, int64_t, int64_t, \
+                                                 const T*, T*, T*, cudaStream_t);                                   \
+  template cudaError_t expert_activation_backward<T>(Activation, int64_t, int64_t, int64_t, const T*, const T*, T*, \
+                                                     int64_t, int64_t, T*, double*, cudaStream_t);
 FASTMTL_FOR_EACH_KERNEL_TYPE(FASTMTL_INSTANTIATE)
 #undef FASTMTL_INSTANTIATE
 

@@ -77,8 +77,8 @@ __global__ void gate_logit_grad_kernel(GateTable g, int64_t rows, int64_t featur
 
 // grad_experts[e, b, f] = sum over gate entries (t, k) weighing e of gates[t, b, k] dm[t, b, f].
 template <typename T>
-__global__ void expert_grad_kernel(GateTable g, int64_t rows, int64_t features, const T* grad_mixtures,
-                                   const T* gates, T* grad_experts) {
+__global__ void expert_grad_kernel(GateTable g, int64_t rows, int64_t features, const T* grad_mixtures, const T* gates,
+                                   T* grad_experts) {
   using C = compute_t<T>;
   const int64_t n = g.num_experts * rows * features;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
@@ -123,24 +123,22 @@ template <typename T>
 cudaError_t gated_mixture_backward(const GateTable& table, int64_t rows, int64_t features, const T* grad_mixtures,
                                    const T* gates, const T* experts, T* grad_logits, T* grad_experts, T* grad_bias,
                                    double* workspace, cudaStream_t stream) {
-  gate_logit_grad_kernel<T><<<blocks_for(rows * table.tasks), kThreads, 0, stream>>>(table, rows, features,
-                                                                                     grad_mixtures, gates, experts,
-                                                                                     grad_logits);
+  gate_logit_grad_kernel<T><<<blocks_for(rows * table.tasks), kThreads, 0, stream>>>(
+      table, rows, features, grad_mixtures, gates, experts, grad_logits);
   expert_grad_kernel<T><<<blocks_for(table.num_experts * rows * features), kThreads, 0, stream>>>(
       table, rows, features, grad_mixtures, gates, grad_experts);
   if (grad_bias) {
     const int64_t cols = static_cast<int64_t>(table.tasks) * table.gate_width;
-    return map_with_column_sum(rows, cols, GateLogitColumns<T>{table, grad_logits, cols}, grad_bias, workspace,
-                               stream);
+    return map_with_column_sum(rows, cols, GateLogitColumns<T>{table, grad_logits, cols}, grad_bias, workspace, stream);
   }
   return cudaGetLastError();
 }
 
-#define FASTMTL_INSTANTIATE(T)                                                                                 \
-  template cudaError_t gated_mixture_forward<T>(const GateTable&, int64_t, int64_t, T*, const T*, const T*, T*, \
-                                                cudaStream_t);                                                 \
-  template cudaError_t gated_mixture_backward<T>(const GateTable&, int64_t, int64_t, const T*, const T*,        \
-                                                 const T*, T*, T*, T*, double*, cudaStream_t);
+#define FASTMTL_INSTANTIATE(T)                                                                                         \
+  template cudaError_t gated_mixture_forward<T>(const GateTable&, int64_t, int64_t, T*, const T*, const T*, T*,        \
+                                                cudaStream_t);                                                         \
+  template cudaError_t gated_mixture_backward<T>(const GateTable&, int64_t, int64_t, const T*, const T*, const T*, T*, \
+                                                 T*, T*, double*, cudaStream_t);
 FASTMTL_FOR_EACH_KERNEL_TYPE(FASTMTL_INSTANTIATE)
 #undef FASTMTL_INSTANTIATE
 

@@ -12,11 +12,21 @@
 
 namespace fastmtl::cuda {
 
-template <typename S> struct KernelTypeOf { using type = S; };
-template <> struct KernelTypeOf<at::Half> { using type = __half; };
-template <> struct KernelTypeOf<at::BFloat16> { using type = __nv_bfloat16; };
+template <typename S>
+struct KernelTypeOf {
+  using type = S;
+};
+template <>
+struct KernelTypeOf<at::Half> {
+  using type = __half;
+};
+template <>
+struct KernelTypeOf<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
 // at::Half / at::BFloat16 have the layout of __half / __nv_bfloat16 (one 16-bit value).
-template <typename S> using kernel_t = typename KernelTypeOf<S>::type;
+template <typename S>
+using kernel_t = typename KernelTypeOf<S>::type;
 static_assert(sizeof(at::Half) == sizeof(__half) && sizeof(at::BFloat16) == sizeof(__nv_bfloat16));
 
 template <typename S>

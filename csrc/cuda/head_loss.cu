@@ -228,8 +228,8 @@ cudaError_t head_loss_forward(const HeadTask* tasks, int64_t num_tasks, int64_t 
     const int64_t count = std::min<int64_t>(kMaxTasksPerLaunch, num_tasks - first);
     const int lanes = static_cast<int>(std::min<int64_t>(kThreads / count, kLossChunkRows));
     head_loss_kernel<T><<<grid, static_cast<unsigned int>(lanes * count), 0, stream>>>(
-        make_table(tasks, first, count), num_tasks, rows, logit_cols, target_cols, logits, bias, targets,
-        workspace_sum, workspace_count);
+        make_table(tasks, first, count), num_tasks, rows, logit_cols, target_cols, logits, bias, targets, workspace_sum,
+        workspace_count);
   }
   head_loss_finalize_kernel<loss_t<T>><<<static_cast<unsigned int>(num_tasks), kThreads, 0, stream>>>(
       num_tasks, num_chunks, workspace_sum, workspace_count, losses, scale);
@@ -259,14 +259,13 @@ cudaError_t scale_columns(int64_t rows, int64_t cols, const T* in, const loss_t<
   return map_elements(rows, cols, map, stream);
 }
 
-#define FASTMTL_INSTANTIATE(T)                                                                                     \
-  template cudaError_t scale_columns<T>(int64_t, int64_t, const T*, const loss_t<T>*, T*, T*, double*,             \
-                                        cudaStream_t);                                                             \
-  template cudaError_t head_loss_forward<T>(const HeadTask*, int64_t, int64_t, int64_t, int64_t, T*, const T*,     \
-                                            const loss_t<T>*, loss_t<T>*, loss_t<T>*, double*, int64_t*,           \
-                                            cudaStream_t);                                                         \
-  template cudaError_t head_loss_backward_scale<T>(const HeadTask*, int64_t, int64_t, int64_t, const T*,           \
-                                                   const loss_t<T>*, const loss_t<T>*, loss_t<T>*, T*, T*, double*, \
+#define FASTMTL_INSTANTIATE(T)                                                                                        \
+  template cudaError_t scale_columns<T>(int64_t, int64_t, const T*, const loss_t<T>*, T*, T*, double*, cudaStream_t); \
+  template cudaError_t head_loss_forward<T>(const HeadTask*, int64_t, int64_t, int64_t, int64_t, T*, const T*,        \
+                                            const loss_t<T>*, loss_t<T>*, loss_t<T>*, double*, int64_t*,              \
+                                            cudaStream_t);                                                            \
+  template cudaError_t head_loss_backward_scale<T>(const HeadTask*, int64_t, int64_t, int64_t, const T*,              \
+                                                   const loss_t<T>*, const loss_t<T>*, loss_t<T>*, T*, T*, double*,   \
                                                    cudaStream_t);
 FASTMTL_FOR_EACH_KERNEL_TYPE(FASTMTL_INSTANTIATE)
 #undef FASTMTL_INSTANTIATE

@@ -22,10 +22,20 @@ namespace fastmtl::cuda {
 // float for the 16-bit storage types, T itself otherwise: the type the kernels compute in, and the
 // dtype of per-task losses, 1/count scales, task weights and packed targets for inputs of type T
 // (a class index above 256 is not exact in bfloat16).
-template <typename T> struct WideTypeOf { using type = T; };
-template <> struct WideTypeOf<__half> { using type = float; };
-template <> struct WideTypeOf<__nv_bfloat16> { using type = float; };
-template <typename T> using loss_t = typename WideTypeOf<T>::type;
+template <typename T>
+struct WideTypeOf {
+  using type = T;
+};
+template <>
+struct WideTypeOf<__half> {
+  using type = float;
+};
+template <>
+struct WideTypeOf<__nv_bfloat16> {
+  using type = float;
+};
+template <typename T>
+using loss_t = typename WideTypeOf<T>::type;
 
 // Applies M to every storage type the kernels are instantiated for.
 #define FASTMTL_FOR_EACH_KERNEL_TYPE(M) M(float) M(double) M(__half) M(__nv_bfloat16)
@@ -70,7 +80,7 @@ cudaError_t scale_columns(int64_t rows, int64_t cols, const T* in, const loss_t<
 // Column ranges of the tasks, by value in the kernel arguments (as the loss kernel's task table).
 struct TaskColumns {
   int32_t count;
-  int32_t first;                         // index of entry 0 among all tasks
+  int32_t first;  // index of entry 0 among all tasks
   int32_t offset[kMaxTasksPerLaunchColumns];
   int32_t width[kMaxTasksPerLaunchColumns];
 };

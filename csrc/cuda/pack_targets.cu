@@ -16,18 +16,27 @@ struct PackTable {
 template <typename Out>
 __device__ __forceinline__ Out read_as(const PackSource& s, int64_t offset) {
   switch (s.type) {
-    case SourceType::Float32: return static_cast<Out>(static_cast<const float*>(s.data)[offset]);
-    case SourceType::Float64: return static_cast<Out>(static_cast<const double*>(s.data)[offset]);
-    case SourceType::Float16: return static_cast<Out>(__half2float(static_cast<const __half*>(s.data)[offset]));
+    case SourceType::Float32:
+      return static_cast<Out>(static_cast<const float*>(s.data)[offset]);
+    case SourceType::Float64:
+      return static_cast<Out>(static_cast<const double*>(s.data)[offset]);
+    case SourceType::Float16:
+      return static_cast<Out>(__half2float(static_cast<const __half*>(s.data)[offset]));
     case SourceType::BFloat16:
       return static_cast<Out>(__bfloat162float(static_cast<const __nv_bfloat16*>(s.data)[offset]));
-    case SourceType::Bool: return static_cast<Out>(static_cast<const bool*>(s.data)[offset]);
-    case SourceType::UInt8: return static_cast<Out>(static_cast<const uint8_t*>(s.data)[offset]);
-    case SourceType::Int8: return static_cast<Out>(static_cast<const int8_t*>(s.data)[offset]);
-    case SourceType::Int16: return static_cast<Out>(static_cast<const int16_t*>(s.data)[offset]);
-    case SourceType::Int32: return static_cast<Out>(static_cast<const int32_t*>(s.data)[offset]);
+    case SourceType::Bool:
+      return static_cast<Out>(static_cast<const bool*>(s.data)[offset]);
+    case SourceType::UInt8:
+      return static_cast<Out>(static_cast<const uint8_t*>(s.data)[offset]);
+    case SourceType::Int8:
+      return static_cast<Out>(static_cast<const int8_t*>(s.data)[offset]);
+    case SourceType::Int16:
+      return static_cast<Out>(static_cast<const int16_t*>(s.data)[offset]);
+    case SourceType::Int32:
+      return static_cast<Out>(static_cast<const int32_t*>(s.data)[offset]);
     case SourceType::Int64:
-    default: return static_cast<Out>(static_cast<const int64_t*>(s.data)[offset]);
+    default:
+      return static_cast<Out>(static_cast<const int64_t*>(s.data)[offset]);
   }
 }
 

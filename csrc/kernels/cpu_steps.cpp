@@ -16,10 +16,14 @@ namespace fastmtl::kernels {
 namespace {
 
 template <typename T>
-T* ptr(const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<T>() : nullptr; }
+T* ptr(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
 
 template <typename T>
-const T* cptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
+const T* cptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
 
 class CpuSteps final : public Steps {
  public:
@@ -115,10 +119,11 @@ class CpuSteps final : public Steps {
         Out* dst = dst_all + tasks[t].target_offset;
         AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, src.scalar_type(), "fastmtl_pack_targets_in",
                                    [&] {
-          const scalar_t* p = src.const_data_ptr<scalar_t>();
-          for (int64_t i = 0; i < rows; ++i)
-            for (int64_t j = 0; j < width; ++j) dst[i * out_cols + j] = static_cast<Out>(p[i * s0 + j * s1]);
-        });
+                                     const scalar_t* p = src.const_data_ptr<scalar_t>();
+                                     for (int64_t i = 0; i < rows; ++i)
+                                       for (int64_t j = 0; j < width; ++j)
+                                         dst[i * out_cols + j] = static_cast<Out>(p[i * s0 + j * s1]);
+                                   });
       }
     });
   }
@@ -160,15 +165,14 @@ class CpuSteps final : public Steps {
   }
 
   void gated_mixture_backward(const GateArgs& g, const at::Tensor& grad_mixtures, const at::Tensor& gates,
-                              const at::Tensor& experts, const at::Tensor& grad_logits,
-                              const at::Tensor& grad_experts, const at::Tensor& grad_bias) const override {
+                              const at::Tensor& experts, const at::Tensor& grad_logits, const at::Tensor& grad_experts,
+                              const at::Tensor& grad_bias) const override {
     const cpu::GateLayout layout{g.tasks, g.rows, g.gate_width, g.features, gates.stride(0), gates.stride(1)};
     TORCH_INTERNAL_ASSERT(grad_logits.stride(0) == gates.stride(0) && grad_logits.stride(1) == gates.stride(1));
     AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "fastmtl_gated_mixture_backward", [&] {
-      cpu::gated_mixture_backward<scalar_t>(layout, g.num_experts, cptr<scalar_t>(grad_mixtures),
-                                            cptr<scalar_t>(gates), cptr<scalar_t>(experts), g.index->data(),
-                                            ptr<scalar_t>(grad_logits), ptr<scalar_t>(grad_experts),
-                                            ptr<scalar_t>(grad_bias));
+      cpu::gated_mixture_backward<scalar_t>(layout, g.num_experts, cptr<scalar_t>(grad_mixtures), cptr<scalar_t>(gates),
+                                            cptr<scalar_t>(experts), g.index->data(), ptr<scalar_t>(grad_logits),
+                                            ptr<scalar_t>(grad_experts), ptr<scalar_t>(grad_bias));
     });
   }
 };

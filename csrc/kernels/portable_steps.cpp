@@ -23,13 +23,19 @@ at::Tensor wide(const at::Tensor& t) { return is_16bit(t) ? t.to(at::kFloat) : t
 
 at::Tensor act_forward(Activation act, const at::Tensor& a) {
   switch (act) {
-    case Activation::Relu: return at::clamp_min(a, 0);
-    case Activation::Gelu: return at::gelu(a);
-    case Activation::GeluTanh: return at::gelu(a, "tanh");
-    case Activation::Silu: return at::silu(a);
-    case Activation::Tanh: return at::tanh(a);
+    case Activation::Relu:
+      return at::clamp_min(a, 0);
+    case Activation::Gelu:
+      return at::gelu(a);
+    case Activation::GeluTanh:
+      return at::gelu(a, "tanh");
+    case Activation::Silu:
+      return at::silu(a);
+    case Activation::Tanh:
+      return at::tanh(a);
     case Activation::Identity:
-    default: return a;
+    default:
+      return a;
   }
 }
 
@@ -37,8 +43,10 @@ at::Tensor act_forward(Activation act, const at::Tensor& a) {
 // pre-activation); common/activation.h's act_backward as tensor expressions.
 at::Tensor act_backward(Activation act, const at::Tensor& grad, const at::Tensor& saved) {
   switch (act) {
-    case Activation::Relu: return at::where(saved > 0, grad, at::zeros({}, grad.options()));
-    case Activation::Tanh: return grad * (1 - saved * saved);
+    case Activation::Relu:
+      return at::where(saved > 0, grad, at::zeros({}, grad.options()));
+    case Activation::Tanh:
+      return grad * (1 - saved * saved);
     case Activation::Gelu: {
       const at::Tensor cdf = 0.5 * (1 + at::erf(saved * kSqrtHalf));
       const at::Tensor pdf = at::exp(-0.5 * saved * saved) * kInvSqrt2Pi;
@@ -46,14 +54,16 @@ at::Tensor act_backward(Activation act, const at::Tensor& grad, const at::Tensor
     }
     case Activation::GeluTanh: {
       const at::Tensor th = at::tanh(kSqrt2OverPi * (saved + kGeluTanhCoef * saved * saved * saved));
-      return grad * (0.5 * (1 + th) + 0.5 * saved * (1 - th * th) * kSqrt2OverPi * (1 + 3 * kGeluTanhCoef * saved * saved));
+      return grad *
+             (0.5 * (1 + th) + 0.5 * saved * (1 - th * th) * kSqrt2OverPi * (1 + 3 * kGeluTanhCoef * saved * saved));
     }
     case Activation::Silu: {
       const at::Tensor s = at::sigmoid(saved);
       return grad * (s * (1 + saved * (1 - s)));
     }
     case Activation::Identity:
-    default: return grad;
+    default:
+      return grad;
   }
 }
 
@@ -62,9 +72,7 @@ void sum_into(const at::Tensor& values, int64_t dim, const at::Tensor& out) {
   out.copy_(at::sum(wide(values), {dim}, /*keepdim=*/false, at::kDouble));
 }
 
-at::Tensor nan_like(const at::Tensor& t) {
-  return at::full({}, std::numeric_limits<double>::quiet_NaN(), t.options());
-}
+at::Tensor nan_like(const at::Tensor& t) { return at::full({}, std::numeric_limits<double>::quiet_NaN(), t.options()); }
 
 // The one-hot [T, K, E] matrix of the gate index: M[t, k, e] = 1 where gate entry (t, k) weighs
 // expert e. Built on the host (the index is host data) and copied to the device once per call.
@@ -245,14 +253,13 @@ class PortableSteps final : public Steps {
   }
 
   void gated_mixture_backward(const GateArgs& g, const at::Tensor& grad_mixtures, const at::Tensor& gates,
-                              const at::Tensor& experts, const at::Tensor& grad_logits,
-                              const at::Tensor& grad_experts, const at::Tensor& grad_bias) const override {
+                              const at::Tensor& experts, const at::Tensor& grad_logits, const at::Tensor& grad_experts,
+                              const at::Tensor& grad_bias) const override {
     const at::Tensor p = wide(gates), dm = wide(grad_mixtures), ex = wide(experts);
     const at::Tensor membership = g.identity_index ? at::Tensor() : gate_membership(g, p.options());
     const at::Tensor weights = g.identity_index ? p : at::bmm(p, membership);  // [T, B, E]
     // d weights[t, b, e] = <d mixture[t, b], expert e at row b>, then back to the gate entries.
-    const at::Tensor d_weights =
-        at::bmm(dm.permute({1, 0, 2}), ex.permute({1, 2, 0})).permute({1, 0, 2});  // [T, B, E]
+    const at::Tensor d_weights = at::bmm(dm.permute({1, 0, 2}), ex.permute({1, 2, 0})).permute({1, 0, 2});  // [T, B, E]
     const at::Tensor dot = g.identity_index ? d_weights : at::bmm(d_weights, membership.transpose(1, 2));
     const at::Tensor dl = p * (dot - (p * dot).sum(-1, /*keepdim=*/true));
     grad_logits.copy_(dl);

@@ -47,8 +47,10 @@ Mode mode_from_environment() {
   if (value == nullptr || value[0] == '\0') return Mode::Default;
   if (std::strcmp(value, "custom") == 0) return Mode::Custom;
   if (std::strcmp(value, "portable") == 0) return Mode::Portable;
-  TORCH_CHECK_VALUE(false, "fastmtl: environment variable FASTMTL_KERNELS expected 'custom' or 'portable' (or unset "
-                    "for the default: custom kernels on CPU, portable steps on CUDA until verified), got '", value, "'");
+  TORCH_CHECK_VALUE(false,
+                    "fastmtl: environment variable FASTMTL_KERNELS expected 'custom' or 'portable' (or unset "
+                    "for the default: custom kernels on CPU, portable steps on CUDA until verified), got '",
+                    value, "'");
 }
 
 }  // namespace

@@ -85,8 +85,10 @@ at::Tensor dual_cone_projection_entry(const at::Tensor& gram, const at::Tensor& 
   constexpr const char* kOp = "dual_cone_projection";
   at::Tensor H = checked_gram(kOp, gram);
   const int64_t N = H.size(0), T = H.size(1);
-  TORCH_CHECK_VALUE(u.dim() == 3 && u.size(0) == N && u.size(2) == T, "fastmtl.dual_cone_projection: argument 'u' "
-                    "expected shape [N, K, T] = [", N, ", K, ", T, "] (N and T of 'gram'), got ", shape_str(u.sizes()));
+  TORCH_CHECK_VALUE(u.dim() == 3 && u.size(0) == N && u.size(2) == T,
+                    "fastmtl.dual_cone_projection: argument 'u' "
+                    "expected shape [N, K, T] = [",
+                    N, ", K, ", T, "] (N and T of 'gram'), got ", shape_str(u.sizes()));
   check_nonnegative(kOp, "norm_eps", norm_eps);
   check_nonnegative(kOp, "reg_eps", reg_eps);
   const int64_t K = u.size(1);
@@ -156,8 +158,8 @@ at::Tensor cagrad_weights_entry(const at::Tensor& gram, double c, double norm_ep
   check_nonnegative("cagrad_weights", "c", c);
   check_nonnegative("cagrad_weights", "norm_eps", norm_eps);
   const int64_t T = g.size(1);
-  return like_gram(per_matrix(g, [=](int64_t, const double* G, double* out) { cagrad_weights(G, T, c, norm_eps, out); }),
-                   gram);
+  return like_gram(
+      per_matrix(g, [=](int64_t, const double* G, double* out) { cagrad_weights(G, T, c, norm_eps, out); }), gram);
 }
 
 // Returns (weights, relative residuals [N] in double): a residual above 1e-9 means Newton's method did
@@ -165,15 +167,16 @@ at::Tensor cagrad_weights_entry(const at::Tensor& gram, double c, double norm_ep
 // turns that into a warning. Never silently stopping anywhere.
 std::tuple<at::Tensor, at::Tensor> power_system_weights_entry(const at::Tensor& gram, double exponent) {
   at::Tensor g = checked_gram("power_system_weights", gram);
-  TORCH_CHECK_VALUE(exponent > 0.0 && std::isfinite(exponent), "fastmtl.power_system_weights: argument 'exponent' "
-                    "expected a finite value > 0, got ", exponent);
+  TORCH_CHECK_VALUE(exponent > 0.0 && std::isfinite(exponent),
+                    "fastmtl.power_system_weights: argument 'exponent' "
+                    "expected a finite value > 0, got ",
+                    exponent);
   const int64_t N = g.size(0), T = g.size(1);
   const double rounding = input_epsilon(gram) / 2.0;
   at::Tensor residuals = at::zeros({N}, g.options());
   double* rp = residuals.mutable_data_ptr<double>();
-  at::Tensor weights = per_matrix(g, [&](int64_t n, const double* G, double* out) {
-    solve_power_system(G, T, exponent, rounding, out, rp + n);
-  });
+  at::Tensor weights = per_matrix(
+      g, [&](int64_t n, const double* G, double* out) { solve_power_system(G, T, exponent, rounding, out, rp + n); });
   return {like_gram(weights, gram), residuals.to(gram.device())};
 }
 
@@ -181,9 +184,9 @@ std::tuple<at::Tensor, at::Tensor> power_system_weights_entry(const at::Tensor& 
 // the row of task i excludes it).
 at::Tensor checked_order(const char* op, const at::Tensor& order, int64_t N, int64_t T, int64_t width,
                          bool excludes_self) {
-  TORCH_CHECK_VALUE(order.dim() == 3 && order.size(0) == N && order.size(1) == T && order.size(2) == width,
-                    "fastmtl.", op, ": argument 'order' expected shape [", N, ", ", T, ", ", width,
-                    "], got ", shape_str(order.sizes()));
+  TORCH_CHECK_VALUE(order.dim() == 3 && order.size(0) == N && order.size(1) == T && order.size(2) == width, "fastmtl.",
+                    op, ": argument 'order' expected shape [", N, ", ", T, ", ", width, "], got ",
+                    shape_str(order.sizes()));
   TORCH_CHECK_TYPE(order.scalar_type() == at::kLong, "fastmtl.", op,
                    ": argument 'order' expected dtype torch.int64, got ", dtype_name(order.scalar_type()));
   at::Tensor o = order.to(at::kCPU).contiguous();
@@ -194,9 +197,9 @@ at::Tensor checked_order(const char* op, const at::Tensor& order, int64_t N, int
     for (int64_t k = 0; k < width; ++k) {
       const int64_t j = p[row * width + k];
       const bool ok = j >= 0 && j < T && !seen[j] && !(excludes_self && j == row % T);
-      TORCH_CHECK_VALUE(ok, "fastmtl.", op, ": argument 'order' expected each row to list distinct tasks in [0, ",
-                        T, ")", excludes_self ? " other than the row's own task" : "", ", got ", j,
-                        " in row ", row % T, " of matrix ", row / T);
+      TORCH_CHECK_VALUE(ok, "fastmtl.", op, ": argument 'order' expected each row to list distinct tasks in [0, ", T,
+                        ")", excludes_self ? " other than the row's own task" : "", ", got ", j, " in row ", row % T,
+                        " of matrix ", row / T);
       seen[j] = 1;
     }
   }
@@ -209,8 +212,7 @@ at::Tensor pcgrad_weights_entry(const at::Tensor& gram, const at::Tensor& order)
   at::Tensor o = checked_order("pcgrad_weights", order, N, T, T, false);
   const int64_t* op = o.const_data_ptr<int64_t>();
   return like_gram(
-      per_matrix(g, [=](int64_t n, const double* G, double* out) { pcgrad_weights(G, T, op + n * T * T, out); }),
-      gram);
+      per_matrix(g, [=](int64_t n, const double* G, double* out) { pcgrad_weights(G, T, op + n * T * T, out); }), gram);
 }
 
 std::tuple<at::Tensor, at::Tensor> gradvac_weights_entry(const at::Tensor& gram, const at::Tensor& order,
@@ -220,8 +222,10 @@ std::tuple<at::Tensor, at::Tensor> gradvac_weights_entry(const at::Tensor& gram,
   const int64_t N = g.size(0), T = g.size(1);
   at::Tensor o = checked_order(kOp, order, N, T, T - 1, true);
   at::Tensor new_targets = checked_batch_vectors(kOp, targets, "targets", g, 2);
-  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "fastmtl.gradvac_weights: argument 'beta' expected a value in "
-                    "[0, 1], got ", beta);
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0,
+                    "fastmtl.gradvac_weights: argument 'beta' expected a value in "
+                    "[0, 1], got ",
+                    beta);
   check_nonnegative(kOp, "eps", eps);
   const int64_t* op = o.const_data_ptr<int64_t>();
   double* tp = new_targets.mutable_data_ptr<double>();
@@ -234,8 +238,10 @@ std::tuple<at::Tensor, at::Tensor> gradvac_weights_entry(const at::Tensor& gram,
 AlignedScale parse_scale(const std::string& name) {
   if (name == "min") return AlignedScale::Min;
   if (name == "median") return AlignedScale::Median;
-  TORCH_CHECK_VALUE(name == "rmse", "fastmtl.aligned_mtl_weights: argument 'scale_mode' expected one of "
-                    "'min', 'median', 'rmse', got '", name, "'");
+  TORCH_CHECK_VALUE(name == "rmse",
+                    "fastmtl.aligned_mtl_weights: argument 'scale_mode' expected one of "
+                    "'min', 'median', 'rmse', got '",
+                    name, "'");
   return AlignedScale::Rmse;
 }
 
@@ -252,9 +258,11 @@ at::Tensor aligned_mtl_weights_entry(const at::Tensor& gram, const at::Tensor& p
   const double* vp = eigenvectors.const_data_ptr<double>();
   const double* pp = p.const_data_ptr<double>();
   const double eps = input_epsilon(gram);
-  return like_gram(per_matrix(g, [=](int64_t n, const double*, double* out) {
-                     aligned_mtl_weights(lp + n * T, vp + n * T * T, T, pp + n * T, scale, eps, out);
-                   }), gram);
+  return like_gram(per_matrix(g,
+                              [=](int64_t n, const double*, double* out) {
+                                aligned_mtl_weights(lp + n * T, vp + n * T * T, T, pp + n * T, scale, eps, out);
+                              }),
+                   gram);
 }
 
 at::Tensor imtlg_weights_entry(const at::Tensor& gram) {
@@ -266,9 +274,9 @@ at::Tensor imtlg_weights_entry(const at::Tensor& gram) {
   const double* lp = eigenvalues.const_data_ptr<double>();
   const double* vp = eigenvectors.const_data_ptr<double>();
   const double eps = input_epsilon(gram);
-  return like_gram(per_matrix(g, [=](int64_t n, const double* G, double* out) {
-                     imtlg_weights(G, lp + n * T, vp + n * T * T, T, eps, out);
-                   }), gram);
+  return like_gram(per_matrix(g, [=](int64_t n, const double* G,
+                                     double* out) { imtlg_weights(G, lp + n * T, vp + n * T * T, T, eps, out); }),
+                   gram);
 }
 
 at::Tensor config_weights_entry(const at::Tensor& gram, const at::Tensor& pref) {
@@ -289,9 +297,11 @@ at::Tensor config_weights_entry(const at::Tensor& gram, const at::Tensor& pref) 
   const double* ip = inverse_norms.const_data_ptr<double>();
   const double* pp = p.const_data_ptr<double>();
   const double eps = input_epsilon(gram);
-  return like_gram(per_matrix(g, [=](int64_t n, const double* G, double* out) {
-                     config_weights(ip + n * T, G, lp + n * T, vp + n * T * T, T, pp + n * T, eps, out);
-                   }), gram);
+  return like_gram(per_matrix(g,
+                              [=](int64_t n, const double* G, double* out) {
+                                config_weights(ip + n * T, G, lp + n * T, vp + n * T * T, T, pp + n * T, eps, out);
+                              }),
+                   gram);
 }
 
 }  // namespace
@@ -308,9 +318,11 @@ void refuse_grad(const char* op, const at::Tensor& t) {
 // Python modes and tracing see the op itself, not the ATen calls inside its kernel).
 template <typename Sig, typename... Args>
 auto below_autograd(const c10::TypedOperatorHandle<Sig>& op, const char* name, const Args&... args) {
-  ((void)[&] {
-    if constexpr (std::is_same_v<std::decay_t<Args>, at::Tensor>) refuse_grad(name, args);
-  }(), ...);
+  (
+      (void)[&] {
+        if constexpr (std::is_same_v<std::decay_t<Args>, at::Tensor>) refuse_grad(name, args);
+      }(),
+      ...);
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(args...);
 }
@@ -324,12 +336,13 @@ using GramOnly = at::Tensor(const at::Tensor&);
 
 TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
   m.impl("dual_cone_projection", [](const at::Tensor& g, const at::Tensor& u, double a, double b) {
-    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double)>("fastmtl::dual_cone_projection");
+    static auto op =
+        handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double)>("fastmtl::dual_cone_projection");
     return below_autograd(op, "dual_cone_projection", g, u, a, b);
   });
   m.impl("dual_cone_weights", [](const at::Tensor& g, const at::Tensor& p, double a, double b, bool each) {
-    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double, bool)>(
-        "fastmtl::dual_cone_weights");
+    static auto op =
+        handle<at::Tensor(const at::Tensor&, const at::Tensor&, double, double, bool)>("fastmtl::dual_cone_weights");
     return below_autograd(op, "dual_cone_weights", g, p, a, b, each);
   });
   m.impl("min_norm_weights", [](const at::Tensor& g) {
@@ -341,7 +354,8 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
     return below_autograd(op, "cagrad_weights", g, c, e);
   });
   m.impl("power_system_weights", [](const at::Tensor& g, double e) {
-    static auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double)>("fastmtl::power_system_weights");
+    static auto op =
+        handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double)>("fastmtl::power_system_weights");
     return below_autograd(op, "power_system_weights", g, e);
   });
   m.impl("pcgrad_weights", [](const at::Tensor& g, const at::Tensor& o) {
@@ -354,8 +368,8 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
     return below_autograd(op, "gradvac_weights", g, o, t, b, e);
   });
   m.impl("aligned_mtl_weights", [](const at::Tensor& g, const at::Tensor& p, const std::string& s) {
-    static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::string&)>(
-        "fastmtl::aligned_mtl_weights");
+    static auto op =
+        handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::string&)>("fastmtl::aligned_mtl_weights");
     return below_autograd(op, "aligned_mtl_weights", g, p, s);
   });
   m.impl("imtlg_weights", [](const at::Tensor& g) {
@@ -369,19 +383,20 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
 }
 
 // The solvers run on the CPU whatever the device of the Gram matrix, so both keys get the same entries.
-#define FASTMTL_REGISTER_AGGREGATION_OPS(m)                          \
-  m.impl("dual_cone_projection", &dual_cone_projection_entry);       \
-  m.impl("dual_cone_weights", &dual_cone_weights_entry);             \
-  m.impl("min_norm_weights", &min_norm_weights_entry);               \
-  m.impl("cagrad_weights", &cagrad_weights_entry);                   \
-  m.impl("power_system_weights", &power_system_weights_entry);       \
-  m.impl("pcgrad_weights", &pcgrad_weights_entry);                   \
-  m.impl("gradvac_weights", &gradvac_weights_entry);                 \
-  m.impl("aligned_mtl_weights", &aligned_mtl_weights_entry);         \
-  m.impl("imtlg_weights", &imtlg_weights_entry);                     \
+#define FASTMTL_REGISTER_AGGREGATION_OPS(m)                    \
+  m.impl("dual_cone_projection", &dual_cone_projection_entry); \
+  m.impl("dual_cone_weights", &dual_cone_weights_entry);       \
+  m.impl("min_norm_weights", &min_norm_weights_entry);         \
+  m.impl("cagrad_weights", &cagrad_weights_entry);             \
+  m.impl("power_system_weights", &power_system_weights_entry); \
+  m.impl("pcgrad_weights", &pcgrad_weights_entry);             \
+  m.impl("gradvac_weights", &gradvac_weights_entry);           \
+  m.impl("aligned_mtl_weights", &aligned_mtl_weights_entry);   \
+  m.impl("imtlg_weights", &imtlg_weights_entry);               \
   m.impl("config_weights", &config_weights_entry);
 
-TORCH_LIBRARY_IMPL(fastmtl, CPU, m) { FASTMTL_REGISTER_AGGREGATION_OPS(m) }
-TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) { FASTMTL_REGISTER_AGGREGATION_OPS(m) }
+TORCH_LIBRARY_IMPL(fastmtl, CPU, m){FASTMTL_REGISTER_AGGREGATION_OPS(m)} TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
+  FASTMTL_REGISTER_AGGREGATION_OPS(m)
+}
 
 }  // namespace fastmtl::ops

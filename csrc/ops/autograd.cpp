@@ -19,10 +19,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-
 // Typed dispatcher handles (signatures as the kernels in multitask_head_loss.cpp).
 const auto& head_loss_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::multitask_head_loss", "")
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmtl::multitask_head_loss", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                            const std::vector<std::string>&, c10::ArrayRef<int64_t>)>();
@@ -30,7 +30,8 @@ const auto& head_loss_op() {
 }
 
 const auto& head_loss_backward_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::multitask_head_loss_backward", "")
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmtl::multitask_head_loss_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, c10::ArrayRef<int64_t>, bool, bool)>();
@@ -60,8 +61,8 @@ struct HeadLossFunction : public torch::autograd::Function<HeadLossFunction> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool need_z_grad = ctx->needs_input_grad(0);
     const std::vector<int64_t> num_outputs = ctx->saved_data["num_outputs"].toIntVector();
-    auto [grad_z, grad_weight, grad_bias] =
-        head_loss_backward_op().call(grads[0], saved[0], saved[1], saved[2], saved[3], num_outputs, has_bias, need_z_grad);
+    auto [grad_z, grad_weight, grad_bias] = head_loss_backward_op().call(grads[0], saved[0], saved[1], saved[2],
+                                                                         saved[3], num_outputs, has_bias, need_z_grad);
     if (need_z_grad) result[0] = grad_z;
     result[1] = grad_weight;
     if (has_bias) result[2] = grad_bias;
@@ -74,9 +75,11 @@ struct FusedMlpOps {
   static constexpr const char* backward = "fastmtl::fused_mlp_backward";
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_autograd(
-    const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const std::vector<std::string>& losses, c10::ArrayRef<int64_t> num_outputs) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_autograd(const at::Tensor& z, const at::Tensor& weight,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  const at::Tensor& targets,
+                                                                  const std::vector<std::string>& losses,
+                                                                  c10::ArrayRef<int64_t> num_outputs) {
   variable_list outputs = HeadLossFunction::apply(z, weight, bias, targets, losses, num_outputs);
   return {outputs[0], outputs[1], outputs[2]};
 }

@@ -13,17 +13,28 @@ namespace fastmtl::ops {
 
 inline std::string dtype_name(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return c10::toString(t);
+    case at::kFloat:
+      return "torch.float32";
+    case at::kDouble:
+      return "torch.float64";
+    case at::kHalf:
+      return "torch.float16";
+    case at::kBFloat16:
+      return "torch.bfloat16";
+    case at::kLong:
+      return "torch.int64";
+    case at::kInt:
+      return "torch.int32";
+    case at::kShort:
+      return "torch.int16";
+    case at::kChar:
+      return "torch.int8";
+    case at::kByte:
+      return "torch.uint8";
+    case at::kBool:
+      return "torch.bool";
+    default:
+      return c10::toString(t);
   }
 }
 
@@ -36,14 +47,13 @@ inline std::string shape_str(at::IntArrayRef sizes) {
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const std::string& arg) {
-  TORCH_CHECK_VALUE(t.dim() == dim, "fastmtl.", op, ": argument '", arg, "' expected a ", dim,
-                    "-D tensor, got shape ", shape_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.dim() == dim, "fastmtl.", op, ": argument '", arg, "' expected a ", dim, "-D tensor, got shape ",
+                    shape_str(t.sizes()));
 }
 
 inline void check_float_dtype(const at::Tensor& t, const char* op, const std::string& arg) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastmtl.", op,
-                   ": argument '", arg, "' expected dtype torch.float32 or torch.float64, got ",
-                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastmtl.", op, ": argument '", arg,
+                   "' expected dtype torch.float32 or torch.float64, got ", dtype_name(t.scalar_type()));
 }
 
 // The dtypes of fused_mlp and multitask_head_loss: float32 and float64 on every device, float16
@@ -52,8 +62,8 @@ inline bool is_16bit_float(at::ScalarType t) { return t == at::kHalf || t == at:
 
 inline void check_compute_dtype(const at::Tensor& t, const char* op, const std::string& arg) {
   if (t.is_cuda() && is_16bit_float(t.scalar_type())) return;
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastmtl.", op,
-                   ": argument '", arg, "' expected dtype torch.float32 or torch.float64",
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastmtl.", op, ": argument '", arg,
+                   "' expected dtype torch.float32 or torch.float64",
                    t.is_cuda() ? " (or torch.float16 / torch.bfloat16 on CUDA)" : "", ", got ",
                    dtype_name(t.scalar_type()));
 }
@@ -64,11 +74,10 @@ inline at::ScalarType loss_dtype(at::ScalarType t) { return is_16bit_float(t) ? 
 
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& arg,
                        const char* ref_arg) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "fastmtl.", op, ": argument '", arg,
-                   "' expected dtype ", dtype_name(ref.scalar_type()), " (the dtype of '", ref_arg,
-                   "'), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "fastmtl.", op, ": argument '", arg, "' expected device ",
-                    ref.device(), " (the device of '", ref_arg, "'), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "fastmtl.", op, ": argument '", arg, "' expected dtype ",
+                   dtype_name(ref.scalar_type()), " (the dtype of '", ref_arg, "'), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "fastmtl.", op, ": argument '", arg, "' expected device ", ref.device(),
+                    " (the device of '", ref_arg, "'), got ", t.device());
 }
 
 // t on ref's device in loss_dtype(ref's dtype): ref's own dtype, or float32 for a 16-bit ref.
@@ -78,14 +87,14 @@ inline void check_loss_like(const at::Tensor& t, const at::Tensor& ref, const ch
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "fastmtl.", op, ": argument '", arg,
                    "' expected dtype torch.float32 (losses, scales and targets of a ", dtype_name(ref.scalar_type()),
                    " '", ref_arg, "' are float32), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "fastmtl.", op, ": argument '", arg, "' expected device ",
-                    ref.device(), " (the device of '", ref_arg, "'), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "fastmtl.", op, ": argument '", arg, "' expected device ", ref.device(),
+                    " (the device of '", ref_arg, "'), got ", t.device());
 }
 
-inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op,
-                       const std::string& arg, const std::string& why) {
-  TORCH_CHECK_VALUE(t.size(dim) == expected, "fastmtl.", op, ": argument '", arg, "' expected size ",
-                    expected, " in dimension ", dim, " (", why, "), got shape ", shape_str(t.sizes()));
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op, const std::string& arg,
+                       const std::string& why) {
+  TORCH_CHECK_VALUE(t.size(dim) == expected, "fastmtl.", op, ": argument '", arg, "' expected size ", expected,
+                    " in dimension ", dim, " (", why, "), got shape ", shape_str(t.sizes()));
 }
 
 inline std::string indexed(const char* arg, size_t i) { return std::string(arg) + "[" + std::to_string(i) + "]"; }

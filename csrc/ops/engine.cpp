@@ -55,8 +55,8 @@ double ghost_cost(int64_t tasks, int64_t rows, int64_t d_in, int64_t d_out) {
   return b * b * double(d_in) + t * b * b * double(d_out) + t * t * b * double(d_out);
 }
 
-TrunkGram trunk_task_gram(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
-                          const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
+TrunkGram trunk_task_gram(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                          const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
                           const at::Tensor& head_weight, const at::Tensor& logit_grad, const at::Tensor& count_scale,
                           const at::Tensor& task_weights, const std::vector<int64_t>& num_outputs, GramPath path,
                           bool keep_jacobian) {
@@ -96,9 +96,11 @@ TrunkGram trunk_task_gram(const kernels::Steps& steps, const at::Tensor& x, cons
   // Jacobian column offsets, in FusedMLP.parameters() order: every weight, then every bias.
   std::vector<int64_t> weight_offset(num_layers), bias_offset(num_layers);
   int64_t num_params = 0;
-  for (int64_t l = 0; l < num_layers; ++l) weight_offset[l] = std::exchange(num_params, num_params + weights[l].numel());
+  for (int64_t l = 0; l < num_layers; ++l)
+    weight_offset[l] = std::exchange(num_params, num_params + weights[l].numel());
   if (has_bias)
-    for (int64_t l = 0; l < num_layers; ++l) bias_offset[l] = std::exchange(num_params, num_params + weights[l].size(0));
+    for (int64_t l = 0; l < num_layers; ++l)
+      bias_offset[l] = std::exchange(num_params, num_params + weights[l].size(0));
 
   TrunkGram result;
   result.gram = at::zeros({tasks, tasks}, options);
@@ -138,7 +140,9 @@ TrunkGram trunk_task_gram(const kernels::Steps& steps, const at::Tensor& x, cons
         per_task = per_task.view({tasks, d_out * width});
         result.gram.addmm_(per_task, per_task.t());
         if (keep_jacobian)
-          result.jacobian.narrow(1, weight_offset[l], d_out * d_in).view({tasks, d_out, d_in}).narrow(2, c0, width)
+          result.jacobian.narrow(1, weight_offset[l], d_out * d_in)
+              .view({tasks, d_out, d_in})
+              .narrow(2, c0, width)
               .copy_(per_task.view({tasks, d_out, width}));
       }
       if (has_bias) result.gram.addmm_(bias_grad, bias_grad.t());
@@ -188,7 +192,8 @@ at::Tensor representation_gram(const kernels::Steps& steps, const at::Tensor& he
   return (gram + gram.t()).mul_(0.5);
 }
 
-WeightedBackward weighted_backward(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+WeightedBackward weighted_backward(const kernels::Steps& steps, const at::Tensor& x,
+                                   const std::vector<at::Tensor>& weights, const at::Tensor& out,
                                    const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
                                    const at::Tensor& head_weight, bool head_has_bias, const at::Tensor& logit_grad,
                                    const at::Tensor& count_scale, const at::Tensor& head_task_weights,

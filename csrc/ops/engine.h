@@ -1,6 +1,6 @@
-// The per-task engine of fastmtl's own model, one orchestration for every device: the Gram matrix of the per-task gradients of the
-// fused trunk's parameters, without T backward passes and without the T x P Jacobian, and the
-// weighted backward that applies the aggregator's weights. The math is ARCHITECTURE.md's:
+// The per-task engine of fastmtl's own model, one orchestration for every device: the Gram matrix of the per-task
+// gradients of the fused trunk's parameters, without T backward passes and without the T x P Jacobian, and the weighted
+// backward that applies the aggregator's weights. The math is ARCHITECTURE.md's:
 //  - task t's cotangent of the trunk output is dz_t = S_t H_t (S: the loss pass's logit gradients
 //    scaled by task weight / labelled count, H_t: the task's head rows);
 //  - the T cotangents go down the trunk together as one [B*T, d] matrix (row b*T + t), one GEMM per
@@ -38,8 +38,8 @@ struct TrunkGram {
 
 // logit_grad [B, C], count_scale [T] (1/labelled count), task_weights [T]: the head loss's outputs
 // and the weight of each task's loss; head_weight [C, d_L]. keep_jacobian forces materialise.
-TrunkGram trunk_task_gram(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
-                          const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
+TrunkGram trunk_task_gram(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                          const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
                           const at::Tensor& head_weight, const at::Tensor& logit_grad, const at::Tensor& count_scale,
                           const at::Tensor& task_weights, const std::vector<int64_t>& num_outputs, GramPath path,
                           bool keep_jacobian);
@@ -52,14 +52,15 @@ at::Tensor representation_gram(const kernels::Steps& steps, const at::Tensor& he
                                const std::vector<int64_t>& num_outputs);
 
 struct WeightedBackward {
-  at::Tensor head_weight_grad, head_bias_grad;  // from head_task_weights (each head: its own task)
-  at::Tensor input_grad;                        // [0] unless need_input_grad
+  at::Tensor head_weight_grad, head_bias_grad;       // from head_task_weights (each head: its own task)
+  at::Tensor input_grad;                             // [0] unless need_input_grad
   std::vector<at::Tensor> weight_grads, bias_grads;  // trunk, from trunk_task_weights
 };
 
 // One ordinary backward with separate upstream weights for the heads (task.weight) and for the
 // trunk (the aggregator's weights times task.weight): both read the same logit gradients.
-WeightedBackward weighted_backward(const kernels::Steps& steps, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+WeightedBackward weighted_backward(const kernels::Steps& steps, const at::Tensor& x,
+                                   const std::vector<at::Tensor>& weights, const at::Tensor& out,
                                    const std::vector<at::Tensor>& saved, Activation act, bool has_bias,
                                    const at::Tensor& head_weight, bool head_has_bias, const at::Tensor& logit_grad,
                                    const at::Tensor& count_scale, const at::Tensor& head_task_weights,

@@ -46,8 +46,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> experts_forward(const kernels::S
     at::Tensor out = keep_pre ? at::empty({experts, rows, cols}, x.options()) : pre;
     // Nothing to do only for identity without bias on the contiguous layout.
     if (strided || has_bias || act != Activation::Identity || keep_pre)
-      steps.expert_bias_activation(act, gemm, has_bias ? biases[l] : at::Tensor(), pre,
-                                   keep_pre ? out : at::Tensor());
+      steps.expert_bias_activation(act, gemm, has_bias ? biases[l] : at::Tensor(), pre, keep_pre ? out : at::Tensor());
     if (keep_pre || l + 1 < num_layers) saved.push_back(pre);
     h = out;
   }
@@ -55,8 +54,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> experts_forward(const kernels::S
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> experts_backward(
-    const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights,
-    const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act, bool has_bias, bool need_input_grad) {
+    const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x,
+    const std::vector<at::Tensor>& weights, const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act,
+    bool has_bias, bool need_input_grad) {
   const int64_t num_layers = static_cast<int64_t>(weights.size());
   const int64_t experts = weights[0].size(0);
   const int64_t rows = x.size(-2);
@@ -105,8 +105,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> experts
       grad_weights[l] = at::bmm(delta.transpose(1, 2), layer_input);
       if (l > 0) {
         // Alternate between two scratch slots: the next cotangent must not overwrite delta.
-        at::Tensor next_grad =
-            cpu::scratch_matrix(kSlotGradA + (l % 2), experts * rows, fan_in, x.options()).view({experts, rows, fan_in});
+        at::Tensor next_grad = cpu::scratch_matrix(kSlotGradA + (l % 2), experts * rows, fan_in, x.options())
+                                   .view({experts, rows, fan_in});
         at::bmm_out(next_grad, delta, weights[l]);
         grad = next_grad;
       } else if (need_input_grad) {

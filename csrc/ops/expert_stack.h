@@ -25,7 +25,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> experts_forward(const kernels::S
 // Returns dx (x's shape, [0]-sized when !need_input_grad; for a shared x the sum over experts),
 // dW per layer, db per layer (none when !has_bias).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> experts_backward(
-    const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights,
-    const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act, bool has_bias, bool need_input_grad);
+    const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x,
+    const std::vector<at::Tensor>& weights, const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act,
+    bool has_bias, bool need_input_grad);
 
 }  // namespace fastmtl::ops

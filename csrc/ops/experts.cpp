@@ -39,11 +39,15 @@ void check_batch(const at::Tensor& x, const char* op) {
 void check_experts(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases) {
   constexpr const char* op = "fused_experts";
   check_batch(x, op);
-  TORCH_CHECK_VALUE(x.size(-1) >= 1, "fastmtl.fused_experts: argument 'x' expected at least 1 input feature "
-                    "(in_features >= 1), got shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(x.size(-1) >= 1,
+                    "fastmtl.fused_experts: argument 'x' expected at least 1 input feature "
+                    "(in_features >= 1), got shape ",
+                    shape_str(x.sizes()));
   TORCH_CHECK_VALUE(!weights.empty(), "fastmtl.fused_experts: argument 'weights' expected at least one layer, got 0");
-  TORCH_CHECK_VALUE(biases.empty() || biases.size() == weights.size(), "fastmtl.fused_experts: argument 'biases' "
-                    "expected ", weights.size(), " tensors (one per layer) or none, got ", biases.size());
+  TORCH_CHECK_VALUE(biases.empty() || biases.size() == weights.size(),
+                    "fastmtl.fused_experts: argument 'biases' "
+                    "expected ",
+                    weights.size(), " tensors (one per layer) or none, got ", biases.size());
   check_dim(weights[0], 3, op, "weights[0]");
   const int64_t experts = weights[0].size(0);
   TORCH_CHECK_VALUE(experts >= 1, "fastmtl.fused_experts: argument 'weights[0]' expected at least 1 expert ",
@@ -101,7 +105,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_e
   for (size_t l = 0; l < saved.size(); ++l) {
     const std::vector<int64_t> shape{weights[0].size(0), x.size(-2), weights[l].size(1)};
     TORCH_CHECK_VALUE(saved[l].sizes() == at::IntArrayRef(shape), "fastmtl.fused_experts_backward: argument '",
-                      indexed("saved", l), "' expected shape ", shape_str(shape), ", got ", shape_str(saved[l].sizes()));
+                      indexed("saved", l), "' expected shape ", shape_str(shape), ", got ",
+                      shape_str(saved[l].sizes()));
     check_like(saved[l], x, op, indexed("saved", l), "x");
   }
   const OpDeviceGuard guard(x);
@@ -124,12 +129,13 @@ std::vector<int64_t> check_gates(const char* op, const at::Tensor& x, const at::
   const int64_t num_experts = experts.size(0);
   TORCH_CHECK_VALUE(tasks >= 1, "fastmtl.", op, ": argument 'gate_weight' expected at least 1 task gate, got shape ",
                     shape_str(gate_weight.sizes()));
-  TORCH_CHECK_VALUE(width >= 1, "fastmtl.", op, ": argument 'gate_weight' expected at least 1 expert per gate, got shape ",
+  TORCH_CHECK_VALUE(width >= 1, "fastmtl.", op,
+                    ": argument 'gate_weight' expected at least 1 expert per gate, got shape ",
                     shape_str(gate_weight.sizes()));
   TORCH_CHECK_VALUE(num_experts >= 1, "fastmtl.", op, ": argument 'experts' expected at least 1 expert, got shape ",
                     shape_str(experts.sizes()));
-  TORCH_CHECK_VALUE(experts.size(2) >= 1, "fastmtl.", op, ": argument 'experts' expected at least 1 feature, got shape ",
-                    shape_str(experts.sizes()));
+  TORCH_CHECK_VALUE(experts.size(2) >= 1, "fastmtl.", op,
+                    ": argument 'experts' expected at least 1 feature, got shape ", shape_str(experts.sizes()));
   check_size(gate_weight, 2, x.size(-1), op, "gate_weight", "x.shape[-1]");
   check_size(experts, 1, x.size(-2), op, "experts", "the batch size, x.shape[-2]");
   if (x.dim() == 3) check_size(x, 0, tasks, op, "x", "one gate input per task: gate_weight.shape[0]");
@@ -137,14 +143,17 @@ std::vector<int64_t> check_gates(const char* op, const at::Tensor& x, const at::
   if (expert_index.empty()) {
     TORCH_CHECK_VALUE(width == num_experts, "fastmtl.", op, ": argument 'gate_weight' expected size ", num_experts,
                       " in dimension 1 (one gate entry per expert, experts.shape[0], when 'expert_index' is empty), "
-                      "got shape ", shape_str(gate_weight.sizes()));
+                      "got shape ",
+                      shape_str(gate_weight.sizes()));
     for (int64_t t = 0; t < tasks; ++t)
       for (int64_t k = 0; k < width; ++k) index[t * width + k] = k;
     return index;
   }
   TORCH_CHECK_VALUE(static_cast<int64_t>(expert_index.size()) == tasks * width, "fastmtl.", op,
-                    ": argument 'expert_index' expected ", tasks * width, " entries (gate_weight.shape[0] * "
-                    "gate_weight.shape[1]) or none, got ", expert_index.size());
+                    ": argument 'expert_index' expected ", tasks * width,
+                    " entries (gate_weight.shape[0] * "
+                    "gate_weight.shape[1]) or none, got ",
+                    expert_index.size());
   for (size_t i = 0; i < expert_index.size(); ++i) {
     TORCH_CHECK_VALUE(expert_index[i] >= 0 && expert_index[i] < num_experts, "fastmtl.", op,
                       ": argument 'expert_index' expected entries in [0, ", num_experts, ") (experts.shape[0]), got ",
@@ -186,12 +195,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mixture_backwar
   const int64_t tasks = gate_weight.size(0), width = gate_weight.size(1), rows = x.size(-2);
   const std::vector<int64_t> gate_shape =
       x.dim() == 2 ? std::vector<int64_t>{rows, tasks, width} : std::vector<int64_t>{tasks, rows, width};
-  TORCH_CHECK_VALUE(gates.sizes() == at::IntArrayRef(gate_shape), "fastmtl.gated_mixture_backward: argument 'gates' "
-                    "expected shape ", shape_str(gate_shape), ", got ", shape_str(gates.sizes()));
+  TORCH_CHECK_VALUE(gates.sizes() == at::IntArrayRef(gate_shape),
+                    "fastmtl.gated_mixture_backward: argument 'gates' "
+                    "expected shape ",
+                    shape_str(gate_shape), ", got ", shape_str(gates.sizes()));
   check_like(gates, x, op, "gates", "x");
   const std::vector<int64_t> out_shape{tasks, rows, experts.size(2)};
   TORCH_CHECK_VALUE(grad_mixtures.sizes() == at::IntArrayRef(out_shape), "fastmtl.gated_mixture_backward: argument ",
-                    "'grad_mixtures' expected shape ", shape_str(out_shape), ", got ", shape_str(grad_mixtures.sizes()));
+                    "'grad_mixtures' expected shape ", shape_str(out_shape), ", got ",
+                    shape_str(grad_mixtures.sizes()));
   check_like(grad_mixtures, x, op, "grad_mixtures", "x");
   const OpDeviceGuard guard(x);
   return ops::gated_mixture_backward(kernels::steps_for(op, x, choice), grad_mixtures.contiguous(), x.contiguous(),
@@ -201,15 +213,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mixture_backwar
 
 }  // namespace
 
-#define FASTMTL_REGISTER_EXPERT_OPS(m, CHOICE)                                         \
-  m.impl("fused_experts", &fused_experts_entry<CHOICE>);                              \
-  m.impl("fused_experts_backward", &fused_experts_backward_entry<CHOICE>);            \
-  m.impl("gated_mixture", &gated_mixture_entry<CHOICE>);                              \
+#define FASTMTL_REGISTER_EXPERT_OPS(m, CHOICE)                             \
+  m.impl("fused_experts", &fused_experts_entry<CHOICE>);                   \
+  m.impl("fused_experts_backward", &fused_experts_backward_entry<CHOICE>); \
+  m.impl("gated_mixture", &gated_mixture_entry<CHOICE>);                   \
   m.impl("gated_mixture_backward", &gated_mixture_backward_entry<CHOICE>);
 
-TORCH_LIBRARY_IMPL(fastmtl, CPU, m) { FASTMTL_REGISTER_EXPERT_OPS(m, kernels::Choice::Auto) }
-TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) { FASTMTL_REGISTER_EXPERT_OPS(m, kernels::Choice::Auto) }
-TORCH_LIBRARY_IMPL(fastmtl_portable, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(fastmtl, CPU, m){FASTMTL_REGISTER_EXPERT_OPS(m, kernels::Choice::Auto)} TORCH_LIBRARY_IMPL(fastmtl,
+                                                                                                              CUDA, m){
+    FASTMTL_REGISTER_EXPERT_OPS(m, kernels::Choice::Auto)} TORCH_LIBRARY_IMPL(fastmtl_portable,
+                                                                              CompositeExplicitAutograd, m) {
   FASTMTL_REGISTER_EXPERT_OPS(m, kernels::Choice::ForcePortable)
 }
 #undef FASTMTL_REGISTER_EXPERT_OPS

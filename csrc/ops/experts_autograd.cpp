@@ -15,7 +15,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const auto& gated_mixture_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::gated_mixture", "")
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmtl::gated_mixture", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const std::optional<at::Tensor>&, const at::Tensor&,
                                                                  c10::ArrayRef<int64_t>)>();
@@ -23,7 +24,8 @@ const auto& gated_mixture_op() {
 }
 
 const auto& gated_mixture_backward_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::gated_mixture_backward", "")
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmtl::gated_mixture_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, c10::ArrayRef<int64_t>, bool, bool)>();
@@ -70,7 +72,8 @@ struct GatedMixtureFunction : public torch::autograd::Function<GatedMixtureFunct
 
 std::tuple<at::Tensor, at::Tensor> gated_mixture_autograd(const at::Tensor& x, const at::Tensor& gate_weight,
                                                           const std::optional<at::Tensor>& gate_bias,
-                                                          const at::Tensor& experts, c10::ArrayRef<int64_t> expert_index) {
+                                                          const at::Tensor& experts,
+                                                          c10::ArrayRef<int64_t> expert_index) {
   variable_list outputs = GatedMixtureFunction::apply(x, gate_weight, gate_bias, experts, expert_index);
   return {outputs[0], outputs[1]};
 }

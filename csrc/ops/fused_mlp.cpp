@@ -22,9 +22,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_entry(const at::Tensor
 
 template <kernels::Choice choice>
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_mlp_backward_entry(
-    const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights,
-    const at::Tensor& out, const std::vector<at::Tensor>& saved, const std::string& activation,
-    bool has_bias, bool need_input_grad) {
+    const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+    const std::vector<at::Tensor>& saved, const std::string& activation, bool has_bias, bool need_input_grad) {
   const Activation act = check_fused_mlp_backward_args(grad_out, x, weights, out, saved, activation);
   const OpDeviceGuard guard(x);
   return trunk_backward(kernels::steps_for("fused_mlp_backward", x, choice), grad_out.contiguous(), x.contiguous(),

@@ -20,11 +20,15 @@ inline Activation check_fused_mlp_args(const at::Tensor& x, const std::vector<at
                     shape_str(x.sizes()));
   // in_features == 0 would make every layer-1 output its bias alone: no model has that, and cuBLASLt's
   // fused bias + ReLU epilogue (at::_addmm_activation) returned the bias without the ReLU there.
-  TORCH_CHECK_VALUE(x.size(1) >= 1, "fastmtl.fused_mlp: argument 'x' expected at least 1 input feature "
-                    "(in_features >= 1), got shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(x.size(1) >= 1,
+                    "fastmtl.fused_mlp: argument 'x' expected at least 1 input feature "
+                    "(in_features >= 1), got shape ",
+                    shape_str(x.sizes()));
   TORCH_CHECK_VALUE(!weights.empty(), "fastmtl.fused_mlp: argument 'weights' expected at least one layer, got 0");
-  TORCH_CHECK_VALUE(biases.empty() || biases.size() == weights.size(), "fastmtl.fused_mlp: argument 'biases' "
-                    "expected ", weights.size(), " tensors (one per layer) or none, got ", biases.size());
+  TORCH_CHECK_VALUE(biases.empty() || biases.size() == weights.size(),
+                    "fastmtl.fused_mlp: argument 'biases' "
+                    "expected ",
+                    weights.size(), " tensors (one per layer) or none, got ", biases.size());
   int64_t in_features = x.size(1);
   for (size_t l = 0; l < weights.size(); ++l) {
     const std::string name = indexed("weights", l);

@@ -28,8 +28,7 @@ at::Tensor gate_logits(const at::Tensor& x, const at::Tensor& gate_weight) {
 
 std::tuple<at::Tensor, at::Tensor> gated_mixture_forward(const kernels::Steps& steps, const at::Tensor& x,
                                                          const at::Tensor& gate_weight, const at::Tensor& gate_bias,
-                                                         const at::Tensor& experts,
-                                                         const std::vector<int64_t>& index) {
+                                                         const at::Tensor& experts, const std::vector<int64_t>& index) {
   const kernels::GateArgs g = gate_args(x, gate_weight, experts, index);
   at::Tensor gates = gate_logits(x, gate_weight);
   at::Tensor mixtures = at::empty({g.tasks, g.rows, g.features}, x.options());

@@ -18,8 +18,7 @@ namespace fastmtl::ops {
 // index [T * K]. Returns (mixtures [T, B, h], gates: [B, T, K] or [T, B, K] as x).
 std::tuple<at::Tensor, at::Tensor> gated_mixture_forward(const kernels::Steps& steps, const at::Tensor& x,
                                                          const at::Tensor& gate_weight, const at::Tensor& gate_bias,
-                                                         const at::Tensor& experts,
-                                                         const std::vector<int64_t>& index);
+                                                         const at::Tensor& experts, const std::vector<int64_t>& index);
 
 // Returns (dx or [0], d gate_weight, d gate_bias or [0], d experts).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mixture_backward(

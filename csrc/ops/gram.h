@@ -31,8 +31,8 @@ inline at::Tensor checked_gram(const char* op, const at::Tensor& gram) {
     double* G = p + n * T * T;
     double largest = 0.0, asymmetry = 0.0, lowest_diagonal = 0.0;
     for (int64_t k = 0; k < T * T; ++k) {
-      TORCH_CHECK_VALUE(std::isfinite(G[k]), "fastmtl.", op, ": argument 'gram' expected finite values, got ",
-                        G[k], " at [", n, ", ", k / T, ", ", k % T, "]");
+      TORCH_CHECK_VALUE(std::isfinite(G[k]), "fastmtl.", op, ": argument 'gram' expected finite values, got ", G[k],
+                        " at [", n, ", ", k / T, ", ", k % T, "]");
       largest = std::max(largest, std::abs(G[k]));
     }
     for (int64_t i = 0; i < T; ++i) {
@@ -45,7 +45,8 @@ inline at::Tensor checked_gram(const char* op, const at::Tensor& gram) {
     }
     TORCH_CHECK_VALUE(asymmetry <= relative_tolerance * largest, "fastmtl.", op,
                       ": argument 'gram' expected symmetric matrices (G[s, t] = <g_s, g_t> = G[t, s]), got "
-                      "max |G - G^T| = ", asymmetry, " with max |G| = ", largest, " in matrix ", n);
+                      "max |G - G^T| = ",
+                      asymmetry, " with max |G| = ", largest, " in matrix ", n);
     TORCH_CHECK_VALUE(lowest_diagonal >= -relative_tolerance * largest, "fastmtl.", op,
                       ": argument 'gram' expected a non-negative diagonal (squared gradient norms), got ",
                       lowest_diagonal, " in matrix ", n);

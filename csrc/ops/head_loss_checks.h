@@ -19,8 +19,10 @@ inline TaskLayout check_head_loss_args(const at::Tensor& z, const at::Tensor& we
   TaskLayout layout = parse_task_layout(op, losses, num_outputs);
   check_dim(z, 2, op, "z");
   check_compute_dtype(z, op, "z");
-  TORCH_CHECK_VALUE(z.size(0) >= 1, "fastmtl.multitask_head_loss: argument 'z' expected a batch of at least 1 row, "
-                    "got shape ", shape_str(z.sizes()));
+  TORCH_CHECK_VALUE(z.size(0) >= 1,
+                    "fastmtl.multitask_head_loss: argument 'z' expected a batch of at least 1 row, "
+                    "got shape ",
+                    shape_str(z.sizes()));
   check_dim(weight, 2, op, "weight");
   check_like(weight, z, op, "weight", "z");
   check_size(weight, 0, layout.logit_cols, op, "weight", "sum of num_outputs over tasks");

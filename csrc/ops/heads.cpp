@@ -19,10 +19,12 @@ HeadLossForward head_loss_forward(const kernels::Steps& steps, const at::Tensor&
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_backward(
-    const kernels::Steps& steps, const at::Tensor& grad_losses, const at::Tensor& z, const at::Tensor& weight,
-    const at::Tensor& logit_grad, const at::Tensor& scale, const std::vector<int64_t>& num_outputs, bool has_bias,
-    bool need_z_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_backward(const kernels::Steps& steps,
+                                                                  const at::Tensor& grad_losses, const at::Tensor& z,
+                                                                  const at::Tensor& weight,
+                                                                  const at::Tensor& logit_grad, const at::Tensor& scale,
+                                                                  const std::vector<int64_t>& num_outputs,
+                                                                  bool has_bias, bool need_z_grad) {
   const int64_t rows = z.size(0);
   const int64_t logit_cols = weight.size(0);
   at::Tensor grad_logits = cpu::scratch_matrix(0, rows, logit_cols, z.options());  // internal: scratch

@@ -27,9 +27,11 @@ HeadLossForward head_loss_forward(const kernels::Steps& steps, const at::Tensor&
 
 // dz = G W, dW = G^T z, db = colsum(G), with G = logit_grad * (grad_losses[t] * scale[t]) per
 // task's columns. dz is [0]-sized when !need_z_grad, db when !has_bias.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_backward(
-    const kernels::Steps& steps, const at::Tensor& grad_losses, const at::Tensor& z, const at::Tensor& weight,
-    const at::Tensor& logit_grad, const at::Tensor& scale, const std::vector<int64_t>& num_outputs, bool has_bias,
-    bool need_z_grad);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_backward(const kernels::Steps& steps,
+                                                                  const at::Tensor& grad_losses, const at::Tensor& z,
+                                                                  const at::Tensor& weight,
+                                                                  const at::Tensor& logit_grad, const at::Tensor& scale,
+                                                                  const std::vector<int64_t>& num_outputs,
+                                                                  bool has_bias, bool need_z_grad);
 
 }  // namespace fastmtl::ops

@@ -23,14 +23,16 @@ struct LayerStackFunction : public torch::autograd::Function<LayerStackFunction<
   using AutogradContext = torch::autograd::AutogradContext;
 
   static const auto& forward_op() {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Ops::forward, "")
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow(Ops::forward, "")
                          .template typed<std::tuple<at::Tensor, TensorVec>(const at::Tensor&, const TensorVec&,
                                                                            const TensorVec&, const std::string&)>();
     return op;
   }
 
   static const auto& backward_op() {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Ops::backward, "")
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow(Ops::backward, "")
                          .template typed<std::tuple<at::Tensor, TensorVec, TensorVec>(
                              const at::Tensor&, const at::Tensor&, const TensorVec&, const at::Tensor&,
                              const TensorVec&, const std::string&, bool, bool)>();
@@ -39,8 +41,8 @@ struct LayerStackFunction : public torch::autograd::Function<LayerStackFunction<
 
   // Inputs (flattened by autograd): x, weights[0..L), biases[0..L or 0), activation.
   // Outputs: the op's output, then the tensors saved for backward (not differentiable).
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
-                               at::TensorList biases, const std::string& activation) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                               const std::string& activation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, saved] = forward_op().call(x, weights.vec(), biases.vec(), activation);
     variable_list to_save{x, out};
@@ -76,8 +78,8 @@ struct LayerStackFunction : public torch::autograd::Function<LayerStackFunction<
   }
 
   // The Autograd-key kernel: the op's schema, through the Function above.
-  static std::tuple<at::Tensor, TensorVec> kernel(const at::Tensor& x, const TensorVec& weights, const TensorVec& biases,
-                                                  const std::string& activation) {
+  static std::tuple<at::Tensor, TensorVec> kernel(const at::Tensor& x, const TensorVec& weights,
+                                                  const TensorVec& biases, const std::string& activation) {
     variable_list outputs = LayerStackFunction::apply(x, at::TensorList(weights), at::TensorList(biases), activation);
     return {outputs[0], TensorVec(outputs.begin() + 1, outputs.end())};
   }

@@ -81,10 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtl_trunk_gram_entry(
   check_head_side(op, x, x.size(0), weights.back().size(0), head_weight, logit_grad, count_scale,
                   {{"task_weights", &task_weights}}, num_outputs);
   const OpDeviceGuard guard(x);
-  TrunkGram result = trunk_task_gram(
-      kernels::steps_for(op, x, choice), engine_input(x), engine_inputs(weights), engine_input(out),
-      engine_inputs(saved), act, has_bias, engine_input(head_weight), engine_input(logit_grad),
-      engine_input(count_scale), engine_input(task_weights), num_outputs.vec(), path, keep_jacobian);
+  TrunkGram result =
+      trunk_task_gram(kernels::steps_for(op, x, choice), engine_input(x), engine_inputs(weights), engine_input(out),
+                      engine_inputs(saved), act, has_bias, engine_input(head_weight), engine_input(logit_grad),
+                      engine_input(count_scale), engine_input(task_weights), num_outputs.vec(), path, keep_jacobian);
   return {result.gram, result.jacobian, result.layer_paths};
 }
 
@@ -118,11 +118,11 @@ mtl_weighted_backward_entry(const at::Tensor& x, const std::vector<at::Tensor>& 
                   {{"head_task_weights", &head_task_weights}, {"trunk_task_weights", &trunk_task_weights}},
                   num_outputs);
   const OpDeviceGuard guard(x);
-  WeightedBackward r = weighted_backward(
-      kernels::steps_for(op, x, choice), engine_input(x), engine_inputs(weights), engine_input(out),
-      engine_inputs(saved), act, has_bias, engine_input(head_weight), head_has_bias, engine_input(logit_grad),
-      engine_input(count_scale), engine_input(head_task_weights), engine_input(trunk_task_weights),
-      num_outputs.vec(), need_input_grad);
+  WeightedBackward r =
+      weighted_backward(kernels::steps_for(op, x, choice), engine_input(x), engine_inputs(weights), engine_input(out),
+                        engine_inputs(saved), act, has_bias, engine_input(head_weight), head_has_bias,
+                        engine_input(logit_grad), engine_input(count_scale), engine_input(head_task_weights),
+                        engine_input(trunk_task_weights), num_outputs.vec(), need_input_grad);
   // Gradients in their parameters' dtype (a no-op unless the inputs were 16-bit).
   const at::ScalarType dtype = x.scalar_type();
   for (auto& g : r.weight_grads) g = g.to(dtype);
@@ -133,14 +133,15 @@ mtl_weighted_backward_entry(const at::Tensor& x, const std::vector<at::Tensor>& 
 
 }  // namespace
 
-#define FASTMTL_REGISTER_ENGINE_OPS(m, CHOICE)                                   \
-  m.impl("mtl_trunk_gram", &mtl_trunk_gram_entry<CHOICE>);                       \
-  m.impl("mtl_representation_gram", &mtl_representation_gram_entry<CHOICE>);     \
+#define FASTMTL_REGISTER_ENGINE_OPS(m, CHOICE)                               \
+  m.impl("mtl_trunk_gram", &mtl_trunk_gram_entry<CHOICE>);                   \
+  m.impl("mtl_representation_gram", &mtl_representation_gram_entry<CHOICE>); \
   m.impl("mtl_weighted_backward", &mtl_weighted_backward_entry<CHOICE>);
 
-TORCH_LIBRARY_IMPL(fastmtl, CPU, m) { FASTMTL_REGISTER_ENGINE_OPS(m, kernels::Choice::Auto) }
-TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) { FASTMTL_REGISTER_ENGINE_OPS(m, kernels::Choice::Auto) }
-TORCH_LIBRARY_IMPL(fastmtl_portable, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(fastmtl, CPU, m){FASTMTL_REGISTER_ENGINE_OPS(m, kernels::Choice::Auto)} TORCH_LIBRARY_IMPL(fastmtl,
+                                                                                                              CUDA, m){
+    FASTMTL_REGISTER_ENGINE_OPS(m, kernels::Choice::Auto)} TORCH_LIBRARY_IMPL(fastmtl_portable,
+                                                                              CompositeExplicitAutograd, m) {
   FASTMTL_REGISTER_ENGINE_OPS(m, kernels::Choice::ForcePortable)
 }
 #undef FASTMTL_REGISTER_ENGINE_OPS

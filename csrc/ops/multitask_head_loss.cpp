@@ -12,9 +12,11 @@ namespace fastmtl::ops {
 namespace {
 
 template <kernels::Choice choice>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_entry(
-    const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const std::vector<std::string>& losses, c10::ArrayRef<int64_t> num_outputs) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_entry(const at::Tensor& z, const at::Tensor& weight,
+                                                                         const std::optional<at::Tensor>& bias,
+                                                                         const at::Tensor& targets,
+                                                                         const std::vector<std::string>& losses,
+                                                                         c10::ArrayRef<int64_t> num_outputs) {
   const TaskLayout layout = check_head_loss_args(z, weight, bias, targets, losses, num_outputs);
   if (z.is_cuda()) {  // the CUDA kernel indexes task columns with 32-bit offsets
     check_fits_int32(layout.logit_cols, "multitask_head_loss", "the sum of num_outputs");

@@ -15,8 +15,7 @@ inline void check_target_dtype(const at::Tensor& t, LossKind loss, const std::st
   const at::ScalarType st = t.scalar_type();
   if (loss == LossKind::Ce) {
     TORCH_CHECK_TYPE(at::isIntegralType(st, /*includeBool=*/false), "fastmtl.pack_targets: argument '", arg,
-                     "' (multiclass task) expected integer class indices (-100 = missing), got dtype ",
-                     dtype_name(st));
+                     "' (multiclass task) expected integer class indices (-100 = missing), got dtype ", dtype_name(st));
   } else if (loss == LossKind::Bce) {
     TORCH_CHECK_TYPE(at::isFloatingType(st) || st == at::kBool, "fastmtl.pack_targets: argument '", arg,
                      "' (binary task) expected a floating or bool tensor (NaN = missing), got dtype ", dtype_name(st));

@@ -33,8 +33,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> trunk_forward(const kernels::Ste
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> trunk_backward(
-    const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights,
-    const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act, bool has_bias, bool need_input_grad) {
+    const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x,
+    const std::vector<at::Tensor>& weights, const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act,
+    bool has_bias, bool need_input_grad) {
   const int64_t num_layers = static_cast<int64_t>(weights.size());
   const int64_t rows = x.size(0);
   const bool keep_pre = saved_kind(act) == SavedKind::Pre;

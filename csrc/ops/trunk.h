@@ -23,7 +23,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> trunk_forward(const kernels::Ste
 // Returns dx ([0]-sized when !need_input_grad), dW for every layer, db for every layer (none when
 // !has_bias).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> trunk_backward(
-    const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights,
-    const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act, bool has_bias, bool need_input_grad);
+    const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x,
+    const std::vector<at::Tensor>& weights, const at::Tensor& out, const std::vector<at::Tensor>& saved, Activation act,
+    bool has_bias, bool need_input_grad);
 
 }  // namespace fastmtl::ops

@@ -114,7 +114,10 @@ void cagrad_weights(const double* G_raw, int64_t T, double c, double norm_eps, d
       solved = true;
       break;
     }
-    if (h < 0.0) lo = s; else hi = s;
+    if (h < 0.0)
+      lo = s;
+    else
+      hi = s;
     const double candidate = face_root(G.data(), T, b, support, phi);
     if (std::isfinite(candidate) && candidate > lo && candidate < hi && candidate != s) {
       s = candidate;

@@ -28,8 +28,10 @@ struct PivotingState {
     free_set.clear();
     bound_nonzero.clear();
     for (int64_t i = 0; i < T; ++i) {
-      if (is_free[i]) free_set.push_back(i);
-      else if (u[i] != 0.0) bound_nonzero.push_back(i);
+      if (is_free[i])
+        free_set.push_back(i);
+      else if (u[i] != 0.0)
+        bound_nonzero.push_back(i);
     }
     const size_t n = free_set.size();
     double* block = chol.matrix(static_cast<int64_t>(n));

@@ -8,8 +8,7 @@ namespace fastmtl::cpu::aggregation {
 namespace {
 
 // x = A^+ b for the symmetric A = V diag(lambda) V^T, dropping eigenvalues within the cut-off.
-void pseudo_solve(const double* eigenvalues, const double* V, int64_t T, double rank_eps, const double* b,
-                  double* x) {
+void pseudo_solve(const double* eigenvalues, const double* V, int64_t T, double rank_eps, const double* b, double* x) {
   double largest = 0.0;
   for (int64_t k = 0; k < T; ++k) largest = std::max(largest, std::abs(eigenvalues[k]));
   const double cutoff = rank_eps * static_cast<double>(T) * largest;
@@ -82,8 +81,8 @@ void config_cosines(const double* G, int64_t T, double* cosines, double* inverse
     for (int64_t j = 0; j < T; ++j) cosines[i * T + j] = G[i * T + j] * inverse_norms[i] * inverse_norms[j];
 }
 
-void config_weights(const double* inverse_norms, const double* G, const double* eigenvalues, const double* V,
-                    int64_t T, const double* pref, double rank_eps, double* out) {
+void config_weights(const double* inverse_norms, const double* G, const double* eigenvalues, const double* V, int64_t T,
+                    const double* pref, double rank_eps, double* out) {
   std::vector<double> gamma(T), c_gamma(T, 0.0);
   pseudo_solve(eigenvalues, V, T, rank_eps, pref, gamma.data());
   // C gamma = D^-1 G D^-1 gamma, and |u|^2 = gamma^T C gamma.

@@ -19,8 +19,8 @@ void aligned_mtl_weights(const double* eigenvalues, const double* eigenvectors, 
 
 // IMTL-G (Liu et al. 2021), in the form that allows dependent gradients (Quinton & Rey 2024):
 // v = G^+ d with d_i = |g_i|, weights = v / sum(v), zeros when sum(v) vanishes relative to sum|v|.
-void imtlg_weights(const double* G, const double* eigenvalues, const double* eigenvectors, int64_t T,
-                   double rank_eps, double* out);
+void imtlg_weights(const double* G, const double* eigenvalues, const double* eigenvectors, int64_t T, double rank_eps,
+                   double* out);
 
 // The cosine matrix C = D^-1 G D^-1 (D = diag|g_i|; rows of zero gradients stay zero) that ConFIG
 // decomposes, and D^-1 (0 for a zero gradient).
@@ -29,7 +29,7 @@ void config_cosines(const double* G, int64_t T, double* cosines, double* inverse
 // ConFIG (Liu et al. 2024, eq. 2): the direction u with unit_i . u = pref_i, i.e.
 // u = U^+ pref = U^T C^+ pref for the unit gradients U, scaled to length sum_i <g_i, u/|u|>.
 // From C = U U^T: weights = D^-1 gamma * (sum_i |g_i| (C gamma)_i) / max(|u|, 1e-12)^2, gamma = C^+ pref.
-void config_weights(const double* inverse_norms, const double* G, const double* eigenvalues,
-                    const double* eigenvectors, int64_t T, const double* pref, double rank_eps, double* out);
+void config_weights(const double* inverse_norms, const double* G, const double* eigenvalues, const double* eigenvectors,
+                    int64_t T, const double* pref, double rank_eps, double* out);
 
 }  // namespace fastmtl::cpu::aggregation
