@@ -34,8 +34,10 @@ _check_torch_version()
 
 import torch  # noqa: E402
 
-from . import (  # noqa: E402  # noqa: E402,F401  # noqa: E402,F401  (scikit-learn, for multidigits, is imported when called)
-    _C,  # noqa: E402,F401  (loading it registers torch.ops.fastmtl.*)
+# _C first: loading it registers torch.ops.fastmtl.*, which the other modules' fake kernels refer to.
+# data imports scikit-learn (for multidigits) only when called.
+from . import (  # noqa: E402
+    _C,
     aggregation,
     data,
     metrics,
