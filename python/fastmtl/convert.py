@@ -310,13 +310,12 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tu
     for name, p in params.items():
         original_names.setdefault(id(p), name)
     try:
-        result = _walk(target, "", report)
+        result = _walk(target, "", report, _shared_linears(target), {})
         renamed = _renaming(original_names, result)
     finally:
         _ORIGIN.clear()
     if renamed:
         result.register_load_state_dict_pre_hook(_LoadOriginalKeys(renamed))
-    result = _walk(target, "", report, _shared_linears(target), {})
     if strict and any(why.startswith("Linear") for _, why in report.left_alone):
         raise ValueError("fastmtl.convert(strict=True): could not convert everything:\n" + str(report))
     return result, report
