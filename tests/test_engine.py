@@ -294,6 +294,267 @@ def test_the_gram_every_schedule_is_kept_by_the_engine_not_written_into_the_mode
     assert isinstance(fastmtl.engine.schedule_of(model), fastmtl.engine.WeightSchedule)
 
 
+# --- the exact Gram's paths (fastmtl.engine.trunk_gram), partial Gram, cosine report -----------------------
+
+
+def conv_model(dtype=torch.float64, num_tasks=T_TASKS):
+    """Conv (stride 2, grouped), BatchNorm, a residual add: the ops vmap loops over. (No conv bias
+    before a BatchNorm: its true gradient is 0, the rounding noise around it cannot be compared.)"""
+    torch.manual_seed(0)
+
+    class ConvTrunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+            self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            h = self.stem(x)
+            return torch.relu(h + self.body(h)).permute(0, 2, 3, 1)  # [B, H, W, C]
+
+    return TwoPartModel(ConvTrunk(), 4, num_tasks).to(dtype)
+
+
+def sequence_model(dtype=torch.float64, num_tasks=T_TASKS):
+    """Embedding (with a padding index), TransformerEncoder (attention, layer norm), a LayerNorm."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    trunk = nn.Sequential(
+        nn.Embedding(11, 8, padding_idx=0),
+        nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False),
+        nn.LayerNorm(8),
+    )
+    return TwoPartModel(trunk, 8, num_tasks).to(dtype)
+
+
+def conv_batch(dtype=torch.float64, num_tasks=T_TASKS):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(3, 2, 7, 7, generator=g, dtype=dtype), torch.randn(3, num_tasks, generator=g, dtype=dtype)
+
+
+def sequence_batch(dtype=torch.float64, num_tasks=T_TASKS):
+    g = torch.Generator().manual_seed(4)
+    return torch.randint(0, 11, (3, 5), generator=g), torch.randn(3, num_tasks, generator=g, dtype=dtype)
+
+
+MODELS = {"mlp": (mlp_model, batch), "conv": (conv_model, conv_batch), "sequence": (sequence_model, sequence_batch)}
+
+
+def run_engine(model, x, y, make_aggregator, **kwargs):
+    model.zero_grad(set_to_none=True)
+    losses, z = model.losses(x, y)
+    result = fastmtl.mtl_backward(losses, z, make_aggregator(), **kwargs)
+    return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference_run(model, x, y, make_aggregator, **kwargs):
+    model.zero_grad(set_to_none=True)
+    losses, z = model.losses(x, y)
+    result = fastmtl.reference.mtl_backward(losses, z, make_aggregator(), **kwargs)
+    return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(got, want, rtol):
+    (got_result, got_grads), (want_result, want_grads) = got, want
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert_rel_close(got_grads[name], want_grads[name], rtol, name)
+    assert_rel_close(got_result.gram, want_result.gram, rtol, "gram")
+    assert_rel_close(got_result.weights, want_result.weights, rtol, "weights")
+
+
+@pytest.mark.parametrize("kind, path", [("mlp", "batched"), ("conv", "task-loop"), ("sequence", "task-loop")])
+@pytest.mark.parametrize("make", [agg.UPGrad, agg.MGDA])
+def test_the_planned_path_matches_the_reference(kind, path, make):
+    make_model, make_batch = MODELS[kind]
+    model = make_model()
+    x, y = make_batch()
+    got = run_engine(model, x, y, make)
+    assert got[0].path == path
+    assert_same_step(got, reference_run(model, x, y, make), 1e-9)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_streamed_gram_matches_the_jacobian_path_and_the_reference(kind):
+    make_model, make_batch = MODELS[kind]
+    model = make_model()
+    x, y = make_batch()
+    streamed = run_engine(model, x, y, agg.UPGrad, memory_budget=0)
+    assert streamed[0].path == "streamed" and streamed[0].jacobian is None
+    assert_same_step(streamed, run_engine(model, x, y, agg.UPGrad), 1e-9)
+    assert_same_step(streamed, reference_run(model, x, y, agg.UPGrad), 1e-9)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("budget", [None, 0])
+def test_float32_paths_match_the_float64_reference(kind, budget):
+    make_model, make_batch = MODELS[kind]
+    x, y = make_batch()
+    want = reference_run(make_model(torch.float64), x, y, agg.UPGrad)
+    x32 = x.float() if x.is_floating_point() else x
+    got = run_engine(make_model(torch.float32), x32, y.float(), agg.UPGrad, memory_budget=budget)
+    assert_same_step(got, want, 1e-5)
+
+
+def test_task_chunks_match_one_batched_backward():
+    model = mlp_model(num_tasks=7)
+    x, y = batch(num_tasks=7)
+    whole = run_engine(model, x, y, agg.UPGrad, keep_jacobian=True)
+    assert whole[0].path == "batched"
+    chunked = []
+    for budget in [2**k for k in range(8, 24)]:
+        result = run_engine(model, x, y, agg.UPGrad, keep_jacobian=True, memory_budget=budget)
+        if result[0].path == "batched" or result[0].path == "task-loop":
+            chunked.append(result)
+            assert_same_step(result, whole, 1e-12)
+            assert_rel_close(result[0].jacobian, whole[0].jacobian, 1e-12, "jacobian")
+    assert chunked
+    losses, z = model.losses(x, y)
+    shared = list(model.trunk.parameters())
+    plans = {fastmtl.engine.trunk_gram.plan_gram([z], shared, 7, b).chunk for b in [2**k for k in range(8, 24)]}
+    assert any(1 < c < 7 for c in plans), plans  # some budgets split the tasks into chunks
+    cotangents = torch.autograd.grad(
+        [losses], [z], [torch.eye(7, dtype=losses.dtype)], is_grads_batched=True, retain_graph=True
+    )
+    per_chunk = {
+        c: fastmtl.engine.trunk_gram.per_task_gradients([z], shared, cotangents, c, retain_graph=True)
+        for c in (1, 3, 7)
+    }
+    for c in (1, 3):
+        for got, want in zip(per_chunk[c], per_chunk[7]):
+            assert_rel_close(got, want, 1e-12, f"chunks of {c}")
+
+
+def test_gram_params_gram_is_that_of_the_chosen_layers_and_the_update_reaches_every_shared_parameter():
+    model = mlp_model()
+    x, y = batch()
+    chosen = list(model.trunk[2].parameters())  # the last Linear
+    shared = list(model.trunk.parameters())
+    got_result, got_grads = run_engine(model, x, y, agg.UPGrad, gram_params=chosen)
+    assert got_result.path == "partial/batched"
+    losses, z = model.losses(x, y)
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], chosen, retain_graph=True)])
+        for t in range(T_TASKS)
+    ]
+    partial_jacobian = torch.stack(rows)
+    gram = partial_jacobian @ partial_jacobian.T
+    weights = agg.UPGrad()(gram)
+    assert_rel_close(got_result.gram, gram, 1e-9, "gram")
+    assert_rel_close(got_result.weights, weights, 1e-9, "weights")
+    update = torch.autograd.grad(losses, shared, grad_outputs=weights, retain_graph=True)
+    for (name, _p), u in zip(model.trunk.named_parameters(), update):
+        assert_rel_close(got_grads["trunk." + name], u, 1e-9, name)
+    for t, head in enumerate(model.heads):
+        for name, g in zip(
+            ["weight", "bias"], torch.autograd.grad(losses[t], list(head.parameters()), retain_graph=True)
+        ):
+            assert_rel_close(got_grads[f"heads.{t}.{name}"], g, 1e-9, f"head {t} {name}")
+    all_params = run_engine(model, x, y, agg.UPGrad, gram_params=shared)  # every layer: the exact step
+    assert_same_step(all_params, run_engine(model, x, y, agg.UPGrad), 1e-9)
+
+
+@pytest.mark.parametrize("kind", ["conv", "sequence"])
+def test_gram_params_on_conv_and_attention_trunks_match_the_reference_weights(kind):
+    make_model, make_batch = MODELS[kind]
+    model = make_model()
+    x, y = make_batch()
+    last = list(list(model.trunk.children())[-1].parameters())
+    got_result, _ = run_engine(model, x, y, agg.MGDA, gram_params=last)
+    losses, z = model.losses(x, y)
+    want = fastmtl.reference.mtl_backward(losses, z, agg.MGDA(), shared_params=last)
+    assert_rel_close(got_result.gram, want.gram, 1e-9, "gram")
+    assert_rel_close(got_result.weights, want.weights, 1e-9, "weights")
+
+
+def cheap_and_exact_updates(model, x, y, make, **kwargs):
+    result, grads = run_engine(model, x, y, make, report_cosine=True, **kwargs)
+    _, exact = run_engine(model, x, y, make)
+    names = [n for n, _ in model.trunk.named_parameters()]
+    return result, [grads["trunk." + n] for n in names], [exact["trunk." + n] for n in names]
+
+
+def plain_cosine(a, b):
+    a = torch.cat([t.reshape(-1) for t in a])
+    b = torch.cat([t.reshape(-1) for t in b])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="rep"), dict(gram_params="last"), dict(mode="exact")])
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_the_cosine_report_is_the_cosine_to_the_exact_update(kwargs, kind):
+    make_model, make_batch = MODELS[kind]
+    model = make_model()
+    x, y = make_batch()
+    if kwargs.get("gram_params") == "last":
+        kwargs = dict(gram_params=list(list(model.trunk.modules())[-2].parameters()) or None)
+    result, cheap, exact = cheap_and_exact_updates(model, x, y, agg.UPGrad, **kwargs)
+    want = plain_cosine(cheap, exact)
+    assert abs(result.cosine - want) < 1e-9, (result.cosine, want)
+    if kwargs.get("mode") == "exact":
+        assert result.cosine == 1.0
+    else:
+        assert want < 1 - 1e-6  # the approximation is visible at this size
+
+
+def test_the_cosine_report_of_kept_gram_every_weights():
+    model = mlp_model()
+    x, y = batch()
+    aggregator = agg.UPGrad()
+    for call in range(2):
+        model.zero_grad(set_to_none=True)
+        losses, z = model.losses(x if call == 0 else x * 1.5, y)
+        result = fastmtl.mtl_backward(losses, z, aggregator, gram_every=2, report_cosine=True)
+    assert not result.gram_computed and result.path == "kept weights"
+    kept = [p.grad.clone() for p in model.trunk.parameters()]
+    _, exact = run_engine(model, x * 1.5, y, agg.UPGrad)
+    want = plain_cosine(kept, [exact["trunk." + n] for n, _ in model.trunk.named_parameters()])
+    assert abs(result.cosine - want) < 1e-9 and want < 1 - 1e-6
+
+
+def test_the_cosine_report_leaves_a_stateful_aggregator_one_step_on():
+    model = mlp_model()
+    x, y = batch()
+    reported, plain = agg.NashMTL(), agg.NashMTL()
+    for _ in range(2):
+        for aggregator, kwargs in ((reported, dict(mode="rep", report_cosine=True)), (plain, dict(mode="rep"))):
+            model.zero_grad(set_to_none=True)
+            losses, z = model.losses(x, y)
+            result = fastmtl.mtl_backward(losses, z, aggregator, **kwargs)
+            if aggregator is reported:
+                weights = result.weights
+        assert_rel_close(weights, result.weights, 1e-12, "NashMTL weights with and without the cosine report")
+
+
+def test_bad_gram_params_and_memory_budget_raise_naming_the_argument():
+    model = mlp_model()
+    x, y = batch()
+    losses, z = model.losses(x, y)
+    with pytest.raises(ValueError, match="'gram_params' expected a subset of the shared parameters"):
+        fastmtl.mtl_backward(losses, z, agg.Mean(), gram_params=list(model.heads[0].parameters()))
+    with pytest.raises(ValueError, match="'gram_params' expected a non-empty subset"):
+        fastmtl.mtl_backward(losses, z, agg.Mean(), gram_params=[])
+    with pytest.raises(ValueError, match="'memory_budget' expected None or an int >= 0"):
+        fastmtl.mtl_backward(losses, z, agg.Mean(), memory_budget=-1)
+    with pytest.raises(ValueError, match="'memory_budget' expected None or an int >= 0"):
+        fastmtl.mtl_backward(losses, z, agg.Mean(), memory_budget=1.5)
+
+
+def test_options_of_any_trunk_are_refused_by_the_fused_path_and_checked_in_the_options():
+    tasks = [fastmtl.Task("a", "regression"), fastmtl.Task("b", "binary")]
+    fused = fastmtl.nn.MultiTaskModel(fastmtl.nn.FusedMLP(6, [8]), fastmtl.nn.MultiTaskHeads(8, tasks))
+    targets = {"a": torch.randn(4), "b": torch.ones(4)}
+    for name, value in (("gram_params", list(fused.trunk.parameters())), ("memory_budget", 0), ("report_cosine", True)):
+        with pytest.raises(ValueError, match=f"'{name}' expected its default on the fused path"):
+            fused.mtl_backward(torch.randn(4, 6), targets, agg.Mean(), **{name: value})
+    with pytest.raises(ValueError, match="'report_cosine' expected a bool"):
+        fastmtl.engine.MTLBackwardOptions(report_cosine=1)
+    with pytest.raises(ValueError, match="'gram_params' expected a subset of the shared parameters"):
+        fastmtl.engine.MTLBackwardOptions(gram_params=[3])
+    options = fastmtl.engine.MTLBackwardOptions(gram_params=iter([torch.zeros(2)]), memory_budget=0)
+    assert isinstance(options.gram_params, tuple) and options.memory_budget == 0
+
+
 @pytest.mark.parametrize("make", [lambda: agg.GradDrop(seed=0), lambda: agg.TrimmedMean(1), agg.ExcessMTL])
 def test_methods_that_need_the_per_task_gradients_get_them_in_exact_mode(make):
     # Issue 17: fastmtl.mtl_backward hands the Jacobian it materialises to a "jacobian" method and writes
@@ -327,3 +588,20 @@ def test_methods_the_engine_cannot_supply_are_refused_saying_what_they_need(make
     losses, z = model.losses(x, y)
     with pytest.raises(ValueError, match="mode='exact'"):
         fastmtl.mtl_backward(losses, z, agg.GradDrop(), mode="rep")
+
+
+def test_methods_that_need_the_per_task_gradients_get_them_on_every_path_and_refuse_gram_params():
+    # A "jacobian" method takes the materialised Jacobian even where the Gram alone would be streamed.
+    model = mlp_model()
+    x, y = batch()
+    shared = list(model.trunk.parameters())
+    (_, want), (result, got) = (
+        run_engine(model, x, y, lambda: agg.TrimmedMean(1), shared_params=shared, **kw)
+        for kw in (dict(), dict(memory_budget=0))
+    )
+    assert result.path == "streamed" and want.keys() == got.keys()
+    for name in want:
+        assert_rel_close(got[name], want[name], 1e-12, name)
+    losses, z = model.losses(x, y)
+    with pytest.raises(ValueError, match="'gram_params' expected None with a method that needs the per-task"):
+        fastmtl.mtl_backward(losses, z, agg.TrimmedMean(1), gram_params=shared[-2:])

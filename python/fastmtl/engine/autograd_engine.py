@@ -10,12 +10,15 @@ per-task gradients goes to the aggregator, and the update ``sum_t a_t g_t`` is w
 ``.grad``. ``mode="rep"`` (MGDA-UB) aggregates the cotangents of the features instead and needs one
 ordinary backward through the trunk.
 
-This path forms the T x P Jacobian (in the parameters' dtype); the fused path of a FusedMLP trunk
-(:mod:`fastmtl.engine.fused`) never does unless asked.
+This path keeps the per-task gradients as one ``[T, *shape]`` tensor per parameter block (the Gram
+matrix is the sum of the blocks' shares), or streams them when they exceed a memory budget:
+:mod:`fastmtl.engine.trunk_gram` says which path runs when. Neither this path nor the fused path of
+a FusedMLP trunk (:mod:`fastmtl.engine.fused`) concatenates a T x P Jacobian unless asked.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from typing import Callable
 
@@ -27,6 +30,15 @@ from .gradients import checked_weights, write_gradients
 from .options import MTLBackwardOptions, fail
 from .result import MTLBackwardResult
 from .schedule import WeightSchedule, schedule_of
+from .trunk_gram import (
+    blocks_gram,
+    depends_on,
+    per_task_gradients,
+    plan_gram,
+    streamed_gram,
+    update_cosine,
+    weighted_sum,
+)
 
 __all__ = ["mtl_backward", "graph_leaves"]
 
@@ -47,8 +59,18 @@ def mtl_backward(
     :mod:`fastmtl.aggregation` method). ``shared_params``: the trunk's parameters (default: every
     leaf that requires grad and that ``features`` depend on, in the order of :func:`graph_leaves`).
     ``options``: the keyword arguments of :class:`~fastmtl.engine.MTLBackwardOptions` (``mode``,
-    ``gram_every``, ``keep_jacobian``, ``ddp_gram``, ``process_group``). ``schedule_owner``: whose
-    ``gram_every`` schedule the call continues (default: the aggregator object's).
+    ``gram_every``, ``keep_jacobian``, ``ddp_gram``, ``process_group``, ``gram_params``,
+    ``memory_budget``, ``report_cosine``). ``schedule_owner``: whose ``gram_every`` schedule the
+    call continues (default: the aggregator object's).
+
+    Exact mode's path (``result.path``; :func:`fastmtl.engine.trunk_gram.plan_gram` decides):
+    "batched" (the T cotangents down the trunk in one vmapped backward, in task chunks that keep its
+    intermediates within ``memory_budget``) when every op batches under vmap; "task-loop" (T plain
+    backward passes through the trunk) when the trunk has an op whose vmap rule loops over the
+    tasks anyway (conv, batch norm, layer norm, attention, embedding); "streamed" when the T x P
+    Jacobian would exceed ``memory_budget`` bytes (default 512 MiB): each parameter block's Gram
+    share is added and dropped during one sweep, then one weighted backward. No path concatenates
+    a T x P Jacobian unless ``keep_jacobian`` (or ``ddp_gram="exact"``) asks for it.
 
     Fills ``.grad`` like ``backward`` (accumulating into existing gradients): the shared parameters
     get ``sum_t a_t dL_t/dtheta``; every other parameter the losses depend on (the heads) gets the
@@ -86,6 +108,12 @@ def mtl_backward(
             "independent batches, a cross-Gram: call it on J1 @ J2.T yourself)",
             type(aggregator).__name__,
         )
+    if requires == "jacobian" and opts.gram_params is not None:
+        fail(
+            "gram_params",
+            "None with a method that needs the per-task gradients of every shared parameter",
+            f"gram_params with {type(aggregator).__name__}",
+        )
     if requires == "jacobian" and (opts.mode != "exact" or opts.gram_every > 1):
         fail(
             "aggregator",
@@ -109,12 +137,20 @@ def mtl_backward(
     if not shared:
         fail("shared_params", "at least one parameter the features depend on", "none")
     shared_ids = {id(p) for p in shared}
+    if opts.gram_params is not None:
+        for i, p in enumerate(opts.gram_params):
+            if id(p) not in shared_ids:
+                fail(
+                    "gram_params",
+                    "a subset of the shared parameters (the layers the Gram matrix is computed on)",
+                    f"gram_params[{i}] that is not a shared parameter",
+                )
     heads = [p for p in graph_leaves([losses]) if id(p) not in shared_ids]
     sync = DataParallelSync(opts.ddp_gram, opts.process_group)
 
     T = losses.shape[0]
     if schedule is not None and not schedule.due((type(aggregator), opts.mode, T, opts.gram_every), opts.gram_every):
-        return _reuse_weights(losses, feats, shared, heads, schedule, sync)
+        return _reuse_weights(losses, feats, shared, heads, schedule, sync, aggregator, opts)
     return _aggregated_backward(losses, feats, shared, heads, aggregator, opts, schedule, sync)
 
 
@@ -142,32 +178,41 @@ def graph_leaves(roots: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return leaves
 
 
-def _batched_vjp(outputs, inputs, cotangents, retain_graph: bool):
-    """sum_j <cotangents[t][j], d outputs[j] / d inputs> for every t, as [T, *input.shape] per input.
-    One vectorised backward where every op on the way supports it; otherwise one backward per task.
-    The vectorised attempt keeps the graph: when an op has no batching rule (fastmtl's own ops, for
-    one) it fails part-way, after freeing buffers the per-task fallback still needs."""
+def _weighted_backward(feats, shared, cotangents, weights) -> list:
+    """One ordinary backward of sum_t a_t dL_t/dz through the trunk (frees the graph)."""
+    return list(torch.autograd.grad(feats, shared, grad_outputs=weighted_sum(weights, cotangents), allow_unused=True))
+
+
+def _feature_cotangents(losses, feats, memory_budget) -> list:
+    """The per-task cotangents of the features: [T, *feature.shape] each (graph kept)."""
+    T = losses.shape[0]
+    eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
+    plan = plan_gram([losses], feats, T, memory_budget)
     try:
-        grads = torch.autograd.grad(
-            outputs, inputs, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True
+        return per_task_gradients(
+            [losses], feats, [eye], T if plan.path == "streamed" else plan.chunk, retain_graph=True
         )
-    except RuntimeError:
-        T = cotangents[0].shape[0]
-        rows = [
-            torch.autograd.grad(
-                outputs,
-                inputs,
-                grad_outputs=[c[t] for c in cotangents],
-                retain_graph=retain_graph or t + 1 < T,
-                allow_unused=True,
-            )
-            for t in range(T)
-        ]
-        grads = tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
-    return [
-        torch.zeros((cotangents[0].shape[0],) + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g
-        for g, x in zip(grads, inputs)
-    ]
+    except RuntimeError as error:
+        raise ValueError(
+            f"fastmtl.mtl_backward: argument 'features' could not be differentiated against 'losses' ({error})"
+        ) from None
+
+
+def _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, sync) -> list:
+    """The exact mode's update of the shared parameters (for report_cosine), graph kept; the
+    aggregator is a copy, so a stateful method's state moves on by the caller's step only."""
+    try:
+        aggregator = copy.deepcopy(aggregator)
+    except Exception:
+        fail(
+            "aggregator",
+            "an object copy.deepcopy can copy when report_cosine=True (the exact update is computed with a copy)",
+            type(aggregator).__name__,
+        )
+    plan = plan_gram(feats, shared, cotangents[0].shape[0], memory_budget)
+    blocks = per_task_gradients(feats, shared, cotangents, plan.chunk, retain_graph=True)
+    weights = checked_weights(aggregator, sync.gram(blocks_gram(blocks)).detach())
+    return weighted_sum(weights, blocks)
 
 
 def _aggregated_backward(
@@ -181,69 +226,106 @@ def _aggregated_backward(
     sync: DataParallelSync,
 ) -> MTLBackwardResult:
     """A call that computes the Gram matrix and the weights; ``schedule``: where the weights of
-    ``gram_every`` are kept, None when every call computes them."""
+    ``gram_every`` are kept, None when every call computes them. Which path computes the exact Gram
+    matrix: :func:`fastmtl.engine.trunk_gram.plan_gram`."""
     T = losses.shape[0]
-    # Per-task cotangents of the features: [T, *feature.shape] each.
-    eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
-    try:
-        cotangents = _batched_vjp([losses], feats, [eye], retain_graph=True)
-    except RuntimeError as error:
-        raise ValueError(
-            f"fastmtl.mtl_backward: argument 'features' could not be differentiated against 'losses' ({error})"
-        ) from None
-
-    # Heads: the gradient of sum_t L_t, through the task-specific parts only. The same backward
-    # tells whether the losses depend on the features at all.
-    summed = torch.autograd.grad(losses.sum(), heads + feats, retain_graph=True, allow_unused=True)
-    if all(g is None for g in summed[len(heads) :]):
+    partial = None if opts.gram_params is None else list(opts.gram_params)
+    memory_budget = opts.memory_budget
+    # Heads: the gradient of sum_t L_t, through the task-specific parts only.
+    if not depends_on([losses], feats):
         fail(
             "features",
             "tensors in the graph of 'losses' (the losses must be computed from them)",
             "features the losses do not depend on",
         )
-    head_grads = list(summed[: len(heads)])
+    head_grads = list(torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True)) if heads else []
+
+    wrt = shared if partial is None else partial
+    plan = plan_gram(feats, wrt, T, memory_budget) if opts.mode == "exact" else None
+    # The task loop needs no cotangents of the features: T backward passes from the losses (as the
+    # T-pass loop), so the T x feature cotangents are never held.
+    direct = plan is not None and partial is None and plan.path == "task-loop" and not sync.exact
+    # Per-task cotangents of the features: [T, *feature.shape] each.
+    cotangents = None if direct else _feature_cotangents(losses, feats, memory_budget)
+
+    exact_update = None
+    if opts.report_cosine and (opts.mode == "rep" or partial is not None):
+        exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, sync)
 
     jacobian = None
     if opts.mode == "rep":
         flat = torch.cat([c.reshape(T, -1) for c in cotangents], dim=1)
         gram = sync.gram(flat @ flat.T)
         weights = checked_weights(aggregator, gram.detach())
-        combined = [torch.tensordot(weights.to(c.dtype), c, dims=1) for c in cotangents]
-        shared_grads = list(torch.autograd.grad(feats, shared, grad_outputs=combined, allow_unused=True))
+        shared_grads = _weighted_backward(feats, shared, cotangents, weights)
+        path = "rep"
     else:
-        per_task = _batched_vjp(feats, shared, cotangents, retain_graph=False)
-        flat = torch.cat([g.reshape(T, -1) for g in per_task], dim=1)
-        if sync.exact:
-            flat = sync.jacobian(flat)
-            gram = flat @ flat.T
+        path = plan.path if partial is None else "partial/" + plan.path
+        # A "jacobian" method (issue 17) takes the per-task gradients themselves: never streamed.
+        needs_jacobian = requirement(aggregator) == "jacobian"
+        if plan.path == "streamed" and not opts.keep_jacobian and not sync.exact and not needs_jacobian:
+            gram = sync.gram(streamed_gram(feats, wrt, cotangents))
+            blocks = None
         else:
-            gram = sync.gram(flat @ flat.T)
-        if requirement(aggregator) == "jacobian":
+            if direct:
+                eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
+                blocks = per_task_gradients([losses], wrt, [eye], 1, retain_graph=False)
+            else:
+                blocks = per_task_gradients(feats, wrt, cotangents, plan.chunk, retain_graph=partial is not None)
+            if sync.exact or opts.keep_jacobian or needs_jacobian:
+                flat = torch.cat([g.reshape(T, -1) for g in blocks], dim=1)
+            if sync.exact:
+                flat = sync.jacobian(flat)
+                gram = flat @ flat.T
+            else:
+                gram = sync.gram(blocks_gram(blocks))
+            if opts.keep_jacobian:
+                jacobian = flat.detach()
+        if needs_jacobian:
             update = aggregator(jacobian=flat.detach())  # [P]: the method's update of the shared parameters
             shared_grads = [
-                u.view_as(g[0]).to(g.dtype)
-                for u, g in zip(torch.split(update, [g[0].numel() for g in per_task]), per_task)
+                u.view_as(g[0]).to(g.dtype) for u, g in zip(torch.split(update, [g[0].numel() for g in blocks]), blocks)
             ]
             weights = getattr(aggregator, "last_weights", None)  # ExcessMTL's; GradDrop, TrimmedMean have none
             weights = torch.full((T,), float("nan"), dtype=gram.dtype) if weights is None else weights.detach()
         else:
             weights = checked_weights(aggregator, gram.detach())
-            # The mean over ranks of the local updates is the update of the mean per-task gradients.
-            shared_grads = [torch.tensordot(weights.to(g.dtype), g, dims=1) for g in per_task]
-        if opts.keep_jacobian:
-            jacobian = flat.detach()
+            if blocks is None or partial is not None:
+                shared_grads = _weighted_backward(feats, shared, cotangents, weights)
+            else:
+                # The mean over ranks of the local updates is the update of the mean per-task gradients.
+                shared_grads = weighted_sum(weights, blocks)
+    cosine = None
+    if opts.report_cosine:
+        cosine = 1.0 if exact_update is None else update_cosine(shared_grads, exact_update)
     write_gradients(heads + shared, head_grads + shared_grads, sync)
     if schedule is not None:
         schedule.keep(weights, gram.detach())
-    return MTLBackwardResult(losses=losses.detach(), weights=weights, gram=gram.detach(), jacobian=jacobian)
+    return MTLBackwardResult(
+        losses=losses.detach(), weights=weights, gram=gram.detach(), jacobian=jacobian, path=path, cosine=cosine
+    )
 
 
-def _reuse_weights(losses, feats, shared, heads, schedule: WeightSchedule, sync: DataParallelSync) -> MTLBackwardResult:
+def _reuse_weights(
+    losses, feats, shared, heads, schedule: WeightSchedule, sync: DataParallelSync, aggregator, opts: MTLBackwardOptions
+) -> MTLBackwardResult:
     """A call between Gram computations: heads get the gradient of sum_t L_t, the shared parameters
     that of sum_t a_t L_t with the kept weights a (one backward through the trunk)."""
     weights = schedule.weights
+    exact_update = None
+    if opts.report_cosine:
+        cotangents = _feature_cotangents(losses, feats, opts.memory_budget)
+        exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, opts.memory_budget, sync)
     head_grads = torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True) if heads else ()
     feature_grads = torch.autograd.grad(losses, feats, grad_outputs=weights.to(losses.dtype), retain_graph=True)
     shared_grads = torch.autograd.grad(feats, shared, grad_outputs=feature_grads, allow_unused=True)
     write_gradients(heads + shared, list(head_grads) + list(shared_grads), sync)
-    return MTLBackwardResult(losses=losses.detach(), weights=weights, gram=schedule.gram, gram_computed=False)
+    cosine = update_cosine(shared_grads, exact_update) if opts.report_cosine else None
+    return MTLBackwardResult(
+        losses=losses.detach(),
+        weights=weights,
+        gram=schedule.gram,
+        gram_computed=False,
+        path="kept weights",
+        cosine=cosine,
+    )

@@ -57,6 +57,12 @@ def fused_mlp_mtl_backward(
     Parameters upstream of ``x`` (if ``x`` requires grad) get the trunk's weighted gradient through
     autograd. Returns the unweighted losses ``L_t`` in the result.
     """
+    if options.generic_only:
+        fail(
+            options.generic_only[0],
+            "its default on the fused path of a FusedMLP trunk (it is an option of fastmtl.mtl_backward, any trunk)",
+            "a value",
+        )
     in_features = trunk.weights[0].shape[1]
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != in_features:
         got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

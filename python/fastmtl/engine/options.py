@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
+import torch
+
 from .._distributed import DDP_GRAMS
 from .._validation import check_int_at_least
 from ..ops import GRAM_MODES, GRAM_PATHS
@@ -48,6 +50,19 @@ class MTLBackwardOptions:
             (all-reduced per-task gradients) or ``"none"`` (no communication); see
             :mod:`fastmtl._distributed`.
         process_group: the ``torch.distributed`` group of ``ddp_gram`` (default: the world).
+        gram_params: a subset of the shared parameters (the trunk's last block, say; kept as a
+            tuple): the Gram matrix and weights come from their per-task gradients only (the
+            T-batched backward stops there), and the weighted update ``sum_t a_t dL_t/dz`` reaches
+            every shared parameter by one ordinary backward. :func:`fastmtl.mtl_backward` only.
+        memory_budget: bytes (``None``: :data:`~fastmtl.engine.trunk_gram.DEFAULT_MEMORY_BUDGET`,
+            512 MiB) the exact Gram's per-task gradients may take: the vmapped backward runs in task
+            chunks that keep its intermediates within it, and a T x P Jacobian that would exceed it
+            is streamed (each parameter block's Gram share added and dropped);
+            :func:`fastmtl.engine.trunk_gram.plan_gram` decides. :func:`fastmtl.mtl_backward` only.
+        report_cosine: ``result.cosine`` is the cosine between the call's update of the shared
+            parameters and the exact mode's (computed as well, with a copy of the aggregator), so
+            the price of ``rep``, ``gram_params`` or a kept ``gram_every`` weight is visible; 1.0
+            in exact mode. :func:`fastmtl.mtl_backward` only.
 
     >>> MTLBackwardOptions(mode="rep", gram_every=2).gram_every
     2
@@ -59,6 +74,9 @@ class MTLBackwardOptions:
     gram_path: str = "auto"
     ddp_gram: str = "local"
     process_group: Any = None
+    gram_params: tuple | None = None
+    memory_budget: int | None = None
+    report_cosine: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,6 +86,27 @@ class MTLBackwardOptions:
         check_int_at_least(WHERE, "gram_every", self.gram_every, 1, "recompute the weights every k calls")
         if self.ddp_gram not in DDP_GRAMS:
             fail("ddp_gram", f"one of {DDP_GRAMS}", repr(self.ddp_gram))
+        if self.gram_params is not None:
+            object.__setattr__(self, "gram_params", _checked_gram_params(self.gram_params))
+        if self.memory_budget is not None and (
+            isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, int) or self.memory_budget < 0
+        ):
+            fail("memory_budget", "None or an int >= 0 (bytes)", repr(self.memory_budget))
+        if not isinstance(self.report_cosine, bool):
+            fail("report_cosine", "a bool", repr(self.report_cosine))
+
+    @property
+    def generic_only(self) -> list:
+        """The names of the options set here that only :func:`fastmtl.mtl_backward` (any trunk) has."""
+        return [
+            name
+            for name, value, default in (
+                ("gram_params", self.gram_params, None),
+                ("memory_budget", self.memory_budget, None),
+                ("report_cosine", self.report_cosine, False),
+            )
+            if value is not default
+        ]
 
     @classmethod
     def of(cls, function: str, options: Mapping[str, Any]) -> MTLBackwardOptions:
@@ -81,6 +120,32 @@ class MTLBackwardOptions:
                 f"{sorted(OPTION_NAMES)} (see fastmtl.engine.MTLBackwardOptions)"
             )
         return cls(**options)
+
+
+def _checked_gram_params(gram_params) -> tuple:
+    """``gram_params`` as a non-empty tuple of tensors (whether they are shared parameters is checked
+    by the call, which knows them)."""
+    if isinstance(gram_params, torch.Tensor):
+        chosen = (gram_params,)
+    else:
+        try:
+            chosen = tuple(gram_params)
+        except TypeError:
+            fail(
+                "gram_params",
+                "a tensor or an iterable of tensors (a subset of the shared parameters)",
+                type(gram_params).__name__,
+            )
+    if not chosen:
+        fail("gram_params", "a non-empty subset of the shared parameters", "an empty sequence")
+    for i, p in enumerate(chosen):
+        if not isinstance(p, torch.Tensor):
+            fail(
+                "gram_params",
+                "a subset of the shared parameters (the layers the Gram matrix is computed on)",
+                f"gram_params[{i}] of type {type(p).__name__}",
+            )
+    return chosen
 
 
 # Read once: torch.compile cannot trace dataclasses.fields() of the class inside a compiled call.

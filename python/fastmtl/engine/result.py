@@ -18,10 +18,16 @@ class MTLBackwardResult:
     the order of ``shared_params`` (``model.mtl_backward``: :meth:`MultiTaskModel.shared_parameters`,
     in ``trunk.parameters()`` order; :func:`fastmtl.mtl_backward` without ``shared_params``: the
     order of :func:`fastmtl.engine.graph_leaves`). With ``gram_every > 1``, ``gram_computed``
-    says whether this call computed the Gram matrix and weights (else they are the kept ones)."""
+    says whether this call computed the Gram matrix and weights (else they are the kept ones).
+    ``path``: how the generic engine got the Gram matrix ("batched", "task-loop", "streamed", "rep",
+    "partial/..." or "kept weights"; empty on the fused path); ``cosine``: with
+    ``report_cosine=True``, the cosine between the update of the shared parameters and the exact
+    mode's."""
 
     losses: torch.Tensor
     weights: torch.Tensor
     gram: torch.Tensor
     jacobian: torch.Tensor | None = None
     gram_computed: bool = True
+    path: str = ""
+    cosine: float | None = None
