@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from fastmtl.cli import build_parser, main
 from fastmtl.cli.names import METHODS
@@ -277,6 +278,49 @@ def test_bad_option_values_end_with_a_usage_message(capsys):
     err = capsys.readouterr().err
     assert "missing-fraction" in err and "activation" in err and "labels_per_task" in err
     assert "speed-rounds" in err
+
+
+@pytest.mark.parametrize(
+    "argv, option, says",
+    [
+        (["--device", "bogus"], "--device", "expected a torch device"),
+        (["--device", "meta"], "--device", "a device that holds data"),
+        (["--seed", "-1"], "--seed", "expected an int in [0, 4294967295], got -1"),
+        (["--seed", "1.5"], "--seed", "expected an int"),
+        (["--lr", "inf"], "--lr", "expected a finite number > 0, got inf"),
+        (["--lr", "nan"], "--lr", "expected a finite number > 0, got nan"),
+        (["--lr", "0"], "--lr", "expected a finite number > 0, got 0"),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_bad_training_options_name_the_option(command, argv, option, says, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *argv, *TINY, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and says in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # refused before anything ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda is valid here")
+def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--device", "cuda", *TINY])
+    assert exit_info.value.code == 2
+    assert "argument --device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_an_out_folder_that_cannot_be_made_is_a_usage_error_before_training(command, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *TINY, "--out", str(blocker / "results")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and str(blocker / "results") in err
+    assert "Traceback" not in err
 
 
 def test_every_method_of_the_api_has_a_command_line_name():

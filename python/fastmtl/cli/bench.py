@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .common import output_dir
+
 # What a benchmark compares against beyond fastmtl itself (the test extra installs it).
 REQUIRES = {"bench_aggregation": "torchjd", "bench_mtl_step": "torchjd"}
 
@@ -70,7 +72,7 @@ def run(args) -> int:
     unknown = [name for name in names if name not in scripts]
     if unknown:
         raise ValueError(f"argument --only: unknown benchmark(s) {unknown}; valid: {', '.join(scripts)}")
-    os.makedirs(args.out, exist_ok=True)
+    output_dir(args.out)
     failed, skipped = [], []
     for name in names:
         needs = REQUIRES.get(name)

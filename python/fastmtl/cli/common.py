@@ -22,6 +22,51 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: numpy's and torch's generators both take seeds in [0, 2**32 - 1] (numpy refuses negative ones).
+MAX_SEED = 2**32 - 1
+
+
+def seed_value(text: str) -> int:
+    """--seed: an int in [0, 2**32 - 1] (the range every generator the data and model use accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, {MAX_SEED}], got {text}")
+    return value
+
+
+def positive_finite_float(text: str) -> float:
+    """--lr: a finite float > 0 (inf or nan poisons the first step, and training would go on silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """--device: a torch device that holds data and that this machine has (cpu; cuda[:i] with a GPU)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda:0, got {text!r}") from None
+    if device.type == "cpu":
+        return text
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:index] (a device that holds data), got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"expected cpu: {text!r} asked for, but torch.cuda.is_available() is False")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"expected a CUDA device index < {torch.cuda.device_count()} (the GPUs visible), got {text!r}"
+        )
+    return text
+
+
 #: Per data set: the trunk's widths, and the epochs of each command (compare trains 13 models per
 #: regime and keeps its whole default run within a few minutes on the 2-core machine).
 DATA_DEFAULTS = {
@@ -101,7 +146,7 @@ def add_training_options(parser: argparse.ArgumentParser, default_epochs=None) -
     )
     group.add_argument("--epochs", type=positive_int, default=default_epochs, help=epochs_help)
     group.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
-    group.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 1e-3)")
+    group.add_argument("--lr", type=positive_finite_float, default=1e-3, help="Adam's learning rate (default: 1e-3)")
     group.add_argument(
         "--hidden",
         type=positive_int,
@@ -131,9 +176,10 @@ def add_training_options(parser: argparse.ArgumentParser, default_epochs=None) -
         default=1,
         help="aggregators: recompute the weights every k steps (default: 1)",
     )
-    group.add_argument("--seed", type=int, default=0, help="data, initial weights and batch order (default: 0)")
+    group.add_argument("--seed", type=seed_value, default=0, help="data, initial weights and batch order (default: 0)")
     group.add_argument(
         "--device",
+        type=device_name,
         default="cpu",
         help="torch device of the model and batches (default: cpu; cuda needs a CUDA build of fastmtl)",
     )
@@ -200,7 +246,16 @@ def write_json(path: str, payload) -> None:
 
 
 def output_dir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
+    """Makes the --out folder; a folder that cannot be made or written raises ValueError naming --out
+    (the command line turns it into a usage error) before any training starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"argument --out expected a folder that can be created, got {path!r} ({error.strerror})"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"argument --out expected a writable folder, got {path!r} (not writable)")
     return path
 
 

@@ -187,8 +187,8 @@ def run(args) -> int:
     data_defaults(args)
     compare_defaults(args)
     config = training_config(args)
+    out = output_dir(args.out or os.path.join("runs", f"compare-{args.data}"))  # before the data
     rich_train, test = load_data(args)
-    out = output_dir(args.out or os.path.join("runs", f"compare-{args.data}"))
     methods = list(dict.fromkeys(args.methods))  # each once, in the order given
     archs = list(dict.fromkeys(args.archs))
     aggregators = [m for m in methods if is_aggregator(m)]

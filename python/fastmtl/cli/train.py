@@ -52,8 +52,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     data_defaults(args)
     config = training_config(args, gram_stats_every=GRAM_STATS_EVERY)
+    out = output_dir(args.out or os.path.join("runs", f"train-{args.data}-{args.method}"))  # before the data
     train, test = load_data(args)
-    out = output_dir(args.out or os.path.join("runs", f"train-{args.data}-{args.method}"))
     with progress_bar(steps_per_run(train, config), args, f"train {args.method}") as bar:
         result = train_run(args.method, args.method, train, test, config, progress=bar)
 
