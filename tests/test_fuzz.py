@@ -285,10 +285,7 @@ import _raw_op_cases  # noqa: E402
 
 # Raw-op defects found by this suite that live in C++ (csrc/, owned elsewhere): expected to fail
 # until fixed there; strict, so the fix shows up as an XPASS to remove the mark.
-KNOWN_CPP_DEFECTS = {
-    "pack_targets_empty": "an empty target list has no tensor to dispatch on: the dispatcher's "
-    "NotImplementedError leaks instead of a ValueError naming 'targets' (issue 18)",
-}
+KNOWN_CPP_DEFECTS = {}
 
 
 def _run_in_child(names):
