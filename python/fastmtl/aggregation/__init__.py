@@ -29,6 +29,7 @@ CRMOGM(m)       EMA of another method's weights             EMA of the weights
 GradDrop        gradient sign dropout (needs J)             RNG (one draw per parameter)
 TrimmedMean(k)  coordinate-wise trimmed mean (needs J)      -
 ExcessMTL       excess-risk weights (needs J)               AdaGrad sums [T, P], weights
+MoCo            MGDA step on tracked gradients (needs J)    tracked gradients [T, P], weights
 MoDo            projected step on the simplex (cross-Gram)  weights
 SDMGrad         direction-oriented weights (cross-Gram)     weights
 ==============  ==========================================  =====================================
@@ -74,6 +75,7 @@ from .imtl_g import IMTLG
 from .krum import Krum
 from .mean import Mean
 from .mgda import MGDA
+from .moco import MoCo
 from .modo import MoDo
 from .nash_mtl import NashMTL
 from .pcd import PCD
@@ -101,6 +103,7 @@ __all__ = [
     "CrossGramAggregator",
     "DualProj",
     "ExcessMTL",
+    "MoCo",
     "FairGrad",
     "GradDrop",
     "GradVac",

@@ -14,7 +14,7 @@ class CRMOGM(Aggregator):
 
     Wraps any method that returns weights: it takes what the wrapped method requires (``requires`` is
     the wrapped method's: a Gram matrix, batched or not, or a cross-Gram). Methods that return an update
-    (``requires = "jacobian"``: GradDrop, TrimmedMean, ExcessMTL) are refused. ``alpha`` may be changed
+    (``requires = "jacobian"``: GradDrop, TrimmedMean, ExcessMTL, MoCo) are refused. ``alpha`` may be changed
     between calls (the paper's schedule: ``alpha = 1 - lr / initial_lr``). Stateful: :meth:`reset` (which
     also resets the wrapped method where it has a ``reset``) and ``state_dict``; a change of the number of
     tasks raises (call :meth:`reset` first). T = 0 returns empty weights without touching the state.

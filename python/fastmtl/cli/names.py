@@ -12,7 +12,7 @@ from ..engine import MODES
 
 # Every method class of fastmtl.aggregation but Constant, whose weights a command line has no way to give
 # (the interfaces and helpers in __all__ are not methods), and the methods that need more than the Gram
-# matrix (requires "jacobian" / "cross_gram": GradDrop, TrimmedMean, ExcessMTL, MoDo, SDMGrad), which
+# matrix (requires "jacobian" / "cross_gram": GradDrop, TrimmedMean, ExcessMTL, MoCo, MoDo, SDMGrad), which
 # the engines behind the command line (model.mtl_backward) do not supply yet.
 _AGGREGATOR_NAMES = [
     name
