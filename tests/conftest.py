@@ -9,6 +9,7 @@ import torch
 
 import fastmtl
 from fastmtl import Task
+from fastmtl.nn import PLE, FusedMLP, MMoE, SoftSharedLinear
 
 TESTS = pathlib.Path(__file__).resolve().parent
 # The package the tests import, wherever it is installed (site-packages in CI, the source tree in an
@@ -114,3 +115,34 @@ def random_head_inputs(tasks, batch: int, features: int, generator: torch.Genera
     weight = torch.randn(total, features, generator=generator, dtype=dtype) / math.sqrt(features)
     bias = 0.1 * torch.randn(total, generator=generator, dtype=dtype)
     return z, weight, bias
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64 on the CPU."""
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / max(scale, 1e-30)
+
+
+def assert_within_twice_plain(fast, plain, exact, dtype, what):
+    """fastmtl's error against the float64 result is at most 2x plain PyTorch's in the same dtype,
+    plus two units of the dtype's rounding (so that a plain result that happens to be exact does
+    not demand exactness)."""
+    fast_err, plain_err = scaled_error(fast, exact), scaled_error(plain, exact)
+    assert math.isfinite(fast_err), f"{what}: non-finite"
+    bound = 2.0 * plain_err + 2.0 * torch.finfo(dtype).eps
+    assert fast_err <= bound, f"{what}: fastmtl error {fast_err:.3g} > 2 x plain PyTorch {plain_err:.3g} (+2 eps)"
+
+
+def trunk_cases():
+    """Trunk factories of every kind a MultiTaskModel takes (in 10 features, out 6, 5 tasks)."""
+    return {
+        "fused": lambda: FusedMLP(10, [16, 6], activation="gelu"),
+        "mmoe": lambda: MMoE(10, 4, [12, 6], 5),
+        "ple": lambda: PLE(10, 2, 1, [6], 5, num_levels=2),
+        "soft": lambda: SoftSharedLinear(10, 6, 5),
+        "converted": lambda: fastmtl.convert(
+            torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6), torch.nn.ReLU())
+        )[0],
+    }

@@ -63,7 +63,10 @@ def test_op_matches_reference_in_float64(name, T):
         got = getattr(ops, name)(G[None], *args)
         want = getattr(ref, name)(G[None], *args)
         if name == "gradvac_weights":
-            assert_rel_close(got[1], want[1], 1e-9, f"{name} targets {kind}")
+            # A rank-deficient Gram's cosines divide rounding-sized entries by rounding-sized norms:
+            # the op (C++) and the reference (ATen) round differently there, by ~1e-7 relative.
+            target_tol = 1e-6 if kind == "rank_deficient" else 1e-9
+            assert_rel_close(got[1], want[1], target_tol, f"{name} targets {kind}")
             got, want = got[0], want[0]
         if name in COMPARE_POINTS:
             got, want, scale = got[0] @ J, want[0] @ J, J.norm(dim=1).max()

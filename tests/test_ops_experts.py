@@ -189,7 +189,11 @@ def _experts32():
         (lambda x, ws, bs: (x[:0], ws, bs, "relu"), ValueError, r"'x' expected a batch of at least 1 row"),
         (lambda x, ws, bs: (x[0], ws, bs, "relu"), ValueError, r"'x' expected a 2-D \[B, d\] or 3-D"),
         (lambda x, ws, bs: (x.expand(2, 5, 4), ws, bs, "relu"), ValueError, r"'x' expected size 3 in dimension 0"),
-        (lambda x, ws, bs: (x.long(), ws, bs, "relu"), TypeError, r"'x' expected dtype torch.float32 or torch.float64"),
+        (
+            lambda x, ws, bs: (x.long(), ws, bs, "relu"),
+            TypeError,
+            r"'x' expected dtype torch.float32, torch.float64, torch.float16 or torch.bfloat16",
+        ),
         (
             lambda x, ws, bs: (x, [ws[0].double(), ws[1]], bs, "relu"),
             TypeError,

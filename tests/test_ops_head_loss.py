@@ -287,7 +287,7 @@ def _head_args():
         (
             lambda z, w, b, t, ts: (z.int(), w, b, t, ts),
             TypeError,
-            r"'z' expected dtype torch.float32 or torch.float64",
+            r"'z' expected dtype torch.float32, torch.float64, torch.float16 or torch.bfloat16",
         ),
         (lambda z, w, b, t, ts: (z[:0], w, b, t[:0], ts), ValueError, r"'z' expected a batch of at least 1 row"),
         (lambda z, w, b, t, ts: (z, w, b, t, []), ValueError, r"'tasks' expected at least one Task, got 0"),

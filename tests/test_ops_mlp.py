@@ -218,7 +218,7 @@ def _trunk32(device="cpu"):
         (
             lambda x, ws, bs: (x.long(), ws, bs, "relu"),
             TypeError,
-            r"'x' expected dtype torch.float32 or torch.float64, got torch.int64",
+            r"'x' expected dtype torch.float32, torch.float64, torch.float16 or torch.bfloat16, got torch.int64",
         ),
         (
             lambda x, ws, bs: (x, [ws[0].double(), ws[1]], bs, "relu"),

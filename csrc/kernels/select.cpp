@@ -63,11 +63,13 @@ bool has_custom_kernels(const char* op, c10::DeviceType device) {
 
 namespace {
 
-const Steps& select(const char* op, c10::DeviceType device, Choice choice) {
+const Steps& select(const char* op, c10::DeviceType device, Choice choice, bool cpu_16bit) {
   const Mode mode = mode_from_environment();  // an invalid value raises whatever the device
   if (choice == Choice::ForcePortable || mode == Mode::Portable || !has_custom_kernels(op, device))
     return portable_steps();
-  if (device == c10::DeviceType::CPU) return cpu_steps();
+  // The CPU loops are float32 / float64; 16-bit storage takes the portable steps there (float32
+  // math, one rounding), beside ATen's 16-bit GEMMs in the orchestration.
+  if (device == c10::DeviceType::CPU) return cpu_16bit ? portable_steps() : cpu_steps();
 #if FASTMTL_WITH_CUDA
   if (mode == Mode::Custom || entry(op).cuda_verified) return cuda_steps();
 #endif
@@ -77,10 +79,13 @@ const Steps& select(const char* op, c10::DeviceType device, Choice choice) {
 }  // namespace
 
 const Steps& steps_for(const char* op, const at::Tensor& t, Choice choice) {
-  return select(op, t.device().type(), choice);
+  const at::ScalarType dtype = t.scalar_type();
+  return select(op, t.device().type(), choice, dtype == at::kHalf || dtype == at::kBFloat16);
 }
 
-const char* kernels_name(const char* op, c10::DeviceType device) { return select(op, device, Choice::Auto).name(); }
+const char* kernels_name(const char* op, c10::DeviceType device) {
+  return select(op, device, Choice::Auto, /*cpu_16bit=*/false).name();
+}
 
 std::vector<const char*> device_table_ops() {
   std::vector<const char*> ops;

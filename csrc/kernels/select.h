@@ -8,7 +8,7 @@
 //   FASTMTL_KERNELS=portable     the portable ATen steps for every op on every device.
 // Read on every call (a getenv, ~100 ns), so a test can switch it within one process. Any other
 // value raises ValueError. Meta tensors (and any device without custom kernels) always take the
-// portable steps.
+// portable steps, and so do 16-bit tensors on the CPU (the CPU loops are float32 / float64).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,7 +21,8 @@ namespace fastmtl::kernels {
 
 enum class Choice { Auto, ForcePortable };
 
-// The steps op `op` (its schema name, e.g. "fused_mlp_backward") runs for tensors on t's device.
+// The steps op `op` (its schema name, e.g. "fused_mlp_backward") runs for tensors of t's device and
+// dtype (t: the op's compute input, e.g. x or z).
 const Steps& steps_for(const char* op, const at::Tensor& t, Choice choice = Choice::Auto);
 
 // Whether `op` has custom kernels on `device` in this build (the device table).

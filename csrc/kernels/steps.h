@@ -9,9 +9,10 @@
 //
 // Conventions: an undefined at::Tensor means "none" for optional arguments; every tensor is on one
 // device, contiguous unless a comment says "view" (then the last dimension has stride 1). For
-// 16-bit storage types the steps compute in float32 and round once (CUDA only: the CPU ops reject
-// 16-bit inputs). Reductions (bias gradients, per-task losses) are deterministic: a fixed summation
-// order, no atomics. No step synchronises with the host except CPU ones (where that is free).
+// 16-bit storage types the steps compute in float32 and round once (CudaSteps, PortableSteps;
+// CpuSteps is float32 / float64 only, and select.cpp sends 16-bit CPU tensors to PortableSteps).
+// Reductions (bias gradients, per-task losses) are deterministic: a fixed summation order, no
+// atomics. No step synchronises with the host except CPU ones (where that is free).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -11,32 +11,8 @@
 
 namespace fastmtl::ops {
 
-inline std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "torch.float32";
-    case at::kDouble:
-      return "torch.float64";
-    case at::kHalf:
-      return "torch.float16";
-    case at::kBFloat16:
-      return "torch.bfloat16";
-    case at::kLong:
-      return "torch.int64";
-    case at::kInt:
-      return "torch.int32";
-    case at::kShort:
-      return "torch.int16";
-    case at::kChar:
-      return "torch.int8";
-    case at::kByte:
-      return "torch.uint8";
-    case at::kBool:
-      return "torch.bool";
-    default:
-      return c10::toString(t);
-  }
-}
+// The dtype as Python spells it ("torch.float32", "torch.complex64", ...).
+inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
 
 inline std::string shape_str(at::IntArrayRef sizes) {
   std::ostringstream os;
@@ -56,16 +32,17 @@ inline void check_float_dtype(const at::Tensor& t, const char* op, const std::st
                    "' expected dtype torch.float32 or torch.float64, got ", dtype_name(t.scalar_type()));
 }
 
-// The dtypes of fused_mlp and multitask_head_loss: float32 and float64 on every device, float16
-// and bfloat16 on CUDA too (float32 math there; the CPU kernels have no 16-bit path).
+// The dtypes of the fused ops: float32, float64, float16 and bfloat16 on every device. 16-bit
+// storage computes in float32 and rounds once (GEMMs by ATen in 16-bit with float32 accumulation;
+// the elementwise and reduction steps in float32: the CUDA kernels, or on the CPU the portable
+// steps, kernels/select.cpp), and the losses, scales and packed targets are float32 (loss_dtype).
 inline bool is_16bit_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 inline void check_compute_dtype(const at::Tensor& t, const char* op, const std::string& arg) {
-  if (t.is_cuda() && is_16bit_float(t.scalar_type())) return;
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastmtl.", op, ": argument '", arg,
-                   "' expected dtype torch.float32 or torch.float64",
-                   t.is_cuda() ? " (or torch.float16 / torch.bfloat16 on CUDA)" : "", ", got ",
-                   dtype_name(t.scalar_type()));
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || is_16bit_float(st), "fastmtl.", op, ": argument '", arg,
+                   "' expected dtype torch.float32, torch.float64, torch.float16 or torch.bfloat16, got ",
+                   dtype_name(st));
 }
 
 // The dtype of per-task losses, 1/count scales and packed targets for inputs of dtype t: t itself,

@@ -17,7 +17,7 @@ at::Tensor pack_targets_entry(const std::vector<at::Tensor>& targets, const std:
   const TaskLayout layout = check_pack_targets_args(targets, names, losses, num_outputs, dtype);
   const OpDeviceGuard guard(targets[0]);
   at::Tensor packed = at::empty({targets[0].size(0), layout.target_cols}, targets[0].options().dtype(dtype));
-  kernels::steps_for("pack_targets", targets[0], choice).pack_targets(targets, layout.tasks, packed);
+  kernels::steps_for("pack_targets", packed, choice).pack_targets(targets, layout.tasks, packed);
   return packed;
 }
 

@@ -33,6 +33,7 @@ from .schedule import WeightSchedule, schedule_of
 from .trunk_gram import (
     blocks_gram,
     depends_on,
+    gram_of,
     per_task_gradients,
     plan_gram,
     streamed_gram,
@@ -149,9 +150,16 @@ def mtl_backward(
     sync = DataParallelSync(opts.ddp_gram, opts.process_group)
 
     T = losses.shape[0]
-    if schedule is not None and not schedule.due((type(aggregator), opts.mode, T, opts.gram_every), opts.gram_every):
-        return _reuse_weights(losses, feats, shared, heads, schedule, sync, aggregator, opts)
-    return _aggregated_backward(losses, feats, shared, heads, aggregator, opts, schedule, sync)
+    # The engine is the step's backward: autocast, which the user's forward ran under, does not apply
+    # to it (as PyTorch advises for backward passes). The per-task gradients come in the dtypes the
+    # forward recorded, and the Gram matrix, weights and weighted sums are computed in float32 or
+    # wider (trunk_gram._gram_dtype), not in the autocast dtype.
+    with torch.autocast(losses.device.type, enabled=False):
+        if schedule is not None and not schedule.due(
+            (type(aggregator), opts.mode, T, opts.gram_every), opts.gram_every
+        ):
+            return _reuse_weights(losses, feats, shared, heads, schedule, sync, aggregator, opts)
+        return _aggregated_backward(losses, feats, shared, heads, aggregator, opts, schedule, sync)
 
 
 def _as_tensors(features) -> list:
@@ -255,7 +263,7 @@ def _aggregated_backward(
     jacobian = None
     if opts.mode == "rep":
         flat = torch.cat([c.reshape(T, -1) for c in cotangents], dim=1)
-        gram = sync.gram(flat @ flat.T)
+        gram = sync.gram(gram_of(flat))
         weights = checked_weights(aggregator, gram.detach())
         shared_grads = _weighted_backward(feats, shared, cotangents, weights)
         path = "rep"
@@ -276,7 +284,7 @@ def _aggregated_backward(
                 flat = torch.cat([g.reshape(T, -1) for g in blocks], dim=1)
             if sync.exact:
                 flat = sync.jacobian(flat)
-                gram = flat @ flat.T
+                gram = gram_of(flat)
             else:
                 gram = sync.gram(blocks_gram(blocks))
             if opts.keep_jacobian:

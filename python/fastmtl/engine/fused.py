@@ -69,15 +69,22 @@ def fused_mlp_mtl_backward(
         fail("x", f"a [B, {in_features}] tensor (the trunk's input)", str(got))
     weights, biases, activation = trunk
     num_outputs = heads.layout.num_outputs
-    task_weights = heads.task_weights.to(x.dtype)
     has_head_bias = heads.bias is not None
     sync = DataParallelSync(options.ddp_gram, options.process_group)
     key = (type(aggregator), options.mode, len(num_outputs), options.gram_every)
+    # The step's inputs in the dtype the fused ops compute in: the autocast dtype inside
+    # torch.autocast (as its rule for the forward ops casts them), else their own. The engine ops
+    # take the forward's outputs, so every argument must share that dtype; the gradients come back
+    # in it and write_gradients casts them to the parameters' dtype.
+    compute = _compute_dtype(x)
+    x_c, head_weight, head_bias = _cast(x, compute), _cast(heads.weight, compute), _cast(heads.bias, compute)
+    weights_c, biases_c = [_cast(w, compute) for w in weights], [_cast(b, compute) for b in biases]
+    task_weights = heads.task_weights.to(ops.loss_dtype(x_c.dtype))
 
-    with torch.no_grad():
-        out, saved = ops.fused_mlp_with_saved(x, weights, biases, activation)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        out, saved = ops.fused_mlp_with_saved(x_c, weights_c, biases_c, activation)
         losses, logit_grad, count_scale = ops.multitask_head_loss_with_saved(
-            out, heads.weight, heads.bias, targets, heads.layout
+            out, head_weight, head_bias, targets, heads.layout
         )
         check_finite_losses(losses, [t.name for t in heads.layout.tasks])
         jacobian = None
@@ -85,13 +92,13 @@ def fused_mlp_mtl_backward(
         if computed:
             if options.mode == "exact":
                 gram, jacobian, _paths = ops.mtl_trunk_gram(
-                    x,
-                    weights,
+                    x_c,
+                    weights_c,
                     out,
                     saved,
                     activation,
                     trunk.has_bias,
-                    heads.weight,
+                    head_weight,
                     logit_grad,
                     count_scale,
                     task_weights,
@@ -107,22 +114,22 @@ def fused_mlp_mtl_backward(
                 jacobian = jacobian if options.keep_jacobian else None
             else:
                 gram = sync.gram(
-                    ops.mtl_representation_gram(heads.weight, logit_grad, count_scale, task_weights, num_outputs)
+                    ops.mtl_representation_gram(head_weight, logit_grad, count_scale, task_weights, num_outputs)
                 )
             schedule.keep(checked_weights(aggregator, gram), gram)
         head_w, head_b, grad_x, grad_ws, grad_bs = ops.mtl_weighted_backward(
-            x,
-            weights,
+            x_c,
+            weights_c,
             out,
             saved,
             activation,
             trunk.has_bias,
-            heads.weight,
+            head_weight,
             has_head_bias,
             logit_grad,
             count_scale,
             task_weights,
-            schedule.weights.to(x.dtype) * task_weights,
+            schedule.weights.to(task_weights.dtype) * task_weights,
             num_outputs,
             x.requires_grad,
         )
@@ -130,7 +137,20 @@ def fused_mlp_mtl_backward(
     grads = [head_w] + ([head_b] if has_head_bias else []) + list(grad_ws) + list(grad_bs)
     write_gradients(params, grads, sync, owned=True)
     if x.requires_grad:
-        torch.autograd.backward(x, grad_x)
+        torch.autograd.backward(x, grad_x.to(x.dtype))
     return MTLBackwardResult(
         losses=losses, weights=schedule.weights, gram=schedule.gram, jacobian=jacobian, gram_computed=computed
     )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype of x's device when torch.autocast is on there and x is float32 (its
+    rule casts float32 arguments only), else None: the fused ops run in the dtypes given."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None or t.dtype != torch.float32 else t.to(dtype)

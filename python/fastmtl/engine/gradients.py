@@ -13,11 +13,15 @@ __all__ = ["accumulate", "write_gradients", "checked_weights"]
 
 def accumulate(param: torch.Tensor, update: torch.Tensor, owned: bool = False) -> None:
     """param.grad += update, as AccumulateGrad does; ``owned``: update is a fresh tensor nobody
-    else holds, so it can become .grad without a copy."""
+    else holds, so it can become .grad without a copy. The update is cast to the parameter's dtype
+    (under torch.autocast it is in the compute dtype: bfloat16 gradients of float32 parameters)."""
+    update = update.detach()
+    if update.dtype != param.dtype:
+        update, owned = update.to(param.dtype), True
     if param.grad is None:
-        param.grad = update.detach() if owned else update.detach().clone()
+        param.grad = update if owned else update.clone()
     else:
-        param.grad.add_(update.detach())
+        param.grad.add_(update)
 
 
 def write_gradients(params, grads, sync: DataParallelSync, owned: bool = False) -> None:

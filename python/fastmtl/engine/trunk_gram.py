@@ -221,10 +221,18 @@ def _one_task_at_a_time(outputs, inputs, cotangents, retain_graph: bool) -> list
 
 
 def _gram_dtype(tensors) -> torch.dtype:
+    """The dtype a Gram matrix of these gradients is summed in: their promoted dtype, float32 for
+    16-bit gradients (a bfloat16 Gram keeps 3 digits, fewer than the aggregators need)."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def gram_of(flat: torch.Tensor) -> torch.Tensor:
+    """``flat @ flat.T`` of a ``[T, N]`` matrix, summed in :func:`_gram_dtype`."""
+    flat = flat.to(_gram_dtype([flat]))
+    return flat @ flat.T
 
 
 def blocks_gram(blocks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -59,7 +59,7 @@ def task_layout(tasks: Tasks, where: str = "fastmtl.ops.multitask_head_loss") ->
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the per-task losses (and of the packed targets) for inputs of ``dtype``: the
-    same dtype, except float32 for float16 / bfloat16 inputs (CUDA only): their losses are
+    same dtype, except float32 for float16 / bfloat16 inputs (on every device): their losses are
     accumulated and returned in float32, and class indices above 256 are not exact in bfloat16."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 

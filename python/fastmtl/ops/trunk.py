@@ -37,7 +37,8 @@ def fused_mlp(
     """The whole trunk in one call: ``z_l = act(z_{l-1} W_l^T + b_l)`` for every layer.
 
     Args:
-        x: ``[B, in_features]``, float32 or float64.
+        x: ``[B, in_features]``, float32, float64, bfloat16 or float16 (16-bit: float32 math, one
+            rounding; under ``torch.autocast`` float32 inputs are cast to its dtype).
         weights: ``W_l`` of shape ``[out_l, in_l]`` (as ``nn.Linear.weight``), chained layer to layer.
         biases: ``b_l`` of shape ``[out_l]`` per layer, ``None`` entries for layers without bias, or
             ``None`` for no bias at all.
