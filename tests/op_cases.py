@@ -142,6 +142,48 @@ def op_cases(activations=("relu", "gelu", "tanh", "identity")):
                         label,
                     )
                 )
+    cases += _norm_tower_cases(gen, x, ws, bs)
+    return cases
+
+
+def _norm_tower_cases(gen, x, ws, bs):
+    """fused_mlp_norm in every normalisation, training and eval, and its backward (with a dropout
+    mask: the forward's randomness stays out of the forward cases, whose outputs are compared)."""
+    fastmtl = torch.ops.fastmtl
+    gammas = [1.0 + _randn(gen, w.shape[0], scale=0.1) for w in ws]
+    betas = [_randn(gen, w.shape[0], scale=0.1) for w in ws]
+    cases = []
+    for norm, training in (("batch", True), ("batch", False), ("layer", True), ("none", True)):
+        running = norm == "batch"
+        means = [_randn(gen, w.shape[0], scale=0.1) for w in ws] if running else []
+        variances = [1.0 + _randn(gen, w.shape[0], scale=0.1).abs() for w in ws] if running else []
+        affine = norm != "none"
+        label = f"{norm}-{'train' if training else 'eval'}"
+        # No biases before batch norm: their gradient is 0 exactly (the mean is removed), so any
+        # comparison would weigh rounding noise against 0.
+        args = (
+            x,
+            ws,
+            [] if norm == "batch" else bs,
+            gammas if affine else [],
+            betas if affine else [],
+            means,
+            variances,
+            norm,
+            "gelu",
+        )
+        cases.append(("fused_mlp_norm", (*args, 0.0, training, 0.1, 1e-5), label))
+        dropout = 0.3 if training else 0.0
+        torch.manual_seed(1)
+        out, saved, _ = fastmtl.fused_mlp_norm(*args, dropout, training, 0.1, 1e-5)
+        grad_out = _randn(gen, *out.shape)
+        cases.append(
+            (
+                "fused_mlp_norm_backward",
+                (grad_out, *args[:7], out, saved, norm, "gelu", dropout, training, 0.1, 1e-5, True),
+                label,
+            )
+        )
     return cases
 
 

@@ -22,6 +22,8 @@ struct OpKernels {
 constexpr OpKernels kTable[] = {
     {"fused_mlp", true, false},
     {"fused_mlp_backward", true, false},
+    {"fused_mlp_norm", true, false},
+    {"fused_mlp_norm_backward", true, false},
     {"multitask_head_loss", true, false},
     {"multitask_head_loss_backward", true, false},
     {"pack_targets", true, false},

@@ -3,11 +3,12 @@
 // autocast dtype ("lower_precision_fp", as mm / addmm / linear), the rest runs in the dtypes it is
 // given ("fallthrough").
 //
-//   lower precision  fused_mlp, fused_experts, gated_mixture, multitask_head_loss: every floating
-//                    tensor argument cast to the autocast dtype (float64 stays, as for at::mm),
-//                    except the head-loss targets, which are in the loss dtype (float32) at any
-//                    dtype of z. The ops compute their losses in float32 (loss_dtype), as autocast
-//                    does for binary_cross_entropy_with_logits / cross_entropy / mse_loss.
+//   lower precision  fused_mlp, fused_mlp_norm, fused_experts, gated_mixture, multitask_head_loss:
+//                    every floating tensor argument cast to the autocast dtype (float64 stays, as
+//                    for at::mm), except the head-loss targets, which are in the loss dtype
+//                    (float32) at any dtype of z, and fused_mlp_norm's normalisation parameters
+//                    and running statistics (float32, see keeps_dtype). The ops compute their losses in float32
+//                    (loss_dtype), as autocast does for binary_cross_entropy_with_logits / cross_entropy / mse_loss.
 //   fallthrough      the backward ops (autograd gives them the forward's dtypes), pack_targets (its
 //                    dtype is an argument), the engine ops (they take what the forward returned and
 //                    compute in float32 for 16-bit inputs) and the aggregation ops (they solve in
@@ -27,7 +28,13 @@ namespace {
 
 // Arguments that keep their dtype under autocast although they are floating tensors.
 bool keeps_dtype(const c10::OperatorName& op, const std::string& arg) {
-  return op.name == "fastmtl::multitask_head_loss" && arg == "targets";
+  if (op.name == "fastmtl::multitask_head_loss") return arg == "targets";
+  // As autocast leaves batch_norm / layer_norm: the normalisation's parameters and running
+  // statistics stay float32 (the op normalises 16-bit inputs in float32 and returns the updated
+  // running statistics in their own dtype).
+  if (op.name == "fastmtl::fused_mlp_norm")
+    return arg == "norm_weights" || arg == "norm_biases" || arg == "running_means" || arg == "running_vars";
+  return false;
 }
 
 template <c10::DeviceType device>
@@ -53,13 +60,28 @@ void lower_precision_kernel(const c10::OperatorHandle& op, torch::jit::Stack* st
   op.callBoxed(stack);
 }
 
-constexpr const char* kLowerPrecisionOps[] = {"fused_mlp", "fused_experts", "gated_mixture", "multitask_head_loss"};
+constexpr const char* kLowerPrecisionOps[] = {"fused_mlp", "fused_mlp_norm", "fused_experts", "gated_mixture",
+                                              "multitask_head_loss"};
 constexpr const char* kFallthroughOps[] = {
-    "fused_mlp_backward",   "fused_experts_backward", "gated_mixture_backward",  "multitask_head_loss_backward",
-    "pack_targets",         "mtl_trunk_gram",         "mtl_representation_gram", "mtl_weighted_backward",
-    "dual_cone_projection", "dual_cone_weights",      "min_norm_weights",        "cagrad_weights",
-    "power_system_weights", "pcgrad_weights",         "gradvac_weights",         "aligned_mtl_weights",
-    "imtlg_weights",        "config_weights",
+    "fused_mlp_backward",
+    "fused_mlp_norm_backward",
+    "fused_experts_backward",
+    "gated_mixture_backward",
+    "multitask_head_loss_backward",
+    "pack_targets",
+    "mtl_trunk_gram",
+    "mtl_representation_gram",
+    "mtl_weighted_backward",
+    "dual_cone_projection",
+    "dual_cone_weights",
+    "min_norm_weights",
+    "cagrad_weights",
+    "power_system_weights",
+    "pcgrad_weights",
+    "gradvac_weights",
+    "aligned_mtl_weights",
+    "imtlg_weights",
+    "config_weights",
 };
 
 template <c10::DeviceType device>

@@ -11,6 +11,21 @@ inline constexpr const char* kFusedOpSchemas[] = {
     // Returns (dx, dW per layer, db per layer or empty when the forward had no biases).
     "fused_mlp_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor out, Tensor[] saved, "
     "str activation, bool has_bias, bool need_input_grad) -> (Tensor, Tensor[], Tensor[])",
+    // The towers real models use: z_l = dropout(act(norm(z_{l-1} W_l^T + b_l))), norm 'batch'
+    // (BatchNorm1d: batch statistics in training, running ones in eval), 'layer' or 'none'.
+    // Lists: one tensor per layer, or empty for none (biases; norm_weights / norm_biases for a
+    // non-affine norm; running statistics). Returns (output, saved for backward: ops/norm_trunk.h's
+    // five per layer, the updated running means then variances: 2 per layer in training with
+    // running statistics, else none). Functional: the caller writes the new running statistics
+    // into its buffers (torch.compile cannot functionalise a mutating op that returns a list).
+    "fused_mlp_norm(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] norm_weights, Tensor[] norm_biases, "
+    "Tensor[] running_means, Tensor[] running_vars, str norm, str activation, float dropout, "
+    "bool training, float momentum, float eps) -> (Tensor, Tensor[], Tensor[])",
+    // Returns (dx or [0], dW per layer, db per layer or empty, d norm_weights, d norm_biases (or empty)).
+    "fused_mlp_norm_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] norm_weights, "
+    "Tensor[] norm_biases, Tensor[] running_means, Tensor[] running_vars, Tensor out, Tensor[] saved, str norm, "
+    "str activation, float dropout, bool training, float momentum, float eps, bool need_input_grad) "
+    "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])",
     // All heads (one GEMM) and all per-task losses. Returns (losses [T], dL/dlogits before the
     // 1/count [B, C], 1/count per task [T]).
     "multitask_head_loss(Tensor z, Tensor weight, Tensor? bias, Tensor targets, str[] losses, "

@@ -1,5 +1,6 @@
-"""fastmtl.convert: replaces the runs of Linear + activation layers of an existing PyTorch model by
-FusedMLPs carrying the same weights.
+"""fastmtl.convert: replaces the runs of Linear [+ BatchNorm1d | LayerNorm] + activation
+[+ Dropout] layers of an existing PyTorch model by FusedMLPs carrying the same weights (and the
+normalisation modules themselves, with their running statistics).
 
 Only ``nn.Sequential`` runs are replaced: a Sequential is called as a whole, so swapping some of
 its consecutive elements for one module computing the same function is safe whatever the model's
@@ -20,6 +21,7 @@ from .nn.fused_mlp import FusedMLP, activation_name_of
 __all__ = ["convert", "unconvert", "ConversionReport"]
 
 _SUPPORTED = "ReLU, GELU, SiLU, Tanh, Identity"
+_NORMS = {nn.BatchNorm1d: "batch", nn.LayerNorm: "layer"}
 
 
 @dataclass
@@ -40,11 +42,38 @@ class ConversionReport:
 
 @dataclass
 class _Layer:
-    """One layer a run is made of: a (Linear, activation) pair or one layer of a FusedMLP."""
+    """One layer a run is made of: Linear, [norm], activation, [Dropout] modules, or one layer of a
+    FusedMLP. ``dropout_module``: whether the plain layer has a Dropout module (of any p, 0 too), so
+    that unconvert gives back the same modules and state_dict indices."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     activation: str
+    norm: nn.Module | None = None
+    dropout: float = 0.0
+    dropout_module: bool = False
+
+    def norm_config(self):
+        """What must agree along a run for one FusedMLP to hold the layers' normalisations."""
+        m = self.norm
+        if m is None:
+            return None
+        if isinstance(m, nn.BatchNorm1d):
+            return ("batch", m.eps, m.momentum, m.affine, m.track_running_stats)
+        return ("layer", m.eps, m.elementwise_affine)
+
+    def describe(self) -> str:
+        parts = ["Linear"] + ([type(self.norm).__name__] if self.norm is not None else []) + [self.activation]
+        return ", ".join(parts + ([f"Dropout({self.dropout:g})"] if self.dropout_module else []))
+
+
+def _describe_run(run: list[_Layer]) -> str:
+    """'2 x (Linear, BatchNorm1d, relu, Dropout(0))', or each layer's pattern where they differ (a
+    Dropout(0) module in some layers only)."""
+    patterns = [l.describe() for l in run]
+    if len(set(patterns)) == 1:
+        return f"{len(run)} x ({patterns[0]})"
+    return " + ".join(f"({p})" for p in patterns)
 
 
 def _join(prefix: str, name) -> str:
@@ -53,7 +82,54 @@ def _join(prefix: str, name) -> str:
 
 def _layers_of_fused(module: FusedMLP) -> list[_Layer]:
     biases = module.biases if module.biases is not None else [None] * len(module.weights)
-    return [_Layer(w, b, module.activation) for w, b in zip(module.weights, biases)]
+    norms = list(module.norms) if module.norms is not None else [None] * len(module.weights)
+    return [
+        _Layer(w, b, module.activation, n, module.dropout, has_module)
+        for w, b, n, has_module in zip(module.weights, biases, norms, module.plain_dropout_modules)
+    ]
+
+
+def _unsupported_norm(norm: nn.Module, linear: nn.Linear) -> str | None:
+    """Why a BatchNorm1d / LayerNorm after ``linear`` cannot go into a FusedMLP (None if it can)."""
+    width = linear.out_features
+    if isinstance(norm, nn.BatchNorm1d) and norm.num_features != width:
+        return f"BatchNorm1d({norm.num_features}) after Linear(out_features={width})"
+    if isinstance(norm, nn.LayerNorm):
+        if tuple(norm.normalized_shape) != (width,):
+            return f"LayerNorm{tuple(norm.normalized_shape)} after Linear(out_features={width})"
+        if norm.elementwise_affine and norm.bias is None:
+            return "LayerNorm(bias=False): the fused op takes both affine parameters or neither"
+    return None
+
+
+def _tower_layer(modules: list, i: int) -> tuple[_Layer | None, int, str]:
+    """The layer starting at the Linear ``modules[i]``: Linear, [BatchNorm1d | LayerNorm],
+    activation, [Dropout]. Returns (layer, modules it spans, "") or (None, 1, why not)."""
+    linear, j = modules[i], i + 1
+    norm = None
+    if j < len(modules) and type(modules[j]) in _NORMS:
+        norm = modules[j]
+        why = _unsupported_norm(norm, linear)
+        if why is not None:
+            return None, 1, f"Linear followed by {why}"
+        j += 1
+    follower = modules[j] if j < len(modules) else None
+    act = activation_name_of(follower) if follower is not None else None
+    if act is None:
+        where = "the end of the Sequential" if follower is None else f"{type(follower).__name__}"
+        after = f"Linear, {type(norm).__name__}" if norm is not None else "Linear"
+        why = (
+            f"{after} is last in the Sequential, no activation after it"
+            if follower is None
+            else f"{after} followed by {where}, not a supported activation ({_SUPPORTED})"
+        )
+        return None, 1, why
+    j += 1
+    dropout, dropout_module = 0.0, False
+    if j < len(modules) and type(modules[j]) is nn.Dropout:
+        dropout, dropout_module = float(modules[j].p), True
+        j += 1
+    return _Layer(linear.weight, linear.bias, act, norm, dropout, dropout_module), j - i, ""
 
 
 def _compatible(run: list[_Layer], layer: _Layer) -> str | None:
@@ -67,6 +143,10 @@ def _compatible(run: list[_Layer], layer: _Layer) -> str | None:
         return f"widths do not chain ({last.weight.shape[0]} then {layer.weight.shape[1]} in)"
     if layer.weight.dtype != last.weight.dtype or layer.weight.device != last.weight.device:
         return "dtype or device changes"
+    if layer.norm_config() != last.norm_config():
+        return "the normalisation changes (kind, eps, momentum, affine or running statistics)"
+    if layer.dropout != last.dropout:
+        return "the dropout changes"
     return None
 
 
@@ -79,7 +159,17 @@ def _fused_from(layers: list[_Layer]) -> FusedMLP:
         bias=first.bias is not None,
         device=first.weight.device,
         dtype=first.weight.dtype,
+        norm=_NORMS[type(first.norm)] if first.norm is not None else None,
+        dropout=first.dropout,
     )
+    fused.plain_dropout_modules = tuple(l.dropout_module for l in layers)
+    if first.norm is not None:
+        # The normalisation modules themselves (copies): every setting, parameter and buffer kept.
+        fused.norms = nn.ModuleList([copy.deepcopy(l.norm) for l in layers])
+        for layer, copied in zip(layers, fused.norms):
+            originals = dict(layer.norm.named_parameters()) | dict(layer.norm.named_buffers())
+            for name, t in list(copied.named_parameters()) + list(copied.named_buffers()):
+                _ORIGIN[id(t)] = (t, _origin_of(originals[name]))
     with torch.no_grad():
         for i, layer in enumerate(layers):
             fused.weights[i].copy_(layer.weight)
@@ -108,7 +198,7 @@ def _origin_of(p: torch.Tensor) -> torch.Tensor:
 def _renaming(original_names: dict, converted: nn.Module) -> dict:
     """Original state_dict key -> converted key, for the keys that changed."""
     renamed = {}
-    for name, p in converted.named_parameters():
+    for name, p in list(converted.named_parameters()) + list(converted.named_buffers()):
         old = original_names.get(id(_origin_of(p)))
         if old is not None and old != name:
             renamed[old] = name
@@ -170,8 +260,7 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
             report.replaced.append(
                 (
                     where,
-                    f"{len(run)} x (Linear, {run[0].activation}) -> FusedMLP("
-                    f"in={run[0].weight.shape[1]}, widths={widths})",
+                    f"{_describe_run(run)} -> FusedMLP(in={run[0].weight.shape[1]}, widths={widths})",
                 )
             )
         else:
@@ -192,24 +281,19 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
             i += 1
             continue
         elif type(m) is nn.Linear:
-            follower = modules[i + 1] if i + 1 < len(modules) else None
-            act = activation_name_of(follower) if follower is not None else None
-            if act is None:
+            layer, span, why = _tower_layer(modules, i)
+            if layer is None:
                 close_run()
-                why = (
-                    "last module of the Sequential, no activation after it"
-                    if follower is None
-                    else f"followed by {type(follower).__name__}, not a supported activation ({_SUPPORTED})"
-                )
-                report.left_alone.append((name, f"Linear {why}"))
+                report.left_alone.append((name, why))
                 out.append(m)
                 i += 1
                 continue
-            layers = [_Layer(m.weight, m.bias, act)]
+            layers = [layer]
         else:
             close_run()
-            if activation_name_of(m) is None and not isinstance(m, nn.Sequential):
-                report.left_alone.append((name, f"{type(m).__name__}: not a Linear or supported activation"))
+            if activation_name_of(m) is None and not isinstance(m, nn.Sequential) and type(m) not in _NORMS:
+                if type(m) is not nn.Dropout:
+                    report.left_alone.append((name, f"{type(m).__name__}: not a Linear or supported activation"))
             out.append(m)
             i += 1
             continue
@@ -223,8 +307,8 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
             i += 1
         else:
             run_has_linear = True
-            run_members.extend(modules[i : i + 2])
-            i += 2
+            run_members.extend(modules[i : i + span])
+            i += span
     close_run()
     if len(out) == 1 and isinstance(out[0], FusedMLP) and len(modules) > 1:
         return out[0]
@@ -266,9 +350,11 @@ def _walk(
 
 
 def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tuple[nn.Module, ConversionReport]:
-    """Replaces every ``nn.Sequential`` run of ``nn.Linear`` layers each followed by a supported
-    activation module (ReLU, GELU, SiLU, Tanh, Identity; the same one throughout the run, biases all
-    present or all absent) by an equivalent :class:`fastmtl.nn.FusedMLP` with the same weights.
+    """Replaces every ``nn.Sequential`` run of ``nn.Linear`` layers each followed by an optional
+    ``nn.BatchNorm1d`` / ``nn.LayerNorm``, a supported activation module (ReLU, GELU, SiLU, Tanh,
+    Identity) and an optional ``nn.Dropout`` (the same pattern and settings throughout the run,
+    biases all present or all absent) by an equivalent :class:`fastmtl.nn.FusedMLP` with the same
+    weights (and copies of the normalisation modules, running statistics included).
     Nested Sequentials are converted bottom up, and runs that meet across them merge. Outputs and
     gradients equal the original's to float32 rounding.
 
@@ -284,7 +370,8 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tu
 
     Returns: ``(new_model, report)``; ``print(report)`` lists what was replaced and what was left
     alone, and why. ``new_model.load_state_dict`` takes the original model's checkpoints too (a
-    pre-hook renames ``0.weight`` to ``0.weights.0`` and so on); :func:`unconvert` goes back.
+    pre-hook renames ``0.weight`` to ``0.weights.0``, ``1.running_mean`` to ``0.norms.0.running_mean``
+    and so on); :func:`unconvert` goes back.
     The layers of a FusedMLP are one module, computed in one op: an intermediate layer cannot be
     hooked (its output is never a tensor of its own); hook the FusedMLP (the run's last layer), or
     end the run before the layer to hook by converting a model whose Sequential is split there.
@@ -305,9 +392,9 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tu
         raise TypeError("fastmtl.convert: arguments 'inplace' and 'strict' expected bools")
     target = model if inplace else copy.deepcopy(model)
     report = ConversionReport()
-    params = dict(target.named_parameters(remove_duplicate=False))
-    original_names = {}  # id -> name; params holds the tensors
-    for name, p in params.items():
+    tensors = dict(target.named_parameters(remove_duplicate=False)) | dict(target.named_buffers(remove_duplicate=False))
+    original_names = {}  # id -> name; tensors holds them
+    for name, p in tensors.items():
         original_names.setdefault(id(p), name)
     try:
         result = _walk(target, "", report, _shared_linears(target), {})
@@ -328,7 +415,8 @@ def _activation_module(name: str) -> nn.Module:
 
 
 def _plain_layers(fused: FusedMLP) -> list[nn.Module]:
-    """The (Linear, activation) modules computing what ``fused`` does, with copies of its weights."""
+    """The Linear, [norm], activation, [Dropout] modules computing what ``fused`` does, with copies
+    of its weights (and of its normalisation modules)."""
     layers: list[nn.Module] = []
     for i, w in enumerate(fused.weights):
         bias = fused.biases[i] if fused.biases is not None else None
@@ -340,7 +428,9 @@ def _plain_layers(fused: FusedMLP) -> list[nn.Module]:
         linear.weight.requires_grad_(w.requires_grad)
         if bias is not None:
             linear.bias.requires_grad_(bias.requires_grad)
-        layers += [linear, _activation_module(fused.activation)]
+        norm = [copy.deepcopy(fused.norms[i])] if fused.norms is not None else []
+        dropout = [nn.Dropout(fused.dropout)] if fused.plain_dropout_modules[i] else []
+        layers += [linear] + norm + [_activation_module(fused.activation)] + dropout
     return layers
 
 

@@ -124,7 +124,7 @@ def model_gram(model: fnn.MultiTaskModel, x, targets, mode: str) -> torch.Tensor
     """The Gram matrix of the per-task gradients of the trunk (``fastmtl.ops.task_gram``; any other
     trunk than a FusedMLP: one autograd.grad per task over its parameters)."""
     trunk, heads = model.trunk, model.heads
-    if not isinstance(trunk, fnn.FusedMLP):
+    if not isinstance(trunk, fnn.FusedMLP) or not trunk.plain_layers:
         with torch.enable_grad():
             losses = model.losses(x, targets) * heads.task_weights
             shared = [p for p in trunk.parameters() if p.requires_grad]

@@ -29,13 +29,21 @@ class FusedMLP(nn.Module):
     """``len(hidden_features)`` layers of ``act(x W^T + b)`` in one fused call.
 
     Equivalent to ``nn.Sequential(nn.Linear(in, h0), Act(), nn.Linear(h0, h1), Act(), ...)``, with
-    the same initialisation; the activation follows every layer, the last one included.
+    the same initialisation; the activation follows every layer, the last one included. With
+    ``norm`` and / or ``dropout``, the towers of recommendation models: ``nn.Sequential(Linear,
+    BatchNorm1d | LayerNorm, Act, Dropout, ...)`` in one call of :func:`fastmtl.ops.fused_mlp_norm`.
 
     Args:
         in_features: input width.
         hidden_features: the width of each layer (an int for one layer).
         activation: ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``, ``tanh`` or ``identity``.
         bias: whether every layer has a bias.
+        norm: ``None``, ``"batch"`` (an ``nn.BatchNorm1d`` per layer, in ``self.norms``: batch
+            statistics in training, running ones in eval, its momentum / eps / buffers and state_dict
+            keys) or ``"layer"`` (an ``nn.LayerNorm`` per layer), between the Linear and the activation.
+        dropout: the probability of ``nn.Dropout`` after every activation (training only).
+        norm_eps, norm_momentum: of the normalisation modules (``momentum=None``: BatchNorm1d's
+            cumulative average).
 
     Inputs ``[..., in_features]``; outputs ``[..., hidden_features[-1]]``.
 
@@ -53,6 +61,10 @@ class FusedMLP(nn.Module):
         bias: bool = True,
         device=None,
         dtype=None,
+        norm: str | None = None,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+        norm_momentum: float | None = 0.1,
     ):
         super().__init__()
         if isinstance(hidden_features, int):
@@ -76,11 +88,34 @@ class FusedMLP(nn.Module):
         fan_ins = [in_features] + widths[:-1]
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(n, k, **factory)) for n, k in zip(widths, fan_ins)])
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(n, **factory)) for n in widths]) if bias else None
+        if norm not in (None, "batch", "layer"):
+            raise ValueError(f"FusedMLP: argument 'norm' expected None, 'batch' or 'layer', got {norm!r}")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"FusedMLP: argument 'dropout' expected a probability in [0, 1], got {dropout!r}")
+        self.norm = norm
+        self.dropout = float(dropout)
+        # Per layer, whether the plain equivalent has a Dropout module (fastmtl.unconvert builds
+        # them; convert records the original's, which may hold Dropout(p=0) in some layers only).
+        self.plain_dropout_modules = (self.dropout > 0.0,) * len(widths)
+        if norm == "batch":
+            self.norms = nn.ModuleList(
+                [nn.BatchNorm1d(n, eps=norm_eps, momentum=norm_momentum, **factory) for n in widths]
+            )
+        elif norm == "layer":
+            self.norms = nn.ModuleList([nn.LayerNorm(n, eps=norm_eps, **factory) for n in widths])
+        else:
+            self.norms = None
         self.reset_parameters()
 
     @property
     def out_features(self) -> int:
         return self.hidden_features[-1]
+
+    @property
+    def plain_layers(self) -> bool:
+        """Whether the forward is ``act(x W^T + b)`` layers alone (no norm; dropout off or in eval):
+        then it runs :func:`fastmtl.ops.fused_mlp` and the engine's fused path applies."""
+        return self.norm is None and (self.dropout == 0.0 or not self.training)
 
     @property
     def op_arguments(self) -> ops.MLPArguments:
@@ -93,6 +128,11 @@ class FusedMLP(nn.Module):
         >>> [list(w.shape) for w in args.weights], args.biases, args.activation
         ([[8, 4], [2, 8]], [], 'relu')
         """
+        if self.norm is not None:
+            raise ValueError(
+                f"FusedMLP.op_arguments: a FusedMLP with norm={self.norm!r} is not act(x W^T + b) layers "
+                "(fastmtl.ops.fused_mlp's arguments); its forward calls fastmtl.ops.fused_mlp_norm"
+            )
         # ParameterList's own iteration goes through string-index lookups per element, which
         # cost more than the op's dispatch on small batches; its _parameters dict is the same data.
         weights = list(self.weights._parameters.values())
@@ -102,19 +142,67 @@ class FusedMLP(nn.Module):
     def reset_parameters(self) -> None:
         for i, w in enumerate(self.weights):
             linear_init_(w, self.biases[i] if self.biases is not None else None)
+        if self.norms is not None:
+            for m in self.norms:
+                m.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"FusedMLP: input expected shape [..., {self.in_features}], got {list(x.shape)}")
+        if self.norm == "batch" and x.dim() != 2:
+            raise ValueError(
+                f"FusedMLP: input expected shape [B, {self.in_features}] with norm='batch', got {list(x.shape)}"
+            )
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = ops.fused_mlp(rows, *self.op_arguments)
+        if self.plain_layers:
+            out = ops.fused_mlp(rows, *self.op_arguments)
+        else:
+            out = self._tower(rows)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
+    def _tower(self, rows: torch.Tensor) -> torch.Tensor:
+        weights = list(self.weights._parameters.values())
+        biases = list(self.biases._parameters.values()) if self.biases is not None else []
+        norms = list(self.norms) if self.norms is not None else []
+        affine = bool(norms) and norms[0].weight is not None
+        running = self.norm == "batch" and norms[0].running_mean is not None
+        momentum, eps = 0.0, norms[0].eps if norms else 1e-5
+        if self.norm == "batch":
+            momentum = self._batch_norm_momentum(norms)
+        return ops.fused_mlp_norm(
+            rows,
+            weights,
+            biases,
+            self.norm or "none",
+            self.activation,
+            self.dropout,
+            self.training,
+            [m.weight for m in norms] if affine else [],
+            [m.bias for m in norms] if affine else [],
+            [m.running_mean for m in norms] if running else [],
+            [m.running_var for m in norms] if running else [],
+            momentum,
+            eps,
+        )
+
+    def _batch_norm_momentum(self, norms) -> float:
+        """The running statistics' update factor of this step, as ``nn.BatchNorm1d.forward``: it
+        counts the step in ``num_batches_tracked`` in training; momentum None averages cumulatively."""
+        first = norms[0]
+        if not (self.training and first.track_running_stats and first.num_batches_tracked is not None):
+            return 0.0 if first.momentum is None else first.momentum
+        for m in norms:
+            m.num_batches_tracked.add_(1)
+        return 1.0 / float(first.num_batches_tracked) if first.momentum is None else first.momentum
+
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
             f"activation={self.activation!r}, bias={self.biases is not None}"
         )
+        if self.norm is not None:
+            text += f", norm={self.norm!r}"
+        return text + (f", dropout={self.dropout}" if self.dropout else "")
 
     # ---- switching from plain PyTorch
 

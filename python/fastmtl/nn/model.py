@@ -144,8 +144,9 @@ class MultiTaskModel(nn.Module):
         parameters to aggregate (default :meth:`shared_parameters`); every other parameter the
         losses depend on (heads, per-task gates) gets its own ``task.weight * L_t`` gradient.
 
-        With a :class:`FusedMLP` trunk the step runs in fused C++ ops with no ``T x P`` Jacobian
-        (:func:`fastmtl.engine.fused_model_backward`); any other trunk, per-task ones (MMoE, PLE)
+        With a :class:`FusedMLP` trunk of plain layers (no norm, no dropout in training) the step
+        runs in fused C++ ops with no ``T x P`` Jacobian (:func:`fastmtl.engine.fused_model_backward`);
+        any other trunk, per-task ones (MMoE, PLE)
         included, goes through :func:`fastmtl.mtl_backward` (features: the trunk output, or the
         ``[T, B, d]`` representations). Returns an :class:`fastmtl.engine.MTLBackwardResult`
         (``losses`` are the unweighted ``L_t``).
@@ -163,7 +164,7 @@ class MultiTaskModel(nn.Module):
         every_trunk_param = shared is None or (
             len(shared) == len(trunk_params) and all(any(p is q for q in shared) for p in trunk_params)
         )
-        if isinstance(self.trunk, FusedMLP) and every_trunk_param:
+        if isinstance(self.trunk, FusedMLP) and self.trunk.plain_layers and every_trunk_param:
             return fused_model_backward(self, x, targets, aggregator, **options)
         if options.get("gram_path", "auto") != "auto":
             raise ValueError(

@@ -7,7 +7,7 @@ The C++ forward ops also return what their backward needs (saved activations, lo
 the plain functions return only the result, the ``*_with_saved`` ones both. :mod:`fastmtl.reference`
 has the same functions in plain PyTorch. One module per family of ops:
 
-* :mod:`.trunk`: ``fused_mlp``; :mod:`.heads`: ``multitask_head_loss``, ``pack_targets``;
+* :mod:`.trunk`: ``fused_mlp``; :mod:`.norm_trunk`: ``fused_mlp_norm`` (towers with norm and dropout); :mod:`.heads`: ``multitask_head_loss``, ``pack_targets``;
 * :mod:`.experts`: ``fused_experts``, ``gated_mixture`` (Mixture-of-Experts trunks);
 * :mod:`.per_task`: the per-task Gram matrix (task_gram) and weighted backward of a FusedMLP model;
 * :mod:`.aggregation`: Gram matrices to task weights (the aggregation methods' solvers).
@@ -26,6 +26,7 @@ from .heads import (
     pack_targets,
     task_layout,
 )
+from .norm_trunk import NORMS, fused_mlp_norm, fused_mlp_norm_with_saved
 from .per_task import (
     GRAM_MODES,
     GRAM_PATHS,
@@ -42,6 +43,9 @@ __all__ = [
     "check_activation",
     "fused_mlp",
     "fused_mlp_with_saved",
+    "fused_mlp_norm",
+    "fused_mlp_norm_with_saved",
+    "NORMS",
     "MLPArguments",
     "multitask_head_loss",
     "multitask_head_loss_with_saved",

@@ -1,0 +1,69 @@
+// The orchestration of fused_mlp_norm, written once for every device: the towers real models use,
+// z_l = dropout(act(norm(z_{l-1} W_l^T + b_l))) with norm batch / layer / none, per layer one ATen
+// GEMM, the normalisation by ATen's batch_norm / layer_norm kernels (native_batch_norm,
+// native_layer_norm and their backwards: every device has them; BatchNorm1d's exact semantics),
+// the activation by the kernel interface (kernels/steps.h) and dropout by ATen's native_dropout
+// (torch's generator). Inputs are checked and contiguous (ops/fused_mlp_norm.cpp).
+//
+// 16-bit storage: GEMMs in 16-bit (float32 accumulation), the normalisation in float32 with
+// float32 statistics, one rounding to the storage dtype; the updated running statistics come back
+// in their own dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "common/activation.h"
+#include "kernels/steps.h"
+
+namespace fastmtl::ops {
+
+enum class NormKind { None, Batch, Layer };
+
+// Tensors of the tower; the lists are empty where the tower has none (biases, an affine
+// normalisation, running statistics), else one per layer.
+struct NormTrunkParams {
+  std::vector<at::Tensor> weights, biases, norm_weights, norm_biases, running_means, running_vars;
+};
+
+struct NormTrunkConfig {
+  NormKind norm;
+  Activation act;
+  double dropout;  // probability of zeroing an entry, in training
+  bool training;
+  double momentum;  // of the running statistics (BatchNorm1d's)
+  double eps;
+};
+
+// What fused_mlp_norm saves per layer, in this order (kSavedPerLayer tensors per layer).
+//   pre       the GEMM + bias output (the normalisation's input); [0] without normalisation
+//   mean      the batch mean (batch norm in training / without running statistics: [d]; layer
+//             norm: [B, 1]); [0] otherwise. float32 (float64 for float64 inputs).
+//   invstd    1 / sqrt(var + eps), as mean
+//   act_src   what act' reads: the activation's input (gelu, gelu_tanh, silu) or output (relu, tanh,
+//             identity); [0] for the top layer when that is the op's output itself (no dropout)
+//   mask      the dropout mask (bool) where dropout ran, else [0]
+inline constexpr int64_t kSavedPerLayer = 5;
+
+// Uses batch statistics (not the running ones): in training, or when there are none.
+inline bool uses_batch_statistics(const NormTrunkConfig& c, const NormTrunkParams& p) {
+  return c.training || p.running_means.empty();
+}
+
+// Returns (output, saved, the updated running statistics: means then variances, in the running
+// statistics' dtype, when training with them; else empty). The inputs are not modified.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_trunk_forward(
+    const kernels::Steps& steps, const at::Tensor& x, const NormTrunkParams& params, const NormTrunkConfig& config);
+
+struct NormTrunkGrads {
+  at::Tensor input;  // [0] when not asked for
+  std::vector<at::Tensor> weights, biases, norm_weights, norm_biases;
+};
+
+NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor& grad_out, const at::Tensor& x,
+                                   const NormTrunkParams& params, const NormTrunkConfig& config, const at::Tensor& out,
+                                   const std::vector<at::Tensor>& saved, bool need_input_grad);
+
+}  // namespace fastmtl::ops
