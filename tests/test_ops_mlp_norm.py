@@ -132,15 +132,24 @@ def test_opcheck(norm, affine, running, training):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm", ["batch", "layer"])
-def test_16bit_within_twice_plain_pytorch(norm, dtype):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_16bit_within_twice_plain_pytorch(norm, dtype, seed):
     from conftest import assert_within_twice_plain
 
-    x, ws, bs, gammas, betas, means, variances = tower(widths=(24, 48, 16), batch=64)
-    grad_out = torch.randn(64, 16, dtype=torch.float64)
+    # gelu, not relu: a normalisation centres its outputs at 0, where relu's derivative jumps, and one
+    # entry rounded to the other side of 0 moves a gradient by a whole term, so the max error would
+    # measure which side each rounding fell on (either implementation's), not its accuracy.
+    # No biases before batch norm: their gradient is exactly 0 (a relative error of rounding noise).
+    x, ws, bs, gammas, betas, means, variances = tower(widths=(24, 48, 16), batch=64, seed=seed, bias=norm != "batch")
+    grad_out = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
     def run(fn, dt):
         leaves = [t.detach().to(dt).requires_grad_() for t in [x] + ws + bs + gammas + betas]
-        out = fn(leaves[0], leaves[1:3], leaves[3:5], norm, "relu", 0.0, True, leaves[5:7], leaves[7:9])
+        nb = len(bs)
+        out = fn(
+            leaves[0], leaves[1:3], leaves[3 : 3 + nb], norm, "gelu", 0.0, True,
+            leaves[3 + nb : 5 + nb], leaves[5 + nb : 7 + nb],
+        )  # fmt: skip
         return [out] + list(torch.autograd.grad(out, leaves, grad_out.to(dt)))
 
     exact, plain, fast = (
@@ -259,3 +268,27 @@ def test_portable_and_custom_steps_update_running_statistics_alike():
         results.append([out] + updated)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_cpu_dropout_mask_is_seeded_by_torch_independent_of_threads_and_unbiased():
+    x = torch.randn(4096, 33, dtype=torch.float32)
+    ws = [torch.eye(33)]
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(11)
+            _, saved, _ = torch.ops.fastmtl.fused_mlp_norm(
+                x, ws, [], [], [], [], [], "none", "identity", 0.3, True, 0.1, 1e-5
+            )
+            masks.append(saved[4])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(masks[0], masks[1]), "the same mask for any thread count"
+    kept = masks[0].float().mean().item()
+    assert abs(kept - 0.7) < 0.01, kept
+    _, again, _ = torch.ops.fastmtl.fused_mlp_norm(x, ws, [], [], [], [], [], "none", "identity", 0.3, True, 0.1, 1e-5)
+    assert not torch.equal(again[4], masks[0]), "each call draws a new mask"
+    # Columns and rows are not correlated: the kept fraction per column stays near 0.7.
+    assert (masks[0].float().mean(0) - 0.7).abs().max() < 0.04

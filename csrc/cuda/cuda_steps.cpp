@@ -207,6 +207,15 @@ class CudaSteps final : public Steps {
     });
   }
 
+  // Dropout: ATen's native_dropout kernels (the CUDA generator's Philox stream), as the portable steps.
+  void dropout_forward(double p, const at::Tensor& in, const at::Tensor& keep, const at::Tensor& out) const override {
+    portable_steps().dropout_forward(p, in, keep, out);
+  }
+
+  void dropout_apply(double p, const at::Tensor& keep, const at::Tensor& in, const at::Tensor& out) const override {
+    portable_steps().dropout_apply(p, keep, in, out);
+  }
+
   void gated_mixture_backward(const GateArgs& g, const at::Tensor& grad_mixtures, const at::Tensor& gates,
                               const at::Tensor& experts, const at::Tensor& grad_logits, const at::Tensor& grad_experts,
                               const at::Tensor& grad_bias) const override {

@@ -5,6 +5,11 @@
 #include <algorithm>
 #include <cmath>
 
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <mutex>
+
+#include "cpu/dropout.h"
 #include "cpu/epilogue.h"
 #include "cpu/expert_epilogue.h"
 #include "cpu/gated_mixture.h"
@@ -60,6 +65,26 @@ class CpuSteps final : public Steps {
     AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmtl_activation_backward_tasks", [&] {
       cpu::activation_backward_tasks<scalar_t>(act, grad.size(0), grad.size(1), grad.size(2), cptr<scalar_t>(grad),
                                                cptr<scalar_t>(saved), ptr<scalar_t>(delta), ptr<scalar_t>(bias_grad));
+    });
+  }
+
+  void dropout_forward(double p, const at::Tensor& in, const at::Tensor& keep, const at::Tensor& out) const override {
+    uint64_t seed;
+    {
+      // One draw from torch's default CPU generator per call: torch.manual_seed reproduces the mask.
+      auto* gen = at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator());
+      std::lock_guard<std::mutex> lock(gen->mutex_);
+      seed = gen->random64();
+    }
+    AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "fastmtl_dropout_forward", [&] {
+      cpu::dropout_forward<scalar_t>(p, seed, in.numel(), cptr<scalar_t>(in), keep.mutable_data_ptr<bool>(),
+                                     ptr<scalar_t>(out));
+    });
+  }
+
+  void dropout_apply(double p, const at::Tensor& keep, const at::Tensor& in, const at::Tensor& out) const override {
+    AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "fastmtl_dropout_apply", [&] {
+      cpu::dropout_apply<scalar_t>(p, in.numel(), keep.const_data_ptr<bool>(), cptr<scalar_t>(in), ptr<scalar_t>(out));
     });
   }
 

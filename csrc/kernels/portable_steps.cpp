@@ -252,6 +252,16 @@ class PortableSteps final : public Steps {
     mixtures.copy_(at::bmm(weights.permute({1, 0, 2}), ex.permute({1, 0, 2})).permute({1, 0, 2}));
   }
 
+  void dropout_forward(double p, const at::Tensor& in, const at::Tensor& keep, const at::Tensor& out) const override {
+    auto [dropped, mask] = at::native_dropout(in, p, true);
+    out.copy_(dropped);
+    keep.copy_(mask);
+  }
+
+  void dropout_apply(double p, const at::Tensor& keep, const at::Tensor& in, const at::Tensor& out) const override {
+    out.copy_(at::native_dropout_backward(in, keep, p >= 1.0 ? 0.0 : 1.0 / (1.0 - p)));
+  }
+
   void gated_mixture_backward(const GateArgs& g, const at::Tensor& grad_mixtures, const at::Tensor& gates,
                               const at::Tensor& experts, const at::Tensor& grad_logits, const at::Tensor& grad_experts,
                               const at::Tensor& grad_bias) const override {

@@ -55,6 +55,15 @@ class Steps {
   virtual void activation_backward_tasks(Activation act, const at::Tensor& grad, const at::Tensor& saved,
                                          const at::Tensor& delta, const at::Tensor& bias_grad) const = 0;
 
+  // ---- dropout (fused_mlp_norm's towers)
+  // Training dropout: out = in * keep / (1 - p) (0 for p = 1) and keep (bool, in's shape) the kept
+  // entries, drawn from torch's default generator of the device (CPU: one 64-bit seed from it, then
+  // a counter-based hash per entry, so the mask is the same for any thread count; elsewhere ATen's
+  // native_dropout). in and out are contiguous and distinct.
+  virtual void dropout_forward(double p, const at::Tensor& in, const at::Tensor& keep, const at::Tensor& out) const = 0;
+  // out = in * keep / (1 - p): dropout's backward, and the recompute of a layer's output.
+  virtual void dropout_apply(double p, const at::Tensor& keep, const at::Tensor& in, const at::Tensor& out) const = 0;
+
   // ---- heads
   // Per logit column of task t: task_scale[t] * count_scale[t] ([C], the dtype of count_scale).
   virtual at::Tensor column_scale(const std::vector<int64_t>& num_outputs, const at::Tensor& task_scale,

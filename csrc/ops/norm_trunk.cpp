@@ -16,9 +16,6 @@ at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
 
 at::Tensor at_layer(const std::vector<at::Tensor>& list, size_t l) { return list.empty() ? at::Tensor() : list[l]; }
 
-// 1 / (1 - p), and 0 for p = 1 (every entry dropped), as nn.Dropout scales.
-double dropout_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
-
 bool reads_output(Activation act) { return act == Activation::Identity || saved_kind(act) == SavedKind::Post; }
 
 // The output of layer l's activation, from what was saved: act_src itself, or act(act_src).
@@ -92,7 +89,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
     }
     at::Tensor mask = none();
     h = act_out;
-    if (dropping) std::tie(h, mask) = at::native_dropout(act_out, c.dropout, true);
+    if (dropping) {
+      h = at::empty_like(act_out);
+      mask = at::empty(act_out.sizes(), act_out.options().dtype(at::kBool));
+      steps.dropout_forward(c.dropout, act_out, mask, h);
+    }
     at::Tensor act_src = reads_output(c.act) ? act_out : act_in;
     if (top && !dropping && reads_output(c.act)) act_src = none();  // it is the output: not saved twice
     saved.insert(saved.end(), {c.norm == NormKind::None ? none() : pre, mean, invstd, act_src, mask});
@@ -108,7 +109,6 @@ NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor
   const at::ScalarType compute = norm_dtype(x);
   const bool batch_stats = uses_batch_statistics(c, p);
   const bool affine = !p.norm_weights.empty();
-  const double scale = dropout_scale(c.dropout);
   NormTrunkGrads g;
   g.weights.resize(num_layers);
   if (!p.biases.empty()) g.biases.resize(num_layers);
@@ -122,7 +122,11 @@ NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor
   for (size_t l = num_layers; l-- > 0;) {
     const at::Tensor& pre = slot(l, 0);
     const at::Tensor& mask = slot(l, 4);
-    if (mask.numel() > 0) grad = at::native_dropout_backward(grad, mask, scale);
+    if (mask.numel() > 0) {
+      at::Tensor dropped = at::empty_like(grad);
+      steps.dropout_apply(c.dropout, mask, grad, dropped);
+      grad = dropped;
+    }
     at::Tensor delta = grad;
     if (c.act != Activation::Identity) {
       const at::Tensor& act_src = slot(l, 3).numel() > 0 ? slot(l, 3) : out;
@@ -156,7 +160,11 @@ NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor
     at::Tensor layer_input = x;
     if (l > 0) {
       layer_input = activation_output(steps, c.act, slot(l - 1, 3));
-      if (slot(l - 1, 4).numel() > 0) layer_input = at::native_dropout_backward(layer_input, slot(l - 1, 4), scale);
+      if (slot(l - 1, 4).numel() > 0) {
+        at::Tensor dropped = at::empty_like(layer_input);
+        steps.dropout_apply(c.dropout, slot(l - 1, 4), layer_input, dropped);
+        layer_input = dropped;
+      }
     }
     g.weights[l] = at::mm(grad_pre.t(), layer_input);
     if (l > 0 || need_input_grad) grad = at::mm(grad_pre, p.weights[l]);

@@ -2,8 +2,8 @@
 // z_l = dropout(act(norm(z_{l-1} W_l^T + b_l))) with norm batch / layer / none, per layer one ATen
 // GEMM, the normalisation by ATen's batch_norm / layer_norm kernels (native_batch_norm,
 // native_layer_norm and their backwards: every device has them; BatchNorm1d's exact semantics),
-// the activation by the kernel interface (kernels/steps.h) and dropout by ATen's native_dropout
-// (torch's generator). Inputs are checked and contiguous (ops/fused_mlp_norm.cpp).
+// the activation and dropout by the kernel interface (kernels/steps.h; the mask from torch's
+// generator). Inputs are checked and contiguous (ops/fused_mlp_norm.cpp).
 //
 // 16-bit storage: GEMMs in 16-bit (float32 accumulation), the normalisation in float32 with
 // float32 statistics, one rounding to the storage dtype; the updated running statistics come back
