@@ -17,6 +17,9 @@ inline uint32_t dropout_draw(uint64_t seed, uint64_t index) {
   return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
 }
 
+// One 64-bit seed from torch's default CPU generator (torch.manual_seed reproduces the masks).
+uint64_t dropout_seed();
+
 // out[i] = keep[i] ? in[i] * scale : 0 with keep[i] = draw >= p * 2^32 (probability 1 - p).
 template <typename T>
 void dropout_forward(double p, uint64_t seed, int64_t n, const T* in, bool* keep, T* out);

@@ -5,10 +5,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include <ATen/CPUGeneratorImpl.h>
-
-#include <mutex>
-
 #include "cpu/dropout.h"
 #include "cpu/epilogue.h"
 #include "cpu/expert_epilogue.h"
@@ -69,13 +65,7 @@ class CpuSteps final : public Steps {
   }
 
   void dropout_forward(double p, const at::Tensor& in, const at::Tensor& keep, const at::Tensor& out) const override {
-    uint64_t seed;
-    {
-      // One draw from torch's default CPU generator per call: torch.manual_seed reproduces the mask.
-      auto* gen = at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator());
-      std::lock_guard<std::mutex> lock(gen->mutex_);
-      seed = gen->random64();
-    }
+    const uint64_t seed = cpu::dropout_seed();
     AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "fastmtl_dropout_forward", [&] {
       cpu::dropout_forward<scalar_t>(p, seed, in.numel(), cptr<scalar_t>(in), keep.mutable_data_ptr<bool>(),
                                      ptr<scalar_t>(out));

@@ -70,8 +70,8 @@ const Steps& select(const char* op, c10::DeviceType device, Choice choice, bool 
   if (choice == Choice::ForcePortable || mode == Mode::Portable || !has_custom_kernels(op, device))
     return portable_steps();
   // The CPU loops are float32 / float64; 16-bit storage takes the portable steps there (float32
-  // math, one rounding), beside ATen's 16-bit GEMMs in the orchestration.
-  if (device == c10::DeviceType::CPU) return cpu_16bit ? portable_steps() : cpu_steps();
+  // math, one rounding; the CPU's own dropout loop), beside ATen's 16-bit GEMMs in the orchestration.
+  if (device == c10::DeviceType::CPU) return cpu_16bit ? cpu_16bit_steps() : cpu_steps();
 #if FASTMTL_WITH_CUDA
   if (mode == Mode::Custom || entry(op).cuda_verified) return cuda_steps();
 #endif

@@ -112,6 +112,7 @@ class Steps {
 
 const Steps& cpu_steps();
 const Steps& portable_steps();
+const Steps& cpu_16bit_steps();  // 16-bit CPU tensors: portable, but for the CPU's dropout loop
 #if FASTMTL_WITH_CUDA
 const Steps& cuda_steps();
 #endif
