@@ -271,3 +271,22 @@ def test_convert_torch_rechub_models(name):
             if q.grad is not None and q.shape == g.shape and torch.allclose(q.grad, g, rtol=1e-5, atol=1e-6)
         ]
         assert twin, f"no converted parameter has the gradient of {n}"
+
+
+def test_compiled_tower_step_matches_eager_including_running_statistics():
+    torch.manual_seed(10)
+    compiled_model = FusedMLP(8, [16, 4], norm="batch")
+    eager_model = copy.deepcopy(compiled_model)
+    x = torch.randn(32, 8)
+
+    def loss_of(module):
+        return module(x).square().sum()
+
+    torch.compile(loss_of, fullgraph=True)(compiled_model).backward()
+    loss_of(eager_model).backward()
+    for mine, theirs in zip(compiled_model.norms, eager_model.norms):
+        torch.testing.assert_close(mine.running_mean, theirs.running_mean)
+        torch.testing.assert_close(mine.running_var, theirs.running_var)
+        assert int(mine.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
