@@ -24,7 +24,7 @@ def parameters_in_plain_order(fused: FusedMLP, plain: nn.Sequential):
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer", None])
-@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "softmax"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_fused_tower_matches_its_plain_twin(norm, activation, mode):
     torch.manual_seed(0)
@@ -177,7 +177,8 @@ def test_convert_rec_style_mmoe_replaces_every_expert_and_tower(mode):
     converted, report = fastmtl.convert(model)
     replaced = {path for path, _ in report.replaced}
     assert {f"experts.{i}.0..4" for i in range(3)} <= replaced and {"towers.0.0", "towers.1.0"} <= replaced
-    assert all("BatchNorm1d, relu, Dropout(0)" in what for _, what in report.replaced), report
+    assert {"gates.0.0", "gates.1.0"} <= replaced, "the gates (Linear, Softmax) too"
+    assert all(why.endswith("no activation after it") for _, why in report.left_alone), report
     assert_same_function(converted, model, torch.randn(32, 12), mode)
 
 
@@ -204,12 +205,12 @@ def test_convert_leaves_what_it_cannot_fuse_and_says_why():
         nn.Linear(4, 6), nn.LayerNorm(6, bias=False), nn.ReLU(),
         nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.1),
         nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3),
-        nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Softmax(dim=1),
+        nn.Linear(6, 6), nn.BatchNorm1d(6), nn.LeakyReLU(),
     )  # fmt: skip
     converted, report = fastmtl.convert(model)
     why = dict(report.left_alone)
     assert "LayerNorm(bias=False)" in why["0"]
-    assert "followed by Softmax" in why["11"]
+    assert "followed by LeakyReLU" in why["11"]
     fused = [m for m in converted if isinstance(m, FusedMLP)]
     assert [m.dropout for m in fused] == [0.1, 0.3], "a change of dropout ends the run"
     model.eval(), converted.eval()
@@ -250,10 +251,11 @@ def test_convert_torch_rechub_models(name):
     model = _rechub_models()[name]
     batch = {f"c{i}": torch.randint(0, 20, (64,)) for i in range(3)} | {f"d{i}": torch.randn(64) for i in range(2)}
     converted, report = fastmtl.convert(model)
-    # Every expert / bottom and tower MLP (Linear, BatchNorm1d, ReLU, Dropout runs) is replaced; the
-    # gates (Linear, BatchNorm1d, Softmax) and each tower's output Linear(., 1) are not.
+    # Every expert / bottom, gate (Linear, BatchNorm1d, Softmax, Dropout) and tower MLP (Linear,
+    # BatchNorm1d, ReLU, Dropout runs) is replaced; only each tower's output Linear(., 1) is not.
     left = [why for _, why in report.left_alone]
-    assert all("Softmax" in why or "no activation after it" in why for why in left), report
+    assert all("no activation after it" in why for why in left), report
+    assert any("Softmax" in what or "softmax" in what for _, what in report.replaced) == (name != "SharedBottom")
     for mode in ("train", "eval"):
         getattr(model, mode)(), getattr(converted, mode)()
         torch.testing.assert_close(converted(batch), model(batch), rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ NORM_CASES = [
     ("layer", False, False),
     ("none", False, False),
 ]
-ACTS = ["relu", "gelu", "tanh", "identity"]
+ACTS = ["relu", "gelu", "tanh", "identity", "softmax"]
 
 
 def tower(widths=(5, 7, 4), batch=9, dtype=torch.float64, seed=0, bias=True):
@@ -91,7 +91,7 @@ def test_float32_matches_float64_reference(norm, affine, running):
 GRADCHECK_CASES = [
     (norm, affine, running, act, training, dropout)
     for (norm, affine, running), act, (training, dropout) in itertools.product(
-        NORM_CASES, ["relu", "gelu", "identity"], [(True, 0.0), (True, 0.3), (False, 0.0)]
+        NORM_CASES, ["relu", "gelu", "identity", "softmax"], [(True, 0.0), (True, 0.3), (False, 0.0)]
     )
 ]
 

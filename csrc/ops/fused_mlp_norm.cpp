@@ -50,7 +50,13 @@ Checked check_args(const char* op, const at::Tensor& x, const std::vector<at::Te
                    const std::vector<at::Tensor>& running_vars, const std::string& norm, const std::string& activation,
                    double dropout, bool training, double momentum, double eps) {
   Checked r;
-  r.config = {check_norm(op, norm), check_activation(op, activation), dropout, training, momentum, eps};
+  // softmax (over each row, the last layer of a gate) is accepted here only: it is not elementwise.
+  const bool softmax = activation == "softmax";
+  TORCH_CHECK_VALUE(softmax || parse_activation(activation, &r.config.act), "fastmtl.", op,
+                    ": argument 'activation' expected one of ", activation_names(), ", softmax, got '", activation,
+                    "'");
+  r.config = {
+      check_norm(op, norm), softmax ? Activation::Identity : r.config.act, softmax, dropout, training, momentum, eps};
   check_trunk_weights(op, x, weights);
   TORCH_CHECK_VALUE(x.size(1) >= 1, "fastmtl.", op, ": argument 'x' expected at least 1 input feature, got shape ",
                     shape_str(x.sizes()));

@@ -83,7 +83,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
       invstd = in_dtype(invstd, compute);
     }
     at::Tensor act_out = act_in;
-    if (c.act != Activation::Identity) {
+    if (c.softmax) {  // a row-wise reduction: ATen's kernel, in float32 for 16-bit storage
+      act_out = in_dtype(at::_softmax(in_dtype(act_in, compute), 1, false), x.scalar_type());
+    } else if (c.act != Activation::Identity) {
       act_out = at::empty_like(act_in);
       steps.activation_apply(c.act, act_in, act_out);
     }
@@ -128,7 +130,12 @@ NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor
       grad = dropped;
     }
     at::Tensor delta = grad;
-    if (c.act != Activation::Identity) {
+    if (c.softmax) {
+      const at::Tensor& probabilities = slot(l, 3).numel() > 0 ? slot(l, 3) : out;
+      delta =
+          in_dtype(at::_softmax_backward_data(in_dtype(grad, compute), in_dtype(probabilities, compute), 1, compute),
+                   x.scalar_type());
+    } else if (c.act != Activation::Identity) {
       const at::Tensor& act_src = slot(l, 3).numel() > 0 ? slot(l, 3) : out;
       delta = at::empty_like(grad);
       steps.activation_backward(c.act, grad, act_src, delta, at::Tensor());

@@ -30,7 +30,8 @@ struct NormTrunkParams {
 
 struct NormTrunkConfig {
   NormKind norm;
-  Activation act;
+  Activation act;  // Identity when softmax
+  bool softmax;    // softmax over each row's features in place of an elementwise activation (gates)
   double dropout;  // probability of zeroing an entry, in training
   bool training;
   double momentum;  // of the running statistics (BatchNorm1d's)
@@ -43,7 +44,8 @@ struct NormTrunkConfig {
 //             norm: [B, 1]); [0] otherwise. float32 (float64 for float64 inputs).
 //   invstd    1 / sqrt(var + eps), as mean
 //   act_src   what act' reads: the activation's input (gelu, gelu_tanh, silu) or output (relu, tanh,
-//             identity); [0] for the top layer when that is the op's output itself (no dropout)
+//             identity, softmax); [0] for the top layer when that is the op's output itself (no
+//             dropout)
 //   mask      the dropout mask (bool) where dropout ran, else [0]
 inline constexpr int64_t kSavedPerLayer = 5;
 

@@ -20,7 +20,7 @@ from .nn.fused_mlp import FusedMLP, activation_name_of
 
 __all__ = ["convert", "unconvert", "ConversionReport"]
 
-_SUPPORTED = "ReLU, GELU, SiLU, Tanh, Identity"
+_SUPPORTED = "ReLU, GELU, SiLU, Tanh, Identity, Softmax(dim=1)"
 _NORMS = {nn.BatchNorm1d: "batch", nn.LayerNorm: "layer"}
 
 
@@ -411,6 +411,8 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tu
 def _activation_module(name: str) -> nn.Module:
     if name in ("gelu", "gelu_tanh"):
         return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+    if name == "softmax":
+        return nn.Softmax(dim=1)
     return {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}[name]()
 
 

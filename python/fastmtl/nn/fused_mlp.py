@@ -16,7 +16,10 @@ _MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Ide
 
 
 def activation_name_of(module: nn.Module):
-    """The fused activation name of a plain activation module, or None if it has none."""
+    """The fused activation name of a plain activation module, or None if it has none (softmax:
+    over the features of [B, d] rows, dim 1 or -1, the gates of mixture-of-experts models)."""
+    if type(module) is nn.Softmax:
+        return "softmax" if module.dim in (1, -1) else None
     if isinstance(module, nn.GELU):
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
     for cls, name in _MODULE_ACTIVATIONS.items():
@@ -36,7 +39,8 @@ class FusedMLP(nn.Module):
     Args:
         in_features: input width.
         hidden_features: the width of each layer (an int for one layer).
-        activation: ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``, ``tanh`` or ``identity``.
+        activation: ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``, ``tanh``, ``identity``, or
+            ``softmax`` over each row's features (a gate; runs :func:`fastmtl.ops.fused_mlp_norm`).
         bias: whether every layer has a bias.
         norm: ``None``, ``"batch"`` (an ``nn.BatchNorm1d`` per layer, in ``self.norms``: batch
             statistics in training, running ones in eval, its momentum / eps / buffers and state_dict
@@ -80,7 +84,8 @@ class FusedMLP(nn.Module):
             raise ValueError("FusedMLP: argument 'hidden_features' expected at least one layer width, got []")
         for i, w in enumerate([in_features] + widths):
             check_int_at_least("FusedMLP", "in_features" if i == 0 else f"hidden_features[{i - 1}]", w, 1)
-        ops.check_activation("FusedMLP", activation)
+        if activation != "softmax":  # softmax: the tower op only (it is not elementwise)
+            ops.check_activation("FusedMLP", activation)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.hidden_features = tuple(widths)
@@ -115,7 +120,7 @@ class FusedMLP(nn.Module):
     def plain_layers(self) -> bool:
         """Whether the forward is ``act(x W^T + b)`` layers alone (no norm; dropout off or in eval):
         then it runs :func:`fastmtl.ops.fused_mlp` and the engine's fused path applies."""
-        return self.norm is None and (self.dropout == 0.0 or not self.training)
+        return self.norm is None and self.activation != "softmax" and (self.dropout == 0.0 or not self.training)
 
     @property
     def op_arguments(self) -> ops.MLPArguments:
@@ -128,9 +133,10 @@ class FusedMLP(nn.Module):
         >>> [list(w.shape) for w in args.weights], args.biases, args.activation
         ([[8, 4], [2, 8]], [], 'relu')
         """
-        if self.norm is not None:
+        if self.norm is not None or self.activation == "softmax":
+            what = f"norm={self.norm!r}" if self.norm is not None else "activation='softmax'"
             raise ValueError(
-                f"FusedMLP.op_arguments: a FusedMLP with norm={self.norm!r} is not act(x W^T + b) layers "
+                f"FusedMLP.op_arguments: a FusedMLP with {what} is not elementwise act(x W^T + b) layers "
                 "(fastmtl.ops.fused_mlp's arguments); its forward calls fastmtl.ops.fused_mlp_norm"
             )
         # ParameterList's own iteration goes through string-index lookups per element, which
@@ -223,7 +229,7 @@ class FusedMLP(nn.Module):
             name = activation_name_of(act)
             if name is None:
                 raise ValueError(
-                    f"FusedMLP: module {i + 1} expected one of ReLU, GELU, SiLU, Tanh, Identity, got {type(act).__name__}"
+                    f"FusedMLP: module {i + 1} expected one of ReLU, GELU, SiLU, Tanh, Identity, Softmax(dim=1), got {type(act).__name__}"
                 )
             layers.append((linear, name))
         names = {name for _, name in layers}

@@ -42,7 +42,8 @@ def fused_mlp_norm(
         norm: ``batch`` (``nn.BatchNorm1d``: batch statistics in training, the running ones in eval
             when given; ``running_means`` / ``running_vars`` are updated in place in training, with
             ``momentum``), ``layer`` (``nn.LayerNorm`` over the features) or ``none``.
-        activation: as :func:`fastmtl.ops.fused_mlp`.
+        activation: as :func:`fastmtl.ops.fused_mlp`, or ``softmax`` (over each row's features: the
+            gates of mixture-of-experts models, ``Linear -> BatchNorm1d -> Softmax``).
         dropout: the probability of zeroing an entry after the activation, in training (torch's
             generator, as ``nn.Dropout``).
         norm_weights, norm_biases: the affine parameters of each layer's normalisation, or empty.
@@ -142,7 +143,8 @@ def _fused_mlp_norm_fake(
     momentum,
     eps,
 ):
-    check_activation("fastmtl.fused_mlp_norm", activation)
+    if activation != "softmax":
+        check_activation("fastmtl.fused_mlp_norm", activation)
     _check_norm("fused_mlp_norm", norm)
     check_devices("fused_mlp_norm", "x", x, weights=weights, biases=biases)
     rows = x.shape[0]

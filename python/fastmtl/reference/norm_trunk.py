@@ -32,7 +32,7 @@ def fused_mlp_norm(
     """The same arguments; ``dropout_masks``: the kept entries of each layer (bool ``[B, out_l]``)
     where dropout runs (training, ``dropout > 0``), in place of random ones, so that a test can
     replay the op's masks. Running statistics are updated in place, as the op does."""
-    act = activation_fn(activation)
+    act = (lambda a: torch.softmax(a, dim=-1)) if activation == "softmax" else activation_fn(activation)
     h = x
     for l, w in enumerate(weights):
         a = F.linear(h, w, biases[l] if biases else None)
