@@ -6,9 +6,9 @@ Variants (copies of the same weights, the same data):
 
   eager       the plain model (rec_models.py: rechub's MLP layers), loss.backward().
   compiled    the plain model's loss under torch.compile (backward compiled with it by AOTAutograd).
-  fastmtl     fastmtl.convert(plain model): every expert and tower MLP (Linear, BatchNorm1d, ReLU,
-              Dropout runs) one fastmtl.ops.fused_mlp_norm call; the gates and each tower's output
-              Linear stay plain (convert does not fuse softmax).
+  fastmtl     fastmtl.convert(plain model): every expert, gate and tower MLP (Linear, BatchNorm1d,
+              ReLU | Softmax, Dropout runs) one fastmtl.ops.fused_mlp_norm call; each tower's output
+              Linear(., 1) stays plain.
 
 Before timing, eager and fastmtl must agree in eval mode (outputs, rtol 1e-4); dropout makes the
 training steps random, so the timed steps are compared by shape only. One process; each repeat runs
