@@ -43,8 +43,8 @@ at::Tensor act_forward(Activation act, const at::Tensor& a) {
 // pre-activation); common/activation.h's act_backward as tensor expressions.
 at::Tensor act_backward(Activation act, const at::Tensor& grad, const at::Tensor& saved) {
   switch (act) {
-    case Activation::Relu:
-      return at::where(saved > 0, grad, at::zeros({}, grad.options()));
+    case Activation::Relu:  // grad where saved > 0, else 0: ATen's own relu-backward kernel (one pass)
+      return at::threshold_backward(grad, saved, 0);
     case Activation::Tanh:
       return grad * (1 - saved * saved);
     case Activation::Gelu: {
