@@ -33,6 +33,7 @@ from harness import (
     Variant,
     goals_table,
     markdown_table,
+    peak_memory_bytes,
     print_header,
     ratio,
     time_variants,
@@ -99,6 +100,7 @@ def make_variants(kind: str, batch: int, dtype: torch.dtype, small: bool, with_c
 def run(kind: str, batch: int, dtype: torch.dtype, args) -> dict:
     variants, replaced = make_variants(kind, batch, dtype, args.small, not args.no_compile)
     timings = time_variants(variants, args.repeats, args.warmup)
+    memory = {v.key: peak_memory_bytes(v) for v in variants}
     fast = timings["fastmtl"]["median_ms"]
     speedups = {k: t["median_ms"] / fast for k, t in timings.items() if k != "fastmtl"}
     return {
@@ -107,6 +109,7 @@ def run(kind: str, batch: int, dtype: torch.dtype, args) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "mlps_replaced": replaced,
         "variants": timings,
+        "peak_memory_bytes": memory,
         "speedup_of_fastmtl": speedups,
         "goals": [
             Goal(f"{kind} B={batch} {str(dtype).removeprefix('torch.')}: fastmtl vs {k}", GOALS[k]).evaluate(v)
@@ -138,9 +141,15 @@ def main(argv=None) -> None:
                 f"{t['fastmtl']['median_ms']:.2f}",
                 ratio(r["speedup_of_fastmtl"].get("eager")),
                 ratio(r["speedup_of_fastmtl"].get("compiled")),
+                f"{r['peak_memory_bytes']['eager'] / 2**20:.1f}",
+                f"{r['peak_memory_bytes']['fastmtl'] / 2**20:.1f}",
+                ratio(r["peak_memory_bytes"]["fastmtl"] / r["peak_memory_bytes"]["eager"]),
             )
         )  # fmt: skip
-    headers = ("model", "B", "dtype", "MLPs fused", "eager ms", "compiled ms", "fastmtl ms", "vs eager", "vs compiled")
+    headers = (
+        "model", "B", "dtype", "MLPs fused", "eager ms", "compiled ms", "fastmtl ms", "vs eager", "vs compiled",
+        "eager peak MiB", "fastmtl peak MiB", "fastmtl / eager memory",
+    )  # fmt: skip
     print(markdown_table(headers, rows))
     print()
     print(goals_table([g for r in results for g in r["goals"]]))
