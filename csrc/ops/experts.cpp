@@ -5,74 +5,12 @@
 
 #include "common/activation.h"
 #include "kernels/select.h"
-#include "ops/checks.h"
+#include "ops/expert_checks.h"
 #include "ops/expert_stack.h"
 #include "ops/gating.h"
 
 namespace fastmtl::ops {
 namespace {
-
-Activation check_activation(const char* op, const std::string& name) {
-  Activation act;
-  TORCH_CHECK_VALUE(parse_activation(name, &act), "fastmtl.", op, ": argument 'activation' expected one of ",
-                    activation_names(), ", got '", name, "'");
-  return act;
-}
-
-std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-void check_batch(const at::Tensor& x, const char* op) {
-  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "fastmtl.", op, ": argument 'x' expected a 2-D [B, d] or 3-D ",
-                    "tensor, got shape ", shape_str(x.sizes()));
-  check_compute_dtype(x, op, "x");
-  TORCH_CHECK_VALUE(x.size(-2) >= 1, "fastmtl.", op, ": argument 'x' expected a batch of at least 1 row, got shape ",
-                    shape_str(x.sizes()));
-}
-
-// ---- fused_experts
-
-void check_experts(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases) {
-  constexpr const char* op = "fused_experts";
-  check_batch(x, op);
-  TORCH_CHECK_VALUE(x.size(-1) >= 1,
-                    "fastmtl.fused_experts: argument 'x' expected at least 1 input feature "
-                    "(in_features >= 1), got shape ",
-                    shape_str(x.sizes()));
-  TORCH_CHECK_VALUE(!weights.empty(), "fastmtl.fused_experts: argument 'weights' expected at least one layer, got 0");
-  TORCH_CHECK_VALUE(biases.empty() || biases.size() == weights.size(),
-                    "fastmtl.fused_experts: argument 'biases' "
-                    "expected ",
-                    weights.size(), " tensors (one per layer) or none, got ", biases.size());
-  check_dim(weights[0], 3, op, "weights[0]");
-  const int64_t experts = weights[0].size(0);
-  TORCH_CHECK_VALUE(experts >= 1, "fastmtl.fused_experts: argument 'weights[0]' expected at least 1 expert ",
-                    "(num_experts >= 1), got shape ", shape_str(weights[0].sizes()));
-  if (x.dim() == 3) check_size(x, 0, experts, op, "x", "one input per expert: weights[0].shape[0]");
-  int64_t in_features = x.size(-1);
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const std::string name = indexed("weights", l);
-    check_dim(weights[l], 3, op, name);
-    check_like(weights[l], x, op, name, "x");
-    check_size(weights[l], 0, experts, op, name, "the number of experts, weights[0].shape[0]");
-    TORCH_CHECK_VALUE(weights[l].size(1) >= 1, "fastmtl.fused_experts: argument '", name,
-                      "' expected at least 1 output feature, got shape ", shape_str(weights[l].sizes()));
-    check_size(weights[l], 2, in_features, op, name,
-               l == 0 ? std::string("x.shape[-1]") : "weights[" + std::to_string(l - 1) + "].shape[1]");
-    in_features = weights[l].size(1);
-    if (!biases.empty()) {
-      const std::string bname = indexed("biases", l);
-      check_dim(biases[l], 2, op, bname);
-      check_like(biases[l], x, op, bname, "x");
-      check_size(biases[l], 0, experts, op, bname, "the number of experts");
-      check_size(biases[l], 1, in_features, op, bname, name + ".shape[1]");
-    }
-  }
-}
 
 template <kernels::Choice choice>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_experts_entry(const at::Tensor& x,
@@ -80,7 +18,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_experts_entry(const at::Te
                                                                     const std::vector<at::Tensor>& biases,
                                                                     const std::string& activation) {
   const Activation act = check_activation("fused_experts", activation);
-  check_experts(x, weights, biases);
+  check_experts("fused_experts", x, weights, biases);
   const OpDeviceGuard guard(x);
   return experts_forward(kernels::steps_for("fused_experts", x, choice), x.contiguous(), contiguous_all(weights),
                          contiguous_all(biases), act);
@@ -92,7 +30,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_e
     const std::vector<at::Tensor>& saved, const std::string& activation, bool has_bias, bool need_input_grad) {
   constexpr const char* op = "fused_experts_backward";
   const Activation act = check_activation(op, activation);
-  check_experts(x, weights, {});
+  check_experts(op, x, weights, {});
   const size_t expected_saved = saved_kind(act) == SavedKind::Pre ? weights.size() : weights.size() - 1;
   TORCH_CHECK_VALUE(saved.size() == expected_saved, "fastmtl.fused_experts_backward: argument 'saved' expected ",
                     expected_saved, " tensors for activation '", activation, "', got ", saved.size());

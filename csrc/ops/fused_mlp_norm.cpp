@@ -4,7 +4,7 @@
 
 #include "kernels/select.h"
 #include "ops/norm_trunk.h"
-#include "ops/trunk_checks.h"
+#include "ops/expert_checks.h"
 
 namespace fastmtl::ops {
 namespace {
@@ -16,17 +16,19 @@ NormKind check_norm(const char* op, const std::string& name) {
   TORCH_CHECK_VALUE(false, "fastmtl.", op, ": argument 'norm' expected one of none, batch, layer, got '", name, "'");
 }
 
-// A per-layer list: empty, or one 1-D [d_l] tensor per layer on x's device, in x's dtype, or for
-// the normalisation's tensors (`any_float`) in any floating dtype: autocast keeps them float32
-// beside 16-bit x, and the op normalises in float32 (float64 for float64 x) whatever they are.
+// A per-layer list: empty, or one tensor per layer on x's device: [d_l] ([E, d_l] for stacked
+// towers), in x's dtype, or for the normalisation's tensors (`any_float`) in any floating dtype:
+// autocast keeps them float32 beside 16-bit x, and the op normalises in float32 (float64 for
+// float64 x) whatever they are.
 void check_layer_vectors(const char* op, const char* arg, const std::vector<at::Tensor>& list, const at::Tensor& x,
                          const std::vector<at::Tensor>& weights, bool any_float) {
   if (list.empty()) return;
   TORCH_CHECK_VALUE(list.size() == weights.size(), "fastmtl.", op, ": argument '", arg, "' expected ", weights.size(),
                     " tensors (one per layer) or none, got ", list.size());
+  const bool stacked = weights[0].dim() == 3;
   for (size_t l = 0; l < list.size(); ++l) {
     const std::string name = indexed(arg, l);
-    check_dim(list[l], 1, op, name);
+    check_dim(list[l], stacked ? 2 : 1, op, name);
     if (any_float) {
       TORCH_CHECK_TYPE(list[l].is_floating_point(), "fastmtl.", op, ": argument '", name,
                        "' expected a floating dtype, got ", dtype_name(list[l].scalar_type()));
@@ -35,8 +37,34 @@ void check_layer_vectors(const char* op, const char* arg, const std::vector<at::
     } else {
       check_like(list[l], x, op, name, "x");
     }
-    check_size(list[l], 0, weights[l].size(0), op, name, "weights[" + std::to_string(l) + "].shape[0]");
+    const std::string weight = "weights[" + std::to_string(l) + "]";
+    if (stacked) {
+      check_size(list[l], 0, weights[l].size(0), op, name, weight + ".shape[0] (the number of towers)");
+      check_size(list[l], 1, weights[l].size(1), op, name, weight + ".shape[1]");
+    } else {
+      check_size(list[l], 0, weights[l].size(0), op, name, weight + ".shape[0]");
+    }
   }
+}
+
+// The tower's weights: 2-D [out, in] per layer (x [B, d]), or 3-D [E, out, in] per layer for E
+// stacked towers (x [B, d] shared or [E, B, d]); biases checked with them in the stacked form.
+void check_tower_weights(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                         const std::vector<at::Tensor>& biases) {
+  if (!weights.empty() && weights[0].dim() == 3) {
+    check_experts(op, x, weights, biases);
+    return;
+  }
+  check_trunk_weights(op, x, weights);
+  TORCH_CHECK_VALUE(x.size(1) >= 1, "fastmtl.", op, ": argument 'x' expected at least 1 input feature, got shape ",
+                    shape_str(x.sizes()));
+  check_layer_vectors(op, "biases", biases, x, weights, false);
+}
+
+// [rows, d] (or [E, rows, d] stacked): the shape of layer l's activations.
+std::vector<int64_t> activation_shape(const std::vector<at::Tensor>& weights, size_t l, int64_t rows) {
+  const at::Tensor& w = weights[l];
+  return w.dim() == 3 ? std::vector<int64_t>{w.size(0), rows, w.size(1)} : std::vector<int64_t>{rows, w.size(0)};
 }
 
 struct Checked {
@@ -57,10 +85,7 @@ Checked check_args(const char* op, const at::Tensor& x, const std::vector<at::Te
                     "'");
   r.config = {
       check_norm(op, norm), softmax ? Activation::Identity : r.config.act, softmax, dropout, training, momentum, eps};
-  check_trunk_weights(op, x, weights);
-  TORCH_CHECK_VALUE(x.size(1) >= 1, "fastmtl.", op, ": argument 'x' expected at least 1 input feature, got shape ",
-                    shape_str(x.sizes()));
-  check_layer_vectors(op, "biases", biases, x, weights, false);
+  check_tower_weights(op, x, weights, biases);
   check_layer_vectors(op, "norm_weights", norm_weights, x, weights, true);
   check_layer_vectors(op, "norm_biases", norm_biases, x, weights, true);
   check_layer_vectors(op, "running_means", running_means, x, weights, true);
@@ -85,7 +110,7 @@ Checked check_args(const char* op, const at::Tensor& x, const std::vector<at::Te
   TORCH_CHECK_VALUE(eps > 0.0, "fastmtl.", op, ": argument 'eps' expected a value > 0, got ", eps);
   r.params = {weights, biases, norm_weights, norm_biases, running_means, running_vars};
   if (kind == NormKind::Batch && uses_batch_statistics(r.config, r.params))
-    TORCH_CHECK_VALUE(x.size(0) > 1, "fastmtl.", op,
+    TORCH_CHECK_VALUE(x.size(-2) > 1, "fastmtl.", op,
                       ": argument 'x' expected more than 1 row for batch statistics (training batch norm), got "
                       "shape ",
                       shape_str(x.sizes()));
@@ -120,11 +145,12 @@ fused_mlp_norm_backward_entry(const at::Tensor& grad_out, const at::Tensor& x, c
   constexpr const char* op = "fused_mlp_norm_backward";
   Checked c = check_args(op, x, weights, biases, norm_weights, norm_biases, running_means, running_vars, norm,
                          activation, dropout, training, momentum, eps);
-  const int64_t rows = x.size(0);
+  const int64_t rows = x.size(-2);
+  const bool stacked = is_stacked(c.params);
   check_like(out, x, op, "out", "x");
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == rows && out.size(1) == weights.back().size(0), "fastmtl.", op,
-                    ": argument 'out' expected shape [", rows, ", ", weights.back().size(0), "], got ",
-                    shape_str(out.sizes()));
+  const std::vector<int64_t> out_shape = activation_shape(weights, weights.size() - 1, rows);
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), "fastmtl.", op, ": argument 'out' expected shape ",
+                    shape_str(out_shape), ", got ", shape_str(out.sizes()));
   check_like(grad_out, out, op, "grad_out", "out");
   TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes(), "fastmtl.", op, ": argument 'grad_out' expected shape ",
                     shape_str(out.sizes()), " (the shape of 'out'), got ", shape_str(grad_out.sizes()));
@@ -132,31 +158,33 @@ fused_mlp_norm_backward_entry(const at::Tensor& grad_out, const at::Tensor& x, c
   TORCH_CHECK_VALUE(saved.size() == expected, "fastmtl.", op, ": argument 'saved' expected ", expected,
                     " tensors (as fused_mlp_norm returned them), got ", saved.size());
   for (size_t l = 0; l < weights.size(); ++l) {
-    const int64_t cols = weights[l].size(0);
+    const std::vector<int64_t> activations = activation_shape(weights, l, rows);
+    // Statistics: batch norm one per (tower,) feature; layer norm one per (tower,) row.
+    std::vector<int64_t> stats =
+        c.config.norm == NormKind::Layer ? std::vector<int64_t>{rows, 1} : std::vector<int64_t>{activations.back()};
+    if (stacked) stats.insert(stats.begin(), weights[l].size(0));
     for (int64_t k = 0; k < kSavedPerLayer; ++k) {
       const at::Tensor& t = saved[kSavedPerLayer * l + k];
       const std::string name = indexed("saved", kSavedPerLayer * l + k);
       TORCH_CHECK_VALUE(t.device() == x.device(), "fastmtl.", op, ": argument '", name, "' expected device ",
                         x.device(), ", got ", t.device());
       if (t.numel() == 0) continue;
-      const bool stats = k == 1 || k == 2;
+      const bool is_stats = k == 1 || k == 2;
       if (k == 0 || k == 3) check_like(t, x, op, name, "x");
       if (k == 4)
         TORCH_CHECK_TYPE(t.scalar_type() == at::kBool, "fastmtl.", op, ": argument '", name,
                          "' expected dtype torch.bool (a dropout mask), got ", dtype_name(t.scalar_type()));
-      if (stats)
+      if (is_stats)
         TORCH_CHECK_TYPE(t.is_floating_point(), "fastmtl.", op, ": argument '", name,
                          "' expected a floating dtype (normalisation statistics), got ", dtype_name(t.scalar_type()));
-      const std::vector<int64_t> shape = !stats                             ? std::vector<int64_t>{rows, cols}
-                                         : c.config.norm == NormKind::Layer ? std::vector<int64_t>{rows, 1}
-                                                                            : std::vector<int64_t>{cols};
+      const std::vector<int64_t>& shape = is_stats ? stats : activations;
       TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "fastmtl.", op, ": argument '", name, "' expected shape ",
                         shape_str(shape), " or [0] (as fused_mlp_norm returned it), got ", shape_str(t.sizes()));
     }
     const bool needs_pre = c.config.norm != NormKind::None;
     TORCH_CHECK_VALUE(!needs_pre || saved[kSavedPerLayer * l].numel() > 0, "fastmtl.", op, ": argument '",
-                      indexed("saved", kSavedPerLayer * l), "' expected the pre-normalisation [", rows, ", ", cols,
-                      "] (as fused_mlp_norm returned it), got [0]");
+                      indexed("saved", kSavedPerLayer * l), "' expected the pre-normalisation ", shape_str(activations),
+                      " (as fused_mlp_norm returned it), got [0]");
   }
   const OpDeviceGuard guard(x);
   NormTrunkGrads g = norm_trunk_backward(kernels::steps_for(op, x, choice), grad_out.contiguous(), x.contiguous(),

@@ -18,12 +18,118 @@ at::Tensor at_layer(const std::vector<at::Tensor>& list, size_t l) { return list
 
 bool reads_output(Activation act) { return act == Activation::Identity || saved_kind(act) == SavedKind::Post; }
 
+// The step interface takes row-major matrices: the stacked [E, B, d] as [E * B, d] (a view).
+at::Tensor rows_of(const at::Tensor& t) { return t.dim() == 2 ? t : t.view({-1, t.size(-1)}); }
+
 // The output of layer l's activation, from what was saved: act_src itself, or act(act_src).
 at::Tensor activation_output(const kernels::Steps& steps, Activation act, const at::Tensor& act_src) {
   if (reads_output(act)) return act_src;
   at::Tensor out = at::empty_like(act_src);
-  steps.activation_apply(act, act_src, out);
+  steps.activation_apply(act, rows_of(act_src), rows_of(out));
   return out;
+}
+
+// The stacked towers' input to a batched GEMM: x [B, d] shared by all E is broadcast (a view).
+at::Tensor batched_input(const at::Tensor& h, int64_t experts) {
+  return h.dim() == 2 ? h.unsqueeze(0).expand({experts, h.size(0), h.size(1)}) : h;
+}
+
+// z W^T + b: one GEMM, batched over the stacked towers.
+at::Tensor layer_gemm(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
+  if (weight.dim() == 2) return bias.defined() ? at::addmm(bias, h, weight.t()) : at::mm(h, weight.t());
+  const at::Tensor input = batched_input(h, weight.size(0));
+  return bias.defined() ? at::baddbmm(bias.unsqueeze(1), input, weight.transpose(1, 2))
+                        : at::bmm(input, weight.transpose(1, 2));
+}
+
+// d weight = grad_pre^T input, per tower.
+at::Tensor weight_grad(const at::Tensor& grad_pre, const at::Tensor& input, const at::Tensor& weight) {
+  if (weight.dim() == 2) return at::mm(grad_pre.t(), input);
+  return at::bmm(grad_pre.transpose(1, 2), batched_input(input, weight.size(0)));
+}
+
+// d input = grad_pre W; a shared x [B, d] sums over the towers: one GEMM over [B, E * out].
+at::Tensor input_grad(const at::Tensor& grad_pre, const at::Tensor& weight, const at::Tensor& input) {
+  if (weight.dim() == 2) return at::mm(grad_pre, weight);
+  if (input.dim() == 3) return at::bmm(grad_pre, weight);
+  const int64_t experts = weight.size(0), rows = grad_pre.size(1), cols = weight.size(1);
+  return at::mm(grad_pre.transpose(0, 1).reshape({rows, experts * cols}), weight.reshape({experts * cols, -1}));
+}
+
+// ---- the stacked towers' normalisation, [E, B, d] in the compute dtype. ATen's batch-norm kernels
+// take channels at dim 1 and the layer-norm kernel one affine vector for every row: neither fits
+// E towers' own (tower, feature) statistics and parameters, so those are written here with ATen
+// reductions and fused multiply-adds (per-channel scale and shift: one pass each way).
+
+struct StackedNorm {
+  at::Tensor normed, mean, invstd;  // mean / invstd: batch [E, d], layer [E, B, 1]
+};
+
+// BatchNorm1d per (tower, feature): batch statistics (biased variance) in training, running ones
+// in eval; the running statistics are updated in place (the caller passes copies).
+StackedNorm stacked_batch_norm(const at::Tensor& pre, const at::Tensor& gamma, const at::Tensor& beta,
+                               const at::Tensor& running_mean, const at::Tensor& running_var, bool batch_stats,
+                               double momentum, double eps) {
+  at::Tensor mean, var;
+  if (batch_stats) {
+    std::tie(var, mean) = at::var_mean(pre, {1}, /*correction=*/0, /*keepdim=*/false);
+    if (running_mean.defined()) {
+      const int64_t rows = pre.size(1);
+      running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+      running_var.mul_(1.0 - momentum)
+          .add_(var.to(running_var.scalar_type()),
+                momentum * static_cast<double>(rows) / static_cast<double>(rows - 1));
+    }
+  } else {
+    mean = running_mean;
+    var = running_var;
+  }
+  const at::Tensor invstd = at::rsqrt(var + eps);
+  const at::Tensor scale = gamma.defined() ? invstd * gamma : invstd;
+  at::Tensor shift = -mean * scale;
+  if (beta.defined()) shift = shift + beta;
+  return {at::addcmul(shift.unsqueeze(1), pre, scale.unsqueeze(1)), mean, invstd};
+}
+
+// LayerNorm per (tower, row) over the features, with tower e's own affine parameters.
+StackedNorm stacked_layer_norm(const at::Tensor& pre, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  auto [normed, mean, invstd] = at::native_layer_norm(pre, {pre.size(-1)}, at::Tensor(), at::Tensor(), eps);
+  if (gamma.defined()) normed = at::addcmul(beta.unsqueeze(1), normed, gamma.unsqueeze(1));
+  return {normed, mean, invstd};
+}
+
+// (d pre, d gamma, d beta) of stacked_batch_norm; mean / invstd are the batch statistics, or the
+// running mean and 1/sqrt(running var + eps) in eval.
+std::array<at::Tensor, 3> stacked_batch_norm_backward(const at::Tensor& grad, const at::Tensor& pre,
+                                                      const at::Tensor& gamma, const at::Tensor& mean,
+                                                      const at::Tensor& invstd, bool batch_stats) {
+  const at::Tensor centred = pre - mean.unsqueeze(1);
+  const at::Tensor sum_grad = grad.sum({1});
+  const at::Tensor sum_grad_centred = (grad * centred).sum({1});
+  const at::Tensor scale = gamma.defined() ? invstd * gamma : invstd;
+  at::Tensor grad_pre;
+  if (batch_stats) {
+    // d pre = scale (g - mean_B(g) - xhat mean_B(g xhat)), xhat = centred * invstd.
+    const double inv_rows = 1.0 / static_cast<double>(pre.size(1));
+    const at::Tensor centred_coef = -scale * invstd * invstd * sum_grad_centred * inv_rows;
+    const at::Tensor constant = -scale * sum_grad * inv_rows;
+    grad_pre =
+        at::addcmul(at::addcmul(constant.unsqueeze(1), grad, scale.unsqueeze(1)), centred, centred_coef.unsqueeze(1));
+  } else {
+    grad_pre = grad * scale.unsqueeze(1);
+  }
+  return {grad_pre, gamma.defined() ? sum_grad_centred * invstd : at::Tensor(), sum_grad};
+}
+
+std::array<at::Tensor, 3> stacked_layer_norm_backward(const at::Tensor& grad, const at::Tensor& pre,
+                                                      const at::Tensor& gamma, const at::Tensor& mean,
+                                                      const at::Tensor& invstd) {
+  const at::Tensor grad_normed = gamma.defined() ? grad * gamma.unsqueeze(1) : grad;
+  at::Tensor grad_pre = std::get<0>(at::native_layer_norm_backward(grad_normed, pre, {pre.size(-1)}, mean, invstd,
+                                                                   at::Tensor(), at::Tensor(), {true, false, false}));
+  if (!gamma.defined()) return {grad_pre, at::Tensor(), at::Tensor()};
+  const at::Tensor normed = (pre - mean) * invstd;
+  return {grad_pre, (grad * normed).sum({1}), grad.sum({1})};
 }
 
 }  // namespace
@@ -33,6 +139,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
                                                                                             const NormTrunkParams& p,
                                                                                             const NormTrunkConfig& c) {
   const size_t num_layers = p.weights.size();
+  const bool stacked = is_stacked(p);
   const at::ScalarType compute = norm_dtype(x);
   // Placeholders for what a layer does not save: a fresh [0] tensor each (returns of an op must
   // not alias one another).
@@ -46,12 +153,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
   at::Tensor h = x;
   for (size_t l = 0; l < num_layers; ++l) {
     const bool top = l + 1 == num_layers;
-    const at::Tensor bias = at_layer(p.biases, l);
-    at::Tensor pre = bias.defined() ? at::addmm(bias, h, p.weights[l].t()) : at::mm(h, p.weights[l].t());
+    at::Tensor pre = layer_gemm(h, p.weights[l], at_layer(p.biases, l));
     at::Tensor act_in = pre, mean = no_stats(), invstd = no_stats();
     if (c.norm != NormKind::None) {
       const at::Tensor gamma = in_dtype(at_layer(p.norm_weights, l), compute);
       const at::Tensor beta = in_dtype(at_layer(p.norm_biases, l), compute);
+      const at::Tensor pre_c = in_dtype(pre, compute);
       at::Tensor normed;
       if (c.norm == NormKind::Batch) {
         // The kernel updates running statistics in place: it gets copies (the inputs stay as they
@@ -62,8 +169,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
           if (mean_c.is_same(running_mean)) mean_c = mean_c.clone();
           if (var_c.is_same(running_var)) var_c = var_c.clone();
         }
-        std::tie(normed, mean, invstd) =
-            at::native_batch_norm(in_dtype(pre, compute), gamma, beta, mean_c, var_c, batch_stats, c.momentum, c.eps);
+        if (stacked) {
+          StackedNorm n = stacked_batch_norm(pre_c, gamma, beta, mean_c, var_c, batch_stats, c.momentum, c.eps);
+          normed = n.normed, mean = n.mean, invstd = n.invstd;
+        } else {
+          std::tie(normed, mean, invstd) =
+              at::native_batch_norm(pre_c, gamma, beta, mean_c, var_c, batch_stats, c.momentum, c.eps);
+        }
         if (updates_running) {
           new_means.push_back(in_dtype(mean_c, running_mean.scalar_type()));
           new_vars.push_back(in_dtype(var_c, running_var.scalar_type()));
@@ -74,9 +186,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
           mean = no_stats();
           invstd = no_stats();
         }
+      } else if (stacked) {
+        StackedNorm n = stacked_layer_norm(pre_c, gamma, beta, c.eps);
+        normed = n.normed, mean = n.mean, invstd = n.invstd;
       } else {
-        std::tie(normed, mean, invstd) =
-            at::native_layer_norm(in_dtype(pre, compute), {pre.size(1)}, gamma, beta, c.eps);
+        std::tie(normed, mean, invstd) = at::native_layer_norm(pre_c, {pre.size(-1)}, gamma, beta, c.eps);
       }
       act_in = in_dtype(normed, x.scalar_type());
       mean = in_dtype(mean, compute);
@@ -84,17 +198,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
     }
     at::Tensor act_out = act_in;
     if (c.softmax) {  // a row-wise reduction: ATen's kernel, in float32 for 16-bit storage
-      act_out = in_dtype(at::_softmax(in_dtype(act_in, compute), 1, false), x.scalar_type());
+      act_out = in_dtype(at::_softmax(in_dtype(act_in, compute), -1, false), x.scalar_type());
     } else if (c.act != Activation::Identity) {
       act_out = at::empty_like(act_in);
-      steps.activation_apply(c.act, act_in, act_out);
+      steps.activation_apply(c.act, rows_of(act_in), rows_of(act_out));
     }
     at::Tensor mask = none();
     h = act_out;
     if (dropping) {
       h = at::empty_like(act_out);
       mask = at::empty(act_out.sizes(), act_out.options().dtype(at::kBool));
-      steps.dropout_forward(c.dropout, act_out, mask, h);
+      steps.dropout_forward(c.dropout, rows_of(act_out), rows_of(mask), rows_of(h));
     }
     at::Tensor act_src = reads_output(c.act) ? act_out : act_in;
     if (top && !dropping && reads_output(c.act)) act_src = none();  // it is the output: not saved twice
@@ -108,6 +222,7 @@ NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor
                                    const NormTrunkParams& p, const NormTrunkConfig& c, const at::Tensor& out,
                                    const std::vector<at::Tensor>& saved, bool need_input_grad) {
   const size_t num_layers = p.weights.size();
+  const bool stacked = is_stacked(p);
   const at::ScalarType compute = norm_dtype(x);
   const bool batch_stats = uses_batch_statistics(c, p);
   const bool affine = !p.norm_weights.empty();
@@ -126,55 +241,67 @@ NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor
     const at::Tensor& mask = slot(l, 4);
     if (mask.numel() > 0) {
       at::Tensor dropped = at::empty_like(grad);
-      steps.dropout_apply(c.dropout, mask, grad, dropped);
+      steps.dropout_apply(c.dropout, rows_of(mask), rows_of(grad), rows_of(dropped));
       grad = dropped;
     }
     at::Tensor delta = grad;
     if (c.softmax) {
       const at::Tensor& probabilities = slot(l, 3).numel() > 0 ? slot(l, 3) : out;
       delta =
-          in_dtype(at::_softmax_backward_data(in_dtype(grad, compute), in_dtype(probabilities, compute), 1, compute),
+          in_dtype(at::_softmax_backward_data(in_dtype(grad, compute), in_dtype(probabilities, compute), -1, compute),
                    x.scalar_type());
     } else if (c.act != Activation::Identity) {
       const at::Tensor& act_src = slot(l, 3).numel() > 0 ? slot(l, 3) : out;
       delta = at::empty_like(grad);
-      steps.activation_backward(c.act, grad, act_src, delta, at::Tensor());
+      steps.activation_backward(c.act, rows_of(grad), rows_of(act_src), rows_of(delta), at::Tensor());
     }
     at::Tensor grad_pre = delta;
     if (c.norm != NormKind::None) {
       const at::Tensor gamma = at_layer(p.norm_weights, l);
-      const std::array<bool, 3> mask3{true, affine, affine};
-      std::tuple<at::Tensor, at::Tensor, at::Tensor> r;
-      if (c.norm == NormKind::Batch) {
-        r = at::native_batch_norm_backward(
-            in_dtype(delta, compute), in_dtype(pre, compute), in_dtype(gamma, compute),
-            in_dtype(at_layer(p.running_means, l), compute), in_dtype(at_layer(p.running_vars, l), compute),
-            in_dtype(slot(l, 1), compute), in_dtype(slot(l, 2), compute), batch_stats, c.eps, mask3);
+      const at::Tensor delta_c = in_dtype(delta, compute), pre_c = in_dtype(pre, compute);
+      const at::Tensor gamma_c = in_dtype(gamma, compute);
+      std::array<at::Tensor, 3> r;
+      if (c.norm == NormKind::Batch && stacked) {
+        at::Tensor mean = in_dtype(slot(l, 1), compute), invstd = in_dtype(slot(l, 2), compute);
+        if (!batch_stats) {
+          mean = in_dtype(p.running_means[l], compute);
+          invstd = at::rsqrt(in_dtype(p.running_vars[l], compute) + c.eps);
+        }
+        r = stacked_batch_norm_backward(delta_c, pre_c, gamma_c, mean, invstd, batch_stats);
+      } else if (c.norm == NormKind::Batch) {
+        const std::array<bool, 3> mask3{true, affine, affine};
+        std::tie(r[0], r[1], r[2]) = at::native_batch_norm_backward(
+            delta_c, pre_c, gamma_c, in_dtype(at_layer(p.running_means, l), compute),
+            in_dtype(at_layer(p.running_vars, l), compute), in_dtype(slot(l, 1), compute),
+            in_dtype(slot(l, 2), compute), batch_stats, c.eps, mask3);
+      } else if (stacked) {
+        r = stacked_layer_norm_backward(delta_c, pre_c, gamma_c, in_dtype(slot(l, 1), compute),
+                                        in_dtype(slot(l, 2), compute));
       } else {
-        r = at::native_layer_norm_backward(in_dtype(delta, compute), in_dtype(pre, compute), {pre.size(1)},
-                                           in_dtype(slot(l, 1), compute), in_dtype(slot(l, 2), compute),
-                                           in_dtype(gamma, compute), in_dtype(at_layer(p.norm_biases, l), compute),
-                                           mask3);
+        const std::array<bool, 3> mask3{true, affine, affine};
+        std::tie(r[0], r[1], r[2]) = at::native_layer_norm_backward(
+            delta_c, pre_c, {pre.size(-1)}, in_dtype(slot(l, 1), compute), in_dtype(slot(l, 2), compute), gamma_c,
+            in_dtype(at_layer(p.norm_biases, l), compute), mask3);
       }
-      grad_pre = in_dtype(std::get<0>(r), x.scalar_type());
+      grad_pre = in_dtype(r[0], x.scalar_type());
       if (affine) {
-        g.norm_weights[l] = in_dtype(std::get<1>(r), gamma.scalar_type());
-        g.norm_biases[l] = in_dtype(std::get<2>(r), p.norm_biases[l].scalar_type());
+        g.norm_weights[l] = in_dtype(r[1], gamma.scalar_type());
+        g.norm_biases[l] = in_dtype(r[2], p.norm_biases[l].scalar_type());
       }
     }
-    if (!p.biases.empty()) g.biases[l] = at::sum(grad_pre, {0}, false, compute).to(x.scalar_type());
+    if (!p.biases.empty()) g.biases[l] = at::sum(grad_pre, {stacked ? 1 : 0}, false, compute).to(x.scalar_type());
     // This layer's input: x, or the layer below's output recomputed from what it saved.
     at::Tensor layer_input = x;
     if (l > 0) {
       layer_input = activation_output(steps, c.act, slot(l - 1, 3));
       if (slot(l - 1, 4).numel() > 0) {
         at::Tensor dropped = at::empty_like(layer_input);
-        steps.dropout_apply(c.dropout, slot(l - 1, 4), layer_input, dropped);
+        steps.dropout_apply(c.dropout, rows_of(slot(l - 1, 4)), rows_of(layer_input), rows_of(dropped));
         layer_input = dropped;
       }
     }
-    g.weights[l] = at::mm(grad_pre.t(), layer_input);
-    if (l > 0 || need_input_grad) grad = at::mm(grad_pre, p.weights[l]);
+    g.weights[l] = weight_grad(grad_pre, layer_input, p.weights[l]);
+    if (l > 0 || need_input_grad) grad = input_grad(grad_pre, p.weights[l], layer_input);
   }
   g.input = need_input_grad ? grad : at::empty({0}, x.options());
   return g;

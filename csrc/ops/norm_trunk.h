@@ -5,6 +5,12 @@
 // the activation and dropout by the kernel interface (kernels/steps.h; the mask from torch's
 // generator). Inputs are checked and contiguous (ops/fused_mlp_norm.cpp).
 //
+// Stacked form: weights [E, out, in] are E towers with the same widths (the experts of MMoE / PLE,
+// the per-task towers), run together: x [B, d] (shared) or [E, B, d], activations [E, B, out],
+// one batched GEMM per layer, per-layer vectors (biases, normalisation parameters, running
+// statistics) [E, out]. Batch norm normalises every (tower, feature) over the batch, layer norm
+// every (tower, row) over the features, as E separate BatchNorm1d / LayerNorm modules would.
+//
 // 16-bit storage: GEMMs in 16-bit (float32 accumulation), the normalisation in float32 with
 // float32 statistics, one rounding to the storage dtype; the updated running statistics come back
 // in their own dtype.
@@ -41,7 +47,8 @@ struct NormTrunkConfig {
 // What fused_mlp_norm saves per layer, in this order (kSavedPerLayer tensors per layer).
 //   pre       the GEMM + bias output (the normalisation's input); [0] without normalisation
 //   mean      the batch mean (batch norm in training / without running statistics: [d]; layer
-//             norm: [B, 1]); [0] otherwise. float32 (float64 for float64 inputs).
+//             norm: [B, 1]); [0] otherwise. float32 (float64 for float64 inputs). Stacked: the
+//             leading E ([E, d], [E, B, 1]) on these and on every other saved tensor.
 //   invstd    1 / sqrt(var + eps), as mean
 //   act_src   what act' reads: the activation's input (gelu, gelu_tanh, silu) or output (relu, tanh,
 //             identity, softmax); [0] for the top layer when that is the op's output itself (no
@@ -53,6 +60,9 @@ inline constexpr int64_t kSavedPerLayer = 5;
 inline bool uses_batch_statistics(const NormTrunkConfig& c, const NormTrunkParams& p) {
   return c.training || p.running_means.empty();
 }
+
+// E stacked towers (weights [E, out, in]) rather than one.
+inline bool is_stacked(const NormTrunkParams& p) { return p.weights[0].dim() == 3; }
 
 // Returns (output, saved, the updated running statistics: means then variances, in the running
 // statistics' dtype, when training with them; else empty). The inputs are not modified.

@@ -36,9 +36,13 @@ def fused_mlp_norm(
     """A tower in one call: ``z_l = dropout(act(norm(z_{l-1} W_l^T + b_l)))`` for every layer.
 
     Args:
-        x: ``[B, in_features]``, float32, float64, bfloat16 or float16.
+        x: ``[B, in_features]``, float32, float64, bfloat16 or float16; ``[E, B, in_features]``
+            for stacked towers with one input each.
         weights, biases: ``W_l`` ``[out_l, in_l]`` and ``b_l`` ``[out_l]`` per layer (biases: all
-            or none).
+            or none). Stacked towers: ``[E, out_l, in_l]`` and ``[E, out_l]``, E towers of the same
+            widths run together (the experts of MMoE / PLE, per-task towers), each with its own
+            normalisation (``[E, out_l]`` parameters and running statistics): the same as E
+            separate towers, in one call with one batched GEMM per layer.
         norm: ``batch`` (``nn.BatchNorm1d``: batch statistics in training, the running ones in eval
             when given; ``running_means`` / ``running_vars`` are updated in place in training, with
             ``momentum``), ``layer`` (``nn.LayerNorm`` over the features) or ``none``.
@@ -48,7 +52,7 @@ def fused_mlp_norm(
             generator, as ``nn.Dropout``).
         norm_weights, norm_biases: the affine parameters of each layer's normalisation, or empty.
 
-    Returns: ``[B, out_L]``.
+    Returns: ``[B, out_L]`` (stacked: ``[E, B, out_L]``).
 
     >>> import torch, fastmtl
     >>> x = torch.randn(8, 3)
@@ -147,7 +151,8 @@ def _fused_mlp_norm_fake(
         check_activation("fastmtl.fused_mlp_norm", activation)
     _check_norm("fused_mlp_norm", norm)
     check_devices("fused_mlp_norm", "x", x, weights=weights, biases=biases)
-    rows = x.shape[0]
+    rows = x.shape[-2]
+    stacked = weights[0].dim() == 3
     batch_stats = training or not running_means
     dropping = training and dropout > 0.0
     reads_output = activation not in PRE_ACTIVATION_SAVED
@@ -160,22 +165,25 @@ def _fused_mlp_norm_fake(
 
     saved = []
     for l, w in enumerate(weights):
-        cols = w.shape[0]
+        towers = (w.shape[0],) if stacked else ()
+        cols = w.shape[-2]
+        activations = (*towers, rows, cols)
         top = l + 1 == len(weights)
-        pre = x.new_empty((rows, cols)) if norm != "none" else none()
+        pre = x.new_empty(activations) if norm != "none" else none()
         if norm == "batch" and batch_stats:
-            mean, invstd = x.new_empty((cols,), dtype=_stat_dtype(x)), x.new_empty((cols,), dtype=_stat_dtype(x))
+            mean, invstd = (x.new_empty((*towers, cols), dtype=_stat_dtype(x)) for _ in range(2))
         elif norm == "layer":
-            mean, invstd = x.new_empty((rows, 1), dtype=_stat_dtype(x)), x.new_empty((rows, 1), dtype=_stat_dtype(x))
+            mean, invstd = (x.new_empty((*towers, rows, 1), dtype=_stat_dtype(x)) for _ in range(2))
         else:
             mean, invstd = no_stats(), no_stats()
-        act_src = none() if top and not dropping and reads_output else x.new_empty((rows, cols))
-        mask = x.new_empty((rows, cols), dtype=torch.bool) if dropping else none()
+        act_src = none() if top and not dropping and reads_output else x.new_empty(activations)
+        mask = x.new_empty(activations, dtype=torch.bool) if dropping else none()
         saved += [pre, mean, invstd, act_src, mask]
     updated = (
         [t.new_empty(t.shape) for t in list(running_means) + list(running_vars)] if training and norm == "batch" else []
     )
-    return x.new_empty((rows, weights[-1].shape[0])), saved, updated
+    towers = (weights[-1].shape[0],) if stacked else ()
+    return x.new_empty((*towers, rows, weights[-1].shape[-2])), saved, updated
 
 
 @torch.library.register_fake("fastmtl::fused_mlp_norm_backward")

@@ -31,7 +31,34 @@ def fused_mlp_norm(
 ) -> torch.Tensor:
     """The same arguments; ``dropout_masks``: the kept entries of each layer (bool ``[B, out_l]``)
     where dropout runs (training, ``dropout > 0``), in place of random ones, so that a test can
-    replay the op's masks. Running statistics are updated in place, as the op does."""
+    replay the op's masks. Running statistics are updated in place, as the op does. Stacked towers
+    (3-D weights) run one by one, each with its own slice of every per-layer tensor."""
+    if weights[0].dim() == 3:
+        outputs = []
+        for e in range(weights[0].shape[0]):
+
+            def own(tensors, e=e):
+                return [t[e] for t in tensors]
+
+            outputs.append(
+                fused_mlp_norm(
+                    x if x.dim() == 2 else x[e],
+                    own(weights),
+                    own(biases),
+                    norm,
+                    activation,
+                    dropout,
+                    training,
+                    own(norm_weights),
+                    own(norm_biases),
+                    own(running_means),
+                    own(running_vars),
+                    momentum,
+                    eps,
+                    None if dropout_masks is None else own(dropout_masks),
+                )
+            )
+        return torch.stack(outputs)
     act = (lambda a: torch.softmax(a, dim=-1)) if activation == "softmax" else activation_fn(activation)
     h = x
     for l, w in enumerate(weights):
