@@ -108,3 +108,49 @@ def test_ddp_gram_is_checked():
     x, targets = shard(0)
     with pytest.raises(ValueError, match="'ddp_gram' expected one of"):
         model.mtl_backward(x, targets, agg.UPGrad(), ddp_gram="global")
+
+
+def run_rank_jacobian_method(rank: int, init_file: str, out_dir: str, ddp_gram: str):
+    """Issue 17: a "jacobian" method (MoCo: stateful, its weights reported) on both engines, same model."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x, targets = shard(rank)
+        saved = {}
+        for engine in ("fused", "generic"):
+            model, aggregator = make_model(True), agg.MoCo()
+            results = []
+            for _ in range(2):
+                if engine == "fused":
+                    result = model.mtl_backward(x, targets, aggregator, ddp_gram=ddp_gram, keep_jacobian=True)
+                else:
+                    z = model.trunk(x)
+                    losses = model.heads.losses(z, targets) * model.heads.task_weights
+                    result = fastmtl.mtl_backward(
+                        losses, z, aggregator, list(model.trunk.parameters()), ddp_gram=ddp_gram, keep_jacobian=True
+                    )
+                results.append((result.gram, result.weights, result.jacobian))
+            saved[engine] = {"grads": {n: p.grad for n, p in model.named_parameters()}, "results": results}
+        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ddp_gram", ["local", "exact"])
+def test_jacobian_method_under_two_ranks_is_the_same_on_both_engines(ddp_gram):
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        mp.start_processes(
+            run_rank_jacobian_method, args=(init_file, out_dir, ddp_gram), nprocs=WORLD, start_method="spawn", join=True
+        )
+        ranks = [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(WORLD)]
+    for rank, got in enumerate(ranks):
+        fused, generic = got["fused"], got["generic"]
+        for name, g in generic["grads"].items():
+            assert_rel_close(fused["grads"][name], g, 1e-10, f"rank {rank} {name}")
+            # The gradients written are the mean over the ranks: the same on every rank.
+            assert_rel_close(g, ranks[0]["generic"]["grads"][name], 1e-12, f"rank {rank} {name} vs rank 0")
+        for a, b in zip(fused["results"], generic["results"]):
+            for x, y, what in zip(a, b, ("gram", "weights", "jacobian")):
+                assert_rel_close(x, y, 1e-10, f"rank {rank} {what}")
+    if ddp_gram == "exact":  # the gathered Jacobian: the same on both ranks
+        assert_rel_close(ranks[1]["fused"]["results"][0][2], ranks[0]["fused"]["results"][0][2], 1e-12, "jacobian")

@@ -86,18 +86,30 @@ def compare(model, x, targets, make_aggregator, mode="exact", rtol=1e-9, rng=5, 
 TASKS = mixed_tasks(4)
 
 
-def test_every_aggregator_of_the_package_is_compared():
-    # The methods that need more than the Gram matrix (requires "jacobian" / "cross_gram") are not
-    # supplied by the engines yet; they refuse a Gram matrix, saying what they need (test below).
-    classes = {
+JACOBIAN_METHODS = {
+    "GradDrop": lambda: agg.GradDrop(seed=0),
+    "TrimmedMean": lambda: agg.TrimmedMean(1),
+    "ExcessMTL": agg.ExcessMTL,
+    "MoCo": agg.MoCo,
+}
+
+
+def methods_requiring(requires):
+    return {
         name
         for name in agg.__all__
         if isinstance(getattr(agg, name), type)
         and issubclass(getattr(agg, name), agg.Aggregator)
         and name not in agg.INTERFACES
-        and getattr(agg, name).requires == "gram"
+        and getattr(agg, name).requires == requires
     }
-    assert set(AGGREGATORS) == classes
+
+
+def test_every_aggregator_of_the_package_is_compared():
+    # The methods that need more than the Gram matrix: "jacobian" ones are compared with the generic
+    # engine below (JACOBIAN_METHODS); "cross_gram" ones are refused, saying what they need.
+    assert set(AGGREGATORS) == methods_requiring("gram")
+    assert set(JACOBIAN_METHODS) == methods_requiring("jacobian")
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
@@ -469,3 +481,127 @@ def test_bias_gradient_reduction_has_the_same_bits_for_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1])
+
+
+# ---- issue 17: methods that need the per-task gradients (requires = "jacobian") on the fused path
+
+
+def generic_step(model, x, targets, aggregator, **options):
+    """The same step through the generic engine (fastmtl.mtl_backward) on the same model."""
+    z = model.trunk(x)
+    losses = model.heads.losses(z, targets)
+    weighted = losses * model.heads.task_weights.to(losses.dtype)
+    return fastmtl.mtl_backward(weighted, z, aggregator, list(model.trunk.parameters()), **options)
+
+
+def assert_same_weights(got, want, rtol):
+    assert got.shape == want.shape and torch.equal(torch.isnan(got), torch.isnan(want))
+    if not torch.isnan(want).any():
+        assert_rel_close(got, want, rtol, "weights")
+
+
+def both_paths(model, x, targets, make, steps=1, **options):
+    """(results, grads, aggregator) of ``steps`` calls of the fused path and of the generic engine, each
+    with one aggregator object (a stateful method's state moves on over the calls)."""
+    assert isinstance(model.trunk, fastmtl.nn.FusedMLP) and model.trunk.plain_layers
+    out = []
+    for step in (
+        lambda a: model.mtl_backward(x, targets, a, **options),
+        lambda a: generic_step(model, x, targets, a, **options),
+    ):
+        aggregator = make()
+        model.zero_grad(set_to_none=True)
+        results = [step(aggregator) for _ in range(steps)]
+        out.append((results, grads(model), aggregator))
+    return out
+
+
+@pytest.mark.parametrize("name", list(JACOBIAN_METHODS))
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.float64, 1e-10)], ids=["float32", "float64"])
+def test_jacobian_methods_on_the_fused_path_match_the_generic_engine(name, dtype, rtol):
+    # Missing labels, a task without any, and task weights 0.5, 1.5, 2.5.
+    model = make_model(TASKS, dtype=dtype)
+    x, targets = make_batch(TASKS, dtype=dtype, missing=0.3, unlabelled=("task2",))
+    (fused, got, _), (generic, want, _) = both_paths(model, x, targets, JACOBIAN_METHODS[name], keep_jacobian=True)
+    assert got.keys() == want.keys() == {n for n, _ in model.named_parameters()}
+    for key in want:
+        assert_rel_close(got[key], want[key], rtol, key)
+    assert_rel_close(fused[0].jacobian, generic[0].jacobian, rtol, "jacobian")
+    assert fused[0].jacobian.shape == (len(TASKS), sum(p.numel() for p in model.trunk.parameters()))
+    assert_rel_close(fused[0].gram, generic[0].gram, rtol, "gram")
+    assert_same_weights(fused[0].weights, generic[0].weights, rtol)
+    assert torch.isnan(fused[0].weights).all() == (name in ("GradDrop", "TrimmedMean"))
+    # The update is the method's on the Jacobian (columns: the trunk's weights, then its biases).
+    update = JACOBIAN_METHODS[name]()(jacobian=fused[0].jacobian)
+    trunk = torch.cat([got[n].reshape(-1) for n, _ in model.trunk.named_parameters(prefix="trunk")])
+    assert_rel_close(trunk, update, rtol, "update")
+    # No Jacobian unless asked.
+    model.zero_grad(set_to_none=True)
+    assert model.mtl_backward(x, targets, JACOBIAN_METHODS[name]()).jacobian is None
+
+
+@pytest.mark.parametrize("name", list(JACOBIAN_METHODS))
+def test_jacobian_methods_state_evolves_the_same_on_both_paths(name):
+    model = make_model(TASKS)
+    x, targets = make_batch(TASKS)
+    (fused, got, fused_method), (generic, want, generic_method) = both_paths(
+        model, x, targets, JACOBIAN_METHODS[name], steps=2
+    )
+    for key in want:  # two steps accumulated
+        assert_rel_close(got[key], want[key], 1e-10, key)
+    for a, b in zip(fused, generic):
+        assert_same_weights(a.weights, b.weights, 1e-10)
+    assert_same_state(fused_method.state_dict(), generic_method.state_dict(), "state")
+
+
+def assert_same_state(got, want, what):
+    """A state_dict (its extra state: dicts of tensors, numbers, generator states) alike to 1e-10."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), what
+        for key in want:
+            assert_same_state(got[key], want[key], f"{what}.{key}")
+    elif isinstance(want, torch.Tensor) and want.is_floating_point():
+        assert_rel_close(got, want, 1e-10, what)
+    elif isinstance(want, torch.Tensor):
+        assert torch.equal(got, want), what
+    else:
+        assert got == want, what
+
+
+def test_jacobian_method_input_gets_the_gradient_of_the_weighted_loss_sum():
+    # As the generic engine gives a parameter the losses depend on that is not shared: d sum_t w_t L_t.
+    model = make_model(TASKS)
+    x, targets = make_batch(TASKS)
+    embedding = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    out = []
+    for step in (model.mtl_backward, lambda *a: generic_step(model, *a)):
+        model.zero_grad(set_to_none=True)
+        embedding.grad = None
+        step(x + embedding, targets, agg.TrimmedMean(1))
+        out.append((grads(model), embedding.grad.clone()))
+    (got, got_upstream), (want, want_upstream) = out
+    for key in want:
+        assert_rel_close(got[key], want[key], 1e-10, key)
+    assert_rel_close(got_upstream, want_upstream, 1e-10, "upstream gradient")
+    losses = model.losses(x + embedding, targets)
+    sum_grad = torch.autograd.grad(torch.dot(losses, model.heads.task_weights), embedding)[0]
+    assert_rel_close(got_upstream, sum_grad, 1e-10, "d sum_t w_t L_t")
+
+
+def test_fused_path_refuses_what_it_cannot_supply_naming_the_argument():
+    model = make_model(TASKS)
+    x, targets = make_batch(TASKS)
+    model.zero_grad(set_to_none=True)
+    cases = [
+        (agg.GradDrop(), dict(mode="rep"), "argument 'mode' expected 'exact' with GradDrop.*got 'rep'"),
+        (agg.MoCo(), dict(gram_every=2), "argument 'gram_every' expected 1 with MoCo.*got 2"),
+        (agg.MoDo(), {}, "argument 'aggregator' expected .*two independent batches.*cross-Gram.*got MoDo"),
+        (agg.SDMGrad(), dict(mode="rep"), "argument 'aggregator' .*cross-Gram.*got SDMGrad"),
+    ]
+    for method, options, words in cases:
+        with pytest.raises(ValueError, match=words):
+            model.mtl_backward(x, targets, method, **options)
+        # The generic engine refuses it with the same words (one rule for both).
+        with pytest.raises(ValueError, match=words):
+            generic_step(model, x, targets, method, **options)
+    assert all(p.grad is None for p in model.parameters())  # refused before any backward

@@ -26,8 +26,8 @@ import torch
 
 from .._distributed import DataParallelSync
 from ..aggregation import requirement
-from .gradients import checked_weights, write_gradients
-from .options import MTLBackwardOptions, fail
+from .gradients import checked_weights, jacobian_update, write_gradients
+from .options import MTLBackwardOptions, fail, supplied_requirement
 from .result import MTLBackwardResult
 from .schedule import WeightSchedule, schedule_of
 from .trunk_gram import (
@@ -101,26 +101,7 @@ def mtl_backward(
     # Issue 17: what the aggregator needs. The per-task gradients are materialised in exact mode anyway
     # and go to a "jacobian" method (its update is written into .grad); a cross-Gram needs a second,
     # independent batch, which this call has not got: refused, saying so, before any backward.
-    requires = requirement(aggregator)
-    if requires == "cross_gram":
-        fail(
-            "aggregator",
-            "a method fastmtl.mtl_backward can supply (it needs the per-task gradients of two "
-            "independent batches, a cross-Gram: call it on J1 @ J2.T yourself)",
-            type(aggregator).__name__,
-        )
-    if requires == "jacobian" and opts.gram_params is not None:
-        fail(
-            "gram_params",
-            "None with a method that needs the per-task gradients of every shared parameter",
-            f"gram_params with {type(aggregator).__name__}",
-        )
-    if requires == "jacobian" and (opts.mode != "exact" or opts.gram_every > 1):
-        fail(
-            "aggregator",
-            "with mode='exact' and gram_every=1 a method that needs the per-task gradients (they exist only there)",
-            f"{type(aggregator).__name__} with mode={opts.mode!r}, gram_every={opts.gram_every}",
-        )
+    supplied_requirement(aggregator, opts)
     schedule = None
     if opts.gram_every > 1:
         schedule = schedule_of(aggregator if schedule_owner is None else schedule_owner)
@@ -290,12 +271,9 @@ def _aggregated_backward(
             if opts.keep_jacobian:
                 jacobian = flat.detach()
         if needs_jacobian:
-            update = aggregator(jacobian=flat.detach())  # [P]: the method's update of the shared parameters
-            shared_grads = [
-                u.view_as(g[0]).to(g.dtype) for u, g in zip(torch.split(update, [g[0].numel() for g in blocks]), blocks)
-            ]
-            weights = getattr(aggregator, "last_weights", None)  # ExcessMTL's; GradDrop, TrimmedMean have none
-            weights = torch.full((T,), float("nan"), dtype=gram.dtype) if weights is None else weights.detach()
+            # [P]: the method's update of the shared parameters, split into their blocks.
+            update, weights = jacobian_update(aggregator, flat, gram, [g[0].numel() for g in blocks])
+            shared_grads = [u.view_as(g[0]).to(g.dtype) for u, g in zip(update, blocks)]
         else:
             weights = checked_weights(aggregator, gram.detach())
             if blocks is None or partial is not None:

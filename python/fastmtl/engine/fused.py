@@ -3,7 +3,10 @@
 exact, layer by layer materialised or by the ghost product; ``mtl_representation_gram``, rep), the
 aggregator, then one ``mtl_weighted_backward`` (heads: their own ``task.weight * L_t``; trunk:
 ``sum_t a_t task.weight_t dL_t``), accumulated into ``.grad``. No T x P Jacobian unless
-``keep_jacobian`` (exact mode) or ``ddp_gram="exact"`` under data parallelism.
+``keep_jacobian`` (exact mode), ``ddp_gram="exact"`` under data parallelism, or a method that needs
+the per-task gradients (``requires = "jacobian"``, issue 17: GradDrop, TrimmedMean, ExcessMTL, MoCo):
+it gets ``jacobian=J`` and its update ``[P]`` is the trunk's gradient, with the refusals of
+:func:`fastmtl.mtl_backward` (:func:`fastmtl.engine.options.supplied_requirement`).
 
 :func:`fused_mlp_mtl_backward` takes the op arguments (``FusedMLP.op_arguments``,
 ``MultiTaskHeads.op_arguments``, packed targets), not a model; :func:`fused_model_backward` reads
@@ -19,8 +22,8 @@ import torch
 
 from .. import ops
 from .._distributed import DataParallelSync
-from .gradients import check_finite_losses, checked_weights, write_gradients
-from .options import MTLBackwardOptions, fail
+from .gradients import check_finite_losses, checked_weights, jacobian_update, write_gradients
+from .options import MTLBackwardOptions, fail, supplied_requirement
 from .result import MTLBackwardResult
 from .schedule import WeightSchedule, schedule_of
 
@@ -55,7 +58,11 @@ def fused_mlp_mtl_backward(
     ``targets``: packed ``[B, sum of target widths]`` in ``x``'s dtype. ``schedule``: the
     ``gram_every`` schedule to continue (a fresh :class:`WeightSchedule` for a one-off call).
     Parameters upstream of ``x`` (if ``x`` requires grad) get the trunk's weighted gradient through
-    autograd. Returns the unweighted losses ``L_t`` in the result.
+    autograd: that of ``sum_t a_t task.weight_t L_t``; with a "jacobian" method, which has no
+    weighting, that of ``sum_t task.weight_t L_t``, what :func:`fastmtl.mtl_backward` gives every
+    parameter the losses depend on that is not shared (the trunk's parameters are the shared ones).
+    Returns the unweighted losses ``L_t`` in the result; a "jacobian" method's ``weights`` are its
+    ``last_weights``, else NaN, as in :func:`fastmtl.mtl_backward`.
     """
     if options.generic_only:
         fail(
@@ -72,6 +79,8 @@ def fused_mlp_mtl_backward(
     has_head_bias = heads.bias is not None
     sync = DataParallelSync(options.ddp_gram, options.process_group)
     key = (type(aggregator), options.mode, len(num_outputs), options.gram_every)
+    # Issue 17: the same refusals as fastmtl.mtl_backward; a "jacobian" method gets the [T, P] Jacobian.
+    needs_jacobian = supplied_requirement(aggregator, options) == "jacobian"
     # The step's inputs in the dtype the fused ops compute in: the autocast dtype inside
     # torch.autocast (as its rule for the forward ops casts them), else their own. The engine ops
     # take the forward's outputs, so every argument must share that dtype; the gradients come back
@@ -88,6 +97,7 @@ def fused_mlp_mtl_backward(
         )
         check_finite_losses(losses, [t.name for t in heads.layout.tasks])
         jacobian = None
+        trunk_update = None  # a "jacobian" method's update of the trunk: flat blocks in parameters() order
         computed = schedule.due(key, options.gram_every)
         if computed:
             if options.mode == "exact":
@@ -104,19 +114,27 @@ def fused_mlp_mtl_backward(
                     task_weights,
                     num_outputs,
                     options.gram_path,
-                    options.keep_jacobian or sync.exact,
+                    options.keep_jacobian or sync.exact or needs_jacobian,
                 )
                 if sync.exact:
                     jacobian = sync.jacobian(jacobian)
                     gram = jacobian @ jacobian.T
                 else:
                     gram = sync.gram(gram)
+                if needs_jacobian:
+                    # The Jacobian's columns: every layer's weight, then every bias (FusedMLP.parameters()).
+                    sizes = [w.numel() for w in weights] + [b.numel() for b in biases]
+                    trunk_update, method_weights = jacobian_update(aggregator, jacobian, gram, sizes)
                 jacobian = jacobian if options.keep_jacobian else None
             else:
                 gram = sync.gram(
                     ops.mtl_representation_gram(head_weight, logit_grad, count_scale, task_weights, num_outputs)
                 )
-            schedule.keep(checked_weights(aggregator, gram), gram)
+            schedule.keep(method_weights if needs_jacobian else checked_weights(aggregator, gram), gram)
+        # The trunk's task weights of the weighted backward: a_t task.weight_t; for a "jacobian" method
+        # (no weighting) task.weight_t, so the input's gradient is that of sum_t task.weight_t L_t, what
+        # the generic engine gives a parameter that is not shared (its trunk gradients are not used).
+        trunk_task_weights = task_weights if needs_jacobian else schedule.weights.to(task_weights.dtype) * task_weights
         head_w, head_b, grad_x, grad_ws, grad_bs = ops.mtl_weighted_backward(
             x_c,
             weights_c,
@@ -129,13 +147,17 @@ def fused_mlp_mtl_backward(
             logit_grad,
             count_scale,
             task_weights,
-            schedule.weights.to(task_weights.dtype) * task_weights,
+            trunk_task_weights,
             num_outputs,
             x.requires_grad,
         )
+    if trunk_update is not None:
+        grad_ws = [u.view_as(w) for u, w in zip(trunk_update, weights)]
+        grad_bs = [u.view_as(b) for u, b in zip(trunk_update[len(weights) :], biases)]
     params = [heads.weight] + ([heads.bias] if has_head_bias else []) + weights + biases
     grads = [head_w] + ([head_b] if has_head_bias else []) + list(grad_ws) + list(grad_bs)
-    write_gradients(params, grads, sync, owned=True)
+    # Owned: the op's fresh outputs; a method's update may be a tensor it keeps, so those are copied.
+    write_gradients(params, grads, sync, owned=trunk_update is None)
     if x.requires_grad:
         torch.autograd.backward(x, grad_x.to(x.dtype))
     return MTLBackwardResult(

@@ -8,7 +8,7 @@ import torch
 from .._distributed import DataParallelSync
 from .options import fail
 
-__all__ = ["accumulate", "write_gradients", "checked_weights"]
+__all__ = ["accumulate", "write_gradients", "checked_weights", "jacobian_update"]
 
 
 def accumulate(param: torch.Tensor, update: torch.Tensor, owned: bool = False) -> None:
@@ -56,3 +56,22 @@ def checked_weights(aggregator, gram: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights).all()):
         fail("aggregator", "finite weights", str(weights.tolist()))
     return weights.detach()
+
+
+def jacobian_update(aggregator, jacobian: torch.Tensor, gram: torch.Tensor, sizes) -> tuple[list, torch.Tensor]:
+    """A "jacobian" method's step (issue 17): ``aggregator(jacobian=J)``, ``J [T, P]`` detached, checked
+    to be ``[P]`` and finite (the finite check skipped while torch.compile traces), split into the
+    flat blocks of ``sizes`` (the shared parameters' numels, in the Jacobian's column order). Returns
+    ``(blocks, weights)``: the method's ``last_weights`` where it keeps them (ExcessMTL, MoCo), else
+    NaN ``[T]`` (GradDrop, TrimmedMean: no weighting), in the Gram matrix's dtype and on its device."""
+    update = aggregator(jacobian=jacobian.detach())
+    T, P = jacobian.shape
+    if not isinstance(update, torch.Tensor) or update.shape != (P,):
+        got = list(update.shape) if isinstance(update, torch.Tensor) else type(update).__name__
+        fail("aggregator", f"a method returning an update of shape [{P}] for a [{T}, {P}] Jacobian", str(got))
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(update).all()):
+        fail("aggregator", "a finite update", f"non-finite values from {type(aggregator).__name__}")
+    weights = getattr(aggregator, "last_weights", None)
+    if weights is None:
+        weights = torch.full((T,), float("nan"), dtype=gram.dtype, device=gram.device)
+    return list(torch.split(update.detach(), list(sizes))), weights.detach()

@@ -12,9 +12,10 @@ import torch
 
 from .._distributed import DDP_GRAMS
 from .._validation import check_int_at_least
+from ..aggregation import requirement
 from ..ops import GRAM_MODES, GRAM_PATHS
 
-__all__ = ["MTLBackwardOptions", "MODES", "fail"]
+__all__ = ["MTLBackwardOptions", "MODES", "fail", "supplied_requirement"]
 
 WHERE = "fastmtl.mtl_backward"
 MODES = GRAM_MODES  # the values of MTLBackwardOptions.mode
@@ -23,6 +24,38 @@ MODES = GRAM_MODES  # the values of MTLBackwardOptions.mode
 def fail(argument: str, expected: str, got: str) -> NoReturn:
     """The engine's argument error: ValueError naming the argument, what was expected and given."""
     raise ValueError(f"{WHERE}: argument '{argument}' expected {expected}, got {got}")
+
+
+def supplied_requirement(aggregator, options: MTLBackwardOptions) -> str:
+    """What ``aggregator`` needs (its ``requires``, issue 17), after refusing, before any backward, what
+    no ``mtl_backward`` can supply it with: the same rule for the generic engine and the fused path.
+
+    ``"gram"``: any options. ``"jacobian"``: the per-task gradients of every shared parameter exist
+    only in exact mode, on a call that computes them (``gram_every=1``), and not with ``gram_params``
+    (a subset); the method's update is not a weighting that could be kept between calls.
+    ``"cross_gram"``: always refused (it needs the per-task gradients of two independent batches)."""
+    requires = requirement(aggregator)
+    name = type(aggregator).__name__
+    if requires == "cross_gram":
+        fail(
+            "aggregator",
+            "a method an mtl_backward call can supply (it needs the per-task gradients of two "
+            "independent batches, a cross-Gram: call it on J1 @ J2.T yourself)",
+            name,
+        )
+    if requires == "jacobian":
+        if options.gram_params is not None:
+            fail(
+                "gram_params",
+                "None with a method that needs the per-task gradients of every shared parameter",
+                f"gram_params with {name}",
+            )
+        needs = f"with {name}, a method that needs the per-task gradients (mode='exact' and gram_every=1 compute them)"
+        if options.mode != "exact":
+            fail("mode", f"'exact' {needs}", repr(options.mode))
+        if options.gram_every > 1:
+            fail("gram_every", f"1 {needs}", str(options.gram_every))
+    return requires
 
 
 @dataclass(frozen=True)

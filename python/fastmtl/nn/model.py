@@ -137,7 +137,7 @@ class MultiTaskModel(nn.Module):
         aggregator(G)``, ``G`` the Gram matrix of those per-task gradients; each head gets the
         gradient of its own ``task.weight * L_t``. Accumulates into ``.grad`` like ``backward``.
         ``x, targets``: as for :meth:`losses`; ``aggregator``: Gram ``[T, T]`` -> weights ``[T]``,
-        e.g. ``fastmtl.aggregation.UPGrad()``; ``options``: the keyword arguments of
+        e.g. ``fastmtl.aggregation.UPGrad()`` (or a "jacobian" method, below); ``options``: the keyword arguments of
         :class:`fastmtl.engine.MTLBackwardOptions` (``mode``, ``gram_every``, ``keep_jacobian``,
         ``gram_path``, ``ddp_gram``, ``process_group``). The ``gram_every`` schedule belongs to the
         model: a fresh aggregator of the same type per call continues it. ``shared_params``: the
@@ -150,6 +150,14 @@ class MultiTaskModel(nn.Module):
         included, goes through :func:`fastmtl.mtl_backward` (features: the trunk output, or the
         ``[T, B, d]`` representations). Returns an :class:`fastmtl.engine.MTLBackwardResult`
         (``losses`` are the unweighted ``L_t``).
+
+        Both paths supply what the aggregator declares (its ``requires``) by the same rule: a method
+        that needs the per-task gradients (``"jacobian"``: GradDrop, TrimmedMean, ExcessMTL, MoCo) gets
+        the ``[T, P]`` Jacobian of the shared parameters (``mode="exact"``, ``gram_every=1`` only) and
+        its update is written into their ``.grad``; ``result.weights`` is its ``last_weights``, else
+        NaN. Parameters upstream of ``x`` are not shared: with such a method they get the gradient of
+        ``sum_t task.weight_t L_t``. A ``"cross_gram"`` method (MoDo, SDMGrad) is refused, saying it
+        needs the gradients of two independent batches.
 
         >>> import torch, fastmtl
         >>> tasks = [fastmtl.Task("y", "regression"), fastmtl.Task("c", "multiclass", num_outputs=3)]
