@@ -9,6 +9,11 @@ Variants (copies of the same weights, the same data):
   fastmtl     fastmtl.convert(plain model): every expert, gate and tower MLP (Linear, BatchNorm1d,
               ReLU | Softmax, Dropout runs) one fastmtl.ops.fused_mlp_norm call; each tower's output
               Linear(., 1) stays plain.
+  native      the same model written with fastmtl.nn (MMoE / PLE with norm="batch", dropout and
+              tower_hidden, the towers' Linear(., 1) as MultiTaskHeads' binary heads) carrying the
+              plain model's weights: all experts in one stacked fused_mlp_norm call, all gates in one
+              gated_mixture call, all towers in one stacked call, heads and losses in one
+              multitask_head_loss call; MultiTaskModel.loss.
 
 Before timing, eager and fastmtl must agree in eval mode (outputs, rtol 1e-4); dropout makes the
 training steps random, so the timed steps are compared by shape only. One process; each repeat runs
@@ -39,7 +44,7 @@ from harness import (
     time_variants,
     write_results,
 )
-from rec_models import RecMMoE, RecPLE, masked_bce_loss
+from rec_models import RecMMoE, RecPLE, masked_bce_loss, native_twin
 
 FLAGS = SharedFlags(repeats=20, warmup=3, small_repeats=3, small_warmup=1)
 SEED = 0
@@ -58,20 +63,24 @@ def make_variants(kind: str, batch: int, dtype: torch.dtype, small: bool, with_c
     torch.manual_seed(SEED)
     plain = make_model(kind, small)
     fused, report = fastmtl.convert(plain)
+    native = native_twin(plain, DROPOUT)
     x = torch.randn(batch, IN_FEATURES)
     labels = (torch.rand(batch, TASKS) < 0.3).float()
     labels[torch.rand(batch, TASKS) < MISSING] = float("nan")
+    packed = native.heads.pack_targets({name: labels[:, t] for t, name in enumerate(native.heads.task_names)})
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
 
-    plain.eval(), fused.eval()
+    plain.eval(), fused.eval(), native.eval()
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     with torch.no_grad(), autocast():
+        expected = plain(x).float()
+        torch.testing.assert_close(fused(x).float(), expected, rtol=tolerance, atol=tolerance)
+        native_logits = torch.stack([z.reshape(-1) for z in native(x).values()], dim=1).float()
+        torch.testing.assert_close(native_logits, expected, rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(
-            fused(x).float(),
-            plain(x).float(),
-            rtol=1e-4 if dtype == torch.float32 else 5e-2,
-            atol=1e-4 if dtype == torch.float32 else 5e-2,
+            native.loss(x, packed), masked_bce_loss(expected, labels), rtol=tolerance, atol=tolerance
         )
-    plain.train(), fused.train()
+    plain.train(), fused.train(), native.train()
 
     def loss_of(model):
         def loss():
@@ -89,7 +98,16 @@ def make_variants(kind: str, batch: int, dtype: torch.dtype, small: bool, with_c
         return Variant(key, key, step, lambda: model.zero_grad(set_to_none=True), note=note)
 
     compiled_model = copy.deepcopy(plain)
-    variants = [variant("eager", plain, loss_of(plain)), variant("fastmtl", fused, loss_of(fused))]
+
+    def native_loss():
+        with autocast():
+            return native.loss(x, packed)
+
+    variants = [
+        variant("eager", plain, loss_of(plain)),
+        variant("fastmtl", fused, loss_of(fused), "fastmtl.convert"),
+        variant("native", native, native_loss, "fastmtl.nn MMoE / PLE + MultiTaskHeads"),
+    ]
     if with_compile:
         compiled_loss = torch.compile(loss_of(compiled_model))
         variants.append(variant("compiled", compiled_model, compiled_loss, "torch.compile, default mode"))
@@ -101,8 +119,9 @@ def run(kind: str, batch: int, dtype: torch.dtype, args) -> dict:
     variants, replaced = make_variants(kind, batch, dtype, args.small, not args.no_compile)
     timings = time_variants(variants, args.repeats, args.warmup)
     memory = {v.key: peak_memory_bytes(v) for v in variants}
-    fast = timings["fastmtl"]["median_ms"]
-    speedups = {k: t["median_ms"] / fast for k, t in timings.items() if k != "fastmtl"}
+    fast, native = timings["fastmtl"]["median_ms"], timings["native"]["median_ms"]
+    speedups = {k: t["median_ms"] / fast for k, t in timings.items() if k not in ("fastmtl", "native")}
+    native_speedups = {k: t["median_ms"] / native for k, t in timings.items() if k not in ("fastmtl", "native")}
     return {
         "model": kind,
         "batch": batch,
@@ -111,9 +130,11 @@ def run(kind: str, batch: int, dtype: torch.dtype, args) -> dict:
         "variants": timings,
         "peak_memory_bytes": memory,
         "speedup_of_fastmtl": speedups,
+        "speedup_of_native": native_speedups,
         "goals": [
-            Goal(f"{kind} B={batch} {str(dtype).removeprefix('torch.')}: fastmtl vs {k}", GOALS[k]).evaluate(v)
-            for k, v in speedups.items()
+            Goal(f"{kind} B={batch} {str(dtype).removeprefix('torch.')}: {who} vs {k}", GOALS[k]).evaluate(v)
+            for who, ratios in (("fastmtl", speedups), ("native", native_speedups))
+            for k, v in ratios.items()
             if k in GOALS
         ],
     }
@@ -139,16 +160,20 @@ def main(argv=None) -> None:
                 f"{t['eager']['median_ms']:.2f}",
                 f"{t['compiled']['median_ms']:.2f}" if "compiled" in t else "-",
                 f"{t['fastmtl']['median_ms']:.2f}",
+                f"{t['native']['median_ms']:.2f}",
                 ratio(r["speedup_of_fastmtl"].get("eager")),
                 ratio(r["speedup_of_fastmtl"].get("compiled")),
+                ratio(r["speedup_of_native"].get("eager")),
+                ratio(r["speedup_of_native"].get("compiled")),
                 f"{r['peak_memory_bytes']['eager'] / 2**20:.1f}",
-                f"{r['peak_memory_bytes']['fastmtl'] / 2**20:.1f}",
                 ratio(r["peak_memory_bytes"]["fastmtl"] / r["peak_memory_bytes"]["eager"]),
+                ratio(r["peak_memory_bytes"]["native"] / r["peak_memory_bytes"]["eager"]),
             )
         )  # fmt: skip
     headers = (
-        "model", "B", "dtype", "MLPs fused", "eager ms", "compiled ms", "fastmtl ms", "vs eager", "vs compiled",
-        "eager peak MiB", "fastmtl peak MiB", "fastmtl / eager memory",
+        "model", "B", "dtype", "MLPs fused", "eager ms", "compiled ms", "convert ms", "native ms",
+        "convert vs eager", "convert vs compiled", "native vs eager", "native vs compiled",
+        "eager peak MiB", "convert / eager memory", "native / eager memory",
     )  # fmt: skip
     print(markdown_table(headers, rows))
     print()

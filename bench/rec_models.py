@@ -69,3 +69,63 @@ def masked_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     known = ~labels.isnan()
     per_entry = F.binary_cross_entropy_with_logits(logits.float(), labels.nan_to_num(0.0), reduction="none") * known
     return (per_entry.sum(0) / known.sum(0).clamp_min(1)).sum()
+
+
+def native_twin(plain: nn.Module, dropout: float) -> nn.Module:
+    """The rechub-style model written with fastmtl.nn, carrying ``plain``'s weights and running
+    statistics: MMoE / PLE(norm="batch", dropout, tower_hidden) under MultiTaskModel with one
+    binary head per task (each tower's Linear(., 1))."""
+    import fastmtl
+    from fastmtl.nn import PLE, MMoE, MultiTaskHeads, MultiTaskModel
+
+    towers = list(plain.towers)
+    if isinstance(plain, RecMMoE):
+        experts = list(plain.experts)
+        expert_widths = [m.out_features for m in _linears(experts[0])]
+        in_features = experts[0][0].in_features
+        tower_widths = [m.out_features for m in _linears(towers[0])][:-1]
+        trunk = MMoE(in_features, len(experts), expert_widths, len(towers), norm="batch", dropout=dropout,
+                     tower_hidden=tower_widths)  # fmt: skip
+        _load_bank(trunk.experts, experts)
+        gate_order = list(range(len(experts)))
+        gates = trunk.gates
+    else:
+        specific, shared = len(plain.specific[0]), len(plain.shared)
+        experts = list(plain.shared) + [e for own in plain.specific for e in own]  # fastmtl PLE's order
+        expert_widths = [m.out_features for m in _linears(experts[0])]
+        in_features = experts[0][0].in_features
+        tower_widths = [m.out_features for m in _linears(towers[0])][:-1]
+        trunk = PLE(in_features, shared, specific, expert_widths, len(towers), norm="batch", dropout=dropout,
+                    tower_hidden=tower_widths)  # fmt: skip
+        _load_bank(trunk.experts[0], experts)
+        gate_order = list(range(specific, specific + shared)) + list(range(specific))  # rechub: own, then shared
+        gates = trunk.task_gates[0]
+    heads = MultiTaskHeads(tower_widths[-1], [fastmtl.Task(f"task{t}", "binary") for t in range(len(towers))])
+    with torch.no_grad():
+        for t, gate in enumerate(plain.gates):
+            gates.weight[t].copy_(gate[0].weight[gate_order])
+            gates.bias[t].copy_(gate[0].bias[gate_order])
+        _load_bank(trunk.towers, towers)
+        for t, tower in enumerate(towers):
+            heads.weight[t].copy_(tower[-1].weight[0])
+            heads.bias[t].copy_(tower[-1].bias[0])
+    return MultiTaskModel(trunk, heads)
+
+
+def _linears(mlp: nn.Sequential) -> list[nn.Linear]:
+    return [m for m in mlp if isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def _load_bank(bank, mlps) -> None:
+    """rec_mlp e's Linear / BatchNorm1d layers into row e of a fastmtl ExpertBank (channels
+    ``e * n .. (e + 1) * n`` of its flat BatchNorm1d)."""
+    for e, mlp in enumerate(mlps):
+        norms = [m for m in mlp if isinstance(m, nn.BatchNorm1d)]
+        for i, (weight, norm) in enumerate(zip(bank.weights, bank.norms)):
+            linear, bn, n = _linears(mlp)[i], norms[i], weight.shape[1]
+            weight[e].copy_(linear.weight)
+            bank.biases[i][e].copy_(linear.bias)
+            rows = slice(e * n, (e + 1) * n)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(norm, name)[rows].copy_(getattr(bn, name))

@@ -6,10 +6,21 @@ import pathlib
 
 import pytest
 import torch
+from torch import nn
 
 import fastmtl
 from fastmtl import Task
 from fastmtl.nn import PLE, FusedMLP, MMoE, SoftSharedLinear
+
+# The plain PyTorch module of each fused activation, the oracle's layers.
+PLAIN_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
 
 TESTS = pathlib.Path(__file__).resolve().parent
 # The package the tests import, wherever it is installed (site-packages in CI, the source tree in an

@@ -8,18 +8,9 @@ import torch
 from torch import nn
 
 import fastmtl
-from conftest import assert_rel_close
+from conftest import PLAIN_ACTIVATIONS, assert_rel_close
 from fastmtl import Task
 from fastmtl.nn import FusedMLP, MultiTaskHeads
-
-PLAIN_ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-    "identity": nn.Identity,
-}
 
 
 class HandWritten(nn.Module):

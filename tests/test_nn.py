@@ -8,18 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import assert_rel_close, mixed_tasks, random_targets
+from conftest import PLAIN_ACTIVATIONS, assert_rel_close, mixed_tasks, random_targets
 from fastmtl import Task
 from fastmtl.nn import FusedMLP, MultiTaskHeads, MultiTaskModel
-
-PLAIN_ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-    "identity": nn.Identity,
-}
 
 
 def plain_trunk(in_features, widths, activation="relu", bias=True):

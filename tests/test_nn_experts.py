@@ -1,5 +1,6 @@
 """MMoE, PLE and SoftSharedLinear against plain PyTorch modules written as the recommendation
-libraries write them (a Python loop over experts, gates and tasks); MultiTaskModel over them."""
+libraries write them (plain_mixtures: a Python loop over experts, gates and tasks); MultiTaskModel
+over them. Normalisation, dropout, towers and gate MLPs: test_nn_experts_towers.py."""
 
 import pytest
 import torch
@@ -7,87 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmtl
-from conftest import assert_rel_close, mixed_tasks, random_targets
+from conftest import PLAIN_ACTIVATIONS, assert_rel_close, mixed_tasks, random_targets
 from fastmtl import Task
 from fastmtl.nn import PLE, MMoE, MultiTaskHeads, MultiTaskModel, SoftSharedLinear
-
-PLAIN_ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-    "identity": nn.Identity,
-}
-
-
-def plain_expert(bank, e, activation):
-    """Expert e of an ExpertBank as nn.Sequential(Linear, Act, ...), float64, same weights."""
-    layers = []
-    for i, w in enumerate(bank.weights):
-        linear = nn.Linear(w.shape[2], w.shape[1]).double()
-        with torch.no_grad():
-            linear.weight.copy_(w[e])
-            linear.bias.copy_(bank.biases[i][e])
-        layers += [linear, PLAIN_ACTIVATIONS[activation]()]
-    return nn.Sequential(*layers)
-
-
-def plain_gates(gates):
-    out = nn.ModuleList()
-    for g in range(gates.weight.shape[0]):
-        linear = nn.Linear(gates.weight.shape[2], gates.weight.shape[1]).double()
-        with torch.no_grad():
-            linear.weight.copy_(gates.weight[g])
-            linear.bias.copy_(gates.bias[g])
-        out.append(linear)
-    return out
-
-
-class PlainMMoE(nn.Module):
-    def __init__(self, fused: MMoE, activation):
-        super().__init__()
-        self.experts = nn.ModuleList([plain_expert(fused.experts, e, activation) for e in range(fused.num_experts)])
-        self.gates = plain_gates(fused.gates)
-
-    def forward(self, x):
-        outs = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, h]
-        return [(torch.softmax(gate(x), dim=-1).unsqueeze(-1) * outs).sum(1) for gate in self.gates]
-
-
-class PlainPLE(nn.Module):
-    def __init__(self, fused: PLE, activation):
-        super().__init__()
-        self.S, self.P, self.T, self.L = (
-            fused.num_shared_experts,
-            fused.num_task_experts,
-            fused.num_tasks,
-            fused.num_levels,
-        )
-        E = self.S + self.T * self.P
-        self.experts = nn.ModuleList(
-            [nn.ModuleList([plain_expert(bank, e, activation) for e in range(E)]) for bank in fused.experts]
-        )
-        self.task_gates = nn.ModuleList([plain_gates(g) for g in fused.task_gates])
-        self.shared_gates = nn.ModuleList([plain_gates(g) for g in fused.shared_gates])
-
-    def forward(self, x):
-        S, P, T = self.S, self.P, self.T
-        shared, tasks = x, [x] * T
-        for level in range(self.L):
-            shared_out = [self.experts[level][e](shared) for e in range(S)]
-            task_out = [[self.experts[level][S + t * P + p](tasks[t]) for p in range(P)] for t in range(T)]
-            new_tasks = []
-            for t in range(T):
-                chosen = torch.stack(shared_out + task_out[t], dim=1)
-                g = torch.softmax(self.task_gates[level][t](tasks[t]), dim=-1)
-                new_tasks.append((g.unsqueeze(-1) * chosen).sum(1))
-            if level + 1 < self.L and S:
-                everything = torch.stack(shared_out + [o for outs in task_out for o in outs], dim=1)
-                g = torch.softmax(self.shared_gates[level][0](shared), dim=-1)
-                shared = (g.unsqueeze(-1) * everything).sum(1)
-            tasks = new_tasks
-        return tasks
+from plain_mixtures import PlainMMoE, PlainPLE, assert_grads_match
 
 
 @pytest.mark.parametrize("activation", list(PLAIN_ACTIVATIONS))
@@ -111,17 +35,7 @@ def test_mmoe_matches_plain_loop(activation, shape):
     for o, r in zip(out, ref_out):
         assert_rel_close(o, r, what="task representation")
     sum((o * c.float()).sum() for o, c in zip(out, cot)).backward()
-    for i, w in enumerate(fused.experts.weights):
-        assert_rel_close(
-            w.grad, torch.stack([plain.experts[e][2 * i].weight.grad for e in range(E)]), what=f"expert W{i}"
-        )
-        assert_rel_close(
-            fused.experts.biases[i].grad,
-            torch.stack([plain.experts[e][2 * i].bias.grad for e in range(E)]),
-            what=f"expert b{i}",
-        )
-    assert_rel_close(fused.gates.weight.grad, torch.stack([g.weight.grad for g in plain.gates]), what="gate weight")
-    assert_rel_close(fused.gates.bias.grad, torch.stack([g.bias.grad for g in plain.gates]), what="gate bias")
+    assert_grads_match(fused, plain.grads(fused))
 
 
 PLE_CASES = [
@@ -150,21 +64,7 @@ def test_ple_matches_plain_loop(case, activation):
     for o, r in zip(out, ref_out):
         assert_rel_close(o, r, what="task representation")
     sum((o * c.float()).sum() for o, c in zip(out, cot)).backward()
-    E = S + T * P
-    for level, bank in enumerate(fused.experts):
-        for i, w in enumerate(bank.weights):
-            expected = torch.stack([plain.experts[level][e][2 * i].weight.grad for e in range(E)])
-            assert_rel_close(w.grad, expected, what=f"level {level} expert W{i}")
-    for level, gates in enumerate(fused.task_gates):
-        assert_rel_close(
-            gates.weight.grad,
-            torch.stack([g.weight.grad for g in plain.task_gates[level]]),
-            what=f"level {level} task gates",
-        )
-    for level, gates in enumerate(fused.shared_gates):
-        assert_rel_close(
-            gates.bias.grad, plain.shared_gates[level][0].bias.grad[None], what=f"level {level} shared gate"
-        )
+    assert_grads_match(fused, plain.grads(fused))
 
 
 def test_ple_one_level_is_cgc_over_shared_and_own_experts():

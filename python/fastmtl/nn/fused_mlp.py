@@ -10,6 +10,7 @@ from torch import nn
 from .. import ops
 from .._validation import check_int_at_least
 from ._init import linear_init_
+from ._norm_layers import check_norm_options, make_norms, run_tower
 
 # Plain PyTorch activation modules and the fused activation each one is.
 _MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Identity: "identity"}
@@ -93,23 +94,12 @@ class FusedMLP(nn.Module):
         fan_ins = [in_features] + widths[:-1]
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(n, k, **factory)) for n, k in zip(widths, fan_ins)])
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(n, **factory)) for n in widths]) if bias else None
-        if norm not in (None, "batch", "layer"):
-            raise ValueError(f"FusedMLP: argument 'norm' expected None, 'batch' or 'layer', got {norm!r}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"FusedMLP: argument 'dropout' expected a probability in [0, 1], got {dropout!r}")
+        self.dropout = check_norm_options("FusedMLP", norm, dropout)
         self.norm = norm
-        self.dropout = float(dropout)
         # Per layer, whether the plain equivalent has a Dropout module (fastmtl.unconvert builds
         # them; convert records the original's, which may hold Dropout(p=0) in some layers only).
         self.plain_dropout_modules = (self.dropout > 0.0,) * len(widths)
-        if norm == "batch":
-            self.norms = nn.ModuleList(
-                [nn.BatchNorm1d(n, eps=norm_eps, momentum=norm_momentum, **factory) for n in widths]
-            )
-        elif norm == "layer":
-            self.norms = nn.ModuleList([nn.LayerNorm(n, eps=norm_eps, **factory) for n in widths])
-        else:
-            self.norms = None
+        self.norms = make_norms(norm, widths, None, norm_eps, norm_momentum, factory)
         self.reset_parameters()
 
     @property
@@ -169,37 +159,7 @@ class FusedMLP(nn.Module):
     def _tower(self, rows: torch.Tensor) -> torch.Tensor:
         weights = list(self.weights._parameters.values())
         biases = list(self.biases._parameters.values()) if self.biases is not None else []
-        norms = list(self.norms) if self.norms is not None else []
-        affine = bool(norms) and norms[0].weight is not None
-        running = self.norm == "batch" and norms[0].running_mean is not None
-        momentum, eps = 0.0, norms[0].eps if norms else 1e-5
-        if self.norm == "batch":
-            momentum = self._batch_norm_momentum(norms)
-        return ops.fused_mlp_norm(
-            rows,
-            weights,
-            biases,
-            self.norm or "none",
-            self.activation,
-            self.dropout,
-            self.training,
-            [m.weight for m in norms] if affine else [],
-            [m.bias for m in norms] if affine else [],
-            [m.running_mean for m in norms] if running else [],
-            [m.running_var for m in norms] if running else [],
-            momentum,
-            eps,
-        )
-
-    def _batch_norm_momentum(self, norms) -> float:
-        """The running statistics' update factor of this step, as ``nn.BatchNorm1d.forward``: it
-        counts the step in ``num_batches_tracked`` in training; momentum None averages cumulatively."""
-        first = norms[0]
-        if not (self.training and first.track_running_stats and first.num_batches_tracked is not None):
-            return 0.0 if first.momentum is None else first.momentum
-        for m in norms:
-            m.num_batches_tracked.add_(1)
-        return 1.0 / float(first.num_batches_tracked) if first.momentum is None else first.momentum
+        return run_tower(rows, weights, biases, self.norm, self.norms, self.activation, self.dropout, self.training)
 
     def extra_repr(self) -> str:
         text = (

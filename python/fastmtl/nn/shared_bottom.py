@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._arch_checks import check_activation, check_count, check_input, check_widths
+from ._norm_layers import check_norm_options
 from .experts import ExpertBank
 from .fused_mlp import FusedMLP
 
@@ -23,7 +24,10 @@ class SharedBottom(nn.Module):
     with them the towers are per-task parameters, so it is a trunk with one representation per task.
 
     Fused ops: the bottom in one :func:`fastmtl.ops.fused_mlp` call, all towers in one
-    :func:`fastmtl.ops.fused_experts` call (towers as experts on the shared bottom output).
+    :func:`fastmtl.ops.fused_experts` call (towers as experts on the shared bottom output); with
+    ``norm`` (``"batch"`` / ``"layer"``) or ``dropout``, every bottom and tower layer is ``Linear ->
+    norm -> activation -> Dropout`` (torch-rechub's SharedBottom: ``norm="batch"``), one
+    :func:`fastmtl.ops.fused_mlp_norm` call each for the bottom and the stacked towers.
 
     >>> import torch, fastmtl
     >>> trunk = fastmtl.nn.SharedBottom(10, bottom_hidden=[32], tower_hidden=[16, 8], num_tasks=2)
@@ -40,6 +44,8 @@ class SharedBottom(nn.Module):
         tower_hidden: int | Sequence[int],
         num_tasks: int,
         activation: str = "relu",
+        norm: str | None = None,
+        dropout: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -50,9 +56,10 @@ class SharedBottom(nn.Module):
         check_count("SharedBottom", "num_tasks", num_tasks, 1)
         self.activation = check_activation("SharedBottom", activation)
         self.in_features, self.num_tasks = in_features, num_tasks
+        check_norm_options("SharedBottom", norm, dropout)  # named as this module's arguments
         factory = {"device": device, "dtype": dtype}
-        self.bottom = FusedMLP(in_features, bottom, activation, **factory)
-        self.towers = ExpertBank(bottom[-1], num_tasks, towers, activation, **factory)
+        self.bottom = FusedMLP(in_features, bottom, activation, norm=norm, dropout=dropout, **factory)
+        self.towers = ExpertBank(bottom[-1], num_tasks, towers, activation, norm=norm, dropout=dropout, **factory)
 
     @property
     def out_features(self) -> int:
@@ -66,5 +73,13 @@ class SharedBottom(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.task_features(x).unbind(0))
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The parameters every task shares: the bottom's. Tower t only feeds task t, so the towers
+        are task-specific and get their own task's gradient in ``mtl_backward``."""
+        return list(self.bottom.parameters())
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, num_tasks={self.num_tasks}"
+        text = f"in_features={self.in_features}, num_tasks={self.num_tasks}"
+        if self.bottom.norm is not None:
+            text += f", norm={self.bottom.norm!r}"
+        return text + (f", dropout={self.bottom.dropout}" if self.bottom.dropout else "")
