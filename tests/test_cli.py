@@ -41,7 +41,15 @@ def all_finite(value):
 
 
 @pytest.mark.parametrize(
-    "method, expected", [("upgrad", "UPGrad"), ("FAMO", "FAMO"), ("dWa", "DWA"), ("gradnorm", "GradNorm"), ("uw", "UW")]
+    "method, expected",
+    [
+        ("upgrad", "UPGrad"),
+        ("FAMO", "FAMO"),
+        ("dWa", "DWA"),
+        ("gradnorm", "GradNorm"),
+        ("uw", "UW"),
+        ("autolambda", "AutoLambda"),
+    ],
 )
 def test_train_writes_metrics_and_pictures(tmp_path, method, expected, capsys):
     out = tmp_path / "run"
@@ -321,6 +329,28 @@ def test_an_out_folder_that_cannot_be_made_is_a_usage_error_before_training(comm
     err = capsys.readouterr().err
     assert "argument --out" in err and str(blocker / "results") in err
     assert "Traceback" not in err
+
+
+def test_autolambda_step_meta_steps_on_another_training_batch_then_steps_the_model():
+    from fastmtl import Task
+    from fastmtl.cli.training import TrainingConfig, _Step, _validation_batches, build_model
+    from fastmtl.data.dataset import MultiTaskDataset
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=generator)
+    data = MultiTaskDataset(
+        x, {"a": x.sum(1), "b": x[:, 0] - x[:, 1]}, [Task("a", "regression"), Task("b", "regression")]
+    )
+    config = TrainingConfig(batch_size=16, hidden=(8,), lr=0.05)
+    model = build_model(5, data.tasks, config)
+    step = _Step(model, "AutoLambda", config, _validation_batches(data, config))
+    assert step.method.lr == config.lr and len(step.method.params) == len(list(model.parameters()))
+    batch_x, batch_targets = next(iter(data.batches(16)))
+    for _ in range(3):
+        losses, gram = step(batch_x, batch_targets)
+    assert gram is None and losses.shape == (2,)
+    assert not torch.equal(step.method.task_weights, torch.ones(2))  # three Adam steps of 1e-4
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_every_method_of_the_api_has_a_command_line_name():

@@ -89,6 +89,7 @@ MODULES_WITH_EXAMPLES = (
             "cosmos",
             "pbi",
             "metabalance",
+            "autolambda",
         )
     ]
 )

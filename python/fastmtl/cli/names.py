@@ -70,10 +70,17 @@ def _command_line_arguments(method: str, num_tasks: int) -> dict:
     return {}
 
 
-def make_method(method: str, num_tasks: int, seed: int):
-    """A new instance of the method with its defaults; methods that draw random numbers get ``seed``."""
+def make_method(method: str, num_tasks: int, seed: int, params=None, lr: float | None = None):
+    """A new instance of the method with its defaults; methods that draw random numbers get ``seed``.
+    Methods that step the model's parameters themselves (AutoLambda's virtual step) get ``params``
+    and, as their step size, the model optimizer's ``lr``."""
     cls = getattr(aggregation, method) if is_aggregator(method) else getattr(weighting, method)
-    kwargs = {"seed": seed} if "seed" in inspect.signature(cls).parameters else {}
+    signature = inspect.signature(cls).parameters
+    kwargs = {"seed": seed} if "seed" in signature else {}
+    if "params" in signature:
+        if params is None or lr is None:
+            raise ValueError(f"{method} needs the model's parameters and learning rate (arguments 'params', 'lr')")
+        kwargs.update(params=params, lr=lr)
     if is_aggregator(method):
         return cls(**_command_line_arguments(method, num_tasks), **kwargs)
     return cls(num_tasks, **kwargs)

@@ -21,7 +21,7 @@ from .. import nn as fnn
 from .. import ops
 from ..data.dataset import MultiTaskDataset
 from ..metrics import all_task_metrics
-from ..weighting import DWA, FAMO
+from ..weighting import DWA, FAMO, AutoLambda
 from .names import is_aggregator, make_method
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates (formatting them costs more than a small step)
@@ -155,9 +155,14 @@ class _Step:
     """One optimisation step of ``model`` with ``method``: returns the losses ``[T]`` and the Gram
     matrix the method saw (None for a weighting that needs none)."""
 
-    def __init__(self, model, method_name: str, config: TrainingConfig):
+    def __init__(self, model, method_name: str, config: TrainingConfig, validation_batches=None):
         self.model, self.config = model, config
-        self.method = make_method(method_name, len(model.tasks), config.seed)
+        self.method = make_method(
+            method_name, len(model.tasks), config.seed, params=list(model.parameters()), lr=config.lr
+        )
+        # AutoLambda's validation batches: another shuffled pass over the training set, as the
+        # official code's val_loader.
+        self.validation_batches = validation_batches
         self.aggregates = is_aggregator(method_name)
         parameters = list(model.parameters())
         if not self.aggregates:
@@ -173,6 +178,9 @@ class _Step:
             )
             self.optimizer.step()
             return result.losses, result.gram if result.gram_computed else None
+        if isinstance(self.method, AutoLambda):  # the meta step first, at the parameters the step starts from
+            x_val, targets_val = next(self.validation_batches)
+            self.method.meta_step(lambda: self.model.losses(x, targets), lambda: self.model.losses(x_val, targets_val))
         losses = self.model.losses(x, targets)
         gram = model_gram(self.model, x, targets, self.config.mode) if self.method.requires_gram else None
         self.method(losses, gram).backward()
@@ -192,6 +200,16 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _validation_batches(data: MultiTaskDataset, config: TrainingConfig):
+    """Batches of ``data`` without end, reshuffled every pass from their own generator (``seed + 1``),
+    on ``config.device``: AutoLambda's validation batches, drawn from the training set as the
+    official code does (a second, independently shuffled loader over it)."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    while True:
+        for x, targets in data.batches(config.batch_size, shuffle=True, generator=generator):
+            yield x.to(config.device), {k: v.to(config.device) for k, v in targets.items()}
+
+
 def train_run(
     label: str,
     method_name: str,
@@ -204,7 +222,7 @@ def train_run(
     """Trains a fresh model on ``train`` with ``method_name`` for ``config.epochs`` and evaluates it on
     ``test``. ``progress``: a tqdm bar advanced by one per step, its postfix showing the losses."""
     model = build_model(train.num_features, train.tasks, config, train.field_cardinalities)
-    step = _Step(model, method_name, config)
+    step = _Step(model, method_name, config, _validation_batches(train, config))
     generator = torch.Generator().manual_seed(config.seed)
     step_seconds, step_losses = [], []
     cosine_sum, gram_samples = None, 0

@@ -25,10 +25,13 @@ method        paper                                        needs                
 ``COSMOS``    Ruchte & Grabocka, ICDM 2021                 losses                               ``sum r_t L_t - lambda cos(r, L)``
 ``PBI``       Zhang & Li, IEEE TEC 2007                    losses                               ``d1 + theta d2`` along / off a preference
 ``MetaBal.``  He et al., WWW 2022 (``MetaBalance``)        losses, history, gram (diagonal)     ``sum w_t L_t``, aux norms toward the main's
+``AutoLam.``  Liu et al., TMLR 2022 (``AutoLambda``)       losses, history, ``meta_step()``     ``sum lambda_t L_t``, ``lambda`` meta-learnt
 ============  ===========================================  ===================================  ==========================================
 
 "learnable parameters": ``method.parameters()`` must go to the optimizer with the model's.
 "history": the method keeps state across calls; restore it with ``load_state_dict`` when resuming.
+"meta_step()": AutoLambda moves its weights by a virtual step of the shared parameters
+(``params``) and the validation losses at it: call ``method.meta_step(train_fn, val_fn)`` each step.
 "gram": ``G_st = <grad L_s, grad L_t>`` over the shared parameters (``method.requires_gram``).
 
 >>> import torch
@@ -43,6 +46,7 @@ method        paper                                        needs                
 """
 
 from ._base import Weighting
+from .autolambda import AutoLambda
 from .cosmos import COSMOS
 from .dbmtl import DBMTL
 from .dwa import DWA
@@ -72,4 +76,5 @@ __all__ = [
     "COSMOS",
     "PBI",
     "MetaBalance",
+    "AutoLambda",
 ]
