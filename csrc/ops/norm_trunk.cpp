@@ -57,9 +57,9 @@ at::Tensor input_grad(const at::Tensor& grad_pre, const at::Tensor& weight, cons
 }
 
 // ---- the stacked towers' normalisation, [E, B, d] in the compute dtype. ATen's batch-norm kernels
-// take channels at dim 1 and the layer-norm kernel one affine vector for every row: neither fits
-// E towers' own (tower, feature) statistics and parameters, so those are written here with ATen
-// reductions and fused multiply-adds (per-channel scale and shift: one pass each way).
+// take channels at dim 1, so they run tower by tower on the contiguous [B, d] slices; the
+// layer-norm kernel takes one affine vector for every row, so it normalises all towers at once and
+// each tower's own affine parameters follow as one fused multiply-add.
 
 struct StackedNorm {
   at::Tensor normed, mean, invstd;  // mean / invstd: batch [E, d], layer [E, B, 1]
@@ -70,25 +70,24 @@ struct StackedNorm {
 StackedNorm stacked_batch_norm(const at::Tensor& pre, const at::Tensor& gamma, const at::Tensor& beta,
                                const at::Tensor& running_mean, const at::Tensor& running_var, bool batch_stats,
                                double momentum, double eps) {
-  at::Tensor mean, var;
-  if (batch_stats) {
-    std::tie(var, mean) = at::var_mean(pre, {1}, /*correction=*/0, /*keepdim=*/false);
-    if (running_mean.defined()) {
-      const int64_t rows = pre.size(1);
-      running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
-      running_var.mul_(1.0 - momentum)
-          .add_(var.to(running_var.scalar_type()),
-                momentum * static_cast<double>(rows) / static_cast<double>(rows - 1));
-    }
-  } else {
-    mean = running_mean;
-    var = running_var;
+  // Tower e's [B, n] slice is contiguous: ATen's batch-norm kernel on each slice (its channels-last
+  // CPU path; one reduction pass and one normalising pass) writes straight into the stacked output
+  // and updates row e of the running statistics in place. Reductions over dim 1 of [E, B, n] and
+  // broadcast multiply-adds were 3x slower than this loop (bench_rec_towers' native variant).
+  const int64_t towers = pre.size(0), features = pre.size(2);
+  at::Tensor normed = at::empty_like(pre);
+  at::Tensor mean = at::empty({towers, features}, pre.options());
+  at::Tensor invstd = at::empty({towers, features}, pre.options());
+  const auto row = [](const at::Tensor& t, int64_t e) { return t.defined() ? t.select(0, e) : at::Tensor(); };
+  for (int64_t e = 0; e < towers; ++e) {
+    at::Tensor out = normed.select(0, e);
+    // Eval: the kernel gives [0] placeholders for the saved statistics; they are not kept.
+    at::Tensor save_mean = batch_stats ? mean.select(0, e) : at::empty({0}, pre.options());
+    at::Tensor save_invstd = batch_stats ? invstd.select(0, e) : at::empty({0}, pre.options());
+    at::native_batch_norm_out(out, save_mean, save_invstd, pre.select(0, e), row(gamma, e), row(beta, e),
+                              row(running_mean, e), row(running_var, e), batch_stats, momentum, eps);
   }
-  const at::Tensor invstd = at::rsqrt(var + eps);
-  const at::Tensor scale = gamma.defined() ? invstd * gamma : invstd;
-  at::Tensor shift = -mean * scale;
-  if (beta.defined()) shift = shift + beta;
-  return {at::addcmul(shift.unsqueeze(1), pre, scale.unsqueeze(1)), mean, invstd};
+  return {normed, mean, invstd};
 }
 
 // LayerNorm per (tower, row) over the features, with tower e's own affine parameters.
@@ -98,27 +97,31 @@ StackedNorm stacked_layer_norm(const at::Tensor& pre, const at::Tensor& gamma, c
   return {normed, mean, invstd};
 }
 
-// (d pre, d gamma, d beta) of stacked_batch_norm; mean / invstd are the batch statistics, or the
-// running mean and 1/sqrt(running var + eps) in eval.
+// (d pre, d gamma, d beta) of stacked_batch_norm: ATen's batch-norm backward tower by tower (each
+// slice contiguous), from the batch statistics it saved or, in eval, the running ones.
 std::array<at::Tensor, 3> stacked_batch_norm_backward(const at::Tensor& grad, const at::Tensor& pre,
-                                                      const at::Tensor& gamma, const at::Tensor& mean,
-                                                      const at::Tensor& invstd, bool batch_stats) {
-  const at::Tensor centred = pre - mean.unsqueeze(1);
-  const at::Tensor sum_grad = grad.sum({1});
-  const at::Tensor sum_grad_centred = (grad * centred).sum({1});
-  const at::Tensor scale = gamma.defined() ? invstd * gamma : invstd;
-  at::Tensor grad_pre;
-  if (batch_stats) {
-    // d pre = scale (g - mean_B(g) - xhat mean_B(g xhat)), xhat = centred * invstd.
-    const double inv_rows = 1.0 / static_cast<double>(pre.size(1));
-    const at::Tensor centred_coef = -scale * invstd * invstd * sum_grad_centred * inv_rows;
-    const at::Tensor constant = -scale * sum_grad * inv_rows;
-    grad_pre =
-        at::addcmul(at::addcmul(constant.unsqueeze(1), grad, scale.unsqueeze(1)), centred, centred_coef.unsqueeze(1));
-  } else {
-    grad_pre = grad * scale.unsqueeze(1);
+                                                      const at::Tensor& gamma, const at::Tensor& running_mean,
+                                                      const at::Tensor& running_var, const at::Tensor& save_mean,
+                                                      const at::Tensor& save_invstd, bool batch_stats, double eps) {
+  const int64_t towers = pre.size(0);
+  const bool affine = gamma.defined();
+  const std::array<bool, 3> mask{true, affine, affine};
+  const auto row = [](const at::Tensor& t, int64_t e) { return t.defined() ? t.select(0, e) : at::Tensor(); };
+  at::Tensor grad_pre = at::empty_like(pre);
+  at::Tensor grad_gamma = affine ? at::empty_like(gamma) : at::Tensor();
+  at::Tensor grad_beta = affine ? at::empty_like(gamma) : at::Tensor();
+  for (int64_t e = 0; e < towers; ++e) {
+    auto [dx, dgamma, dbeta] =
+        at::native_batch_norm_backward(grad.select(0, e), pre.select(0, e), row(gamma, e), row(running_mean, e),
+                                       row(running_var, e), batch_stats ? save_mean.select(0, e) : at::Tensor(),
+                                       batch_stats ? save_invstd.select(0, e) : at::Tensor(), batch_stats, eps, mask);
+    grad_pre.select(0, e).copy_(dx);
+    if (affine) {
+      grad_gamma.select(0, e).copy_(dgamma);
+      grad_beta.select(0, e).copy_(dbeta);
+    }
   }
-  return {grad_pre, gamma.defined() ? sum_grad_centred * invstd : at::Tensor(), sum_grad};
+  return {grad_pre, grad_gamma, grad_beta};
 }
 
 std::array<at::Tensor, 3> stacked_layer_norm_backward(const at::Tensor& grad, const at::Tensor& pre,
@@ -262,12 +265,9 @@ NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor
       const at::Tensor gamma_c = in_dtype(gamma, compute);
       std::array<at::Tensor, 3> r;
       if (c.norm == NormKind::Batch && stacked) {
-        at::Tensor mean = in_dtype(slot(l, 1), compute), invstd = in_dtype(slot(l, 2), compute);
-        if (!batch_stats) {
-          mean = in_dtype(p.running_means[l], compute);
-          invstd = at::rsqrt(in_dtype(p.running_vars[l], compute) + c.eps);
-        }
-        r = stacked_batch_norm_backward(delta_c, pre_c, gamma_c, mean, invstd, batch_stats);
+        r = stacked_batch_norm_backward(delta_c, pre_c, gamma_c, in_dtype(at_layer(p.running_means, l), compute),
+                                        in_dtype(at_layer(p.running_vars, l), compute), in_dtype(slot(l, 1), compute),
+                                        in_dtype(slot(l, 2), compute), batch_stats, c.eps);
       } else if (c.norm == NormKind::Batch) {
         const std::array<bool, 3> mask3{true, affine, affine};
         std::tie(r[0], r[1], r[2]) = at::native_batch_norm_backward(
