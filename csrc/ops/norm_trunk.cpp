@@ -69,23 +69,28 @@ struct StackedNorm {
 // in eval; the running statistics are updated in place (the caller passes copies).
 StackedNorm stacked_batch_norm(const at::Tensor& pre, const at::Tensor& gamma, const at::Tensor& beta,
                                const at::Tensor& running_mean, const at::Tensor& running_var, bool batch_stats,
-                               double momentum, double eps) {
+                               double momentum, double eps, at::ScalarType compute) {
   // Tower e's [B, n] slice is contiguous: ATen's batch-norm kernel on each slice (its channels-last
   // CPU path; one reduction pass and one normalising pass) writes straight into the stacked output
   // and updates row e of the running statistics in place. Reductions over dim 1 of [E, B, n] and
   // broadcast multiply-adds were 3x slower than this loop (bench_rec_towers' native variant).
+  // 16-bit storage: each slice is widened to the compute dtype and the result rounded back tower by
+  // tower, so the float32 temporaries are one tower's, not E towers'.
   const int64_t towers = pre.size(0), features = pre.size(2);
+  const bool widen = pre.scalar_type() != compute;
   at::Tensor normed = at::empty_like(pre);
-  at::Tensor mean = at::empty({towers, features}, pre.options());
-  at::Tensor invstd = at::empty({towers, features}, pre.options());
+  const at::TensorOptions stats_options = pre.options().dtype(compute);
+  at::Tensor mean = at::empty({towers, features}, stats_options);
+  at::Tensor invstd = at::empty({towers, features}, stats_options);
   const auto row = [](const at::Tensor& t, int64_t e) { return t.defined() ? t.select(0, e) : at::Tensor(); };
   for (int64_t e = 0; e < towers; ++e) {
-    at::Tensor out = normed.select(0, e);
+    at::Tensor out = widen ? at::empty(normed.select(0, e).sizes(), stats_options) : normed.select(0, e);
     // Eval: the kernel gives [0] placeholders for the saved statistics; they are not kept.
-    at::Tensor save_mean = batch_stats ? mean.select(0, e) : at::empty({0}, pre.options());
-    at::Tensor save_invstd = batch_stats ? invstd.select(0, e) : at::empty({0}, pre.options());
-    at::native_batch_norm_out(out, save_mean, save_invstd, pre.select(0, e), row(gamma, e), row(beta, e),
-                              row(running_mean, e), row(running_var, e), batch_stats, momentum, eps);
+    at::Tensor save_mean = batch_stats ? mean.select(0, e) : at::empty({0}, stats_options);
+    at::Tensor save_invstd = batch_stats ? invstd.select(0, e) : at::empty({0}, stats_options);
+    at::native_batch_norm_out(out, save_mean, save_invstd, in_dtype(pre.select(0, e), compute), row(gamma, e),
+                              row(beta, e), row(running_mean, e), row(running_var, e), batch_stats, momentum, eps);
+    if (widen) normed.select(0, e).copy_(out);
   }
   return {normed, mean, invstd};
 }
@@ -98,11 +103,13 @@ StackedNorm stacked_layer_norm(const at::Tensor& pre, const at::Tensor& gamma, c
 }
 
 // (d pre, d gamma, d beta) of stacked_batch_norm: ATen's batch-norm backward tower by tower (each
-// slice contiguous), from the batch statistics it saved or, in eval, the running ones.
+// slice contiguous, widened to the compute dtype one tower at a time), from the batch statistics it
+// saved or, in eval, the running ones. d pre comes back in pre's dtype, d gamma / d beta in compute.
 std::array<at::Tensor, 3> stacked_batch_norm_backward(const at::Tensor& grad, const at::Tensor& pre,
                                                       const at::Tensor& gamma, const at::Tensor& running_mean,
                                                       const at::Tensor& running_var, const at::Tensor& save_mean,
-                                                      const at::Tensor& save_invstd, bool batch_stats, double eps) {
+                                                      const at::Tensor& save_invstd, bool batch_stats, double eps,
+                                                      at::ScalarType compute) {
   const int64_t towers = pre.size(0);
   const bool affine = gamma.defined();
   const std::array<bool, 3> mask{true, affine, affine};
@@ -111,10 +118,10 @@ std::array<at::Tensor, 3> stacked_batch_norm_backward(const at::Tensor& grad, co
   at::Tensor grad_gamma = affine ? at::empty_like(gamma) : at::Tensor();
   at::Tensor grad_beta = affine ? at::empty_like(gamma) : at::Tensor();
   for (int64_t e = 0; e < towers; ++e) {
-    auto [dx, dgamma, dbeta] =
-        at::native_batch_norm_backward(grad.select(0, e), pre.select(0, e), row(gamma, e), row(running_mean, e),
-                                       row(running_var, e), batch_stats ? save_mean.select(0, e) : at::Tensor(),
-                                       batch_stats ? save_invstd.select(0, e) : at::Tensor(), batch_stats, eps, mask);
+    auto [dx, dgamma, dbeta] = at::native_batch_norm_backward(
+        in_dtype(grad.select(0, e), compute), in_dtype(pre.select(0, e), compute), row(gamma, e), row(running_mean, e),
+        row(running_var, e), batch_stats ? save_mean.select(0, e) : at::Tensor(),
+        batch_stats ? save_invstd.select(0, e) : at::Tensor(), batch_stats, eps, mask);
     grad_pre.select(0, e).copy_(dx);
     if (affine) {
       grad_gamma.select(0, e).copy_(dgamma);
@@ -161,7 +168,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
     if (c.norm != NormKind::None) {
       const at::Tensor gamma = in_dtype(at_layer(p.norm_weights, l), compute);
       const at::Tensor beta = in_dtype(at_layer(p.norm_biases, l), compute);
-      const at::Tensor pre_c = in_dtype(pre, compute);
+      // Widened to the compute dtype where a whole-tensor kernel needs it (the stacked batch norm
+      // widens tower by tower).
+      const bool stacked_batch = stacked && c.norm == NormKind::Batch;
+      const at::Tensor pre_c = stacked_batch ? pre : in_dtype(pre, compute);
       at::Tensor normed;
       if (c.norm == NormKind::Batch) {
         // The kernel updates running statistics in place: it gets copies (the inputs stay as they
@@ -173,7 +183,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> norm_tr
           if (var_c.is_same(running_var)) var_c = var_c.clone();
         }
         if (stacked) {
-          StackedNorm n = stacked_batch_norm(pre_c, gamma, beta, mean_c, var_c, batch_stats, c.momentum, c.eps);
+          StackedNorm n = stacked_batch_norm(pre, gamma, beta, mean_c, var_c, batch_stats, c.momentum, c.eps, compute);
           normed = n.normed, mean = n.mean, invstd = n.invstd;
         } else {
           std::tie(normed, mean, invstd) =
@@ -261,13 +271,15 @@ NormTrunkGrads norm_trunk_backward(const kernels::Steps& steps, const at::Tensor
     at::Tensor grad_pre = delta;
     if (c.norm != NormKind::None) {
       const at::Tensor gamma = at_layer(p.norm_weights, l);
-      const at::Tensor delta_c = in_dtype(delta, compute), pre_c = in_dtype(pre, compute);
+      const bool stacked_batch = stacked && c.norm == NormKind::Batch;  // widens tower by tower itself
+      const at::Tensor delta_c = stacked_batch ? delta : in_dtype(delta, compute);
+      const at::Tensor pre_c = stacked_batch ? pre : in_dtype(pre, compute);
       const at::Tensor gamma_c = in_dtype(gamma, compute);
       std::array<at::Tensor, 3> r;
       if (c.norm == NormKind::Batch && stacked) {
         r = stacked_batch_norm_backward(delta_c, pre_c, gamma_c, in_dtype(at_layer(p.running_means, l), compute),
                                         in_dtype(at_layer(p.running_vars, l), compute), in_dtype(slot(l, 1), compute),
-                                        in_dtype(slot(l, 2), compute), batch_stats, c.eps);
+                                        in_dtype(slot(l, 2), compute), batch_stats, c.eps, compute);
       } else if (c.norm == NormKind::Batch) {
         const std::array<bool, 3> mask3{true, affine, affine};
         std::tie(r[0], r[1], r[2]) = at::native_batch_norm_backward(
