@@ -9,11 +9,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ._adam import adam_step_
 from ._base import Weighting, check_number
 
-# torch.optim.Adam's defaults, which the official code's meta optimizer keeps.
-_ADAM_BETAS = (0.9, 0.999)
-_ADAM_EPS = 1e-8
 # The finite difference's step in parameter space: eps = _FD_SCALE / ||grad L_val(theta')||, as DARTS
 # and the official code.
 _FD_SCALE = 0.01
@@ -173,14 +171,8 @@ class AutoLambda(Weighting):
     @torch.no_grad()
     def _adam(self, grad: Tensor) -> None:
         """One step of torch.optim.Adam (no weight decay, no amsgrad), its moments in buffers."""
-        beta1, beta2 = _ADAM_BETAS
         self._adam_steps += 1
-        self.adam_exp_avg.lerp_(grad, 1 - beta1)
-        self.adam_exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**self._adam_steps
-        bias_correction2 = 1 - beta2**self._adam_steps
-        denom = (self.adam_exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(_ADAM_EPS)
-        self.task_weights.addcdiv_(self.adam_exp_avg, denom, value=-self.weight_lr / bias_correction1)
+        adam_step_(self.task_weights, grad, self.adam_exp_avg, self.adam_exp_avg_sq, self._adam_steps, self.weight_lr)
         self.task_weights.clamp_(min=0)
 
     def _call(self, fn: LossesFn, name: str) -> Tensor:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
+from ._adam import adam_step_
 from ._base import Weighting, check_number
 
 # torch.optim.Adam's defaults, which the official FAMO code keeps.
-_ADAM_BETAS = (0.9, 0.999)
-_ADAM_EPS = 1e-8
 
 
 class FAMO(Weighting):
@@ -125,15 +123,9 @@ class FAMO(Weighting):
     def _adam(self, grad: torch.Tensor) -> None:
         """One step of torch.optim.Adam (L2 weight decay, no amsgrad), with its moments in buffers
         so that they are saved with the module."""
-        beta1, beta2 = _ADAM_BETAS
         self._adam_steps += 1
         grad = grad + self.gamma * self.logits
-        self.adam_exp_avg.lerp_(grad, 1 - beta1)
-        self.adam_exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**self._adam_steps
-        bias_correction2 = 1 - beta2**self._adam_steps
-        denom = (self.adam_exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(_ADAM_EPS)
-        self.logits.addcdiv_(self.adam_exp_avg, denom, value=-self.lr / bias_correction1)
+        adam_step_(self.logits, grad, self.adam_exp_avg, self.adam_exp_avg_sq, self._adam_steps, self.lr)
 
     def get_extra_state(self):
         return {"adam_steps": self._adam_steps, "pending": self._pending}
