@@ -249,6 +249,13 @@ def test_autocast_bfloat16_on_cpu_close_to_float32():
     assert err < 0.05, f"bf16 relative error {err}"
 
 
+def test_norm_eps_and_momentum_reach_every_normalisation():
+    mmoe = MMoE(6, 2, [4], 2, norm="batch", tower_hidden=[3], gate_hidden=[2], norm_eps=1e-3, norm_momentum=0.3)
+    norms = [m for m in mmoe.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(norms) == 3  # experts, gate MLPs, towers
+    assert all(m.eps == 1e-3 and m.momentum == 0.3 for m in norms)
+
+
 def test_repr_names_the_options():
     text = repr(MMoE(6, 2, [4], 2, norm="batch", dropout=0.1, tower_hidden=[3], gate_hidden=[2]))
     assert "norm='batch', dropout=0.1, tower_hidden=[3], gate_hidden=[2]" in text

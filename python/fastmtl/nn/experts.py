@@ -111,7 +111,8 @@ class TaskGates(nn.Module):
 
     ``hidden``: layer widths of a per-gate MLP before the softmax layer (``self.hidden``, an
     :class:`ExpertBank` of G towers with ``activation``, ``norm``, ``dropout``); by default the gate
-    is one linear layer on the input, as in the MMoE and PLE papers."""
+    is one linear layer on the input, as in the MMoE and PLE papers. ``norm_eps``, ``norm_momentum``:
+    of that MLP's normalisation."""
 
     def __init__(
         self,
@@ -123,6 +124,8 @@ class TaskGates(nn.Module):
         activation: str = "relu",
         norm: str | None = None,
         dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+        norm_momentum: float | None = 0.1,
         device=None,
         dtype=None,
     ):
@@ -130,7 +133,17 @@ class TaskGates(nn.Module):
         factory = {"device": device, "dtype": dtype}
         hidden = list(hidden)
         self.hidden = (
-            ExpertBank(in_features, num_gates, hidden, activation, norm=norm, dropout=dropout, **factory)
+            ExpertBank(
+                in_features,
+                num_gates,
+                hidden,
+                activation,
+                norm=norm,
+                dropout=dropout,
+                norm_eps=norm_eps,
+                norm_momentum=norm_momentum,
+                **factory,
+            )
             if hidden
             else None
         )
@@ -186,6 +199,8 @@ class _TowerOptions:
             self.activation,
             self.norm,
             self.dropout,
+            self.norm_eps,
+            self.norm_momentum,
             **factory,
         )
 
