@@ -83,6 +83,17 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float =
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
+def assert_same_step(got, want, rtol):
+    """Two engine steps, each ``(result, {parameter name: .grad})``, agree: the same parameters got
+    gradients, and the gradients, Gram matrices and weights are close."""
+    (got_result, got_grads), (want_result, want_grads) = got, want
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert_rel_close(got_grads[name], want_grads[name], rtol, name)
+    assert_rel_close(got_result.gram, want_result.gram, rtol, "gram")
+    assert_rel_close(got_result.weights, want_result.weights, rtol, "weights")
+
+
 def mixed_tasks(num_tasks: int, num_classes: int = 5):
     """num_tasks tasks cycling through every kind and loss, with varied widths."""
     kinds = [

@@ -7,7 +7,7 @@ from torch import nn
 
 import fastmtl
 import fastmtl.aggregation as agg
-from conftest import assert_rel_close
+from conftest import assert_rel_close, assert_same_step
 
 T_TASKS = 3
 
@@ -352,15 +352,6 @@ def reference_run(model, x, y, make_aggregator, **kwargs):
     losses, z = model.losses(x, y)
     result = fastmtl.reference.mtl_backward(losses, z, make_aggregator(), **kwargs)
     return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same_step(got, want, rtol):
-    (got_result, got_grads), (want_result, want_grads) = got, want
-    assert got_grads.keys() == want_grads.keys()
-    for name in want_grads:
-        assert_rel_close(got_grads[name], want_grads[name], rtol, name)
-    assert_rel_close(got_result.gram, want_result.gram, rtol, "gram")
-    assert_rel_close(got_result.weights, want_result.weights, rtol, "weights")
 
 
 @pytest.mark.parametrize("kind, path", [("mlp", "batched"), ("conv", "task-loop"), ("sequence", "task-loop")])

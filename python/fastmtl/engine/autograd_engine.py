@@ -30,15 +30,14 @@ from .gradients import checked_weights, jacobian_update, write_gradients
 from .options import MTLBackwardOptions, fail, supplied_requirement
 from .result import MTLBackwardResult
 from .schedule import WeightSchedule, schedule_of
+from .task_jacobian import gram_of, weighted_sum
 from .trunk_gram import (
-    blocks_gram,
     depends_on,
-    gram_of,
     per_task_gradients,
+    per_task_loss_gradients,
     plan_gram,
     streamed_gram,
     update_cosine,
-    weighted_sum,
 )
 
 __all__ = ["mtl_backward", "graph_leaves"]
@@ -127,7 +126,10 @@ def mtl_backward(
                     "a subset of the shared parameters (the layers the Gram matrix is computed on)",
                     f"gram_params[{i}] that is not a shared parameter",
                 )
-    heads = [p for p in graph_leaves([losses]) if id(p) not in shared_ids]
+    # With the default shared parameters every leaf behind the features is shared: the walk for the
+    # heads need not go into the trunk.
+    stop = [f for f in feats if f.grad_fn is not None] if shared_params is None else ()
+    heads = [p for p in graph_leaves([losses], stop=stop) if id(p) not in shared_ids]
     sync = DataParallelSync(opts.ddp_gram, opts.process_group)
 
     T = losses.shape[0]
@@ -151,10 +153,12 @@ def _as_tensors(features) -> list:
     fail("features", "a tensor or a non-empty sequence of tensors (the trunk's outputs)", type(features).__name__)
 
 
-def graph_leaves(roots: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def graph_leaves(roots: Sequence[torch.Tensor], stop: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
     """The leaf tensors that require grad and that the roots depend on, each once, in depth-first
-    order: from the last root, a node's inputs last to first (the order of the Jacobian's columns)."""
-    seen, leaves, stack = set(), [], [r.grad_fn for r in roots if r.grad_fn is not None]
+    order: from the last root, a node's inputs last to first (the order of the Jacobian's columns).
+    ``stop``: tensors whose graph is not entered (their leaves are listed only if reached otherwise)."""
+    seen = {s.grad_fn for s in stop if s.grad_fn is not None}
+    leaves, stack = [], [r.grad_fn for r in roots if r.grad_fn is not None]
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
@@ -178,6 +182,8 @@ def _feature_cotangents(losses, feats, memory_budget) -> list:
     eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
     plan = plan_gram([losses], feats, T, memory_budget)
     try:
+        if plan.path == "task-loop":  # the heads do not batch: T passes, one head each
+            return per_task_loss_gradients(losses, feats, retain_graph=True)[0]
         return per_task_gradients(
             [losses], feats, [eye], T if plan.path == "streamed" else plan.chunk, retain_graph=True
         )
@@ -200,8 +206,8 @@ def _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, s
         )
     plan = plan_gram(feats, shared, cotangents[0].shape[0], memory_budget)
     blocks = per_task_gradients(feats, shared, cotangents, plan.chunk, retain_graph=True)
-    weights = checked_weights(aggregator, sync.gram(blocks_gram(blocks)).detach())
-    return weighted_sum(weights, blocks)
+    weights = checked_weights(aggregator, sync.gram(blocks.gram()).detach())
+    return blocks.weighted(weights)
 
 
 def _aggregated_backward(
@@ -220,20 +226,22 @@ def _aggregated_backward(
     T = losses.shape[0]
     partial = None if opts.gram_params is None else list(opts.gram_params)
     memory_budget = opts.memory_budget
-    # Heads: the gradient of sum_t L_t, through the task-specific parts only.
     if not depends_on([losses], feats):
         fail(
             "features",
             "tensors in the graph of 'losses' (the losses must be computed from them)",
             "features the losses do not depend on",
         )
-    head_grads = list(torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True)) if heads else []
-
     wrt = shared if partial is None else partial
     plan = plan_gram(feats, wrt, T, memory_budget) if opts.mode == "exact" else None
     # The task loop needs no cotangents of the features: T backward passes from the losses (as the
-    # T-pass loop), so the T x feature cotangents are never held.
+    # T-pass loop), so the T x feature cotangents are never held, and the heads' gradients come
+    # from the same passes.
     direct = plan is not None and partial is None and plan.path == "task-loop" and not sync.exact
+    # Heads: the gradient of sum_t L_t, through the task-specific parts only.
+    head_grads = []
+    if heads and not direct:
+        head_grads = list(torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True))
     # Per-task cotangents of the features: [T, *feature.shape] each.
     cotangents = None if direct else _feature_cotangents(losses, feats, memory_budget)
 
@@ -257,22 +265,21 @@ def _aggregated_backward(
             blocks = None
         else:
             if direct:
-                eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
-                blocks = per_task_gradients([losses], wrt, [eye], 1, retain_graph=False)
+                blocks, head_grads = per_task_loss_gradients(losses, wrt, retain_graph=True, summed=heads)
             else:
                 blocks = per_task_gradients(feats, wrt, cotangents, plan.chunk, retain_graph=partial is not None)
             if sync.exact or opts.keep_jacobian or needs_jacobian:
-                flat = torch.cat([g.reshape(T, -1) for g in blocks], dim=1)
+                flat = blocks.jacobian()
             if sync.exact:
                 flat = sync.jacobian(flat)
                 gram = gram_of(flat)
             else:
-                gram = sync.gram(blocks_gram(blocks))
+                gram = sync.gram(blocks.gram())
             if opts.keep_jacobian:
                 jacobian = flat.detach()
         if needs_jacobian:
             # [P]: the method's update of the shared parameters, split into their blocks.
-            update, weights = jacobian_update(aggregator, flat, gram, [g[0].numel() for g in blocks])
+            update, weights = jacobian_update(aggregator, flat, gram, blocks.sizes())
             shared_grads = [u.view_as(g[0]).to(g.dtype) for u, g in zip(update, blocks)]
         else:
             weights = checked_weights(aggregator, gram.detach())
@@ -280,7 +287,7 @@ def _aggregated_backward(
                 shared_grads = _weighted_backward(feats, shared, cotangents, weights)
             else:
                 # The mean over ranks of the local updates is the update of the mean per-task gradients.
-                shared_grads = weighted_sum(weights, blocks)
+                shared_grads = blocks.weighted(weights)
     cosine = None
     if opts.report_cosine:
         cosine = 1.0 if exact_update is None else update_cosine(shared_grads, exact_update)

@@ -8,21 +8,26 @@ the T cotangents ``dL_t/dz`` of the trunk's outputs. The paths, chosen by :func:
              T cotangents go down the trunk as one batch, so every op's GEMM is T times larger.
              Runs when every op on the way batches under vmap (Linear, activations, matmuls, ...).
              The chunk bounds the T-batched intermediates of the backward by the memory budget.
-  task-loop  T ordinary backward passes from the losses (the T-pass loop without its stack and
-             concatenation copies; no T x feature cotangents held). Runs when the trunk has an op
-             whose vmap rule loops over the tasks anyway (convolution, batch norm, layer norm,
-             flash attention, embedding on torch 2.13 CPU): there the vmapped backward made the same
-             per-task calls plus stack copies, measured 1.3-1.6x slower than T passes (CNN B=8,
-             transformer B=32; on the transformer at B=8 it was 1.2x faster: the cost model is
-             by op kind, not by size).
+  task-loop  T ordinary backward passes, the t-th from task t's own loss (its edge into the
+             ``torch.stack`` of the losses, :func:`task_loss_edges`), so it runs task t's head and
+             the trunk: the T-pass loop minus its T^2 head work (a pass from the stacked losses
+             with the cotangent e_t runs every head on zeros), its stack and concatenation copies
+             and its separate pass for the heads' gradients (they come from the same T passes).
+             Runs when the trunk has an op whose vmap rule loops over the tasks anyway
+             (convolution, batch norm, layer norm, flash attention, embedding on torch 2.13 CPU):
+             there the vmapped backward made the same per-task calls plus stack copies, measured
+             1.3-1.6x slower than T passes (CNN B=8, transformer B=32; on the transformer at B=8 it
+             was 1.2x faster: the cost model is by op kind, not by size). Folding the tasks into the
+             batch or channel axis of one conv backward measured slower still on CPU (mkldnn).
   streamed   when the Jacobian itself would exceed the budget: one sweep of
              :func:`fastmtl.engine.batched_backward.batched_grad` hands each parameter block's T gradients
              to a callback that adds their share ``g_b g_b^T`` to G and drops them, so no T x P
              Jacobian exists; the update is then one ordinary backward of ``sum_t a_t dL_t/dz``.
 
-In the first two, the per-task gradients stay as one ``[T, *shape]`` tensor per parameter block:
-the Gram matrix is the sum of the blocks' ``g_b g_b^T`` (no concatenation into T x P), and the
-update ``sum_t a_t g_t`` is one ``tensordot`` per block.
+In the first two, the per-task gradients are a :class:`~fastmtl.engine.task_jacobian.TaskJacobian`:
+in the task loop each pass is copied into row t of one ``[T, P]`` matrix (the Gram matrix one GEMM,
+the update one GEMV, the blocks views of its columns); the vmapped backward's ``[T, *shape]``
+blocks are kept as they come (the Gram matrix summed block by block, no concatenation).
 """
 
 from __future__ import annotations
@@ -33,13 +38,17 @@ from dataclasses import dataclass
 import torch
 
 from .batched_backward import batched_grad, graph_nodes
+from .task_jacobian import TaskJacobian, blocks_gram, gram_dtype, gram_of, weighted_sum
 
 __all__ = [
     "depends_on",
     "GramPlan",
     "plan_gram",
     "per_task_gradients",
+    "per_task_loss_gradients",
+    "task_loss_edges",
     "blocks_gram",
+    "gram_of",
     "streamed_gram",
     "weighted_sum",
     "update_cosine",
@@ -104,8 +113,25 @@ def _nodes_towards(outputs, inputs) -> list:
 
 
 def depends_on(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether a backward from the outputs reaches any of the inputs."""
-    return bool(_nodes_towards(outputs, inputs)) or any(o is i for o in outputs for i in inputs)
+    """Whether a backward from the outputs reaches any of the inputs. Stops at the first input it
+    meets: from the losses to the features it walks the heads, not the trunk."""
+    if any(o is i for o in outputs for i in inputs):
+        return True
+    leaves = {id(p) for p in inputs if p.grad_fn is None}
+    slots = {p.grad_fn for p in inputs if p.grad_fn is not None}
+    seen, stack = set(), [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node in slots:
+            return True
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in leaves:
+            return True
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 def plan_gram(
@@ -145,7 +171,7 @@ def per_task_gradients(
     cotangents: Sequence[torch.Tensor],
     chunk: int,
     retain_graph: bool,
-) -> list[torch.Tensor]:
+) -> TaskJacobian:
     """``[T, *input.shape]`` per input: for every t the gradient of ``sum_j <cotangents[j][t], outputs[j]>``
     (zeros where an input is unused), ``chunk`` tasks per backward (vmapped when ``chunk > 1``). A
     vmapped backward that fails (an op without a batching rule) is redone one task at a time."""
@@ -162,17 +188,19 @@ def per_task_gradients(
                     retain_graph=True,
                     allow_unused=True,
                 )
-                return [
-                    torch.zeros((T,) + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g
-                    for g, x in zip(grads, inputs)
-                ]
+                return TaskJacobian(
+                    [
+                        torch.zeros((T,) + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g
+                        for g, x in zip(grads, inputs)
+                    ]
+                )
             return _chunked(outputs, inputs, cotangents, chunk, True)
         except RuntimeError:
             pass
     return _chunked(outputs, inputs, cotangents, 1, retain_graph)
 
 
-def _chunked(outputs, inputs, cotangents, chunk: int, retain_graph: bool) -> list[torch.Tensor]:
+def _chunked(outputs, inputs, cotangents, chunk: int, retain_graph: bool) -> TaskJacobian:
     T = cotangents[0].shape[0]
     if chunk == 1:
         return _one_task_at_a_time(outputs, inputs, cotangents, retain_graph)
@@ -192,58 +220,83 @@ def _chunked(outputs, inputs, cotangents, chunk: int, retain_graph: bool) -> lis
         for block, g in zip(blocks, grads):
             if g is not None:
                 block[start:stop] = g
-    return blocks
+    return TaskJacobian(blocks)
 
 
-def _one_task_at_a_time(outputs, inputs, cotangents, retain_graph: bool) -> list[torch.Tensor]:
-    """T backward passes; each block's T gradients are stacked only after the last pass, and each
-    task's copy is dropped as its block is stacked, so memory peaks at T x P plus one block (the
-    T-pass loop's stack of concatenated rows peaks at 2 T x P)."""
+def _one_task_at_a_time(outputs, inputs, cotangents, retain_graph: bool) -> TaskJacobian:
+    """T backward passes, the t-th with the cotangents ``c[t]``."""
     T = cotangents[0].shape[0]
-    rows = []
-    for t in range(T):
-        grads = torch.autograd.grad(
-            outputs,
-            inputs,
-            grad_outputs=[c[t] for c in cotangents],
-            retain_graph=retain_graph or t + 1 < T,
-            allow_unused=True,
-        )
-        rows.append(list(grads))
-    blocks = []
-    for i, x in enumerate(inputs):
-        parts = [torch.zeros_like(x) if row[i] is None else row[i] for row in rows]
-        blocks.append(torch.stack(parts))
-        for row in rows:
-            row[i] = None
-        del parts
-    return blocks
+
+    def one_task(t: int, retain: bool):
+        grad_outputs = [c[t] for c in cotangents]
+        return torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True)
+
+    return TaskJacobian.from_task_passes(T, inputs, one_task, retain_graph)
 
 
-def _gram_dtype(tensors) -> torch.dtype:
-    """The dtype a Gram matrix of these gradients is summed in: their promoted dtype, float32 for
-    16-bit gradients (a bfloat16 Gram keeps 3 digits, fewer than the aggregators need)."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def task_loss_edges(losses: torch.Tensor) -> list | None:
+    """Each task's own loss as an edge of the autograd graph, when ``losses`` is ``torch.stack`` of
+    the T scalar losses (or ``torch.cat`` of T one-element ones), the way multi-task code builds it;
+    ``None`` for a task whose loss is a constant; the whole result is None when ``losses`` was built
+    otherwise. A backward pass from task t's edge runs task t's head only, where one from ``losses``
+    with the one-hot cotangent e_t runs every head (the stack hands the others zero gradients,
+    which autograd does not skip): T passes cost T heads, not T^2."""
+    node = losses.grad_fn
+    T = losses.shape[0]
+    if node is None or node.name() not in ("StackBackward0", "CatBackward0") or node._saved_dim not in (0, -1):
+        return None
+    edges = node.next_functions
+    if len(edges) != T:
+        return None
+    out = []
+    for fn, nr in edges:
+        if fn is None:
+            out.append(None)
+            continue
+        if getattr(fn, "variable", None) is not None:  # a leaf stacked as a loss: no head to skip
+            return None
+        metadata = getattr(fn, "_input_metadata", None)
+        if metadata is None or nr >= len(metadata):
+            return None
+        numel = 1
+        for s in metadata[nr].shape:
+            numel *= int(s)
+        if numel != 1:
+            return None
+        out.append((torch.autograd.graph.GradientEdge(fn, nr), metadata[nr]))
+    return out
 
 
-def gram_of(flat: torch.Tensor) -> torch.Tensor:
-    """``flat @ flat.T`` of a ``[T, N]`` matrix, summed in :func:`_gram_dtype`."""
-    flat = flat.to(_gram_dtype([flat]))
-    return flat @ flat.T
+def per_task_loss_gradients(
+    losses: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool, summed: Sequence[torch.Tensor] = ()
+) -> tuple[TaskJacobian, list[torch.Tensor | None]]:
+    """``[T, *input.shape]`` per input: ``dL_t/d input`` for every task t (zeros where unused), by T
+    backward passes, each from task t's own loss when :func:`task_loss_edges` finds them (so each
+    pass runs one head), else from ``losses`` with the cotangent e_t. The same passes also give the
+    gradient of ``sum_t L_t`` with respect to each of ``summed`` (the heads: no pass of their own);
+    None where unused. Returns ``(per-task gradients, summed gradients)``."""
+    edges = task_loss_edges(losses)
+    T = losses.shape[0]
+    wanted = list(inputs) + list(summed)
+    totals: list[torch.Tensor | None] = [None] * len(summed)
+    eye = None if edges is not None else torch.eye(T, dtype=losses.dtype, device=losses.device)
 
+    def one_task(t: int, retain: bool):
+        if edges is None:
+            outputs, grad_outputs = [losses], [eye[t]]
+        elif edges[t] is None:
+            return [None] * len(inputs)
+        else:
+            edge, metadata = edges[t]
+            outputs = [edge]
+            grad_outputs = [torch.ones(metadata.shape, dtype=metadata.dtype, device=metadata.device)]
+        grads = torch.autograd.grad(outputs, wanted, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True)
+        for i, g in enumerate(grads[len(inputs) :]):
+            if g is not None:
+                totals[i] = g if totals[i] is None else totals[i] + g
+        return grads[: len(inputs)]
 
-def blocks_gram(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``J J^T`` of the Jacobian whose column blocks are ``blocks`` (each ``[T, *shape]``)."""
-    T = blocks[0].shape[0]
-    dtype = _gram_dtype(blocks)
-    gram = torch.zeros((T, T), dtype=dtype, device=blocks[0].device)
-    for block in blocks:
-        flat = block.reshape(T, -1).to(dtype)
-        gram.addmm_(flat, flat.T)
-    return gram
+    return TaskJacobian.from_task_passes(T, inputs, one_task, retain_graph), totals
 
 
 def streamed_gram(
@@ -251,7 +304,7 @@ def streamed_gram(
 ) -> torch.Tensor:
     """``J J^T`` without J: each input's ``[T, *shape]`` gradient adds its share and is dropped."""
     T = cotangents[0].shape[0]
-    dtype = _gram_dtype(list(inputs))
+    dtype = gram_dtype(list(inputs))
     gram = torch.zeros((T, T), dtype=dtype, device=cotangents[0].device)
 
     def add_share(_index: int, grad: torch.Tensor) -> None:
@@ -260,11 +313,6 @@ def streamed_gram(
 
     batched_grad(outputs, cotangents, inputs, add_share)
     return gram
-
-
-def weighted_sum(weights: torch.Tensor, stacked: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``sum_t weights[t] x[t]`` for every ``[T, ...]`` tensor x."""
-    return [torch.tensordot(weights.to(x.dtype), x, dims=1) for x in stacked]
 
 
 def update_cosine(update: Sequence[torch.Tensor | None], exact: Sequence[torch.Tensor | None]) -> float:
