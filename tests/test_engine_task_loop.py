@@ -186,3 +186,23 @@ def test_task_jacobian_of_mixed_dtypes_keeps_blocks_and_sums_the_gram_in_float32
     want = torch.cat([grads[0].float(), grads[1]], dim=1)
     assert jac.gram().dtype == torch.float32
     assert_rel_close(jac.gram(), want @ want.T, 1e-6, "gram")
+
+
+def test_one_graph_walk_lists_the_leaves_in_graph_leaves_order_and_the_nodes_topologically():
+    from fastmtl.engine import graph_leaves
+    from fastmtl.engine.batched_backward import GraphWalk
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    sequence = nn.Sequential(nn.Embedding(11, 8), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    z_seq = sequence(torch.randint(0, 11, (3, 5)))
+    conv = ConvTasks()
+    z_conv = conv.trunk(conv_batch()[0])
+    w = torch.randn(4, requires_grad=True)
+    shared_node = (w * 2).sum()
+    for roots in ([z_seq], [z_conv], [z_conv, z_conv.sum() * w.sum()], [shared_node, shared_node + w[0]]):
+        walk = GraphWalk(roots)
+        assert [id(p) for p in walk.leaves] == [id(p) for p in graph_leaves(roots)]
+        position = {node: i for i, node in enumerate(walk.order)}
+        for node in walk.order:  # parents before children
+            assert all(position[child] > position[node] for child in walk.nexts[node])

@@ -26,6 +26,7 @@ import torch
 
 from .._distributed import DataParallelSync
 from ..aggregation import requirement
+from .batched_backward import GraphWalk
 from .gradients import checked_weights, jacobian_update, write_gradients
 from .options import MTLBackwardOptions, fail, supplied_requirement
 from .result import MTLBackwardResult
@@ -108,8 +109,9 @@ def mtl_backward(
     for i, f in enumerate(feats):
         if not f.requires_grad:
             fail("features", "tensors that require grad (the trunk's outputs)", f"features[{i}] without grad")
+    walk = GraphWalk(feats)  # the trunk's graph, walked once for the shared parameters and the plan
     if shared_params is None:
-        shared = graph_leaves(feats)
+        shared = walk.leaves
     else:
         shared = list(shared_params)
         for i, p in enumerate(shared):
@@ -141,8 +143,8 @@ def mtl_backward(
         if schedule is not None and not schedule.due(
             (type(aggregator), opts.mode, T, opts.gram_every), opts.gram_every
         ):
-            return _reuse_weights(losses, feats, shared, heads, schedule, sync, aggregator, opts)
-        return _aggregated_backward(losses, feats, shared, heads, aggregator, opts, schedule, sync)
+            return _reuse_weights(losses, feats, shared, heads, schedule, sync, aggregator, opts, walk)
+        return _aggregated_backward(losses, feats, shared, heads, aggregator, opts, schedule, sync, walk)
 
 
 def _as_tensors(features) -> list:
@@ -193,7 +195,7 @@ def _feature_cotangents(losses, feats, memory_budget) -> list:
         ) from None
 
 
-def _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, sync) -> list:
+def _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, sync, walk) -> list:
     """The exact mode's update of the shared parameters (for report_cosine), graph kept; the
     aggregator is a copy, so a stateful method's state moves on by the caller's step only."""
     try:
@@ -204,7 +206,7 @@ def _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, s
             "an object copy.deepcopy can copy when report_cosine=True (the exact update is computed with a copy)",
             type(aggregator).__name__,
         )
-    plan = plan_gram(feats, shared, cotangents[0].shape[0], memory_budget)
+    plan = plan_gram(feats, shared, cotangents[0].shape[0], memory_budget, walk)
     blocks = per_task_gradients(feats, shared, cotangents, plan.chunk, retain_graph=True)
     weights = checked_weights(aggregator, sync.gram(blocks.gram()).detach())
     return blocks.weighted(weights)
@@ -219,10 +221,11 @@ def _aggregated_backward(
     opts: MTLBackwardOptions,
     schedule: WeightSchedule | None,
     sync: DataParallelSync,
+    walk: GraphWalk,
 ) -> MTLBackwardResult:
     """A call that computes the Gram matrix and the weights; ``schedule``: where the weights of
-    ``gram_every`` are kept, None when every call computes them. Which path computes the exact Gram
-    matrix: :func:`fastmtl.engine.trunk_gram.plan_gram`."""
+    ``gram_every`` are kept, None when every call computes them; ``walk``: the features' graph. Which
+    path computes the exact Gram matrix: :func:`fastmtl.engine.trunk_gram.plan_gram`."""
     T = losses.shape[0]
     partial = None if opts.gram_params is None else list(opts.gram_params)
     memory_budget = opts.memory_budget
@@ -233,7 +236,7 @@ def _aggregated_backward(
             "features the losses do not depend on",
         )
     wrt = shared if partial is None else partial
-    plan = plan_gram(feats, wrt, T, memory_budget) if opts.mode == "exact" else None
+    plan = plan_gram(feats, wrt, T, memory_budget, walk) if opts.mode == "exact" else None
     # The task loop needs no cotangents of the features: T backward passes from the losses (as the
     # T-pass loop), so the T x feature cotangents are never held, and the heads' gradients come
     # from the same passes.
@@ -247,7 +250,7 @@ def _aggregated_backward(
 
     exact_update = None
     if opts.report_cosine and (opts.mode == "rep" or partial is not None):
-        exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, sync)
+        exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, sync, walk)
 
     jacobian = None
     if opts.mode == "rep":
@@ -300,7 +303,15 @@ def _aggregated_backward(
 
 
 def _reuse_weights(
-    losses, feats, shared, heads, schedule: WeightSchedule, sync: DataParallelSync, aggregator, opts: MTLBackwardOptions
+    losses,
+    feats,
+    shared,
+    heads,
+    schedule: WeightSchedule,
+    sync: DataParallelSync,
+    aggregator,
+    opts: MTLBackwardOptions,
+    walk: GraphWalk,
 ) -> MTLBackwardResult:
     """A call between Gram computations: heads get the gradient of sum_t L_t, the shared parameters
     that of sum_t a_t L_t with the kept weights a (one backward through the trunk)."""
@@ -308,7 +319,7 @@ def _reuse_weights(
     exact_update = None
     if opts.report_cosine:
         cotangents = _feature_cotangents(losses, feats, opts.memory_budget)
-        exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, opts.memory_budget, sync)
+        exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, opts.memory_budget, sync, walk)
     head_grads = torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True) if heads else ()
     feature_grads = torch.autograd.grad(losses, feats, grad_outputs=weights.to(losses.dtype), retain_graph=True)
     shared_grads = torch.autograd.grad(feats, shared, grad_outputs=feature_grads, allow_unused=True)

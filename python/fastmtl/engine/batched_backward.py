@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["batched_grad", "graph_nodes"]
+__all__ = ["batched_grad", "graph_nodes", "GraphWalk"]
 
 
 def _num_slots(node) -> int | None:
@@ -222,22 +222,57 @@ _RULES: dict[str, Callable] = {
 }
 
 
+class GraphWalk:
+    """One depth-first walk of the autograd graph behind ``roots``, each node's inputs read once
+    (``next_functions`` builds a fresh tuple on every access: reading it once per node made the
+    engine's several walks of a small transformer's graph cost 0.3 ms a step).
+
+    ``order``: the nodes, parents before children. ``nexts[node]``: its input nodes (None dropped).
+    ``leaves``: the leaf tensors that require grad, each once, in the walk's pre-order: from the last
+    root, a node's inputs last to first (the order of :func:`fastmtl.engine.graph_leaves`)."""
+
+    def __init__(self, roots: Sequence[torch.Tensor]):
+        order, leaves, seen, nexts = [], [], set(), {}
+        stack = [(r.grad_fn, False) for r in roots if r.grad_fn is not None]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                order.append(node)
+                continue
+            if node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+            if variable is not None:
+                leaves.append(variable)
+            children = tuple(n for n, _ in node.next_functions if n is not None)
+            nexts[node] = children
+            stack.append((node, True))
+            stack.extend((n, False) for n in children if n not in seen)
+        order.reverse()
+        self.order, self.nexts, self.leaves = order, nexts, leaves
+
+    def towards(self, inputs: Sequence[torch.Tensor]) -> list:
+        """The nodes on a path to one of ``inputs`` (leaves or intermediate tensors), children first:
+        the part of the graph a backward with respect to them runs."""
+        leaf_ids = {id(p) for p in inputs if p.grad_fn is None}
+        slots = {p.grad_fn for p in inputs if p.grad_fn is not None}
+        useful, marked = [], set()
+        for node in reversed(self.order):
+            variable = getattr(node, "variable", None)
+            if (
+                (variable is not None and id(variable) in leaf_ids)
+                or node in slots
+                or any(n in marked for n in self.nexts[node])
+            ):
+                marked.add(node)
+                useful.append(node)
+        return useful
+
+
 def graph_nodes(roots: Sequence[torch.Tensor]) -> list:
     """The backward nodes reachable from the roots, parents before children."""
-    order, seen = [], set()
-    stack = [(r.grad_fn, False) for r in roots if r.grad_fn is not None]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.append((node, True))
-        stack.extend((n, False) for n, _ in node.next_functions if n is not None and n not in seen)
-    order.reverse()
-    return order
+    return GraphWalk(roots).order
 
 
 def batched_grad(

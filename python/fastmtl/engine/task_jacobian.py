@@ -10,6 +10,7 @@ written straight into the rows of one ``[T, P]`` matrix, and the blocks are view
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Callable
 
@@ -55,8 +56,22 @@ class TaskJacobian(Sequence):
     matrix and the update are summed block by block, and :meth:`jacobian` concatenates)."""
 
     def __init__(self, blocks: Sequence[torch.Tensor], flat: torch.Tensor | None = None):
-        self.blocks = list(blocks)
+        self._blocks = list(blocks)
         self.flat = flat
+
+    @classmethod
+    def _of_flat(cls, flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> TaskJacobian:
+        jacobian = cls([], flat)
+        jacobian._shapes = shapes
+        jacobian._blocks = None  # views made when asked for: the Gram and the update need none
+        return jacobian
+
+    @property
+    def blocks(self) -> list[torch.Tensor]:
+        """Each block's ``[T, *shape]`` (views of :attr:`flat` where there is one)."""
+        if self._blocks is None:
+            self._blocks = _views(self.flat, self._shapes)
+        return self._blocks
 
     @classmethod
     def from_task_passes(
@@ -83,10 +98,10 @@ class TaskJacobian(Sequence):
             ]  # a None gradient: the input is unused
             torch.cat(parts, out=flat[t])
             del grads, parts
-        return cls(_views(flat, inputs), flat)
+        return cls._of_flat(flat, [tuple(x.shape) for x in inputs])
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.blocks) if self.flat is None else len(self._shapes)
 
     def __getitem__(self, index):
         return self.blocks[index]
@@ -100,7 +115,7 @@ class TaskJacobian(Sequence):
         if self.flat is None:
             return weighted_sum(weights, self.blocks)
         update = weights.to(self.flat.dtype) @ self.flat
-        return [u.view(b.shape[1:]) for u, b in zip(torch.split(update, self.sizes()), self.blocks)]
+        return [u.view(shape) for u, shape in zip(torch.split(update, self.sizes()), self._shapes)]
 
     def jacobian(self) -> torch.Tensor:
         """The ``[T, P]`` Jacobian, columns in block order."""
@@ -111,15 +126,17 @@ class TaskJacobian(Sequence):
 
     def sizes(self) -> list[int]:
         """Each block's number of parameters."""
-        return [b[0].numel() for b in self.blocks]
+        if self.flat is None:
+            return [b[0].numel() for b in self.blocks]
+        return [math.prod(shape) for shape in self._shapes]
 
 
-def _views(flat: torch.Tensor, inputs) -> list[torch.Tensor]:
+def _views(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
     T = flat.shape[0]
     views, offset = [], 0
-    for x in inputs:
-        n = x.numel()
-        views.append(flat[:, offset : offset + n].view((T,) + tuple(x.shape)))
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(flat[:, offset : offset + n].view((T,) + tuple(shape)))
         offset += n
     return views
 

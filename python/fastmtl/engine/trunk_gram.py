@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batched_backward import batched_grad, graph_nodes
+from .batched_backward import GraphWalk, batched_grad
 from .task_jacobian import TaskJacobian, blocks_gram, gram_dtype, gram_of, weighted_sum
 
 __all__ = [
@@ -93,23 +93,11 @@ def _gradient_bytes(nodes) -> list[int]:
     return sizes
 
 
-def _nodes_towards(outputs, inputs) -> list:
+def _nodes_towards(outputs, inputs, walk: GraphWalk | None = None) -> list:
     """The backward nodes on a path from the outputs to one of the inputs: the part of the graph a
-    backward with respect to the inputs runs (a partial Gram over the last layers stops early)."""
-    leaves = {id(p) for p in inputs if p.grad_fn is None}
-    slots = {p.grad_fn for p in inputs if p.grad_fn is not None}
-    useful = []
-    marked = set()
-    for node in reversed(graph_nodes(outputs)):  # children first
-        variable = getattr(node, "variable", None)
-        if (
-            (variable is not None and id(variable) in leaves)
-            or node in slots
-            or any(n in marked for n, _ in node.next_functions)
-        ):
-            marked.add(node)
-            useful.append(node)
-    return useful
+    backward with respect to the inputs runs (a partial Gram over the last layers stops early).
+    ``walk``: the outputs' :class:`GraphWalk` when the caller has it."""
+    return (GraphWalk(outputs) if walk is None else walk).towards(inputs)
 
 
 def depends_on(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
@@ -135,9 +123,14 @@ def depends_on(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) 
 
 
 def plan_gram(
-    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], num_tasks: int, memory_budget: int | None = None
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    num_tasks: int,
+    memory_budget: int | None = None,
+    walk: GraphWalk | None = None,
 ) -> GramPlan:
-    """The path for the per-task gradients of ``inputs`` given ``num_tasks`` cotangents of ``outputs``."""
+    """The path for the per-task gradients of ``inputs`` given ``num_tasks`` cotangents of ``outputs``
+    (``walk``: the outputs' :class:`~fastmtl.engine.batched_backward.GraphWalk`, if at hand)."""
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     jacobian_bytes = num_tasks * sum(p.numel() * p.element_size() for p in inputs)
     if jacobian_bytes > budget:
@@ -147,7 +140,7 @@ def plan_gram(
             f"the Jacobian ({jacobian_bytes} bytes) exceeds the memory budget "
             f"({budget}): per-block Gram shares, then one weighted backward",
         )
-    nodes = _nodes_towards(outputs, inputs)
+    nodes = _nodes_towards(outputs, inputs, walk)
     looping = sorted({n.name() for n in nodes} & VMAP_LOOPING_NODES)
     if looping or num_tasks == 1:
         why = f"vmap loops over the tasks in {', '.join(looping)}" if looping else "one task"
