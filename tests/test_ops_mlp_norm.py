@@ -114,7 +114,8 @@ def test_gradcheck(norm, affine, running, activation, training, dropout):
 
 @pytest.mark.parametrize("norm, affine, running", NORM_CASES)
 @pytest.mark.parametrize("training", [True, False])
-def test_opcheck(norm, affine, running, training):
+def test_opcheck(norm, affine, running, training, kernels):
+    # kernels: the portable steps too (their ATen calls once recorded a graph inside the backward op)
     x, ws, bs, gammas, betas, means, variances = tower(widths=(4, 6, 3), batch=7, dtype=torch.float32)
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]

@@ -149,7 +149,8 @@ def test_gradcheck(norm, affine, running, activation, training, dropout, shared)
 @pytest.mark.parametrize("norm, affine, running", NORM_CASES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shared", [True, False])
-def test_opcheck(norm, affine, running, training, shared):
+def test_opcheck(norm, affine, running, training, shared, kernels):
+    # kernels: the portable steps too (their ATen calls once recorded a graph inside the backward op)
     x, ws, bs, stats = towers(num=2, widths=(4, 6, 3), batch=7, dtype=torch.float32, shared=shared)
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <sstream>
@@ -81,16 +82,22 @@ inline std::string indexed(const char* arg, size_t i) { return std::string(arg) 
 namespace fastmtl::ops {
 
 // Every op is registered for the CPU and CUDA dispatch keys with one entry point each (and for the
-// fastmtl_portable library, see ops/library.cpp); the entry checks the arguments, makes the tensors'
-// device current (CUDA) and runs the op's one orchestration with the steps kernels/select.h picks.
-class OpDeviceGuard {
+// fastmtl_portable library, see ops/library.cpp); the entry checks the arguments, then holds this
+// guard while it runs the op's one orchestration with the steps kernels/select.h picks. The guard
+// makes the tensors' device current (CUDA) and keeps the orchestration below autograd: an entry is
+// a backend kernel, so the ATen calls of the portable steps must not record a graph of their own.
+// (They did where autograd reached an entry directly, the *_backward ops under a double backward:
+// their outputs carried MmBackward0 nodes with the portable steps and torch's "no autograd kernel"
+// node with the custom ones, and opcheck's aot_dispatch test failed on the portable steps.)
+class OpEntryGuard {
  public:
-  explicit OpDeviceGuard(const at::Tensor& t) {
+  explicit OpEntryGuard(const at::Tensor& t) {
     if (t.is_cuda()) guard_.reset_device(t.device());
   }
 
  private:
   c10::OptionalDeviceGuard guard_;
+  at::AutoDispatchBelowADInplaceOrView below_autograd_;
 };
 
 }  // namespace fastmtl::ops

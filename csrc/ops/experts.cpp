@@ -19,7 +19,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_experts_entry(const at::Te
                                                                     const std::string& activation) {
   const Activation act = check_activation("fused_experts", activation);
   check_experts("fused_experts", x, weights, biases);
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   return experts_forward(kernels::steps_for("fused_experts", x, choice), x.contiguous(), contiguous_all(weights),
                          contiguous_all(biases), act);
 }
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_e
                       shape_str(saved[l].sizes()));
     check_like(saved[l], x, op, indexed("saved", l), "x");
   }
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   return experts_backward(kernels::steps_for(op, x, choice), grad_out.contiguous(), x.contiguous(),
                           contiguous_all(weights), out.contiguous(), contiguous_all(saved), act, has_bias,
                           need_input_grad);
@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> gated_mixture_entry(const at::Tensor& x, cons
     check_gate_bias(op, *gate_bias, gate_weight, x);
     bias = gate_bias->contiguous();
   }
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   return ops::gated_mixture_forward(kernels::steps_for(op, x, choice), x.contiguous(), gate_weight.contiguous(), bias,
                                     experts.contiguous(), index);
 }
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mixture_backwar
                     "'grad_mixtures' expected shape ", shape_str(out_shape), ", got ",
                     shape_str(grad_mixtures.sizes()));
   check_like(grad_mixtures, x, op, "grad_mixtures", "x");
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   return ops::gated_mixture_backward(kernels::steps_for(op, x, choice), grad_mixtures.contiguous(), x.contiguous(),
                                      gate_weight.contiguous(), experts.contiguous(), gates.contiguous(), index,
                                      has_bias, need_x_grad);

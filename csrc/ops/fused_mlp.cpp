@@ -15,7 +15,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_entry(const at::Tensor
                                                                 const std::vector<at::Tensor>& biases,
                                                                 const std::string& activation) {
   const Activation act = check_fused_mlp_args(x, weights, biases, activation);
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   return trunk_forward(kernels::steps_for("fused_mlp", x, choice), x.contiguous(), contiguous_all(weights),
                        contiguous_all(biases), act);
 }
@@ -25,7 +25,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
     const std::vector<at::Tensor>& saved, const std::string& activation, bool has_bias, bool need_input_grad) {
   const Activation act = check_fused_mlp_backward_args(grad_out, x, weights, out, saved, activation);
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   return trunk_backward(kernels::steps_for("fused_mlp_backward", x, choice), grad_out.contiguous(), x.contiguous(),
                         contiguous_all(weights), out.contiguous(), contiguous_all(saved), act, has_bias,
                         need_input_grad);

@@ -128,7 +128,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
                          activation, dropout, training, momentum, eps);
   c.params.weights = contiguous_all(weights);
   c.params.biases = contiguous_all(biases);
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   return norm_trunk_forward(kernels::steps_for(op, x, choice), x.contiguous(), c.params, c.config);
 }
 
@@ -186,7 +186,7 @@ fused_mlp_norm_backward_entry(const at::Tensor& grad_out, const at::Tensor& x, c
                       indexed("saved", kSavedPerLayer * l), "' expected the pre-normalisation ", shape_str(activations),
                       " (as fused_mlp_norm returned it), got [0]");
   }
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   NormTrunkGrads g = norm_trunk_backward(kernels::steps_for(op, x, choice), grad_out.contiguous(), x.contiguous(),
                                          c.params, c.config, out.contiguous(), contiguous_all(saved), need_input_grad);
   return {g.input, g.weights, g.biases, g.norm_weights, g.norm_biases};

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtl_trunk_gram_entry(
   check_trunk_saved(op, act, activation, x, weights, out, saved);
   check_head_side(op, x, x.size(0), weights.back().size(0), head_weight, logit_grad, count_scale,
                   {{"task_weights", &task_weights}}, num_outputs);
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   TrunkGram result =
       trunk_task_gram(kernels::steps_for(op, x, choice), engine_input(x), engine_inputs(weights), engine_input(out),
                       engine_inputs(saved), act, has_bias, engine_input(head_weight), engine_input(logit_grad),
@@ -96,7 +96,7 @@ at::Tensor mtl_representation_gram_entry(const at::Tensor& head_weight, const at
   check_compute_dtype(logit_grad, op, "logit_grad");
   check_head_side(op, logit_grad, -1, -1, head_weight, logit_grad, count_scale, {{"task_weights", &task_weights}},
                   num_outputs);
-  const OpDeviceGuard guard(logit_grad);
+  const OpEntryGuard guard(logit_grad);
   return representation_gram(kernels::steps_for(op, logit_grad, choice), engine_input(head_weight),
                              engine_input(logit_grad), engine_input(count_scale), engine_input(task_weights),
                              num_outputs.vec());
@@ -117,7 +117,7 @@ mtl_weighted_backward_entry(const at::Tensor& x, const std::vector<at::Tensor>& 
   check_head_side(op, x, x.size(0), weights.back().size(0), head_weight, logit_grad, count_scale,
                   {{"head_task_weights", &head_task_weights}, {"trunk_task_weights", &trunk_task_weights}},
                   num_outputs);
-  const OpDeviceGuard guard(x);
+  const OpEntryGuard guard(x);
   WeightedBackward r =
       weighted_backward(kernels::steps_for(op, x, choice), engine_input(x), engine_inputs(weights), engine_input(out),
                         engine_inputs(saved), act, has_bias, engine_input(head_weight), head_has_bias,

@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_entry(const a
     check_fits_int32(layout.logit_cols, "multitask_head_loss", "the sum of num_outputs");
     check_fits_int32(layout.target_cols, "multitask_head_loss", "the number of packed target columns");
   }
-  const OpDeviceGuard guard(z);
+  const OpEntryGuard guard(z);
   HeadLossForward result =
       head_loss_forward(kernels::steps_for("multitask_head_loss", z, choice), z.contiguous(), weight.contiguous(),
                         bias.has_value() ? bias->contiguous() : at::Tensor(), targets.contiguous(), layout.tasks);
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_backward_entr
   constexpr const char* op = "multitask_head_loss_backward";
   const int64_t logit_cols = check_head_loss_backward_args(grad_losses, z, weight, logit_grad, scale, num_outputs);
   if (z.is_cuda()) check_fits_int32(logit_cols, op, "the sum of num_outputs");
-  const OpDeviceGuard guard(z);
+  const OpEntryGuard guard(z);
   return head_loss_backward(kernels::steps_for(op, z, choice), grad_losses.contiguous(), z.contiguous(),
                             weight.contiguous(), logit_grad.contiguous(), scale.contiguous(), num_outputs.vec(),
                             has_bias, need_z_grad);

@@ -15,7 +15,7 @@ at::Tensor pack_targets_entry(const std::vector<at::Tensor>& targets, const std:
                               const std::vector<std::string>& losses, c10::ArrayRef<int64_t> num_outputs,
                               at::ScalarType dtype) {
   const TaskLayout layout = check_pack_targets_args(targets, names, losses, num_outputs, dtype);
-  const OpDeviceGuard guard(targets[0]);
+  const OpEntryGuard guard(targets[0]);
   at::Tensor packed = at::empty({targets[0].size(0), layout.target_cols}, targets[0].options().dtype(dtype));
   kernels::steps_for("pack_targets", packed, choice).pack_targets(targets, layout.tasks, packed);
   return packed;
