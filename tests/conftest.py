@@ -83,6 +83,15 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float =
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
+def detach_all(arg):
+    """A tensor or a list of tensors, detached; anything else as it is."""
+    if isinstance(arg, torch.Tensor):
+        return arg.detach()
+    if isinstance(arg, list):
+        return [t.detach() for t in arg]
+    return arg
+
+
 def assert_same_step(got, want, rtol):
     """Two engine steps, each ``(result, {parameter name: .grad})``, agree: the same parameters got
     gradients, and the gradients, Gram matrices and weights are close."""
