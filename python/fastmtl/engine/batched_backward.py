@@ -35,6 +35,9 @@ from typing import Callable
 
 import torch
 
+from .linear_ghost import ghost_linear, ghost_weights
+from .task_jacobian import gram_dtype
+
 __all__ = ["batched_grad", "graph_nodes", "GraphWalk"]
 
 
@@ -280,20 +283,27 @@ def batched_grad(
     cotangents: Sequence[torch.Tensor],
     inputs: Sequence[torch.Tensor],
     on_grad: Callable[[int, torch.Tensor], None],
+    on_gram: Callable[[int, torch.Tensor], None] | None = None,
 ) -> None:
     """For every t: the gradient of ``sum_j <cotangents[j][t], outputs[j]>`` with respect to each of
     ``inputs``, as ``[T, *input.shape]``, passed to ``on_grad(i, grad)`` once per input (zeros for an
-    input the outputs do not depend on). ``inputs``: leaves or intermediate tensors of the graph."""
+    input the outputs do not depend on). ``inputs``: leaves or intermediate tensors of the graph.
+    ``on_gram``: when given, a Linear layer's weight whose ghost product is cheaper
+    (:mod:`fastmtl.engine.linear_ghost`) gets ``on_gram(i, share)`` with its ``[T, T]`` Gram share
+    instead of ``on_grad``, and its T gradients are never formed."""
     with torch.no_grad():
-        _sweep(outputs, cotangents, inputs, on_grad)
+        _sweep(outputs, cotangents, inputs, on_grad, on_gram)
 
 
-def _sweep(outputs, cotangents, inputs, on_grad) -> None:
+def _sweep(outputs, cotangents, inputs, on_grad, on_gram) -> None:
     T = cotangents[0].shape[0]
     leaf_index = {id(p): i for i, p in enumerate(inputs) if p.grad_fn is None}
     slot_index = {(p.grad_fn, p.output_nr): i for i, p in enumerate(inputs) if p.grad_fn is not None}
     slot_nodes = {node for node, _ in slot_index}
-    nodes = graph_nodes(outputs)
+    walk = GraphWalk(outputs)
+    nodes = walk.order
+    ghosts = {} if on_gram is None else ghost_weights(nodes, walk.nexts, leaf_index)
+    share_dtype = gram_dtype(list(inputs))
 
     # Nodes with a path to an input; children come after parents in ``nodes``, so one backward sweep.
     useful = set()
@@ -346,8 +356,16 @@ def _sweep(outputs, cotangents, inputs, on_grad) -> None:
         count = _num_slots(node)
         if count is not None and len(slots) < count:
             slots = slots + [None] * (count - len(slots))
+        grads = None
+        if node in ghosts and slots[0] is not None:
+            ghost = ghost_linear(node, slots[0], needed, share_dtype)
+            if ghost is not None:
+                grads, share = ghost
+                delivered.add(ghosts[node])
+                on_gram(ghosts[node], share)
         rule = _RULES.get(node.name())
-        grads = rule(node, slots, needed, T) if rule is not None else None
+        if grads is None and rule is not None:
+            grads = rule(node, slots, needed, T)
         if grads is None:
             grads = _generic(node, slots, T)
         del slots

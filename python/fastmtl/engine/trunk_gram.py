@@ -19,10 +19,13 @@ the T cotangents ``dL_t/dz`` of the trunk's outputs. The paths, chosen by :func:
              1.3-1.6x slower than T passes (CNN B=8, transformer B=32; on the transformer at B=8 it
              was 1.2x faster: the cost model is by op kind, not by size). Folding the tasks into the
              batch or channel axis of one conv backward measured slower still on CPU (mkldnn).
-  streamed   when the Jacobian itself would exceed the budget: one sweep of
-             :func:`fastmtl.engine.batched_backward.batched_grad` hands each parameter block's T gradients
-             to a callback that adds their share ``g_b g_b^T`` to G and drops them, so no T x P
-             Jacobian exists; the update is then one ordinary backward of ``sum_t a_t dL_t/dz``.
+  streamed   when the Jacobian itself would exceed the budget, or when the ghost product of the
+             Linear layers saves most of the Gram's work (:mod:`fastmtl.engine.linear_ghost`): one
+             sweep of :func:`fastmtl.engine.batched_backward.batched_grad` hands each parameter
+             block's T gradients to a callback that adds their share ``g_b g_b^T`` to G and drops
+             them (a Linear weight's share comes from the ghost product where that is cheaper, its
+             T gradients never formed), so no T x P Jacobian exists; the update is then one
+             ordinary backward of ``sum_t a_t dL_t/dz``.
 
 In the first two, the per-task gradients are a :class:`~fastmtl.engine.task_jacobian.TaskJacobian`:
 in the task loop each pass is copied into row t of one ``[T, P]`` matrix (the Gram matrix one GEMM,
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .batched_backward import GraphWalk, batched_grad
+from .linear_ghost import GHOST_STREAM_MIN_SAVING, ghost_saving, ghost_weights
 from .task_jacobian import TaskJacobian, blocks_gram, gram_dtype, gram_of, weighted_sum
 
 __all__ = [
@@ -93,13 +97,6 @@ def _gradient_bytes(nodes) -> list[int]:
     return sizes
 
 
-def _nodes_towards(outputs, inputs, walk: GraphWalk | None = None) -> list:
-    """The backward nodes on a path from the outputs to one of the inputs: the part of the graph a
-    backward with respect to the inputs runs (a partial Gram over the last layers stops early).
-    ``walk``: the outputs' :class:`GraphWalk` when the caller has it."""
-    return (GraphWalk(outputs) if walk is None else walk).towards(inputs)
-
-
 def depends_on(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
     """Whether a backward from the outputs reaches any of the inputs. Stops at the first input it
     meets: from the losses to the features it walks the heads, not the trunk."""
@@ -140,11 +137,21 @@ def plan_gram(
             f"the Jacobian ({jacobian_bytes} bytes) exceeds the memory budget "
             f"({budget}): per-block Gram shares, then one weighted backward",
         )
-    nodes = _nodes_towards(outputs, inputs, walk)
+    walk = GraphWalk(outputs) if walk is None else walk
+    nodes = walk.towards(inputs)
     looping = sorted({n.name() for n in nodes} & VMAP_LOOPING_NODES)
     if looping or num_tasks == 1:
         why = f"vmap loops over the tasks in {', '.join(looping)}" if looping else "one task"
         return GramPlan("task-loop", 1, why)
+    leaf_index = {id(p): i for i, p in enumerate(inputs) if p.grad_fn is None}
+    total, saved = ghost_saving(ghost_weights(walk.order, walk.nexts, leaf_index), num_tasks)
+    if saved >= GHOST_STREAM_MIN_SAVING and 2 * saved >= total:
+        return GramPlan(
+            "streamed",
+            num_tasks,
+            f"the ghost product of the Linear layers saves {saved:.3g} of the {total:.3g} multiply-adds of "
+            "their Gram shares (fastmtl.engine.linear_ghost): per-block Gram shares, then one weighted backward",
+        )
     # A backward holds a few gradients at a time: the largest two bound what one task adds.
     sizes = sorted(_gradient_bytes(nodes), reverse=True)
     per_task = max(1, sum(sizes[:2]))
@@ -295,7 +302,9 @@ def per_task_loss_gradients(
 def streamed_gram(
     outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """``J J^T`` without J: each input's ``[T, *shape]`` gradient adds its share and is dropped."""
+    """``J J^T`` without J: each input's ``[T, *shape]`` gradient adds its share and is dropped; a
+    Linear layer's weight adds its share by the ghost product where that is cheaper
+    (:mod:`fastmtl.engine.linear_ghost`), without its T gradients."""
     T = cotangents[0].shape[0]
     dtype = gram_dtype(list(inputs))
     gram = torch.zeros((T, T), dtype=dtype, device=cotangents[0].device)
@@ -304,7 +313,10 @@ def streamed_gram(
         flat = grad.reshape(T, -1).to(dtype)
         gram.addmm_(flat, flat.T)
 
-    batched_grad(outputs, cotangents, inputs, add_share)
+    def add_ghost_share(_index: int, share: torch.Tensor) -> None:  # a Linear weight's, by the ghost product
+        gram.add_(share.to(dtype))
+
+    batched_grad(outputs, cotangents, inputs, add_share, add_ghost_share)
     return gram
 
 
