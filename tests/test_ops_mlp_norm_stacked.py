@@ -54,8 +54,9 @@ def norm_args(norm, affine, running, stats):
 @pytest.mark.parametrize("activation", ["relu", "gelu", "softmax"])
 @pytest.mark.parametrize("training, dropout", [(True, 0.0), (True, 0.4), (False, 0.4)])
 @pytest.mark.parametrize("shared", [True, False])
-def test_matches_reference_in_float64(norm, affine, running, activation, training, dropout, shared):
-    x, ws, bs, stats = towers(shared=shared)
+@pytest.mark.parametrize("batch", [9, 130])  # 130: the tower-major order of the CPU (128 rows or more)
+def test_matches_reference_in_float64(norm, affine, running, activation, training, dropout, shared, batch):
+    x, ws, bs, stats = towers(shared=shared, batch=batch)
     leaves = [t.clone().requires_grad_() for t in [x] + ws + bs]
     x_, ws_, bs_ = leaves[0], leaves[1:3], leaves[3:]
     kw, kw_ref = norm_args(norm, affine, running, stats), norm_args(norm, affine, running, stats)
@@ -63,11 +64,11 @@ def test_matches_reference_in_float64(norm, affine, running, activation, trainin
     dropping = training and dropout > 0
     masks = [saved[ops.norm_trunk.SAVED_PER_LAYER * l + 4] for l in range(len(ws))] if dropping else None
     if dropping:
-        assert all(m.shape == (3, 9, w.shape[1]) and 0 < m.float().mean() < 1 for m, w in zip(masks, ws))
+        assert all(m.shape == (3, batch, w.shape[1]) and 0 < m.float().mean() < 1 for m, w in zip(masks, ws))
     expected = reference.fused_mlp_norm(
         x_, ws_, bs_, norm, activation, dropout, training, dropout_masks=masks, **kw_ref
     )
-    assert out.shape == (3, 9, 4)
+    assert out.shape == (3, batch, 4)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     got = torch.autograd.grad(out, leaves, grad_out)
@@ -82,9 +83,10 @@ def test_matches_reference_in_float64(norm, affine, running, activation, trainin
         assert not torch.equal(kw["running_means"][0], stats["means"][0]), "training updates the running statistics"
 
 
-def test_each_tower_is_the_tower_op_on_its_own_slice():
+@pytest.mark.parametrize("batch", [9, 130])
+def test_each_tower_is_the_tower_op_on_its_own_slice(batch):
     """The stacked op is E tower-op calls, not only its reference: tower e alone gives slice e."""
-    x, ws, bs, stats = towers(shared=False)
+    x, ws, bs, stats = towers(shared=False, batch=batch)
     kw = norm_args("batch", True, True, stats)
     out = ops.fused_mlp_norm(x, ws, bs, "batch", "gelu", 0.0, True, **kw)
     for e in range(3):
@@ -97,13 +99,14 @@ def test_each_tower_is_the_tower_op_on_its_own_slice():
 
 @pytest.mark.parametrize("norm, affine, running", NORM_CASES)
 @pytest.mark.parametrize("shared", [True, False])
-def test_float32_matches_float64_reference(norm, affine, running, shared):
+@pytest.mark.parametrize("batch", [31, 131])  # 131: the CPU's tower-major order
+def test_float32_matches_float64_reference(norm, affine, running, shared, batch):
     # No biases before batch norm: their gradient is exactly 0, and the comparison would weigh
     # rounding noise against it.
-    x, ws, bs, stats = towers(num=4, widths=(11, 33, 17), batch=31, bias=norm != "batch", shared=shared)
+    x, ws, bs, stats = towers(num=4, widths=(11, 33, 17), batch=batch, bias=norm != "batch", shared=shared)
     extra = stats["gammas"] + stats["betas"] if affine else []
     inputs64 = [x] + ws + bs + extra
-    grad_out = torch.randn(4, 31, 17, dtype=torch.float64)
+    grad_out = torch.randn(4, batch, 17, dtype=torch.float64)
 
     def run(fn, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in inputs64]
@@ -149,9 +152,10 @@ def test_gradcheck(norm, affine, running, activation, training, dropout, shared)
 @pytest.mark.parametrize("norm, affine, running", NORM_CASES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shared", [True, False])
-def test_opcheck(norm, affine, running, training, shared, kernels):
+@pytest.mark.parametrize("batch", [7, 130])  # 130: the CPU's tower-major order
+def test_opcheck(norm, affine, running, training, shared, kernels, batch):
     # kernels: the portable steps too (their ATen calls once recorded a graph inside the backward op)
-    x, ws, bs, stats = towers(num=2, widths=(4, 6, 3), batch=7, dtype=torch.float32, shared=shared)
+    x, ws, bs, stats = towers(num=2, widths=(4, 6, 3), batch=batch, dtype=torch.float32, shared=shared)
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
     kw = norm_args(norm, affine, running, stats)
@@ -172,12 +176,13 @@ def test_opcheck(norm, affine, running, training, shared, kernels):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_16bit_within_twice_plain_pytorch(norm, dtype, seed):
+@pytest.mark.parametrize("batch", [64, 160])  # 160: the CPU's tower-major order
+def test_16bit_within_twice_plain_pytorch(norm, dtype, seed, batch):
     from conftest import assert_within_twice_plain
 
     # gelu and no biases before batch norm: as in test_ops_mlp_norm's 16-bit test.
-    x, ws, bs, stats = towers(num=3, widths=(24, 48, 16), batch=64, seed=seed, bias=norm != "batch")
-    grad_out = torch.randn(3, 64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    x, ws, bs, stats = towers(num=3, widths=(24, 48, 16), batch=batch, seed=seed, bias=norm != "batch")
+    grad_out = torch.randn(3, batch, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
     def run(fn, dt):
         leaves = [t.detach().to(dt).requires_grad_() for t in [x] + ws + bs + stats["gammas"] + stats["betas"]]
