@@ -252,7 +252,7 @@ def _aggregated_backward(
     if opts.report_cosine and (opts.mode == "rep" or partial is not None):
         exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, memory_budget, sync, walk)
 
-    jacobian = None
+    jacobian, fresh = None, False
     if opts.mode == "rep":
         flat = torch.cat([c.reshape(T, -1) for c in cotangents], dim=1)
         gram = sync.gram(gram_of(flat))
@@ -291,10 +291,15 @@ def _aggregated_backward(
             else:
                 # The mean over ranks of the local updates is the update of the mean per-task gradients.
                 shared_grads = blocks.weighted(weights)
+                fresh = blocks.flat is not None  # views of one new [P] update: .grad without copies
     cosine = None
     if opts.report_cosine:
         cosine = 1.0 if exact_update is None else update_cosine(shared_grads, exact_update)
-    write_gradients(heads + shared, head_grads + shared_grads, sync)
+    if fresh and not sync.active:  # (data-parallel: one coalesced all-reduce for all of them)
+        write_gradients(heads, head_grads, sync)
+        write_gradients(shared, shared_grads, sync, owned=True)
+    else:
+        write_gradients(heads + shared, head_grads + shared_grads, sync)
     if schedule is not None:
         schedule.keep(weights, gram.detach())
     return MTLBackwardResult(

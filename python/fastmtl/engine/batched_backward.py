@@ -245,13 +245,14 @@ class GraphWalk:
             if node in seen:
                 continue
             seen.add(node)
-            variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-            if variable is not None:
-                leaves.append(variable)
-            children = tuple(n for n, _ in node.next_functions if n is not None)
+            children = tuple([n for n, _ in node.next_functions if n is not None])
+            if not children:  # AccumulateGrad nodes (no inputs) hold their leaf; asked only of them,
+                variable = getattr(node, "variable", None)  # as a missing attribute costs an exception
+                if variable is not None:
+                    leaves.append(variable)
             nexts[node] = children
             stack.append((node, True))
-            stack.extend((n, False) for n in children if n not in seen)
+            stack.extend([(n, False) for n in children if n not in seen])
         order.reverse()
         self.order, self.nexts, self.leaves = order, nexts, leaves
 
@@ -260,6 +261,10 @@ class GraphWalk:
         the part of the graph a backward with respect to them runs."""
         leaf_ids = {id(p) for p in inputs if p.grad_fn is None}
         slots = {p.grad_fn for p in inputs if p.grad_fn is not None}
+        if not slots and leaf_ids.issuperset(id(v) for v in self.leaves):
+            # Every node of an autograd graph leads to a leaf that requires grad: with all of them
+            # asked for, every node runs (the default shared parameters of mtl_backward).
+            return list(reversed(self.order))
         useful, marked = [], set()
         for node in reversed(self.order):
             variable = getattr(node, "variable", None)
