@@ -1,14 +1,18 @@
 // The steps of 16-bit (float16 / bfloat16) tensors on the CPU: the portable ATen steps (float32
 // math, one rounding: the vectorised CPU loops are float32 / float64 only), except dropout, whose
 // CPU loop handles 16-bit storage itself (ATen's CPU bernoulli_ draws serially, the largest cost
-// of a tower's step). kernels/select.cpp picks these for 16-bit CPU tensors.
+// of a tower's step), and the activations, one widening pass each (cpu/activation_16bit.h).
+// kernels/select.cpp picks these for 16-bit CPU tensors.
 #include <ATen/Dispatch.h>
 
+#include "cpu/activation_16bit.h"
 #include "cpu/dropout.h"
 #include "kernels/steps.h"
 
 namespace fastmtl::kernels {
 namespace {
+
+bool is_16bit(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
 class Cpu16BitSteps final : public Steps {
  public:
@@ -34,12 +38,30 @@ class Cpu16BitSteps final : public Steps {
                        const at::Tensor& out) const override {
     portable_steps().bias_activation(act, pre, bias, out);
   }
+  // The activations: one pass each (cpu/activation_16bit.h), float32 math and one rounding as the
+  // portable steps, without their float32 temporaries. With a bias gradient to sum, the portable step.
   void activation_apply(Activation act, const at::Tensor& pre, const at::Tensor& out) const override {
-    portable_steps().activation_apply(act, pre, out);
+    if (!is_16bit(pre) || out.scalar_type() != pre.scalar_type()) {  // (float32 work of a 16-bit op)
+      portable_steps().activation_apply(act, pre, out);
+      return;
+    }
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(pre.scalar_type(), "fastmtl_activation_apply_16bit", [&] {
+      cpu::activation_apply_16bit<scalar_t>(act, pre.numel(), pre.const_data_ptr<scalar_t>(),
+                                            out.mutable_data_ptr<scalar_t>());
+    });
   }
   void activation_backward(Activation act, const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& delta,
                            const at::Tensor& bias_grad) const override {
-    portable_steps().activation_backward(act, grad, saved, delta, bias_grad);
+    const bool same_16bit =
+        is_16bit(grad) && saved.scalar_type() == grad.scalar_type() && delta.scalar_type() == grad.scalar_type();
+    if (bias_grad.defined() || act == Activation::Identity || !same_16bit) {
+      portable_steps().activation_backward(act, grad, saved, delta, bias_grad);
+      return;
+    }
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "fastmtl_activation_backward_16bit", [&] {
+      cpu::activation_backward_16bit<scalar_t>(act, grad.numel(), grad.const_data_ptr<scalar_t>(),
+                                               saved.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<scalar_t>());
+    });
   }
   void activation_backward_tasks(Activation act, const at::Tensor& grad, const at::Tensor& saved,
                                  const at::Tensor& delta, const at::Tensor& bias_grad) const override {
