@@ -9,8 +9,9 @@
 // the per-task towers), run together: x [B, d] (shared) or [E, B, d], activations [E, B, out],
 // per-layer vectors (biases, normalisation parameters, running statistics) [E, out]. On CUDA (and
 // below 128 rows) layer-major, one batched GEMM per layer; on the CPU from 128 rows tower-major,
-// each tower through every layer on its slices (norm_trunk.cpp says why). Batch norm normalises every (tower, feature) over the batch, layer norm
-// every (tower, row) over the features, as E separate BatchNorm1d / LayerNorm modules would.
+// each tower through every layer on its slices (norm_trunk.cpp says why). Batch norm normalises
+// every (tower, feature) over the batch, layer norm every (tower, row) over the features, as E
+// separate BatchNorm1d / LayerNorm modules would.
 //
 // 16-bit storage: GEMMs in 16-bit (float32 accumulation), the normalisation in float32 with
 // float32 statistics, one rounding to the storage dtype; the updated running statistics come back
