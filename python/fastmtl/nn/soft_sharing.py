@@ -22,7 +22,7 @@ class SoftSharedLinear(nn.Module):
 
     >>> import torch, fastmtl
     >>> layer = fastmtl.nn.SoftSharedLinear(8, 4, num_tasks=3)
-    >>> layer(torch.randn(5, 8)).shape, float(layer.penalty())
+    >>> layer(torch.randn(5, 8)).shape, layer.penalty().item()
     (torch.Size([3, 5, 4]), 0.0)
     """
 
