@@ -269,9 +269,14 @@ def goals_table(goal_rows: Sequence[dict]) -> str:
     if not goal_rows:
         return ""
     status = {True: "met", False: "MISSED", None: "not measured"}
-    return markdown_table(
-        ("goal", "measured", "met?"), [(g["goal"], ratio(g["measured"]), status[g["met"]]) for g in goal_rows]
-    )
+
+    def measured(g: dict) -> str:
+        text = ratio(g["measured"])
+        if g["met"] is False and text == ratio(g["target"]):  # "1.00x MISSED": show by how much
+            text = f"{g['measured']:.5f}x"
+        return text
+
+    return markdown_table(("goal", "measured", "met?"), [(g["goal"], measured(g), status[g["met"]]) for g in goal_rows])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -130,6 +130,14 @@ def test_goals_are_met_at_least_or_at_most_and_unmeasured_goals_say_so():
     assert harness.goals_table([]) == ""
 
 
+def test_a_missed_goal_that_rounds_to_its_target_shows_by_how_much():
+    rows = [harness.Goal("memory", 1.0, at_least=False).evaluate(1.00004), harness.Goal("speed", 1.0).evaluate(0.999)]
+    assert harness.goals_table(rows).splitlines()[2:] == [
+        "| memory <= 1x | 1.00004x | MISSED |",
+        "| speed >= 1x | 0.99900x | MISSED |",
+    ]
+
+
 def test_markdown_table_checks_row_widths():
     assert harness.markdown_table(("a", "b"), [(1, "x")]) == "| a | b |\n|---|---|\n| 1 | x |"
     with pytest.raises(ValueError, match="2 cells"):
