@@ -68,10 +68,14 @@ def mtl_backward(
     "batched" (the T cotangents down the trunk in one vmapped backward, in task chunks that keep its
     intermediates within ``memory_budget``) when every op batches under vmap; "task-loop" (T plain
     backward passes through the trunk) when the trunk has an op whose vmap rule loops over the
-    tasks anyway (conv, batch norm, layer norm, attention, embedding); "streamed" when the T x P
-    Jacobian would exceed ``memory_budget`` bytes (default 512 MiB): each parameter block's Gram
-    share is added and dropped during one sweep, then one weighted backward. No path concatenates
-    a T x P Jacobian unless ``keep_jacobian`` (or ``ddp_gram="exact"``) asks for it.
+    tasks anyway (conv, batch norm, layer norm, attention, embedding), each pass from its task's
+    own loss, the passes' gradients copied into one [T, P] matrix; "streamed" when the T x P
+    Jacobian would exceed ``memory_budget`` bytes (default 512 MiB), or when the ghost product of
+    the Linear layers saves most of the Gram's work: each parameter block's Gram share is added and
+    dropped during one sweep (a Linear weight's by the ghost product where cheaper), then one
+    weighted backward. The batched path keeps the per-task gradients as ``[T, *shape]`` blocks, the
+    task loop as one ``[T, P]`` matrix, the streamed path not at all; ``keep_jacobian`` (or
+    ``ddp_gram="exact"``) returns them as one ``[T, P]`` Jacobian.
 
     Fills ``.grad`` like ``backward`` (accumulating into existing gradients): the shared parameters
     get ``sum_t a_t dL_t/dtheta``; every other parameter the losses depend on (the heads) gets the
