@@ -42,7 +42,7 @@ import torch
 
 from .batched_backward import GraphWalk, batched_grad
 from .linear_ghost import GHOST_STREAM_MIN_SAVING, ghost_saving, ghost_weights
-from .task_jacobian import TaskJacobian, blocks_gram, gram_dtype, gram_of, weighted_sum
+from .task_jacobian import TaskJacobian, gram_dtype
 
 __all__ = [
     "depends_on",
@@ -51,10 +51,7 @@ __all__ = [
     "per_task_gradients",
     "per_task_loss_gradients",
     "task_loss_edges",
-    "blocks_gram",
-    "gram_of",
     "streamed_gram",
-    "weighted_sum",
     "update_cosine",
     "DEFAULT_MEMORY_BUDGET",
     "VMAP_LOOPING_NODES",
