@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import fastmtl
 import fastmtl.aggregation as agg
-from conftest import assert_rel_close, mixed_tasks, random_targets
+from conftest import assert_rel_close, end_rank_process, mixed_tasks, random_targets
 
 WORLD = 2
 TASKS = mixed_tasks(4)
@@ -47,6 +47,7 @@ def run_rank(rank: int, init_file: str, out_dir: str, fused: bool, mode: str, dd
         torch.save({"grads": grads, "results": results}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_rank_process()
 
 
 def expected(fused: bool, mode: str, ddp_gram: str):
@@ -133,6 +134,7 @@ def run_rank_jacobian_method(rank: int, init_file: str, out_dir: str, ddp_gram: 
         torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_rank_process()
 
 
 @pytest.mark.parametrize("ddp_gram", ["local", "exact"])

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import fastmtl
 import fastmtl.aggregation as agg
-from conftest import assert_rel_close, mixed_tasks, random_targets
+from conftest import assert_rel_close, end_rank_process, mixed_tasks, random_targets
 
 TASKS = mixed_tasks(3)
 WORLD = 2
@@ -83,6 +83,7 @@ def _run_rank(rank: int, init_file: str, out_dir: str, wrapper: str):
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_rank_process()
 
 
 def _spawn(wrapper: str):
