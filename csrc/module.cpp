@@ -1,8 +1,10 @@
 // The Python extension module fastmtl._C. Loading it registers the ops (the TORCH_LIBRARY blocks
-// in csrc/ops/ run as static initialisers); it also exposes the non-tensor helpers.
+// in csrc/ops/ run as static initialisers); it also exposes build_info() and the lean entries of
+// csrc/binding/ (calls that are faster without the dispatcher).
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
+#include "binding/unbatched_aggregation.h"
 #include "cpu/isa.h"
 #include "kernels/select.h"
 
@@ -39,4 +41,5 @@ PYBIND11_MODULE(_C, m) {
       },
       "What this build of fastmtl is: version, torch it was built against, CUDA kernels, the kernels each op "
       "runs per device, threads.");
+  fastmtl::binding::bind_unbatched_aggregation(m);
 }

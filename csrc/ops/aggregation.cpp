@@ -1,6 +1,7 @@
 // The aggregation ops: Gram matrices [N, T, T] -> task weights. Argument checks, the batch loop
 // (parallel over the N matrices, or over the N*K projections of UPGrad) and the solvers of
 // csrc/cpu/aggregation/. All solve in double precision; outputs have the Gram's dtype and device.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -16,6 +17,7 @@
 #include "cpu/aggregation/power_system.h"
 #include "cpu/aggregation/spectral.h"
 #include "cpu/aggregation/surgery.h"
+#include "ops/aggregation_unbatched.h"
 #include "ops/gram.h"
 
 namespace fastmtl::ops {
@@ -58,26 +60,62 @@ void check_nonnegative(const char* op, const char* arg, double value) {
 // the result, so that neither a subnormal nor a huge trace over- or underflows). reg = reg_eps, raised
 // to kMinDualConeReg: with reg_eps = 0 a rank-deficient H has no Cholesky factor and the active-set
 // solver could not tell a conflicting point from the projection.
+void normalise_dual_cone_matrix(double* G, int64_t T, double norm_eps, double reg) {
+  double largest = 0.0, trace = 0.0;
+  for (int64_t i = 0; i < T; ++i) {
+    largest = std::max(largest, G[i * T + i]);
+    trace += G[i * T + i];
+  }
+  if (largest > 0.0 && trace >= norm_eps) {
+    // Multiplications by the reciprocals (a division costs several multiplications), unless the
+    // reciprocal of a subnormal largest entry overflows.
+    const double inverse_largest = 1.0 / largest;
+    if (std::isfinite(inverse_largest)) {
+      // One pass, with the rounding of the two divisions' passes: (G * 1/largest) * 1/trace'.
+      double normalised_trace = 0.0;
+      for (int64_t i = 0; i < T; ++i) normalised_trace += G[i * T + i] * inverse_largest;
+      const double inverse_trace = 1.0 / normalised_trace;  // normalised_trace is in [1, T]
+      for (int64_t k = 0; k < T * T; ++k) G[k] = (G[k] * inverse_largest) * inverse_trace;
+    } else {
+      for (int64_t k = 0; k < T * T; ++k) G[k] /= largest;
+      double normalised_trace = 0.0;
+      for (int64_t i = 0; i < T; ++i) normalised_trace += G[i * T + i];
+      for (int64_t k = 0; k < T * T; ++k) G[k] /= normalised_trace;
+    }
+  } else {
+    std::fill(G, G + T * T, 0.0);
+  }
+  for (int64_t i = 0; i < T; ++i) G[i * T + i] += reg;
+}
+
 void normalise_for_dual_cone(at::Tensor& H, double norm_eps, double reg_eps) {
   const int64_t N = H.size(0), T = H.size(1);
   const double reg = std::max(reg_eps, kMinDualConeReg);
   double* hp = H.mutable_data_ptr<double>();
-  for (int64_t n = 0; n < N; ++n) {
-    double* G = hp + n * T * T;
-    double largest = 0.0, trace = 0.0;
-    for (int64_t i = 0; i < T; ++i) {
-      largest = std::max(largest, G[i * T + i]);
-      trace += G[i * T + i];
-    }
-    if (largest > 0.0 && trace >= norm_eps) {
-      double normalised_trace = 0.0;
-      for (int64_t k = 0; k < T * T; ++k) G[k] /= largest;
-      for (int64_t i = 0; i < T; ++i) normalised_trace += G[i * T + i];
-      for (int64_t k = 0; k < T * T; ++k) G[k] /= normalised_trace;
-    } else {
-      std::fill(G, G + T * T, 0.0);
-    }
-    for (int64_t i = 0; i < T; ++i) G[i * T + i] += reg;
+  for (int64_t n = 0; n < N; ++n) normalise_dual_cone_matrix(hp + n * T * T, T, norm_eps, reg);
+}
+
+// The weights out [N, T] (zeroed by the caller) of N normalised matrices H [N, T, T] with preferences
+// pref [N, T]: UPGrad (each) sums the T projections of pref_k e_k, DualProj projects pref itself.
+void dual_cone_weights_of(const double* hp, const double* pp, int64_t N, int64_t T, bool each, double* op) {
+  if (each) {
+    std::vector<double> projections(N * T * T);
+    at::parallel_for(0, N * T, problems_per_thread(T), [&](int64_t begin, int64_t end) {
+      std::vector<double> u(T, 0.0);
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = q / T, k = q % T;
+        std::fill(u.begin(), u.end(), 0.0);
+        u[k] = pp[n * T + k];
+        solve_dual_cone_qp(hp + n * T * T, u.data(), T, projections.data() + q * T);
+      }
+    });
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < T; ++k)
+        for (int64_t i = 0; i < T; ++i) op[n * T + i] += projections[(n * T + k) * T + i];
+  } else {
+    at::parallel_for(0, N, problems_per_thread(T), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) solve_dual_cone_qp(hp + n * T * T, pp + n * T, T, op + n * T);
+    });
   }
 }
 
@@ -121,29 +159,9 @@ at::Tensor dual_cone_weights_entry(const at::Tensor& gram, const at::Tensor& pre
   check_nonnegative(kOp, "norm_eps", norm_eps);
   check_nonnegative(kOp, "reg_eps", reg_eps);
   normalise_for_dual_cone(H, norm_eps, reg_eps);
-  const double* hp = H.const_data_ptr<double>();
-  const double* pp = p.const_data_ptr<double>();
   at::Tensor out = at::zeros({N, T}, H.options());
-  double* op = out.mutable_data_ptr<double>();
-  if (each) {
-    std::vector<double> projections(N * T * T);
-    at::parallel_for(0, N * T, problems_per_thread(T), [&](int64_t begin, int64_t end) {
-      std::vector<double> u(T, 0.0);
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t n = q / T, k = q % T;
-        std::fill(u.begin(), u.end(), 0.0);
-        u[k] = pp[n * T + k];
-        solve_dual_cone_qp(hp + n * T * T, u.data(), T, projections.data() + q * T);
-      }
-    });
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < T; ++k)
-        for (int64_t i = 0; i < T; ++i) op[n * T + i] += projections[(n * T + k) * T + i];
-  } else {
-    at::parallel_for(0, N, problems_per_thread(T), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) solve_dual_cone_qp(hp + n * T * T, pp + n * T, T, op + n * T);
-    });
-  }
+  dual_cone_weights_of(H.const_data_ptr<double>(), p.const_data_ptr<double>(), N, T, each,
+                       out.mutable_data_ptr<double>());
   return like_gram(single ? out.squeeze(0) : out, gram);
 }
 
@@ -304,7 +322,63 @@ at::Tensor config_weights_entry(const at::Tensor& gram, const at::Tensor& pref) 
                    gram);
 }
 
+// Row-major double copy of a [rows, cols] CPU tensor of any strides (float32 or float64).
+void copy_to_doubles(const at::Tensor& t, double* out) {
+  const int64_t rows = t.dim() == 2 ? t.size(0) : 1, cols = t.size(-1);
+  const int64_t row_stride = t.dim() == 2 ? t.stride(0) : 0, col_stride = t.stride(-1);
+  auto copy = [&](const auto* p) {
+    if (t.is_contiguous()) return std::copy(p, p + rows * cols, out), void();  // vectorised: the usual case
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = static_cast<double>(p[i * row_stride + j * col_stride]);
+  };
+  if (t.scalar_type() == at::kDouble)
+    copy(t.const_data_ptr<double>());
+  else
+    copy(t.const_data_ptr<float>());
+}
+
 }  // namespace
+
+at::Tensor dual_cone_weights_unbatched(const at::Tensor& gram, const at::Tensor& pref, double norm_eps, double reg_eps,
+                                       bool each) {
+  constexpr const char* kOp = "dual_cone_weights";
+  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1) && gram.size(0) >= 1, "fastmtl.", kOp,
+                    ": argument 'gram' expected a square Gram matrix [T, T] with T >= 1, got shape ",
+                    shape_str(gram.sizes()));
+  TORCH_CHECK(gram.is_cpu(), "fastmtl.", kOp, ": the unbatched path takes CPU tensors, got ", gram.device());
+  check_float_dtype(gram, kOp, "gram");
+  check_nonnegative(kOp, "norm_eps", norm_eps);
+  check_nonnegative(kOp, "reg_eps", reg_eps);
+  const int64_t T = gram.size(0);
+  // This thread's scratch, reused from call to call (T^2 + 2T doubles): no allocations but the result.
+  thread_local std::vector<double> scratch;
+  scratch.resize(T * T + 2 * T);
+  double* const H = scratch.data();
+  double* const p = H + T * T;
+  double* const weights = p + T;
+  copy_to_doubles(gram, H);
+  check_and_symmetrise_gram(kOp, H, T, 0, gram_symmetry_tolerance(gram.scalar_type()));
+  std::fill(p, p + T, 1.0 / static_cast<double>(T));
+  if (pref.defined()) {
+    TORCH_CHECK_VALUE(pref.dim() == 1 && pref.size(0) == T && pref.is_cpu(), "fastmtl.", kOp,
+                      ": argument 'pref' expected a CPU tensor of shape [", T, "] (T of 'gram'), got shape ",
+                      shape_str(pref.sizes()), " on ", pref.device());
+    check_float_dtype(pref, kOp, "pref");
+    copy_to_doubles(pref, p);
+    for (int64_t k = 0; k < T; ++k)
+      TORCH_CHECK_VALUE(std::isfinite(p[k]), "fastmtl.", kOp, ": argument 'pref' expected finite values, got ", p[k]);
+  }
+  normalise_dual_cone_matrix(H, T, norm_eps, std::max(reg_eps, kMinDualConeReg));
+  std::fill(weights, weights + T, 0.0);
+  dual_cone_weights_of(H, p, 1, T, each, weights);
+  // Straight to the CPU allocator: at::empty's trip through the dispatcher is a visible share here.
+  at::Tensor out = at::detail::empty_cpu({T}, gram.scalar_type(), /*pin_memory=*/false, std::nullopt);
+  if (out.scalar_type() == at::kDouble)
+    std::copy(weights, weights + T, out.mutable_data_ptr<double>());
+  else
+    std::transform(weights, weights + T, out.mutable_data_ptr<float>(), [](double w) { return static_cast<float>(w); });
+  return out;
+}
 
 // Autograd: aggregation weights are constants of the update, so these ops have no derivative. Rather
 // than a backward that fails later (or the fallback's warning), a Gram matrix that requires grad is

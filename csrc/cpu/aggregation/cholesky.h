@@ -59,11 +59,14 @@ class GrowingCholesky {
 // refactors every round.
 class DenseCholesky {
  public:
-  explicit DenseCholesky(int64_t capacity) : upper_(capacity * capacity) {}
+  DenseCholesky() = default;
 
-  // The symmetric matrix to factor, row-major [n, n]: fill it through matrix(), then factor().
+  // The symmetric matrix to factor, row-major [n, n] (its upper triangle is read): fill it through
+  // matrix(), then factor(). The storage grows to the largest n asked for and is never zeroed: a
+  // solver that only ever factors small free sets of a large problem does not pay for T x T.
   double* matrix(int64_t n) {
     n_ = n;
+    if (upper_.size() < static_cast<size_t>(n * n)) upper_.resize(n * n);
     return upper_.data();
   }
 

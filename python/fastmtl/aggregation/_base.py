@@ -299,8 +299,16 @@ def checked_pref(method: str, pref, T: int, like: torch.Tensor, default: float) 
     return pref.to(torch.float64).expand(like.shape[0], T)
 
 
-@functools.lru_cache(maxsize=64)
 def _default_pref(N: int, T: int, value: float) -> torch.Tensor:
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        # Traced, or a fake tensor under a FakeTensorMode: made for this call, since a cached one would
+        # outlive its trace or mode (a fake tensor cached here broke every later real call).
+        return torch.full((N, T), value, dtype=torch.float64)
+    return _cached_default_pref(N, T, value)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_default_pref(N: int, T: int, value: float) -> torch.Tensor:
     # Read-only by the ops: one tensor per shape instead of a new one per call.
     return torch.full((N, T), value, dtype=torch.float64)
 

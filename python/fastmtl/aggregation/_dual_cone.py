@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import ops
 from ._base import Aggregator, check_scalar, check_vector, checked_pref
 
-_DTYPES = (torch.float32, torch.float64)
-
-
-@functools.lru_cache(maxsize=64)
-def _uniform(T: int) -> torch.Tensor:
-    # Read-only by the op: one default preference per T instead of a new tensor per call.
-    return torch.full((T,), 1.0 / T, dtype=torch.float64)
+_unbatched = ops.dual_cone_weights_unbatched
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 
 class DualConeMethod(Aggregator):
@@ -42,35 +35,22 @@ class DualConeMethod(Aggregator):
     #: UPGrad: the sum of the projections of each pref_t g_t; DualProj: the projection of their sum.
     _each = True
 
-    def forward(self, gram):
-        # The lean path of an unbatched [T, T] Gram matrix: one op call that checks the matrix and returns
-        # the weights (issue 17: the fixed cost of the general path dominated a 5-20 us solve).
-        if (
-            type(gram) is torch.Tensor
-            and gram.dim() == 2
-            and gram.shape[0] > 0
-            and gram.dtype in _DTYPES
-            and not gram.requires_grad
-            and gram.device.type != "meta"
-        ):
-            T = gram.shape[0]
-            pref = _uniform(T) if self.pref_vector is None else self._checked_pref_vector(T)
+    def __call__(self, gram=None, *, jacobian=None, cross_gram=None):
+        # The lean path of an unbatched [T, T] Gram matrix on the CPU: one C++ call that checks the matrix
+        # and returns the weights, or None (then the general path: the op). Issue 17: the fixed cost of
+        # the general path dominated a 5-20 us solve. torch.compile traces the general path; tensors
+        # of torch.export, functorch and dispatch modes are not plain, so the C++ call returns None.
+        if jacobian is None and cross_gram is None and not _is_dynamo_compiling():
             try:
-                return ops.dual_cone_weights(gram, pref, self.norm_eps, self.reg_eps, self._each)
+                weights = _unbatched(gram, self.pref_vector, self.norm_eps, self.reg_eps, self._each)
             except (ValueError, TypeError) as error:  # the op names its argument; say whose call it was
                 raise type(error)(f"fastmtl.aggregation.{type(self).__name__}: {error}") from None
-        return super().forward(gram)
+            if weights is not None:
+                return weights
+        return super().__call__(gram, jacobian=jacobian, cross_gram=cross_gram)
 
     def _weights(self, gram):
         return ops.dual_cone_weights(gram, self._pref(gram), self.norm_eps, self.reg_eps, self._each)
-
-    def _checked_pref_vector(self, T):
-        if self.pref_vector.shape[0] != T:
-            raise ValueError(
-                f"fastmtl.aggregation.{type(self).__name__}: argument 'pref_vector' expected shape [{T}] (one entry "
-                f"per task of 'gram'), got {list(self.pref_vector.shape)}"
-            )
-        return self.pref_vector
 
     def _pref(self, gram):
         T = gram.shape[-1]

@@ -20,9 +20,12 @@ import warnings
 
 import torch
 
+from .. import _C
+
 __all__ = [
     "dual_cone_projection",
     "dual_cone_weights",
+    "dual_cone_weights_unbatched",
     "min_norm_weights",
     "cagrad_weights",
     "power_system_weights",
@@ -54,6 +57,15 @@ def dual_cone_weights(
     return _fastmtl.dual_cone_weights.default(gram, pref, norm_eps, reg_eps, each)
 
 
+#: UPGrad's (``each``) or DualProj's weights ``[T]`` of one plain CPU Gram matrix ``[T, T]`` without the
+#: dispatcher (``csrc/binding/unbatched_aggregation.cpp``): the checks, normalisation and solver of
+#: :func:`dual_cone_weights`, ``pref=None`` for ``1/T`` each. Returns None where the call has to go
+#: through the op (not an exact CPU tensor, requires grad, functorch-wrapped, a Python dispatch mode
+#: active, ``T = 0``, ``pref`` not ``[T]``). Not traceable by torch.compile: callers use the op there.
+#: Called directly (no Python frame around it): the point is a call of a few microseconds.
+dual_cone_weights_unbatched = _C.dual_cone_weights_unbatched
+
+
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     """MGDA: weights on the simplex of the minimum-norm point of the convex hull of the gradients."""
     return _fastmtl.min_norm_weights.default(gram)
@@ -67,13 +79,22 @@ def cagrad_weights(gram: torch.Tensor, c: float, norm_eps: float = 1e-4) -> torc
 #: The relative residual of G x = x^(-p) above which Newton's method counts as not converged.
 POWER_SYSTEM_TOLERANCE = 1e-9
 
+#: The share of x^T (G + d I) x = sum_t x_t^(1-p) that the positive-definite shift d I holds, above
+#: which the solution counts as shift-bound: no x solves G x = x^(-p) (the gradients are Pareto-stationary,
+#: some convex combination of them is zero). Measured: ~1 on stationary Jacobians, float32 or float64,
+#: every exponent; below 0.02 on all others (1e-13 to 1e-5 mostly).
+SHIFT_BOUND_SHARE = 0.5
+
 
 def power_system_weights(gram: torch.Tensor, exponent: float) -> torch.Tensor:
     """The ``x > 0`` with ``G x = x^(-exponent)``: Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha),
     on the positive-definite-shifted Gram matrix (``csrc/cpu/aggregation/power_system.h``). Warns
-    (UserWarning) where Newton's method did not converge; the op itself returns the residuals too."""
+    (UserWarning) where Newton's method did not converge (the op itself returns the residuals too), and
+    where the system has no solution and the weights are held finite only by the shift (Pareto-stationary
+    gradients: the weights grow as the shift shrinks, and the update is of the order of the Gram
+    matrix's rounding, not a direction)."""
     weights, residuals = _fastmtl.power_system_weights.default(gram, exponent)
-    if residuals.device.type != "meta" and residuals.numel():
+    if residuals.device.type != "meta" and residuals.numel() and not torch.compiler.is_compiling():
         worst = float(residuals.max())
         if not worst <= POWER_SYSTEM_TOLERANCE:
             failed = int((~(residuals <= POWER_SYSTEM_TOLERANCE)).sum())
@@ -83,7 +104,29 @@ def power_system_weights(gram: torch.Tensor, exponent: float) -> torch.Tensor:
                 f"weights are the last iterate, not a solution of G x = x^(-{exponent})",
                 stacklevel=2,
             )
+        _warn_where_shift_bound(gram, weights, exponent)
     return weights
+
+
+def _warn_where_shift_bound(gram: torch.Tensor, weights: torch.Tensor, exponent: float) -> None:
+    # At the solution, x^T (G + d I) x = sum_t x_t^(1-p); the share of it that x^T G x lacks is d |x|^2.
+    x = weights.detach().to("cpu", torch.float64)
+    G = gram.detach().to("cpu", torch.float64)
+    positive = x > 0  # zero-gradient tasks have weight 0 (and 0^(1-p) is infinite for p > 1)
+    powered = torch.where(positive, x.clamp_min(torch.finfo(torch.float64).tiny) ** (1.0 - exponent), 0.0).sum(-1)
+    quadratic = torch.einsum("nt,nts,ns->n", x, G, x)
+    share = torch.where(powered > 0, 1.0 - quadratic / powered.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    bound = share > SHIFT_BOUND_SHARE
+    if bool(bound.any()):
+        first = int(bound.nonzero()[0, 0])
+        warnings.warn(
+            f"fastmtl.power_system_weights: for {int(bound.sum())} of {share.numel()} Gram matrices (first: matrix "
+            f"{first}) no weights solve G x = x^(-{exponent}): the gradients are (nearly) Pareto-stationary (a convex "
+            f"combination of them is zero). The weights (largest {float(x[first].max()):.3g}) are held finite only by "
+            f"the positive-definite shift of the Gram matrix, and the update is of the order of its rounding, not a "
+            f"direction to follow",
+            stacklevel=3,
+        )
 
 
 def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
