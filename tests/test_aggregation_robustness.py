@@ -121,7 +121,7 @@ def test_power_system_says_when_newton_does_not_converge():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastmtl.ops.power_system_weights(G, 1.0)
-    weights, residuals = torch.ops.fastmtl.power_system_weights(G, 1e300)
+    weights, residuals, _ = torch.ops.fastmtl.power_system_weights(G, 1e300)
     assert float(residuals[0]) > 1e-9
     with pytest.warns(UserWarning, match="did not converge for 1 of 1"):
         fastmtl.ops.power_system_weights(G, 1e300)
@@ -328,3 +328,17 @@ def test_bad_hyperparameters_raise_naming_the_class_and_argument(make_bad, error
 def test_aligned_mtl_invalid_scale_mode_message():
     with pytest.raises(ValueError, match=r"Invalid scale_mode='max', expected one of 'min', 'median', 'rmse'"):
         agg.AlignedMTL(scale_mode="max")
+
+
+def test_power_system_op_returns_the_shift_share_per_matrix():
+    stationary = torch.tensor([[0.1, 0.7], [-0.3, -2.1]], dtype=torch.float64)  # g_1 = -3 g_0
+    ordinary = torch.tensor([[1.0, 0.2], [0.3, 1.0]], dtype=torch.float64)
+    grams = torch.stack([stationary @ stationary.T, ordinary @ ordinary.T])
+    for exponent in (1.0, 0.2, 10.0):
+        weights, residuals, shares = torch.ops.fastmtl.power_system_weights(grams, exponent)
+        assert shares.shape == (2,) and shares.dtype == torch.float64
+        assert float(shares[0]) > 0.99 and abs(float(shares[1])) < 1e-9, (exponent, shares)
+        # The share is d |x|^2 / sum_t x_t^(1-p) at the solution, recomputed here from the weights.
+        x = weights[1]
+        expected = 1 - float(x @ grams[1] @ x) / float((x ** (1 - exponent)).sum())
+        assert abs(float(shares[1]) - expected) <= 1e-12

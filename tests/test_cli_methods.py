@@ -1,6 +1,7 @@
 """The methods added in issue 17 run from the command line (``--method``): every new Gram aggregator and
-weighting trains a tiny model to finite metrics; the methods the engines cannot supply yet (they need
-the per-task gradients or a cross-Gram) are not offered."""
+weighting trains a tiny model to finite metrics, and so does every method that needs the per-task gradients
+(the fused engine supplies them in exact mode); the cross-Gram methods, which need two independent
+batches' gradients that model.mtl_backward does not compute, are not offered."""
 
 import json
 import math
@@ -22,7 +23,10 @@ def _finite(value):
     return not isinstance(value, float) or math.isfinite(value)
 
 
-@pytest.mark.parametrize("method", ["krum", "pcd", "crmogm", "stch", "cosmos", "pbi", "metabalance"])
+@pytest.mark.parametrize(
+    "method",
+    ["krum", "pcd", "crmogm", "stch", "cosmos", "pbi", "metabalance", "graddrop", "trimmedmean", "excessmtl", "moco"],
+)
 def test_new_methods_train_from_the_command_line(tmp_path, method):
     out = tmp_path / method
     assert main(["train", "--method", method, *TINY, "--no-progress", "--out", str(out)]) == 0
@@ -31,5 +35,14 @@ def test_new_methods_train_from_the_command_line(tmp_path, method):
 
 
 def test_methods_the_engines_cannot_supply_are_not_offered():
-    for name in ("GradDrop", "TrimmedMean", "ExcessMTL", "MoDo", "SDMGrad"):
-        assert getattr(agg, name).requires != "gram" and name.lower() not in METHODS
+    for name in ("MoDo", "SDMGrad"):
+        assert getattr(agg, name).requires == "cross_gram" and name.lower() not in METHODS
+    for name in ("GradDrop", "TrimmedMean", "ExcessMTL", "MoCo"):
+        assert getattr(agg, name).requires == "jacobian" and name.lower() in METHODS
+
+
+def test_a_jacobian_method_in_a_mode_without_per_task_gradients_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "graddrop", "--mode", "rep", *TINY, "--no-progress", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument 'mode' expected 'exact' with GradDrop" in capsys.readouterr().err

@@ -180,10 +180,12 @@ at::Tensor cagrad_weights_entry(const at::Tensor& gram, double c, double norm_ep
       per_matrix(g, [=](int64_t, const double* G, double* out) { cagrad_weights(G, T, c, norm_eps, out); }), gram);
 }
 
-// Returns (weights, relative residuals [N] in double): a residual above 1e-9 means Newton's method did
-// not converge for that matrix (its weights are the last iterate); fastmtl.ops.power_system_weights
-// turns that into a warning. Never silently stopping anywhere.
-std::tuple<at::Tensor, at::Tensor> power_system_weights_entry(const at::Tensor& gram, double exponent) {
+// Returns (weights, relative residuals [N], shift shares [N], both in double): a residual above 1e-9
+// means Newton's method did not converge for that matrix (its weights are the last iterate); a shift
+// share above 1/2 means no x solves G x = x^(-p) and the positive-definite shift alone holds the weights
+// finite (Pareto-stationary gradients). fastmtl.ops.power_system_weights turns both into warnings.
+// Never silently stopping anywhere.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> power_system_weights_entry(const at::Tensor& gram, double exponent) {
   at::Tensor g = checked_gram("power_system_weights", gram);
   TORCH_CHECK_VALUE(exponent > 0.0 && std::isfinite(exponent),
                     "fastmtl.power_system_weights: argument 'exponent' "
@@ -192,10 +194,14 @@ std::tuple<at::Tensor, at::Tensor> power_system_weights_entry(const at::Tensor& 
   const int64_t N = g.size(0), T = g.size(1);
   const double rounding = input_epsilon(gram) / 2.0;
   at::Tensor residuals = at::zeros({N}, g.options());
+  at::Tensor shift_shares = at::zeros({N}, g.options());
   double* rp = residuals.mutable_data_ptr<double>();
-  at::Tensor weights = per_matrix(
-      g, [&](int64_t n, const double* G, double* out) { solve_power_system(G, T, exponent, rounding, out, rp + n); });
-  return {like_gram(weights, gram), residuals.to(gram.device())};
+  double* sp = shift_shares.mutable_data_ptr<double>();
+  at::Tensor weights = per_matrix(g, [&](int64_t n, const double* G, double* out) {
+    solve_power_system(G, T, exponent, rounding, out, rp + n);
+    sp[n] = power_system_shift_share(G, T, exponent, out);
+  });
+  return {like_gram(weights, gram), residuals.to(gram.device()), shift_shares.to(gram.device())};
 }
 
 // Checks that every row of `order` [N, T, width] lists distinct tasks (and never `i` itself when
@@ -428,8 +434,8 @@ TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
     return below_autograd(op, "cagrad_weights", g, c, e);
   });
   m.impl("power_system_weights", [](const at::Tensor& g, double e) {
-    static auto op =
-        handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double)>("fastmtl::power_system_weights");
+    static auto op = handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, double)>(
+        "fastmtl::power_system_weights");
     return below_autograd(op, "power_system_weights", g, e);
   });
   m.impl("pcgrad_weights", [](const at::Tensor& g, const at::Tensor& o) {

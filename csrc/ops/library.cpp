@@ -34,7 +34,7 @@ TORCH_LIBRARY(fastmtl, m) {
   m.def("cagrad_weights(Tensor gram, float c, float norm_eps) -> Tensor");
   // Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha): the x > 0 with G x = x^(-exponent).
   // Returns (weights [N, T], relative residuals [N] in float64: above 1e-9 where Newton did not converge).
-  m.def("power_system_weights(Tensor gram, float exponent) -> (Tensor, Tensor)");
+  m.def("power_system_weights(Tensor gram, float exponent) -> (Tensor, Tensor, Tensor)");
   // order [N, T, T]: for each task, the order in which the others are visited.
   m.def("pcgrad_weights(Tensor gram, Tensor order) -> Tensor");
   // order [N, T, T - 1]; targets [N, T, T] the EMA cosine targets. Returns (weights, new targets).

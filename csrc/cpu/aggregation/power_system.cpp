@@ -134,4 +134,17 @@ bool solve_power_system(const double* G, int64_t T, double p, double rounding, d
   return worst <= 1e-9;
 }
 
+double power_system_shift_share(const double* G, int64_t T, double p, const double* x) {
+  double quadratic = 0.0, powered = 0.0;
+  for (int64_t i = 0; i < T; ++i) {
+    if (!(x[i] > 0.0)) continue;
+    powered += std::pow(x[i], 1.0 - p);
+    double row = 0.0;
+    for (int64_t j = 0; j < T; ++j)
+      if (x[j] > 0.0) row += G[i * T + j] * x[j];
+    quadratic += x[i] * row;
+  }
+  return powered > 0.0 ? 1.0 - quadratic / powered : 0.0;
+}
+
 }  // namespace fastmtl::cpu::aggregation

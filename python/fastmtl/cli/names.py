@@ -11,9 +11,10 @@ from ..data import DATASETS
 from ..engine import MODES
 
 # Every method class of fastmtl.aggregation but Constant, whose weights a command line has no way to give
-# (the interfaces and helpers in __all__ are not methods), and the methods that need more than the Gram
-# matrix (requires "jacobian" / "cross_gram": GradDrop, TrimmedMean, ExcessMTL, MoCo, MoDo, SDMGrad), which
-# the engines behind the command line (model.mtl_backward) do not supply yet.
+# (the interfaces and helpers in __all__ are not methods), and the cross-Gram methods (requires
+# "cross_gram": MoDo, SDMGrad), which need the per-task gradients of two independent batches that the
+# engine behind the command line (model.mtl_backward) does not compute. The Jacobian methods (GradDrop,
+# TrimmedMean, ExcessMTL, MoCo) get the per-task gradients from it in exact mode with gram_every=1.
 _AGGREGATOR_NAMES = [
     name
     for name in aggregation.__all__
@@ -21,7 +22,7 @@ _AGGREGATOR_NAMES = [
     and issubclass(getattr(aggregation, name), aggregation.Aggregator)
     and name not in aggregation.INTERFACES
     and name != "Constant"
-    and getattr(aggregation, name).requires == "gram"
+    and getattr(aggregation, name).requires != "cross_gram"
 ]
 _WEIGHTING_NAMES = [name for name in weighting.__all__ if name != "Weighting"]
 

@@ -79,21 +79,21 @@ def cagrad_weights(gram: torch.Tensor, c: float, norm_eps: float = 1e-4) -> torc
 #: The relative residual of G x = x^(-p) above which Newton's method counts as not converged.
 POWER_SYSTEM_TOLERANCE = 1e-9
 
-#: The share of x^T (G + d I) x = sum_t x_t^(1-p) that the positive-definite shift d I holds, above
-#: which the solution counts as shift-bound: no x solves G x = x^(-p) (the gradients are Pareto-stationary,
-#: some convex combination of them is zero). Measured: ~1 on stationary Jacobians, float32 or float64,
-#: every exponent; below 0.02 on all others (1e-13 to 1e-5 mostly).
+#: The shift share (the op's third output: how much of x^T (G + d I) x the positive-definite shift d I
+#: holds) above which no x solves G x = x^(-p): the gradients are Pareto-stationary (a convex
+#: combination of them is zero). Measured: ~1 on stationary Jacobians, float32 or float64, every
+#: exponent; below 0.02 on all others (1e-13 to 1e-5 mostly).
 SHIFT_BOUND_SHARE = 0.5
 
 
 def power_system_weights(gram: torch.Tensor, exponent: float) -> torch.Tensor:
     """The ``x > 0`` with ``G x = x^(-exponent)``: Nash-MTL (exponent 1) and FairGrad (exponent 1/alpha),
     on the positive-definite-shifted Gram matrix (``csrc/cpu/aggregation/power_system.h``). Warns
-    (UserWarning) where Newton's method did not converge (the op itself returns the residuals too), and
-    where the system has no solution and the weights are held finite only by the shift (Pareto-stationary
-    gradients: the weights grow as the shift shrinks, and the update is of the order of the Gram
-    matrix's rounding, not a direction)."""
-    weights, residuals = _fastmtl.power_system_weights.default(gram, exponent)
+    (UserWarning) where Newton's method did not converge, and where the system has no solution and the
+    weights are held finite only by the shift (Pareto-stationary gradients: the weights grow as the
+    shift shrinks, and the update is of the order of the Gram matrix's rounding, not a direction). The
+    op itself returns the residuals and the shift shares too."""
+    weights, residuals, shift_shares = _fastmtl.power_system_weights.default(gram, exponent)
     if residuals.device.type != "meta" and residuals.numel() and not torch.compiler.is_compiling():
         worst = float(residuals.max())
         if not worst <= POWER_SYSTEM_TOLERANCE:
@@ -104,29 +104,18 @@ def power_system_weights(gram: torch.Tensor, exponent: float) -> torch.Tensor:
                 f"weights are the last iterate, not a solution of G x = x^(-{exponent})",
                 stacklevel=2,
             )
-        _warn_where_shift_bound(gram, weights, exponent)
+        if float(shift_shares.max()) > SHIFT_BOUND_SHARE:
+            bound = shift_shares > SHIFT_BOUND_SHARE
+            first = int(bound.nonzero()[0, 0])
+            warnings.warn(
+                f"fastmtl.power_system_weights: for {int(bound.sum())} of {bound.numel()} Gram matrices (first: "
+                f"matrix {first}) no weights solve G x = x^(-{exponent}): the gradients are (nearly) Pareto-stationary "
+                f"(a convex combination of them is zero). The weights (largest {float(weights[first].max()):.3g}) "
+                f"are held finite only by the positive-definite shift of the Gram matrix, and the update is of the "
+                f"order of its rounding, not a direction to follow",
+                stacklevel=2,
+            )
     return weights
-
-
-def _warn_where_shift_bound(gram: torch.Tensor, weights: torch.Tensor, exponent: float) -> None:
-    # At the solution, x^T (G + d I) x = sum_t x_t^(1-p); the share of it that x^T G x lacks is d |x|^2.
-    x = weights.detach().to("cpu", torch.float64)
-    G = gram.detach().to("cpu", torch.float64)
-    positive = x > 0  # zero-gradient tasks have weight 0 (and 0^(1-p) is infinite for p > 1)
-    powered = torch.where(positive, x.clamp_min(torch.finfo(torch.float64).tiny) ** (1.0 - exponent), 0.0).sum(-1)
-    quadratic = torch.einsum("nt,nts,ns->n", x, G, x)
-    share = torch.where(powered > 0, 1.0 - quadratic / powered.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    bound = share > SHIFT_BOUND_SHARE
-    if bool(bound.any()):
-        first = int(bound.nonzero()[0, 0])
-        warnings.warn(
-            f"fastmtl.power_system_weights: for {int(bound.sum())} of {share.numel()} Gram matrices (first: matrix "
-            f"{first}) no weights solve G x = x^(-{exponent}): the gradients are (nearly) Pareto-stationary (a convex "
-            f"combination of them is zero). The weights (largest {float(x[first].max()):.3g}) are held finite only by "
-            f"the positive-definite shift of the Gram matrix, and the update is of the order of its rounding, not a "
-            f"direction to follow",
-            stacklevel=3,
-        )
 
 
 def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -190,7 +179,8 @@ def _cagrad_weights_fake(gram, c, norm_eps):
 
 @torch.library.register_fake("fastmtl::power_system_weights")
 def _power_system_weights_fake(gram, exponent):
-    return _weights_like(gram), gram.new_empty(gram.shape[:1], dtype=torch.float64)
+    per_matrix = gram.new_empty(gram.shape[:1], dtype=torch.float64)
+    return _weights_like(gram), per_matrix, per_matrix.clone()
 
 
 @torch.library.register_fake("fastmtl::pcgrad_weights")
