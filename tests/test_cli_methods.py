@@ -1,7 +1,7 @@
 """The methods added in issue 17 run from the command line (``--method``): every new Gram aggregator and
 weighting trains a tiny model to finite metrics, and so does every method that needs the per-task gradients
-(the fused engine supplies them in exact mode); the cross-Gram methods, which need two independent
-batches' gradients that model.mtl_backward does not compute, are not offered."""
+(the fused engine supplies them in exact mode), and so do the cross-Gram methods (model.mtl_backward
+gives them the cross-Gram of each batch's two halves)."""
 
 import json
 import math
@@ -25,7 +25,10 @@ def _finite(value):
 
 @pytest.mark.parametrize(
     "method",
-    ["krum", "pcd", "crmogm", "stch", "cosmos", "pbi", "metabalance", "graddrop", "trimmedmean", "excessmtl", "moco"],
+    [
+        *("krum", "pcd", "crmogm", "stch", "cosmos", "pbi", "metabalance"),
+        *("graddrop", "trimmedmean", "excessmtl", "moco", "modo", "sdmgrad"),
+    ],
 )
 def test_new_methods_train_from_the_command_line(tmp_path, method):
     out = tmp_path / method
@@ -34,9 +37,9 @@ def test_new_methods_train_from_the_command_line(tmp_path, method):
     assert report["settings"]["method"] == METHODS[method] and _finite(report)
 
 
-def test_methods_the_engines_cannot_supply_are_not_offered():
+def test_the_methods_that_need_more_than_the_gram_are_offered():
     for name in ("MoDo", "SDMGrad"):
-        assert getattr(agg, name).requires == "cross_gram" and name.lower() not in METHODS
+        assert getattr(agg, name).requires == "cross_gram" and name.lower() in METHODS
     for name in ("GradDrop", "TrimmedMean", "ExcessMTL", "MoCo"):
         assert getattr(agg, name).requires == "jacobian" and name.lower() in METHODS
 
@@ -46,3 +49,10 @@ def test_a_jacobian_method_in_a_mode_without_per_task_gradients_is_refused_by_na
         main(["train", "--method", "graddrop", "--mode", "rep", *TINY, "--no-progress", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "argument 'mode' expected 'exact' with GradDrop" in capsys.readouterr().err
+
+
+def test_a_cross_gram_method_in_rep_mode_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "modo", "--mode", "rep", *TINY, "--no-progress", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument 'mode' expected 'exact' with MoDo" in capsys.readouterr().err

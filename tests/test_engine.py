@@ -95,8 +95,8 @@ AGGREGATORS = {
 
 
 def test_every_aggregator_of_the_package_is_compared():
-    # The methods that need more than the Gram matrix (requires "jacobian" / "cross_gram") are not
-    # supplied by the engines yet; they refuse a Gram matrix, saying what they need (test below).
+    # The methods that need more than the Gram matrix (requires "jacobian" / "cross_gram") are
+    # compared in tests/test_mtl_engine.py and tests/test_engine_cross_gram.py.
     classes = {
         name
         for name in agg.__all__
@@ -563,18 +563,13 @@ def test_methods_that_need_the_per_task_gradients_get_them_in_exact_mode(make):
     assert_rel_close(got, update, 1e-12, "update")
 
 
-@pytest.mark.parametrize(
-    "make, words",
-    [
-        (agg.MoDo, "two independent batches"),
-        (agg.SDMGrad, "two independent batches"),
-    ],
-)
-def test_methods_the_engine_cannot_supply_are_refused_saying_what_they_need(make, words):
+@pytest.mark.parametrize("make", [agg.MoDo, agg.SDMGrad])
+def test_methods_refuse_losses_and_modes_that_cannot_supply_them_saying_what_they_need(make):
+    # A cross-Gram method takes the losses of independent batches (tests/test_engine_cross_gram.py).
     model = mlp_model()
     x, y = batch()
     losses, z = model.losses(x, y)
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ValueError, match=r"argument 'losses' expected a \[2, T\] or \[3, T\] tensor .*independent"):
         fastmtl.mtl_backward(losses, z, make())
     losses, z = model.losses(x, y)
     with pytest.raises(ValueError, match="mode='exact'"):

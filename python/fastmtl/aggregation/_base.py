@@ -122,7 +122,9 @@ class CrossGramAggregator(Aggregator):
     ``A [T, T]`` (neither symmetric nor positive semi-definite in general) -> weights ``[T]``. The
     one-batch Gram ``J J^T`` is not a substitute (it breaks these methods' guarantees), so a positional
     argument or ``gram=`` (a Gram matrix) is refused, saying what the method needs. Unbatched: these methods
-    keep state per call sequence.
+    keep state per call sequence. The engines supply the cross-Gram: :func:`fastmtl.mtl_backward` from
+    losses ``[2, T]`` / ``[3, T]`` of independent batches, ``model.mtl_backward`` from the batch's two
+    halves (:mod:`fastmtl.engine.cross_batches`).
 
     Subclasses implement :meth:`_cross_weights` on a checked, detached, non-empty ``[T, T]`` matrix."""
 

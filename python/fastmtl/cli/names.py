@@ -11,10 +11,10 @@ from ..data import DATASETS
 from ..engine import MODES
 
 # Every method class of fastmtl.aggregation but Constant, whose weights a command line has no way to give
-# (the interfaces and helpers in __all__ are not methods), and the cross-Gram methods (requires
-# "cross_gram": MoDo, SDMGrad), which need the per-task gradients of two independent batches that the
-# engine behind the command line (model.mtl_backward) does not compute. The Jacobian methods (GradDrop,
-# TrimmedMean, ExcessMTL, MoCo) get the per-task gradients from it in exact mode with gram_every=1.
+# (the interfaces and helpers in __all__ are not methods). The engine behind the command line
+# (model.mtl_backward) supplies what each declares: the Jacobian methods (GradDrop, TrimmedMean,
+# ExcessMTL, MoCo) get the per-task gradients in exact mode with gram_every=1, the cross-Gram methods
+# (MoDo, SDMGrad) the cross-Gram of each batch's two halves in exact mode.
 _AGGREGATOR_NAMES = [
     name
     for name in aggregation.__all__
@@ -22,7 +22,6 @@ _AGGREGATOR_NAMES = [
     and issubclass(getattr(aggregation, name), aggregation.Aggregator)
     and name not in aggregation.INTERFACES
     and name != "Constant"
-    and getattr(aggregation, name).requires != "cross_gram"
 ]
 _WEIGHTING_NAMES = [name for name in weighting.__all__ if name != "Weighting"]
 

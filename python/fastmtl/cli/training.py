@@ -177,6 +177,10 @@ class _Step:
                 x, targets, self.method, mode=self.config.mode, gram_every=self.config.gram_every
             )
             self.optimizer.step()
+            if result.losses.dim() == 2:
+                # A cross-Gram method (MoDo, SDMGrad): the losses of the batch's two halves [2, T], and
+                # a cross-Gram, not the Gram matrix the gradient-conflict statistics are read from.
+                return result.losses.mean(0), None
             return result.losses, result.gram if result.gram_computed else None
         if isinstance(self.method, AutoLambda):  # the meta step first, at the parameters the step starts from
             x_val, targets_val = next(self.validation_batches)

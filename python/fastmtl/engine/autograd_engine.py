@@ -27,6 +27,7 @@ import torch
 from .._distributed import DataParallelSync
 from ..aggregation import requirement
 from .batched_backward import GraphWalk
+from .cross_batches import CrossBatchStep
 from .gradients import checked_weights, jacobian_update, write_gradients
 from .options import MTLBackwardOptions, fail, supplied_requirement
 from .result import MTLBackwardResult
@@ -57,7 +58,10 @@ def mtl_backward(
 
     ``losses``: ``[T]`` per-task losses (task weights already applied). ``features``: the trunk's
     output(s) the task-specific parts read. ``aggregator``: Gram ``[T, T]`` -> weights ``[T]`` (any
-    :mod:`fastmtl.aggregation` method). ``shared_params``: the trunk's parameters (default: every
+    :mod:`fastmtl.aggregation` method; a "jacobian" method gets the ``[T, P]`` per-task gradients
+    and its update is written; a "cross_gram" method, MoDo or SDMGrad, takes ``losses [K, T]``, the
+    per-task losses of K = 2 or 3 independent batches computed through ``features``, and gets the
+    cross-Gram ``J_1 J_2^T``: :mod:`fastmtl.engine.cross_batches`). ``shared_params``: the trunk's parameters (default: every
     leaf that requires grad and that ``features`` depend on, in the order of :func:`graph_leaves`).
     ``options``: the keyword arguments of :class:`~fastmtl.engine.MTLBackwardOptions` (``mode``,
     ``gram_every``, ``keep_jacobian``, ``ddp_gram``, ``process_group``, ``gram_params``,
@@ -97,15 +101,20 @@ def mtl_backward(
     opts = MTLBackwardOptions.of("fastmtl.mtl_backward", options)
     if opts.gram_path != "auto":
         fail("gram_path", "'auto' (the Gram paths belong to the fused path of a FusedMLP trunk)", repr(opts.gram_path))
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() < 1:
+    # Issue 17: what the aggregator needs, refused before any backward where no call can supply it. The
+    # per-task gradients are materialised in exact mode anyway and go to a "jacobian" method (its update
+    # is written into .grad); a "cross_gram" method takes the losses of independent batches, [K, T],
+    # weighed as K T tasks (fastmtl.engine.cross_batches).
+    cross = None
+    if supplied_requirement(aggregator, opts) == "cross_gram":
+        cross = CrossBatchStep(losses, aggregator)
+        schedule_owner = aggregator if schedule_owner is None else schedule_owner
+        aggregator, losses = cross.weighting, cross.flat
+    elif not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() < 1:
         got = list(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         fail("losses", "a 1-D tensor [T] of per-task losses with T >= 1", str(got))
     if not losses.requires_grad:
         fail("losses", "a tensor in an autograd graph (requires_grad)", "a tensor that does not require grad")
-    # Issue 17: what the aggregator needs. The per-task gradients are materialised in exact mode anyway
-    # and go to a "jacobian" method (its update is written into .grad); a cross-Gram needs a second,
-    # independent batch, which this call has not got: refused, saying so, before any backward.
-    supplied_requirement(aggregator, opts)
     schedule = None
     if opts.gram_every > 1:
         schedule = schedule_of(aggregator if schedule_owner is None else schedule_owner)
@@ -139,16 +148,20 @@ def mtl_backward(
     sync = DataParallelSync(opts.ddp_gram, opts.process_group)
 
     T = losses.shape[0]
+    method = type(aggregator if cross is None else cross.weighting.method)
+    head_scale = 1.0 if cross is None else cross.head_scale
     # The engine is the step's backward: autocast, which the user's forward ran under, does not apply
     # to it (as PyTorch advises for backward passes). The per-task gradients come in the dtypes the
     # forward recorded, and the Gram matrix, weights and weighted sums are computed in float32 or
     # wider (trunk_gram._gram_dtype), not in the autocast dtype.
     with torch.autocast(losses.device.type, enabled=False):
-        if schedule is not None and not schedule.due(
-            (type(aggregator), opts.mode, T, opts.gram_every), opts.gram_every
-        ):
-            return _reuse_weights(losses, feats, shared, heads, schedule, sync, aggregator, opts, walk)
-        return _aggregated_backward(losses, feats, shared, heads, aggregator, opts, schedule, sync, walk)
+        if schedule is not None and not schedule.due((method, opts.mode, T, opts.gram_every), opts.gram_every):
+            result = _reuse_weights(losses, feats, shared, heads, schedule, sync, aggregator, opts, walk, head_scale)
+        else:
+            result = _aggregated_backward(
+                losses, feats, shared, heads, aggregator, opts, schedule, sync, walk, head_scale
+            )
+    return result if cross is None else cross.result(result)
 
 
 def _as_tensors(features) -> list:
@@ -226,10 +239,13 @@ def _aggregated_backward(
     schedule: WeightSchedule | None,
     sync: DataParallelSync,
     walk: GraphWalk,
+    head_scale: float,
 ) -> MTLBackwardResult:
     """A call that computes the Gram matrix and the weights; ``schedule``: where the weights of
-    ``gram_every`` are kept, None when every call computes them; ``walk``: the features' graph. Which
-    path computes the exact Gram matrix: :func:`fastmtl.engine.trunk_gram.plan_gram`."""
+    ``gram_every`` are kept, None when every call computes them; ``walk``: the features' graph;
+    ``head_scale``: the heads get ``head_scale`` times the gradient of ``sum_t L_t`` (1; 1/K for the
+    K batches of a cross-Gram step). Which path computes the exact Gram matrix:
+    :func:`fastmtl.engine.trunk_gram.plan_gram`."""
     T = losses.shape[0]
     partial = None if opts.gram_params is None else list(opts.gram_params)
     memory_budget = opts.memory_budget
@@ -296,6 +312,7 @@ def _aggregated_backward(
                 # The mean over ranks of the local updates is the update of the mean per-task gradients.
                 shared_grads = blocks.weighted(weights)
                 fresh = blocks.flat is not None  # views of one new [P] update: .grad without copies
+    head_grads = _scaled(head_grads, head_scale)
     cosine = None
     if opts.report_cosine:
         cosine = 1.0 if exact_update is None else update_cosine(shared_grads, exact_update)
@@ -321,18 +338,20 @@ def _reuse_weights(
     aggregator,
     opts: MTLBackwardOptions,
     walk: GraphWalk,
+    head_scale: float,
 ) -> MTLBackwardResult:
-    """A call between Gram computations: heads get the gradient of sum_t L_t, the shared parameters
-    that of sum_t a_t L_t with the kept weights a (one backward through the trunk)."""
+    """A call between Gram computations: heads get ``head_scale`` times the gradient of sum_t L_t, the
+    shared parameters that of sum_t a_t L_t with the kept weights a (one backward through the trunk)."""
     weights = schedule.weights
     exact_update = None
     if opts.report_cosine:
         cotangents = _feature_cotangents(losses, feats, opts.memory_budget)
         exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, opts.memory_budget, sync, walk)
     head_grads = torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True) if heads else ()
+    head_grads = _scaled(head_grads, head_scale)
     feature_grads = torch.autograd.grad(losses, feats, grad_outputs=weights.to(losses.dtype), retain_graph=True)
     shared_grads = torch.autograd.grad(feats, shared, grad_outputs=feature_grads, allow_unused=True)
-    write_gradients(heads + shared, list(head_grads) + list(shared_grads), sync)
+    write_gradients(heads + shared, head_grads + list(shared_grads), sync)
     cosine = update_cosine(shared_grads, exact_update) if opts.report_cosine else None
     return MTLBackwardResult(
         losses=losses.detach(),
@@ -342,3 +361,10 @@ def _reuse_weights(
         path="kept weights",
         cosine=cosine,
     )
+
+
+def _scaled(grads, scale: float) -> list:
+    """``scale`` times each gradient (None kept), as a list; the gradients themselves when 1."""
+    if scale == 1.0:
+        return list(grads)
+    return [None if g is None else g * scale for g in grads]

@@ -80,7 +80,15 @@ def fused_mlp_mtl_backward(
     sync = DataParallelSync(options.ddp_gram, options.process_group)
     key = (type(aggregator), options.mode, len(num_outputs), options.gram_every)
     # Issue 17: the same refusals as fastmtl.mtl_backward; a "jacobian" method gets the [T, P] Jacobian.
-    needs_jacobian = supplied_requirement(aggregator, options) == "jacobian"
+    requires = supplied_requirement(aggregator, options)
+    if requires == "cross_gram":
+        fail(
+            "aggregator",
+            "a method the fused path supplies (a cross-Gram of independent batches is not one: "
+            "MultiTaskModel.mtl_backward gives it one from the batch's two halves, through fastmtl.mtl_backward)",
+            type(aggregator).__name__,
+        )
+    needs_jacobian = requires == "jacobian"
     # The step's inputs in the dtype the fused ops compute in: the autocast dtype inside
     # torch.autocast (as its rule for the forward ops casts them), else their own. The engine ops
     # take the forward's outputs, so every argument must share that dtype; the gradients come back

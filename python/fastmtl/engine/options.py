@@ -33,15 +33,17 @@ def supplied_requirement(aggregator, options: MTLBackwardOptions) -> str:
     ``"gram"``: any options. ``"jacobian"``: the per-task gradients of every shared parameter exist
     only in exact mode, on a call that computes them (``gram_every=1``), and not with ``gram_params``
     (a subset); the method's update is not a weighting that could be kept between calls.
-    ``"cross_gram"``: always refused (it needs the per-task gradients of two independent batches)."""
+    ``"cross_gram"``: exact mode (the features' per-task gradients of independent batches do not
+    overlap: rep mode's cross-Gram is 0); the losses of two or three independent batches are the
+    caller's (:mod:`fastmtl.engine.cross_batches`)."""
     requires = requirement(aggregator)
     name = type(aggregator).__name__
-    if requires == "cross_gram":
+    if requires == "cross_gram" and options.mode != "exact":
         fail(
-            "aggregator",
-            "a method an mtl_backward call can supply (it needs the per-task gradients of two "
-            "independent batches, a cross-Gram: call it on J1 @ J2.T yourself)",
-            name,
+            "mode",
+            f"'exact' with {name}, a method that needs the cross-Gram of independent batches (in rep mode "
+            "it would be 0: the batches' feature gradients do not overlap)",
+            repr(options.mode),
         )
     if requires == "jacobian":
         if options.gram_params is not None:

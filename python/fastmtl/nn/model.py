@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..aggregation import requirement
 from ..engine import fused_model_backward, mtl_backward
 from ..engine.gradients import check_finite_losses
 from ..tasks import check_tasks
@@ -156,8 +157,13 @@ class MultiTaskModel(nn.Module):
         the ``[T, P]`` Jacobian of the shared parameters (``mode="exact"``, ``gram_every=1`` only) and
         its update is written into their ``.grad``; ``result.weights`` is its ``last_weights``, else
         NaN. Parameters upstream of ``x`` are not shared: with such a method they get the gradient of
-        ``sum_t task.weight_t L_t``. A ``"cross_gram"`` method (MoDo, SDMGrad) is refused, saying it
-        needs the gradients of two independent batches.
+        ``sum_t task.weight_t L_t``. A ``"cross_gram"`` method (MoDo, SDMGrad) gets the cross-Gram
+        ``J_1 J_2^T`` of the batch's two halves (the first ``B // 2`` examples and the rest, two
+        independent samples of a shuffled batch; the trunk runs once over the whole batch, so a
+        BatchNorm trunk couples them through its batch statistics) and its weights apply to the mean
+        of both halves' losses: :func:`fastmtl.mtl_backward` on losses ``[2, T]``
+        (:mod:`fastmtl.engine.cross_batches`), whatever the trunk; ``result.losses`` is ``[2, T]``,
+        ``result.gram`` the cross-Gram.
 
         >>> import torch, fastmtl
         >>> tasks = [fastmtl.Task("y", "regression"), fastmtl.Task("c", "multiclass", num_outputs=3)]
@@ -168,6 +174,8 @@ class MultiTaskModel(nn.Module):
         (torch.Size([2, 2]), torch.Size([32, 10]))
         """
         shared = None if shared_params is None else list(shared_params)
+        if requirement(aggregator) == "cross_gram":
+            return self._cross_batch_backward(x, targets, aggregator, shared, options)
         trunk_params = list(self.trunk.parameters())
         every_trunk_param = shared is None or (
             len(shared) == len(trunk_params) and all(any(p is q for q in shared) for p in trunk_params)
@@ -182,6 +190,40 @@ class MultiTaskModel(nn.Module):
         z, per_task = self.features(x)
         losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
         check_finite_losses(losses, self.heads.task_names)
+        if shared is None:
+            shared = self.shared_parameters()
+        result = mtl_backward(
+            losses * self.heads.task_weights.to(losses.dtype), z, aggregator, shared, schedule_owner=self, **options
+        )
+        result.losses = losses.detach()
+        return result
+
+    def _cross_batch_backward(self, x, targets, aggregator, shared, options):
+        """:meth:`mtl_backward` of a cross-Gram method: the losses of the batch's two halves, ``[2, T]``,
+        through :func:`fastmtl.mtl_backward` (one forward of the trunk over the whole batch)."""
+        if options.get("gram_path", "auto") != "auto":
+            raise ValueError(
+                "MultiTaskModel.mtl_backward: argument 'gram_path' expected 'auto' with "
+                f"{type(aggregator).__name__} (a cross-Gram step runs through fastmtl.mtl_backward), got "
+                f"{options['gram_path']!r}"
+            )
+        z, per_task = self.features(x)
+        size = z.shape[1 if per_task else 0]
+        if size < 2:
+            raise ValueError(
+                f"MultiTaskModel.mtl_backward: argument 'x' expected a batch of at least 2 examples with "
+                f"{type(aggregator).__name__} (its halves are the two independent batches of the cross-Gram), "
+                f"got {size}"
+            )
+        rows = []
+        for part in (slice(0, size // 2), slice(size // 2, size)):
+            half_targets = {k: v[part] for k, v in targets.items()} if isinstance(targets, Mapping) else targets[part]
+            if per_task:
+                rows.append(routed_losses(self.heads, z[:, part], half_targets))
+            else:
+                rows.append(self.heads.losses(z[part], half_targets))
+            check_finite_losses(rows[-1], self.heads.task_names)
+        losses = torch.stack(rows)
         if shared is None:
             shared = self.shared_parameters()
         result = mtl_backward(
