@@ -91,13 +91,15 @@ def native_twin(plain: nn.Module, dropout: float) -> nn.Module:
         gates = trunk.gates
     else:
         specific, shared = len(plain.specific[0]), len(plain.shared)
-        experts = list(plain.shared) + [e for own in plain.specific for e in own]  # fastmtl PLE's order
-        expert_widths = [m.out_features for m in _linears(experts[0])]
-        in_features = experts[0][0].in_features
+        own_experts = [e for own in plain.specific for e in own]  # task t's at t * specific, as fastmtl's PLE
+        expert_widths = [m.out_features for m in _linears(own_experts[0])]
+        in_features = own_experts[0][0].in_features
         tower_widths = [m.out_features for m in _linears(towers[0])][:-1]
         trunk = PLE(in_features, shared, specific, expert_widths, len(towers), norm="batch", dropout=dropout,
                     tower_hidden=tower_widths)  # fmt: skip
-        _load_bank(trunk.experts[0], experts)
+        if shared:
+            _load_bank(trunk.shared_experts[0], list(plain.shared))
+        _load_bank(trunk.task_experts[0], own_experts)
         gate_order = list(range(specific, specific + shared)) + list(range(specific))  # rechub: own, then shared
         gates = trunk.task_gates[0]
     heads = MultiTaskHeads(tower_widths[-1], [fastmtl.Task(f"task{t}", "binary") for t in range(len(towers))])

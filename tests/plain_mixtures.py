@@ -139,7 +139,16 @@ class PlainPLE(nn.Module):
             fused.num_tasks,
             fused.num_levels,
         )
-        self.experts = nn.ModuleList([plain_bank(bank) for bank in fused.experts])
+        # Level l's experts in the gates' order: the S shared ones, then task t's P at S + t P.
+        self.experts = nn.ModuleList(
+            [
+                nn.ModuleList(
+                    (list(plain_bank(fused.shared_experts[level])) if self.S else [])
+                    + (list(plain_bank(fused.task_experts[level])) if self.P else [])
+                )
+                for level in range(self.L)
+            ]
+        )
         self.task_gates = nn.ModuleList([plain_gates(g) for g in fused.task_gates])
         self.shared_gates = nn.ModuleList([plain_gates(g) for g in fused.shared_gates])
         self.towers = plain_bank(fused.towers) if fused.towers is not None else None
@@ -161,8 +170,11 @@ class PlainPLE(nn.Module):
 
     def grads(self, fused):
         out = {}
-        for level, bank in enumerate(fused.experts):
-            out.update(stacked_grads(bank, self.experts[level], f"experts.{level}."))
+        S = self.S
+        for level, bank in enumerate(fused.shared_experts):
+            out.update(stacked_grads(bank, self.experts[level][:S], f"shared_experts.{level}."))
+        for level, bank in enumerate(fused.task_experts):
+            out.update(stacked_grads(bank, self.experts[level][S:], f"task_experts.{level}."))
         for level, gates in enumerate(fused.task_gates):
             out.update(gate_grads(gates, self.task_gates[level], f"task_gates.{level}."))
         for level, gates in enumerate(fused.shared_gates):

@@ -259,3 +259,64 @@ def test_norm_eps_and_momentum_reach_every_normalisation():
 def test_repr_names_the_options():
     text = repr(MMoE(6, 2, [4], 2, norm="batch", dropout=0.1, tower_hidden=[3], gate_hidden=[2]))
     assert "norm='batch', dropout=0.1, tower_hidden=[3], gate_hidden=[2]" in text
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_ple_aggregates_the_shared_experts_only_and_task_experts_get_their_own_gradient(levels):
+    torch.manual_seed(9)
+    tasks = mixed_tasks(3)
+    trunk = PLE(7, 2, 2, [6], 3, num_levels=levels, norm="batch", tower_hidden=[5])
+    model = MultiTaskModel(trunk, MultiTaskHeads(5, tasks)).double()
+    shared = {id(p) for p in model.shared_parameters()}
+    assert shared == {id(p) for p in list(trunk.shared_experts.parameters()) + list(trunk.shared_gates.parameters())}
+    assert not shared & {id(p) for p in trunk.task_experts.parameters()}
+    x = torch.randn(24, 7, dtype=torch.float64)
+    targets = random_targets(tasks, 24, torch.Generator().manual_seed(10))
+    model.eval()  # fixed statistics: the step's losses do not depend on how often forward runs
+    weighted = model.losses(x, targets) * model.heads.task_weights
+    last = trunk.task_experts[-1].weights[0]  # [T P, out, in], task t's experts at rows 2t, 2t + 1
+    summed = torch.autograd.grad(weighted.sum(), last, retain_graph=True)[0]
+    model.mtl_backward(x, targets, fastmtl.aggregation.UPGrad())
+    assert_rel_close(last.grad, summed, rtol=1e-9, what="task experts: the gradient of sum_t L_t")
+    for t in range(3):  # the last level's task-t experts reach task t's loss only
+        own = torch.autograd.grad(weighted[t], last, retain_graph=True)[0]
+        assert_rel_close(last.grad[2 * t : 2 * t + 2], own[2 * t : 2 * t + 2], rtol=1e-9, what=f"task {t} experts")
+        assert torch.count_nonzero(own[: 2 * t]) == 0 and torch.count_nonzero(own[2 * t + 2 :]) == 0
+
+
+def _earlier_ple_state(ple) -> dict:
+    """``ple.state_dict()`` as fastmtl saved a PLE before its shared and task experts were separate
+    parameters: one bank per level, ``experts.{level}.*``, the shared experts' rows (or BatchNorm
+    channels) first."""
+    state = {}
+    for key, value in ple.state_dict().items():
+        for bank in ("shared_experts.", "task_experts."):
+            if key.startswith(bank):
+                state.setdefault("experts." + key[len(bank) :], []).append(value)
+                break
+        else:
+            state[key] = value
+    for key, parts in list(state.items()):
+        if isinstance(parts, list):
+            state[key] = parts[0] if key.endswith("num_batches_tracked") else torch.cat(parts)
+    return state
+
+
+@pytest.mark.parametrize(
+    "shared, own, norm", [(2, 1, "batch"), (1, 2, "layer"), (0, 2, "batch"), (2, 0, None)], ids=str
+)
+def test_ple_loads_a_checkpoint_of_the_stacked_bank_layout(shared, own, norm):
+    torch.manual_seed(11)
+    source = PLE(6, shared, own, [5, 4], 2, num_levels=2, norm=norm)
+    source(torch.randn(16, 6))  # training step: running statistics move
+    source.eval()
+    earlier = _earlier_ple_state(source)
+    assert any(k.startswith("experts.") for k in earlier)
+    torch.manual_seed(12)
+    target = PLE(6, shared, own, [5, 4], 2, num_levels=2, norm=norm)
+    target.load_state_dict(earlier)  # strict: every key mapped, none left over
+    target.eval()
+    x = torch.randn(9, 6)
+    assert torch.equal(target.task_features(x), source.task_features(x))
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -18,6 +18,7 @@ from torch import nn
 from .. import ops
 from .._validation import check_int_at_least
 from ._init import linear_init_
+from ._legacy_state import split_stacked_ple_experts
 from ._norm_layers import check_norm_options, make_norms, run_tower
 
 
@@ -367,27 +368,29 @@ class PLE(nn.Module):
         self.expert_hidden = tuple(widths)
         S, P, T = num_shared_experts, num_task_experts, num_tasks
         num_experts = S + T * P
-        # Experts of a level: the S shared ones first, then task t's P at S + t * P.
+        # The experts a gate mixes, [S + T P, B, h]: the S shared ones first, then task t's P at S + t P.
         task_index = [list(range(S)) + list(range(S + t * P, S + (t + 1) * P)) for t in range(T)]
-        # Below the first level, expert e reads representation source[e]: task t's (t) or the shared one (T).
-        self._expert_source = [T] * S + [t for t in range(T) for _ in range(P)]
         factory = {"device": device, "dtype": dtype}
         layers = _TowerOptions("PLE", activation, norm, dropout, tower_hidden, gate_hidden, norm_eps, norm_momentum)
         self._layers = layers
-        self.experts = nn.ModuleList()
+        # A level's shared and task experts are separate parameters (each one op call), so that
+        # shared_parameters() holds the shared experts alone: the task experts are task-specific.
+        self.shared_experts = nn.ModuleList()  # per level, S experts (empty when S = 0)
+        self.task_experts = nn.ModuleList()  # per level, T P experts, task t's at t P (empty when P = 0)
         self.task_gates = nn.ModuleList()
         self.shared_gates = nn.ModuleList()
         fan_in = in_features
         for level in range(num_levels):
-            self.experts.append(layers.bank(fan_in, num_experts, widths, factory))
+            if S:
+                self.shared_experts.append(layers.bank(fan_in, S, widths, factory))
+            if P:
+                self.task_experts.append(layers.bank(fan_in, T * P, widths, factory))
             self.task_gates.append(layers.gates(fan_in, T, S + P, task_index, factory))
             if level + 1 < num_levels and S > 0:  # the next level's shared experts read its mixture
                 self.shared_gates.append(layers.gates(fan_in, 1, num_experts, None, factory))
             fan_in = widths[-1]
         self.towers = layers.towers(widths[-1], T, factory)
-        self.register_buffer(
-            "_source_index", torch.tensor(self._expert_source, dtype=torch.long, device=device), persistent=False
-        )
+        self._register_load_state_dict_pre_hook(split_stacked_ple_experts, with_module=True)
 
     @property
     def out_features(self) -> int:
@@ -400,17 +403,20 @@ class PLE(nn.Module):
         return tasks if self.towers is None else self.towers(tasks)
 
     def _mixtures(self, x: torch.Tensor) -> torch.Tensor:
+        S, P = self.num_shared_experts, self.num_task_experts
         shared, tasks = x, None
         for level in range(self.num_levels):
-            if level == 0:
-                expert_input, gate_input = x, x
-            else:
-                # [T + 1, B, h]: the task representations, then the shared one.
-                sources = torch.cat([tasks, shared.unsqueeze(0)]) if self.num_shared_experts else tasks
-                expert_input, gate_input = sources.index_select(0, self._source_index), tasks
-            experts = self.experts[level](expert_input)
-            new_tasks = self.task_gates[level](gate_input, experts)
-            if level + 1 < self.num_levels and self.num_shared_experts:
+            # Level 0 reads x; above it the shared experts read the shared representation and task
+            # t's experts (and gate) task t's.
+            parts = []
+            if S:
+                parts.append(self.shared_experts[level](shared))
+            if P:
+                own = x if level == 0 else (tasks if P == 1 else tasks.repeat_interleave(P, dim=0))
+                parts.append(self.task_experts[level](own))
+            experts = torch.cat(parts) if len(parts) == 2 else parts[0]  # [S + T P, B, h]
+            new_tasks = self.task_gates[level](x if level == 0 else tasks, experts)
+            if level + 1 < self.num_levels and S:
                 shared = self.shared_gates[level](shared, experts)[0]
             tasks = new_tasks
         return tasks
@@ -419,11 +425,12 @@ class PLE(nn.Module):
         return list(self.task_features(x).unbind(0))
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """The parameters aggregated by ``mtl_backward``: each level's expert bank and the shared
-        gates. The task gates and towers are task-specific. A level's shared and task experts are one stacked
-        parameter, so the task experts' rows travel with the shared ones (they get ``a_t`` times
-        their task's gradient, not the task's gradient itself); a per-row split is not done."""
-        return list(self.experts.parameters()) + list(self.shared_gates.parameters())
+        """The parameters aggregated by ``mtl_backward``: each level's shared experts and the shared
+        gates (as LibMTL's PLE shares its shared experts). Task experts, task gates and towers are
+        task-specific: they get the gradient of ``sum_t L_t`` by one ordinary backward, which for
+        the last level's task-t experts is task t's own gradient (below it, task t's experts also
+        feed the shared gate, so every task's loss reaches them)."""
+        return list(self.shared_experts.parameters()) + list(self.shared_gates.parameters())
 
     def extra_repr(self) -> str:
         return (
