@@ -39,6 +39,7 @@ from .trunk_gram import (
     per_task_loss_gradients,
     plan_gram,
     streamed_gram,
+    swept_gradients,
     update_cosine,
 )
 
@@ -73,7 +74,11 @@ def mtl_backward(
     intermediates within ``memory_budget``) when every op batches under vmap; "task-loop" (T plain
     backward passes through the trunk) when the trunk has an op whose vmap rule loops over the
     tasks anyway (conv, batch norm, layer norm, attention, embedding), each pass from its task's
-    own loss, the passes' gradients copied into one [T, P] matrix; "streamed" when the T x P
+    own loss, the passes' gradients copied into one [T, P] matrix; "factored" when those ops are
+    batch norms reached only through a global average pool, ReLUs and residual adds and nothing
+    below them is asked (a partial Gram over a pooled CNN's last BatchNorm): the T cotangents stay
+    one task-independent tensor times a per-task [B, C], and one sweep serves all tasks
+    (:mod:`fastmtl.engine.factored_cotangents`); "streamed" when the T x P
     Jacobian would exceed ``memory_budget`` bytes (default 512 MiB), or when the ghost product of
     the Linear layers saves most of the Gram's work: each parameter block's Gram share is added and
     dropped during one sweep (a Linear weight's by the ghost product where cheaper), then one
@@ -289,6 +294,8 @@ def _aggregated_backward(
         else:
             if direct:
                 blocks, head_grads = per_task_loss_gradients(losses, wrt, retain_graph=True, summed=heads)
+            elif plan.path == "factored":
+                blocks = swept_gradients(feats, wrt, cotangents)
             else:
                 blocks = per_task_gradients(feats, wrt, cotangents, plan.chunk, retain_graph=partial is not None)
             if sync.exact or opts.keep_jacobian or needs_jacobian:

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from .factored_cotangents import Factored, combine, dense, factored_rule
 from .linear_ghost import ghost_linear, ghost_weights
 from .task_jacobian import gram_dtype
 
@@ -96,6 +97,16 @@ def _as_expected(g: torch.Tensor, node, slot: int, T: int) -> torch.Tensor:
     if g.dtype != metadata[slot].dtype:
         g = g.to(metadata[slot].dtype)
     return g
+
+
+def _factored_as_expected(g, node, slot: int) -> bool:
+    """Whether ``g`` is a :class:`Factored` cotangent the node takes as it is (its shape and dtype)."""
+    if not isinstance(g, Factored):
+        return False
+    metadata = getattr(node, "_input_metadata", None)
+    if metadata is None or slot >= len(metadata):
+        return True
+    return tuple(metadata[slot].shape) == g.shape and metadata[slot].dtype == g.dtype
 
 
 def _per_task(T: int, mask, call) -> list:
@@ -326,13 +337,13 @@ def _sweep(outputs, cotangents, inputs, on_grad, on_gram) -> None:
 
     def deliver(i, g):
         delivered.add(i)
-        on_grad(i, g)
+        on_grad(i, dense(g))
 
     def add(node, slot, g):
         slots = pending.setdefault(node, [])
         if len(slots) <= slot:
             slots.extend([None] * (slot + 1 - len(slots)))
-        slots[slot] = g if slots[slot] is None else slots[slot] + g
+        slots[slot] = g if slots[slot] is None else combine(slots[slot], g)
 
     for out, cot in zip(outputs, cotangents):
         if out.grad_fn is None:
@@ -361,8 +372,12 @@ def _sweep(outputs, cotangents, inputs, on_grad, on_gram) -> None:
         count = _num_slots(node)
         if count is not None and len(slots) < count:
             slots = slots + [None] * (count - len(slots))
-        grads = None
-        if node in ghosts and slots[0] is not None:
+        # Cotangents that factor through a global pool stay factored where a rule keeps them so
+        # (fastmtl.engine.factored_cotangents); everywhere else they are materialised first.
+        grads = factored_rule(node, slots, needed, T)
+        if grads is None:
+            slots = [dense(g) for g in slots]
+        if grads is None and node in ghosts and slots[0] is not None:
             ghost = ghost_linear(node, slots[0], needed, share_dtype)
             if ghost is not None:
                 grads, share = ghost
@@ -376,7 +391,7 @@ def _sweep(outputs, cotangents, inputs, on_grad, on_gram) -> None:
         del slots
         for (n, nr), g, need in zip(nexts, grads, needed):
             if need and g is not None:
-                add(n, nr, _as_expected(g, n, nr, T))
+                add(n, nr, g if _factored_as_expected(g, n, nr) else _as_expected(dense(g), n, nr, T))
 
     for i, p in enumerate(inputs):
         if i not in delivered:

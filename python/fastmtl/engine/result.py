@@ -19,7 +19,7 @@ class MTLBackwardResult:
     in ``trunk.parameters()`` order; :func:`fastmtl.mtl_backward` without ``shared_params``: the
     order of :func:`fastmtl.engine.graph_leaves`). With ``gram_every > 1``, ``gram_computed``
     says whether this call computed the Gram matrix and weights (else they are the kept ones).
-    ``path``: how the generic engine got the Gram matrix ("batched", "task-loop", "streamed", "rep",
+    ``path``: how the generic engine got the Gram matrix ("batched", "task-loop", "factored", "streamed", "rep",
     "partial/..." or "kept weights"; empty on the fused path); ``cosine``: with
     ``report_cosine=True``, the cosine between the update of the shared parameters and the exact
     mode's."""

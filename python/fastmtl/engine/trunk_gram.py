@@ -19,6 +19,13 @@ the T cotangents ``dL_t/dz`` of the trunk's outputs. The paths, chosen by :func:
              1.3-1.6x slower than T passes (CNN B=8, transformer B=32; on the transformer at B=8 it
              was 1.2x faster: the cost model is by op kind, not by size). Folding the tasks into the
              batch or channel axis of one conv backward measured slower still on CPU (mkldnn).
+  factored   when the ops whose vmap rule loops (batch norm here) are reached only through a global
+             average pool and ops that multiply the cotangents by task-independent tensors (ReLU,
+             the residual add), and no gradient is asked below them (a partial Gram over the last
+             BatchNorm of a pooled CNN, ``gram_params``): the T cotangents stay ``u_t * w`` with
+             one ``w`` (:mod:`fastmtl.engine.factored_cotangents`) and one sweep of
+             :func:`~fastmtl.engine.batched_backward.batched_grad` gives the T gradients with one
+             pass over the activations for all tasks, where T passes make T of them.
   streamed   when the Jacobian itself would exceed the budget, or when the ghost product of the
              Linear layers saves most of the Gram's work (:mod:`fastmtl.engine.linear_ghost`): one
              sweep of :func:`fastmtl.engine.batched_backward.batched_grad` hands each parameter
@@ -27,7 +34,7 @@ the T cotangents ``dL_t/dz`` of the trunk's outputs. The paths, chosen by :func:
              T gradients never formed), so no T x P Jacobian exists; the update is then one
              ordinary backward of ``sum_t a_t dL_t/dz``.
 
-In the first two, the per-task gradients are a :class:`~fastmtl.engine.task_jacobian.TaskJacobian`:
+In the first three, the per-task gradients are a :class:`~fastmtl.engine.task_jacobian.TaskJacobian`:
 in the task loop each pass is copied into row t of one ``[T, P]`` matrix (the Gram matrix one GEMM,
 the update one GEMV, the blocks views of its columns); the vmapped backward's ``[T, *shape]``
 blocks are kept as they come (the Gram matrix summed block by block, no concatenation).
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from .batched_backward import GraphWalk, batched_grad
+from .factored_cotangents import factors_all_the_way
 from .linear_ghost import GHOST_STREAM_MIN_SAVING, ghost_saving, ghost_weights
 from .task_jacobian import TaskJacobian, gram_dtype
 
@@ -50,6 +58,7 @@ __all__ = [
     "plan_gram",
     "per_task_gradients",
     "per_task_loss_gradients",
+    "swept_gradients",
     "task_loss_edges",
     "streamed_gram",
     "update_cosine",
@@ -74,7 +83,7 @@ VMAP_LOOPING_NODES = frozenset(
 
 @dataclass(frozen=True)
 class GramPlan:
-    """Which path computes the exact Gram matrix (``"batched"``, ``"task-loop"`` or ``"streamed"``),
+    """Which path computes the exact Gram matrix (``"batched"``, ``"task-loop"``, ``"factored"`` or ``"streamed"``),
     how many tasks go down the trunk together, and why."""
 
     path: str
@@ -137,6 +146,13 @@ def plan_gram(
     walk = GraphWalk(outputs) if walk is None else walk
     nodes = walk.towards(inputs)
     looping = sorted({n.name() for n in nodes} & VMAP_LOOPING_NODES)
+    if looping and num_tasks > 1 and factors_all_the_way(walk, nodes, VMAP_LOOPING_NODES):
+        return GramPlan(
+            "factored",
+            num_tasks,
+            "the cotangents factor through the global pool into every BatchNorm on the way "
+            "(fastmtl.engine.factored_cotangents): one sweep for all tasks",
+        )
     if looping or num_tasks == 1:
         why = f"vmap loops over the tasks in {', '.join(looping)}" if looping else "one task"
         return GramPlan("task-loop", 1, why)
@@ -195,6 +211,21 @@ def per_task_gradients(
         except RuntimeError:
             pass
     return _chunked(outputs, inputs, cotangents, 1, retain_graph)
+
+
+def swept_gradients(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor]
+) -> TaskJacobian:
+    """The per-task gradients of :func:`per_task_gradients` by one sweep of
+    :func:`fastmtl.engine.batched_backward.batched_grad` (the "factored" plan: its cotangents stay
+    factored through the global pool, so the tasks share each pass over the activations)."""
+    blocks: list = [None] * len(inputs)
+
+    def keep(i: int, grad: torch.Tensor) -> None:
+        blocks[i] = grad
+
+    batched_grad(outputs, cotangents, inputs, keep)
+    return TaskJacobian(blocks)
 
 
 def _chunked(outputs, inputs, cotangents, chunk: int, retain_graph: bool) -> TaskJacobian:
