@@ -58,6 +58,6 @@ def test_autograd_and_mtl_backward_still_work_outside_torch_func():
     model.loss(x, targets).backward()
     features = model.trunk(x)
     losses = model.heads.losses(features, targets)
-    # The batched backward runs the fused nodes once per task (its vmap refused, as before).
+    # The batched backward goes through the FusedMLP node (tests/test_fused_mlp_batched_backward.py).
     result = fastmtl.mtl_backward(losses, features, fastmtl.aggregation.UPGrad())
     assert result.gram.shape == (2, 2) and torch.isfinite(result.gram).all()
