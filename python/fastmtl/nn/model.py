@@ -174,22 +174,29 @@ class MultiTaskModel(nn.Module):
         (torch.Size([2, 2]), torch.Size([32, 10]))
         """
         shared = None if shared_params is None else list(shared_params)
-        if requirement(aggregator) == "cross_gram":
-            return self._cross_batch_backward(x, targets, aggregator, shared, options)
+        cross = requirement(aggregator) == "cross_gram"
         trunk_params = list(self.trunk.parameters())
         every_trunk_param = shared is None or (
             len(shared) == len(trunk_params) and all(any(p is q for q in shared) for p in trunk_params)
         )
-        if isinstance(self.trunk, FusedMLP) and self.trunk.plain_layers and every_trunk_param:
+        if not cross and isinstance(self.trunk, FusedMLP) and self.trunk.plain_layers and every_trunk_param:
             return fused_model_backward(self, x, targets, aggregator, **options)
         if options.get("gram_path", "auto") != "auto":
+            if cross:
+                raise ValueError(
+                    "MultiTaskModel.mtl_backward: argument 'gram_path' expected 'auto' with "
+                    f"{type(aggregator).__name__} (a cross-Gram step runs through fastmtl.mtl_backward), got "
+                    f"{options['gram_path']!r}"
+                )
             raise ValueError(
                 f"MultiTaskModel.mtl_backward: argument 'gram_path' applies to a FusedMLP trunk only, "
                 f"got {options['gram_path']!r} with a {type(self.trunk).__name__} trunk"
             )
         z, per_task = self.features(x)
-        losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
-        check_finite_losses(losses, self.heads.task_names)
+        if cross:
+            losses = self._half_batch_losses(z, per_task, targets, aggregator)
+        else:
+            losses = self._checked_losses(z, per_task, targets)
         if shared is None:
             shared = self.shared_parameters()
         result = mtl_backward(
@@ -198,16 +205,15 @@ class MultiTaskModel(nn.Module):
         result.losses = losses.detach()
         return result
 
-    def _cross_batch_backward(self, x, targets, aggregator, shared, options):
-        """:meth:`mtl_backward` of a cross-Gram method: the losses of the batch's two halves, ``[2, T]``,
-        through :func:`fastmtl.mtl_backward` (one forward of the trunk over the whole batch)."""
-        if options.get("gram_path", "auto") != "auto":
-            raise ValueError(
-                "MultiTaskModel.mtl_backward: argument 'gram_path' expected 'auto' with "
-                f"{type(aggregator).__name__} (a cross-Gram step runs through fastmtl.mtl_backward), got "
-                f"{options['gram_path']!r}"
-            )
-        z, per_task = self.features(x)
+    def _checked_losses(self, z, per_task: bool, targets) -> torch.Tensor:
+        """The per-task losses ``[T]`` of the features (finite, or an error naming the task)."""
+        losses = routed_losses(self.heads, z, targets) if per_task else self.heads.losses(z, targets)
+        check_finite_losses(losses, self.heads.task_names)
+        return losses
+
+    def _half_batch_losses(self, z, per_task: bool, targets, aggregator) -> torch.Tensor:
+        """A cross-Gram method's losses ``[2, T]``: those of the batch's first ``B // 2`` examples and
+        of the rest, two independent samples (one forward of the trunk over the whole batch)."""
         size = z.shape[1 if per_task else 0]
         if size < 2:
             raise ValueError(
@@ -217,20 +223,9 @@ class MultiTaskModel(nn.Module):
             )
         rows = []
         for part in (slice(0, size // 2), slice(size // 2, size)):
-            half_targets = {k: v[part] for k, v in targets.items()} if isinstance(targets, Mapping) else targets[part]
-            if per_task:
-                rows.append(routed_losses(self.heads, z[:, part], half_targets))
-            else:
-                rows.append(self.heads.losses(z[part], half_targets))
-            check_finite_losses(rows[-1], self.heads.task_names)
-        losses = torch.stack(rows)
-        if shared is None:
-            shared = self.shared_parameters()
-        result = mtl_backward(
-            losses * self.heads.task_weights.to(losses.dtype), z, aggregator, shared, schedule_owner=self, **options
-        )
-        result.losses = losses.detach()
-        return result
+            half = {k: v[part] for k, v in targets.items()} if isinstance(targets, Mapping) else targets[part]
+            rows.append(self._checked_losses(z[:, part] if per_task else z[part], per_task, half))
+        return torch.stack(rows)
 
     @torch.no_grad()
     def load_plain_weights(self, trunk: nn.Sequential, heads) -> MultiTaskModel:
