@@ -14,6 +14,16 @@ parameters (heads) get the gradient of the mean over the batches of ``sum_t L_kt
 
 Rep mode cannot supply it: the features' per-task gradients of two batches live on different rows
 of the features, so their cross-Gram is 0 whatever the model.
+
+>>> import torch, fastmtl
+>>> from fastmtl.aggregation import MoDo
+>>> trunk, heads = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+>>> x, y = torch.randn(2, 16, 4), torch.randn(2, 16, 2)     # two independent batches of 16
+>>> z = trunk(x.reshape(32, 4))                             # one trunk forward over both
+>>> losses = ((heads(z).reshape(2, 16, 2) - y) ** 2).mean(1)  # [2, T]: row k, batch k's losses
+>>> result = fastmtl.mtl_backward(losses, z, MoDo())
+>>> result.gram.shape, result.weights.shape, trunk.weight.grad.shape
+(torch.Size([2, 2]), torch.Size([2]), torch.Size([8, 4]))
 """
 
 from __future__ import annotations
