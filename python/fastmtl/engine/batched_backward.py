@@ -374,7 +374,8 @@ def _sweep(outputs, cotangents, inputs, on_grad, on_gram) -> None:
             slots = slots + [None] * (count - len(slots))
         # Cotangents that factor through a global pool stay factored where a rule keeps them so
         # (fastmtl.engine.factored_cotangents); everywhere else they are materialised first.
-        grads = factored_rule(node, slots, needed, T)
+        name = node.name()
+        grads = factored_rule(name, node, slots, needed, T)
         if grads is None:
             slots = [dense(g) for g in slots]
         if grads is None and node in ghosts and slots[0] is not None:
@@ -383,7 +384,7 @@ def _sweep(outputs, cotangents, inputs, on_grad, on_gram) -> None:
                 grads, share = ghost
                 delivered.add(ghosts[node])
                 on_gram(ghosts[node], share)
-        rule = _RULES.get(node.name())
+        rule = _RULES.get(name)
         if grads is None and rule is not None:
             grads = rule(node, slots, needed, T)
         if grads is None:

@@ -101,25 +101,13 @@ def _threshold(node, slots, needed, T):
 
 
 def _add(node, slots, needed, T):
+    """Both operands get the cotangent (the other one times alpha). An operand of another shape (a
+    broadcast add) is not special-cased here: the sweep materialises a factored cotangent wherever
+    the receiving slot's shape differs, and sums it to that shape as for any gradient."""
     g = slots[0]
     if not isinstance(g, Factored):
         return None
-    metadata = getattr(node, "_input_metadata", None)
-    nexts = node.next_functions
-    for (fn, nr), need in zip(nexts, needed):  # a broadcast operand would need a sum: not factored here
-        shape = _slot_shape(fn, nr)
-        if need and (shape is None or shape != g.shape):
-            return None
-    if metadata is not None and tuple(metadata[0].shape) != g.shape:
-        return None
     return [g, g.scaled(node._saved_alpha)]
-
-
-def _slot_shape(fn, nr):
-    metadata = getattr(fn, "_input_metadata", None)
-    if metadata is None or nr >= len(metadata):
-        return None
-    return tuple(metadata[nr].shape)
 
 
 def _batch_norm(node, slots, needed, T):
@@ -160,13 +148,13 @@ FACTORED_RULES = {
 }
 
 
-def factored_rule(node, slots, needed, T):
-    """The node's gradients with factored cotangents kept factored, or None (the sweep then
-    materialises its cotangents and runs its ordinary rule)."""
-    rule = FACTORED_RULES.get(node.name())
+def factored_rule(name: str, node, slots, needed, T):
+    """The gradients of ``node`` (its ``name()``) with factored cotangents kept factored, or None
+    (the sweep then materialises its cotangents and runs its ordinary rule)."""
+    rule = FACTORED_RULES.get(name)
     if rule is None:
         return None
-    if node.name() != "MeanBackward1" and not any(isinstance(s, Factored) for s in slots):
+    if name != "MeanBackward1" and not any(isinstance(s, Factored) for s in slots):
         return None
     return rule(node, slots, needed, T)
 
