@@ -57,16 +57,8 @@ class PlainModel(nn.Module):
             layers += [linear, _ACTIVATIONS[trunk.activation]()]
         self.trunk = nn.Sequential(*layers)
         self.tasks = list(heads.tasks)
-        self.heads = nn.ModuleDict()
-        row = 0
-        for task in self.tasks:
-            linear = nn.Linear(heads.in_features, task.num_outputs)
-            with torch.no_grad():
-                linear.weight.copy_(heads.weight[row : row + task.num_outputs])
-                linear.bias.copy_(heads.bias[row : row + task.num_outputs])
-            self.heads[task.name] = linear
-            row += task.num_outputs
-        self.to(heads.weight.device)
+        self.heads = nn.ModuleDict(heads.to_linears())
+        self.to(trunk.weights[0].device)
 
     def features_and_losses(self, x, targets):
         z = self.trunk(x)

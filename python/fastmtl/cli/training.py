@@ -141,7 +141,7 @@ def model_gram(model: fnn.MultiTaskModel, x, targets, mode: str) -> torch.Tensor
             ]
         jacobian = torch.stack(rows)
         return jacobian @ jacobian.T
-    return ops.task_gram(x, *trunk.op_arguments, heads.weight, heads.bias, targets, heads.layout, mode=mode)
+    return ops.task_gram(x, *trunk.op_arguments, *heads.stacked_parameters(), targets, heads.layout, mode=mode)
 
 
 def cosine_of(gram: torch.Tensor) -> torch.Tensor:

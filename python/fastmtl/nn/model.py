@@ -261,11 +261,15 @@ class MultiTaskModel(nn.Module):
                 raise ValueError(
                     f"MultiTaskModel.add_tasks: argument 'tasks' has task {t.name!r}, which the model has already"
                 )
-        heads = MultiTaskHeads(old.in_features, list(old.tasks) + new, device=old.weight.device, dtype=old.weight.dtype)
-        rows = old.weight.shape[0]
-        with torch.no_grad():
-            heads.weight[:rows].copy_(old.weight)
-            heads.bias[:rows].copy_(old.bias)
+        old_weight, old_bias = old.stacked_parameters()
+        heads = MultiTaskHeads(
+            old.in_features,
+            list(old.tasks) + new,
+            device=old_weight.device,
+            dtype=old_weight.dtype,
+            per_task_parameters=old.per_task_parameters,
+        )
+        heads.copy_stacked_(old_weight.detach(), old_bias.detach())
         heads.train(old.training)
         self.heads = heads
         return self

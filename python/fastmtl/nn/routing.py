@@ -31,8 +31,9 @@ def check_task_features(heads: MultiTaskHeads, z: torch.Tensor) -> None:
 def routed_logits(heads: MultiTaskHeads, z: torch.Tensor) -> dict[str, torch.Tensor]:
     """Dict name -> logits of task t's head on ``z[t]``."""
     check_task_features(heads, z)
-    weights = heads.weight.split(heads.num_outputs)
-    biases = heads.bias.split(heads.num_outputs)
+    weight, bias = heads.stacked_parameters()
+    weights = weight.split(heads.num_outputs)
+    biases = bias.split(heads.num_outputs)
     return {t.name: F.linear(z[i], weights[i], biases[i]) for i, t in enumerate(heads.tasks)}
 
 
@@ -41,7 +42,8 @@ def routed_losses(heads: MultiTaskHeads, z: torch.Tensor, targets: Mapping | tor
     check_task_features(heads, z)
     T, B, d = z.shape
     side_by_side = z.transpose(0, 1).reshape(B, T * d)
-    block_weight = torch.block_diag(*heads.weight.split(heads.num_outputs))
+    weight, bias = heads.stacked_parameters()
+    block_weight = torch.block_diag(*weight.split(heads.num_outputs))
     if isinstance(targets, Mapping):
         targets = heads.pack_targets(targets, ops.loss_dtype(z.dtype))
-    return ops.multitask_head_loss(side_by_side, block_weight, heads.bias, targets, heads.layout)
+    return ops.multitask_head_loss(side_by_side, block_weight, bias, targets, heads.layout)
