@@ -14,7 +14,8 @@ the T cotangents ``dL_t/dz`` of the trunk's outputs. The paths, chosen by :func:
              with the cotangent e_t runs every head on zeros), its stack and concatenation copies
              and its separate pass for the heads' gradients (they come from the same T passes).
              Runs when the trunk has an op whose vmap rule loops over the tasks anyway
-             (convolution, batch norm, layer norm, flash attention, embedding on torch 2.13 CPU):
+             (convolution, batch norm, layer norm, flash attention, embedding on torch 2.13 CPU;
+             fastmtl's experts, gates and norm towers, whose rule runs their kernel per task):
              there the vmapped backward made the same per-task calls plus stack copies, measured
              1.3-1.6x slower than T passes (CNN B=8, transformer B=32; on the transformer at B=8 it
              was 1.2x faster: the cost model is by op kind, not by size). Folding the tasks into the
@@ -64,20 +65,35 @@ __all__ = [
     "update_cosine",
     "DEFAULT_MEMORY_BUDGET",
     "VMAP_LOOPING_NODES",
+    "FUSED_LOOPING_NODES",
 ]
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
-# Backward nodes whose vmap batching rule (torch 2.13, CPU) calls the op once per task and stacks the
-# results (bench/bench_any_trunk.py --profile counts the calls).
-VMAP_LOOPING_NODES = frozenset(
+# fastmtl's own nodes whose batched rule runs the op's kernel once per task (csrc/ops/per_task_batched.cpp:
+# the tasks share no work there): the experts, the gates and the towers with norm or dropout.
+FUSED_LOOPING_NODES = frozenset(
     {
-        "ConvolutionBackward0",
-        "NativeBatchNormBackward0",
-        "NativeLayerNormBackward0",
-        "ScaledDotProductFlashAttentionForCpuBackward0",
-        "EmbeddingBackward0",
+        "torch::autograd::CppNode<fastmtl::ops::LayerStackFunction<fastmtl::ops::(anonymous namespace)::FusedExpertsOps> >",
+        "torch::autograd::CppNode<fastmtl::ops::(anonymous namespace)::GatedMixtureFunction>",
+        "torch::autograd::CppNode<fastmtl::ops::(anonymous namespace)::NormTrunkFunction>",
     }
+)
+
+# Backward nodes whose vmap batching rule (torch 2.13, CPU) calls the op once per task and stacks the
+# results (bench/bench_any_trunk.py --profile counts the calls): a trunk with one goes down the task
+# loop, which makes the same calls without the stacks.
+VMAP_LOOPING_NODES = (
+    frozenset(
+        {
+            "ConvolutionBackward0",
+            "NativeBatchNormBackward0",
+            "NativeLayerNormBackward0",
+            "ScaledDotProductFlashAttentionForCpuBackward0",
+            "EmbeddingBackward0",
+        }
+    )
+    | FUSED_LOOPING_NODES
 )
 
 
