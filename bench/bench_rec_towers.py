@@ -19,7 +19,19 @@ Before timing, eager and fastmtl must agree in eval mode (outputs, rtol 1e-4); d
 training steps random, so the timed steps are compared by shape only. One process; each repeat runs
 every variant once in a rotated order; medians of the repeats.
 
+With ``--mtl``, a gradient-aggregation step (UPGrad) of the same models too, float32:
+
+  loop        LibMTL's way on the plain model: T torch.autograd.grad calls over a retained graph for
+              the shared experts (MMoE: all experts; PLE: the shared ones), their T x P Jacobian, its
+              Gram, UPGrad's weights (fastmtl's solver), w @ J into .grad; the gates, task experts and
+              towers get the gradient of sum_t L_t (one more backward, as LibMTL gives them).
+  exact       native.mtl_backward(x, targets, UPGrad()): the same step on the fastmtl.nn model.
+  native sum  native.loss(x, targets).backward(): the plain step, the floor of both.
+
+Before timing, in eval mode, exact's Gram matrix must equal the loop's (rtol 1e-3).
+
     python bench/bench_rec_towers.py             # B = 1024 and 4096, float32 and bf16 autocast
+    python bench/bench_rec_towers.py --mtl       # ... and the aggregation step
     python bench/bench_rec_towers.py --small     # a smoke run
 """
 
@@ -30,6 +42,7 @@ import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 
 import fastmtl
 from harness import (
@@ -115,6 +128,100 @@ def make_variants(kind: str, batch: int, dtype: torch.dtype, small: bool, with_c
     return variants, replaced
 
 
+def shared_and_specific(plain) -> tuple[list, list]:
+    """The plain model's shared experts' parameters (what the Gram is over), and the rest."""
+    shared = list((plain.experts if isinstance(plain, RecMMoE) else plain.shared).parameters())
+    ids = {id(p) for p in shared}
+    return shared, [p for p in plain.parameters() if id(p) not in ids]
+
+
+def masked_bce_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The per-task losses [T] of :func:`masked_bce_loss`."""
+    known = ~labels.isnan()
+    per_entry = F.binary_cross_entropy_with_logits(logits, labels.nan_to_num(0.0), reduction="none") * known
+    return per_entry.sum(0) / known.sum(0).clamp_min(1)
+
+
+def make_mtl_variants(kind: str, batch: int, small: bool):
+    torch.manual_seed(SEED)
+    plain = make_model(kind, small)
+    native = native_twin(plain, DROPOUT)
+    x = torch.randn(batch, IN_FEATURES)
+    labels = (torch.rand(batch, TASKS) < 0.3).float()
+    labels[torch.rand(batch, TASKS) < MISSING] = float("nan")
+    packed = native.heads.pack_targets({name: labels[:, t] for t, name in enumerate(native.heads.task_names)})
+    shared, specific = shared_and_specific(plain)
+
+    def loop_step():
+        losses = masked_bce_losses(plain(x), labels)
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+            for t in range(TASKS)
+        ]
+        jacobian = torch.stack(rows)
+        gram = jacobian @ jacobian.T
+        update = fastmtl.aggregation.UPGrad()(gram) @ jacobian
+        offset = 0
+        for p in shared:
+            p.grad = update[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        losses.sum().backward(inputs=specific)
+        return gram
+
+    def exact_step():
+        return native.mtl_backward(x, packed, fastmtl.aggregation.UPGrad()).gram
+
+    def native_sum():
+        native.loss(x, packed).backward()
+
+    plain.eval(), native.eval()
+    want, got = loop_step(), exact_step()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max()))
+    plain.train(), native.train()
+
+    def reset_of(model):
+        return lambda: model.zero_grad(set_to_none=True)
+
+    return [
+        Variant("loop", "loop", loop_step, reset_of(plain), note="LibMTL's T passes on the plain model"),
+        Variant("exact", "exact", exact_step, reset_of(native), note="native.mtl_backward"),
+        Variant("native_sum", "native sum", native_sum, reset_of(native), note="the plain step"),
+    ]
+
+
+def run_mtl(kind: str, batch: int, args) -> dict:
+    variants = make_mtl_variants(kind, batch, args.small)
+    timings = time_variants(variants, args.repeats, args.warmup)
+    memory = {v.key: peak_memory_bytes(v) for v in variants}
+    exact = timings["exact"]["median_ms"]
+    return {
+        "model": kind,
+        "batch": batch,
+        "variants": timings,
+        "peak_memory_bytes": memory,
+        "exact_speedup_over_loop": timings["loop"]["median_ms"] / exact,
+        "exact_over_plain_step": exact / timings["native_sum"]["median_ms"],
+        "goals": [
+            Goal(f"{kind} B={batch} UPGrad step: exact vs loop", 1.0).evaluate(timings["loop"]["median_ms"] / exact)
+        ],
+    }
+
+
+def mtl_table(results) -> str:
+    rows = [
+        (
+            r["model"], r["batch"], f"{r['variants']['loop']['median_ms']:.2f}",
+            f"{r['variants']['exact']['median_ms']:.2f}", f"{r['variants']['native_sum']['median_ms']:.2f}",
+            ratio(r["exact_speedup_over_loop"]), ratio(r["exact_over_plain_step"]),
+            ratio(r["peak_memory_bytes"]["exact"] / r["peak_memory_bytes"]["loop"]),
+        )
+        for r in results
+    ]  # fmt: skip
+    headers = ("model", "B", "loop ms", "exact ms", "plain step ms", "exact vs loop", "exact / plain step",
+               "exact / loop memory")  # fmt: skip
+    return markdown_table(headers, rows)
+
+
 def run(kind: str, batch: int, dtype: torch.dtype, args) -> dict:
     variants, replaced = make_variants(kind, batch, dtype, args.small, not args.no_compile)
     timings = time_variants(variants, args.repeats, args.warmup)
@@ -143,10 +250,22 @@ def run(kind: str, batch: int, dtype: torch.dtype, args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--mtl", action="store_true", help="also the UPGrad aggregation step (loop vs exact)")
+    parser.add_argument("--only-mtl", action="store_true", help="only the UPGrad aggregation step")
     args = FLAGS.parse(parser, argv)
     print_header(args)
     results = []
     batches = [256] if args.small else [1024, 4096]
+    mtl_results = []
+    if args.mtl or args.only_mtl:
+        mtl_results = [run_mtl(kind, batch, args) for kind in ("MMoE", "PLE") for batch in batches]
+        print(mtl_table(mtl_results))
+        print()
+        print(goals_table([g for r in mtl_results for g in r["goals"]]))
+        print()
+    if args.only_mtl:
+        write_results("bench_rec_towers", args, {"mtl_step": mtl_results}, {"seed": SEED, "dropout": DROPOUT})
+        return
     for kind in ("MMoE", "PLE"):
         for batch in batches:
             for dtype in (torch.float32, torch.bfloat16):
@@ -178,7 +297,8 @@ def main(argv=None) -> None:
     print(markdown_table(headers, rows))
     print()
     print(goals_table([g for r in results for g in r["goals"]]))
-    write_results("bench_rec_towers", args, results, {"seed": SEED, "dropout": DROPOUT, "missing": MISSING})
+    everything = {"train_step": results, "mtl_step": mtl_results} if mtl_results else results
+    write_results("bench_rec_towers", args, everything, {"seed": SEED, "dropout": DROPOUT, "missing": MISSING})
 
 
 if __name__ == "__main__":
