@@ -187,3 +187,63 @@ def test_heads_from_linears_dict_and_list():
         MultiTaskHeads.from_linears({"a": linears["a"], "b": linears["b"]}, tasks)
     with pytest.raises(ValueError, match=r"head of task 'a' expected weight shape \[2, 6\], got \[3, 6\]"):
         MultiTaskHeads.from_linears([linears["b"], linears["b"], linears["c"]], tasks)
+
+
+def _tower_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.0),
+        nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.0),
+        nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.0),
+        nn.Linear(6, 1),
+    ).double()  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["6", "5", "4", "7"])
+def test_exclude_keeps_a_layer_hookable_and_fuses_around_it(name):
+    """Issue 15: after convert an intermediate layer can be hooked when named in exclude; outputs,
+    gradients and the hooked tensor equal the original's, and original checkpoints still load."""
+    plain = _tower_model()
+    fused, report = fastmtl.convert(plain, exclude=[name])
+    kept = fused.get_submodule(report.excluded[name])
+    assert type(kept) is type(plain.get_submodule(name))
+    assert sum(isinstance(m, FusedMLP) for m in fused.modules()) == 2  # the runs before and after
+    seen = {}
+    plain.get_submodule(name).register_forward_hook(lambda m, i, o: seen.__setitem__("plain", o))
+    kept.register_forward_hook(lambda m, i, o: seen.__setitem__("fused", o))
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    for mode in ("train", "eval"):
+        getattr(plain, mode)(), getattr(fused, mode)()
+        want, got = plain(x), fused(x)
+        assert_rel_close(got, want, 1e-12, "output")
+        assert_rel_close(seen["fused"], seen["plain"], 1e-12, "hooked output")
+    (gw,) = torch.autograd.grad(want.sum(), [x])
+    (gg,) = torch.autograd.grad(got.sum(), [x])
+    assert_rel_close(gg, gw, 1e-12, "input gradient")
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    back = fastmtl.unconvert(fused)
+    assert set(back.state_dict()) == set(plain.state_dict())
+
+
+def test_exclude_a_submodule_of_a_model_keeps_it_whole():
+    plain = nn.ModuleDict({"bottom": _tower_model()[:8], "tower": _tower_model()[:4]})
+    fused, report = fastmtl.convert(plain, exclude=["tower"])
+    assert fused["tower"] is not plain["tower"] and all(type(m) is not FusedMLP for m in fused["tower"].modules())
+    assert isinstance(fused["bottom"], FusedMLP)
+    assert report.excluded == {"tower": "tower"}
+    assert (
+        "tower",
+        "excluded (convert(exclude=...)): kept as it is, its output a tensor of its own",
+    ) in report.left_alone
+
+
+def test_exclude_bad_names_are_refused_by_name():
+    plain = _tower_model()
+    with pytest.raises(ValueError, match=r"argument 'exclude' expected names of the model's modules .*got '13'"):
+        fastmtl.convert(plain, exclude=["13"])
+    with pytest.raises(TypeError, match="argument 'exclude' expected module names, got int"):
+        fastmtl.convert(plain, exclude=3)
+    fused, report = fastmtl.convert(plain, exclude="2")  # one name as a string
+    # Linear 0 and its BatchNorm stay too (their layer would take in the ReLU): nothing before it renumbered
+    assert report.excluded == {"2": "2"}
+    assert isinstance(fused[4], FusedMLP) and type(fused[0]) is nn.Linear

@@ -11,6 +11,7 @@ code, not structure), and so reported.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,9 @@ class ConversionReport:
 
     replaced: list[tuple[str, str]] = field(default_factory=list)
     left_alone: list[tuple[str, str]] = field(default_factory=list)
+    #: The modules ``convert(exclude=...)`` kept: original name -> name in the converted model
+    #: (a Sequential's elements are renumbered where runs before them became one FusedMLP).
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"fastmtl.convert: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"]
@@ -241,7 +245,9 @@ def _shared_linears(model: nn.Module) -> set:
     }
 
 
-def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport, shared: set) -> nn.Module:
+def _convert_sequential(
+    seq: nn.Sequential, path: str, report: ConversionReport, shared: set, excluded: set
+) -> nn.Module:
     """Returns the replacement of ``seq`` (itself if nothing changed, a FusedMLP if it is one run)."""
     modules = list(seq)
     out: list[nn.Module] = []
@@ -270,6 +276,11 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
     i = 0
     while i < len(modules):
         m, name = modules[i], _join(path, i)
+        if id(m) in excluded:  # kept as it is (reported by _walk); no run goes through it
+            close_run()
+            out.append(m)
+            i += 1
+            continue
         if isinstance(m, FusedMLP):
             layers = _layers_of_fused(m)
         elif type(m) is nn.Linear and id(m) in shared:
@@ -281,7 +292,12 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
             i += 1
             continue
         elif type(m) is nn.Linear:
-            layer, span, why = _tower_layer(modules, i)
+            # A layer cannot take in an excluded module: the modules it may span end before one.
+            stop = next((k for k in range(i + 1, len(modules)) if id(modules[k]) in excluded), len(modules))
+            layer, span, why = _tower_layer(modules[:stop], i)
+            if layer is None and stop < len(modules) and stop <= i + 2:
+                # Not "Linear ...": strict=True refuses only the Linears convert could not take.
+                why = f"kept: its layer would take in {_join(path, stop)}, which convert(exclude=...) keeps"
             if layer is None:
                 close_run()
                 report.left_alone.append((name, why))
@@ -318,23 +334,36 @@ def _convert_sequential(seq: nn.Sequential, path: str, report: ConversionReport,
 
 
 def _walk(
-    module: nn.Module, path: str, report: ConversionReport, shared: set, done: dict, in_sequential: bool = False
+    module: nn.Module,
+    path: str,
+    report: ConversionReport,
+    shared: set,
+    done: dict,
+    excluded: set,
+    in_sequential: bool = False,
 ) -> nn.Module:
     """Converts the children of ``module`` bottom up, then ``module`` itself if it is a Sequential.
     ``done`` maps a module already converted to its replacement, so that a module used in several
-    places gets one replacement, used in all of them (it stays tied)."""
+    places gets one replacement, used in all of them (it stays tied); ``excluded``: the ids of the
+    modules kept as they are, their children too."""
     if id(module) in done:
         return done[id(module)]
+    if id(module) in excluded:
+        report.left_alone.append(
+            (path, "excluded (convert(exclude=...)): kept as it is, its output a tensor of its own")
+        )
+        done[id(module)] = module
+        return module
     is_sequential = type(module) is nn.Sequential
     # _modules, not named_children(): the latter skips a module held twice by one parent.
     for name, child in list(module._modules.items()):
         if child is None:
             continue
-        new = _walk(child, _join(path, name), report, shared, done, is_sequential)
+        new = _walk(child, _join(path, name), report, shared, done, excluded, is_sequential)
         if new is not child:
             module._modules[name] = new
     if is_sequential:
-        result = _convert_sequential(module, path, report, shared)
+        result = _convert_sequential(module, path, report, shared, excluded)
     else:
         result = module
         if type(module) is nn.Linear and not in_sequential:
@@ -349,7 +378,9 @@ def _walk(
     return result
 
 
-def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tuple[nn.Module, ConversionReport]:
+def convert(
+    model: nn.Module, inplace: bool = False, strict: bool = False, exclude: Iterable[str] = ()
+) -> tuple[nn.Module, ConversionReport]:
     """Replaces every ``nn.Sequential`` run of ``nn.Linear`` layers each followed by an optional
     ``nn.BatchNorm1d`` / ``nn.LayerNorm``, a supported activation module (ReLU, GELU, SiLU, Tanh,
     Identity) and an optional ``nn.Dropout`` (the same pattern and settings throughout the run,
@@ -367,14 +398,18 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tu
         model: any ``nn.Module``; its forward may be custom, only Sequential structure is rewritten.
         inplace: modify ``model`` itself (default: a deep copy).
         strict: raise ``ValueError`` if any Linear had to be left alone.
+        exclude: names of modules (as in ``model.named_modules()``) to keep as they are, with their
+            children: a fused run ends before and starts after each, so its output stays a tensor
+            of its own that hooks see. ``report.excluded`` says where each is in the new model.
 
     Returns: ``(new_model, report)``; ``print(report)`` lists what was replaced and what was left
     alone, and why. ``new_model.load_state_dict`` takes the original model's checkpoints too (a
     pre-hook renames ``0.weight`` to ``0.weights.0``, ``1.running_mean`` to ``0.norms.0.running_mean``
     and so on); :func:`unconvert` goes back.
-    The layers of a FusedMLP are one module, computed in one op: an intermediate layer cannot be
-    hooked (its output is never a tensor of its own); hook the FusedMLP (the run's last layer), or
-    end the run before the layer to hook by converting a model whose Sequential is split there.
+    The layers of a FusedMLP are one module, computed in one op: an intermediate layer's output is
+    never a tensor of its own. To hook one, name it in ``exclude`` (a Linear, its activation, a
+    norm): it stays, as does the Linear whose layer it is part of, and the runs around it are fused;
+    or hook the FusedMLP (the run's last layer).
 
     >>> import torch, fastmtl
     >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
@@ -390,22 +425,46 @@ def convert(model: nn.Module, inplace: bool = False, strict: bool = False) -> tu
         raise TypeError(f"fastmtl.convert: argument 'model' expected an nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool) or not isinstance(strict, bool):
         raise TypeError("fastmtl.convert: arguments 'inplace' and 'strict' expected bools")
+    names = _checked_exclude(model, exclude)
     target = model if inplace else copy.deepcopy(model)
     report = ConversionReport()
+    kept = {n: target.get_submodule(n) for n in names}
+    excluded = {id(m) for m in kept.values()}
     tensors = dict(target.named_parameters(remove_duplicate=False)) | dict(target.named_buffers(remove_duplicate=False))
     original_names = {}  # id -> name; tensors holds them
     for name, p in tensors.items():
         original_names.setdefault(id(p), name)
     try:
-        result = _walk(target, "", report, _shared_linears(target), {})
+        result = _walk(target, "", report, _shared_linears(target), {}, excluded)
         renamed = _renaming(original_names, result)
     finally:
         _ORIGIN.clear()
     if renamed:
         result.register_load_state_dict_pre_hook(_LoadOriginalKeys(renamed))
+    new_names = {id(m): n for n, m in result.named_modules(remove_duplicate=False)}
+    report.excluded = {n: new_names[id(m)] for n, m in kept.items()}
     if strict and any(why.startswith("Linear") for _, why in report.left_alone):
         raise ValueError("fastmtl.convert(strict=True): could not convert everything:\n" + str(report))
     return result, report
+
+
+def _checked_exclude(model: nn.Module, exclude) -> list[str]:
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    try:
+        names = list(exclude)
+    except TypeError:
+        raise TypeError(
+            f"fastmtl.convert: argument 'exclude' expected module names, got {type(exclude).__name__}"
+        ) from None
+    known = dict(model.named_modules(remove_duplicate=False))
+    for name in names:
+        if not isinstance(name, str) or name not in known:
+            raise ValueError(
+                f"fastmtl.convert: argument 'exclude' expected names of the model's modules "
+                f"(model.named_modules()), got {name!r}"
+            )
+    return names
 
 
 def _activation_module(name: str) -> nn.Module:

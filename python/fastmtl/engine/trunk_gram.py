@@ -11,8 +11,10 @@ the T cotangents ``dL_t/dz`` of the trunk's outputs. The paths, chosen by :func:
   task-loop  T ordinary backward passes, the t-th from task t's own loss (its edge into the
              ``torch.stack`` of the losses, :func:`task_loss_edges`), so it runs task t's head and
              the trunk: the T-pass loop minus its T^2 head work (a pass from the stacked losses
-             with the cotangent e_t runs every head on zeros), its stack and concatenation copies
-             and its separate pass for the heads' gradients (they come from the same T passes).
+             with the cotangent e_t runs every head on zeros) and its final weighted backward (the
+             update is the Jacobian's weighted sum). The heads' gradients come from one backward
+             of sum_t L_t after the passes, as the loop takes them: asked in the passes, they were
+             held through the later ones, which put the peak above the loop's.
              Runs when the trunk has an op whose vmap rule loops over the tasks anyway
              (convolution, batch norm, layer norm, flash attention, embedding on torch 2.13 CPU;
              fastmtl's experts, gates and norm towers, whose rule runs their kernel per task):
@@ -311,18 +313,12 @@ def task_loss_edges(losses: torch.Tensor) -> list | None:
     return out
 
 
-def per_task_loss_gradients(
-    losses: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool, summed: Sequence[torch.Tensor] = ()
-) -> tuple[TaskJacobian, list[torch.Tensor | None]]:
+def per_task_loss_gradients(losses: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool) -> TaskJacobian:
     """``[T, *input.shape]`` per input: ``dL_t/d input`` for every task t (zeros where unused), by T
     backward passes, each from task t's own loss when :func:`task_loss_edges` finds them (so each
-    pass runs one head), else from ``losses`` with the cotangent e_t. The same passes also give the
-    gradient of ``sum_t L_t`` with respect to each of ``summed`` (the heads: no pass of their own);
-    None where unused. Returns ``(per-task gradients, summed gradients)``."""
+    pass runs one head), else from ``losses`` with the cotangent e_t."""
     edges = task_loss_edges(losses)
     T = losses.shape[0]
-    wanted = list(inputs) + list(summed)
-    totals: list[torch.Tensor | None] = [None] * len(summed)
     eye = None if edges is not None else torch.eye(T, dtype=losses.dtype, device=losses.device)
 
     def one_task(t: int, retain: bool):
@@ -334,13 +330,9 @@ def per_task_loss_gradients(
             edge, metadata = edges[t]
             outputs = [edge]
             grad_outputs = [torch.ones(metadata.shape, dtype=metadata.dtype, device=metadata.device)]
-        grads = torch.autograd.grad(outputs, wanted, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True)
-        for i, g in enumerate(grads[len(inputs) :]):
-            if g is not None:
-                totals[i] = g if totals[i] is None else totals[i] + g
-        return grads[: len(inputs)]
+        return torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True)
 
-    return TaskJacobian.from_task_passes(T, inputs, one_task, retain_graph), totals
+    return TaskJacobian.from_task_passes(T, inputs, one_task, retain_graph)
 
 
 def streamed_gram(
