@@ -224,3 +224,16 @@ def test_forward_with_targets_to_dtype_compile_and_add_tasks():
     per_task.add_tasks([Task("like", "binary")])
     assert per_task.heads.per_task_parameters and len(per_task.heads.task_heads) == 4
     torch.testing.assert_close(per_task.heads.task_parameters("rating")[0], stacked.heads.weight[1:6], rtol=0, atol=0)
+
+
+def test_compiled_fused_mtl_backward_writes_the_per_task_parameters():
+    # fullgraph: the fused path writes each task's rows as .grad (no backward through the concatenation)
+    torch._dynamo.reset()
+    stacked, per_task, x = _models(*TRUNKS["fused_mlp"])
+    packed = per_task.heads.pack_targets(make_targets(len(x)))
+    compiled = torch.compile(per_task.mtl_backward, fullgraph=True, backend="eager")
+    compiled(x, packed, UPGrad())
+    stacked.mtl_backward(x, packed, UPGrad())
+    rows = stacked.heads.weight.grad.split(stacked.heads.num_outputs)
+    for t, task in enumerate(TASKS):
+        torch.testing.assert_close(per_task.heads.task_parameters(task.name)[0].grad, rows[t], rtol=1e-12, atol=1e-14)

@@ -162,8 +162,9 @@ def fused_mlp_mtl_backward(
     if trunk_update is not None:
         grad_ws = [u.view_as(w) for u, w in zip(trunk_update, weights)]
         grad_bs = [u.view_as(b) for u, b in zip(trunk_update[len(weights) :], biases)]
-    params = [heads.weight] + ([heads.bias] if has_head_bias else []) + weights + biases
-    grads = [head_w] + ([head_b] if has_head_bias else []) + list(grad_ws) + list(grad_bs)
+    head_params, head_grads = _head_gradients(heads, head_w, head_b if has_head_bias else None)
+    params = head_params + list(weights) + list(biases)
+    grads = head_grads + list(grad_ws) + list(grad_bs)
     # Owned: the op's fresh outputs; a method's update may be a tensor it keeps, so those are copied.
     write_gradients(params, grads, sync, owned=trunk_update is None)
     if x.requires_grad:
@@ -171,6 +172,23 @@ def fused_mlp_mtl_backward(
     return MTLBackwardResult(
         losses=losses, weights=schedule.weights, gram=schedule.gram, jacobian=jacobian, gram_computed=computed
     )
+
+
+def _head_gradients(heads: ops.HeadArguments, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None):
+    """The heads' Parameters and their gradients: the stacked weight and bias, or, where they are
+    concatenations of per-task Parameters (``weight_parts``), each task's rows of the gradients
+    (views, written as .grad without autograd: a backward through the concatenation would not
+    trace under torch.compile)."""
+    if heads.weight_parts is None:
+        if bias_grad is None:
+            return [heads.weight], [weight_grad]
+        return [heads.weight, heads.bias], [weight_grad, bias_grad]
+    rows = [p.shape[0] for p in heads.weight_parts]
+    params, grads = list(heads.weight_parts), list(weight_grad.split(rows))
+    if bias_grad is not None:
+        params += list(heads.bias_parts)
+        grads += list(bias_grad.split(rows))
+    return params, grads
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -25,22 +25,10 @@ def accumulate(param: torch.Tensor, update: torch.Tensor, owned: bool = False) -
 
 
 def write_gradients(params, grads, sync: DataParallelSync, owned: bool = False) -> None:
-    """Accumulates the step's gradients into .grad, averaged over the ranks first when data-parallel.
-
-    A tensor of ``params`` that autograd computed from the Parameters (the stacked weight of heads
-    with ``per_task_parameters``, a parametrized weight) is no Parameter: its gradient goes back
-    to them through autograd, as ``backward`` would take it."""
-    computed, computed_grads = [], []
+    """Accumulates the step's gradients into .grad, averaged over the ranks first when data-parallel."""
     for p, g in zip(params, sync.average(list(grads))):
-        if g is None or not p.requires_grad:
-            continue
-        if p.grad_fn is not None:
-            computed.append(p)
-            computed_grads.append(g.detach().to(p.dtype))
-        else:
+        if g is not None and p.requires_grad:
             accumulate(p, g, owned=owned and not sync.active)
-    if computed:
-        torch.autograd.backward(computed, computed_grads)
 
 
 def check_finite_losses(losses: torch.Tensor, task_names=None) -> None:

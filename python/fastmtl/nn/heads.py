@@ -189,8 +189,18 @@ class MultiTaskHeads(nn.Module):
     @property
     def op_arguments(self) -> ops.HeadArguments:
         """The heads as the fused ops take them: ``(weight, bias, layout, task_weights)``, the
-        stacked parameters (:meth:`stacked_parameters`) and the buffer."""
-        return ops.HeadArguments(*self.stacked_parameters(), self.layout, self.task_weights)
+        stacked parameters (:meth:`stacked_parameters`) and the buffer; with ``per_task_parameters``
+        also each task's weight and bias Parameters (``weight_parts``, ``bias_parts``)."""
+        if not self.per_task_parameters:
+            return ops.HeadArguments(self.weight, self.bias, self.layout, self.task_weights)
+        heads = list(self.task_heads)
+        return ops.HeadArguments(
+            *self.stacked_parameters(),
+            self.layout,
+            self.task_weights,
+            tuple(h.weight for h in heads),
+            tuple(h.bias for h in heads),
+        )
 
     def reset_parameters(self) -> None:
         # Per-task nn.Linear init has the same distribution for every row: fan_in is in_features.
