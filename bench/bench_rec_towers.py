@@ -264,7 +264,9 @@ def main(argv=None) -> None:
         print(goals_table([g for r in mtl_results for g in r["goals"]]))
         print()
     if args.only_mtl:
-        write_results("bench_rec_towers", args, {"mtl_step": mtl_results}, {"seed": SEED, "dropout": DROPOUT})
+        write_results(
+            "bench_rec_towers", args, {"mtl_step": mtl_results}, {"seed": SEED, "dropout": DROPOUT, "missing": MISSING}
+        )
         return
     for kind in ("MMoE", "PLE"):
         for batch in batches:

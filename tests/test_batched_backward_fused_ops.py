@@ -229,3 +229,30 @@ def test_mtl_backward_on_mixture_of_experts_takes_the_task_loop_with_one_experts
     assert_rel_close(result.gram, want.gram, 1e-10, "gram")
     for p, q in zip(model.parameters(), want_model.parameters()):
         assert_rel_close(p.grad, q.grad, 1e-10, "gradient")
+
+
+def test_an_empty_batch_of_cotangents_is_refused_naming_the_argument():
+    torch.manual_seed(0)
+    experts = torch.randn(3, 6, 4, dtype=torch.float64)
+    gate_weight = torch.randn(2, 3, 5, dtype=torch.float64)
+    z = torch.randn(6, 5, dtype=torch.float64)
+    mixtures, gates = torch.ops.fastmtl.gated_mixture(z, gate_weight, None, experts, [])
+    empty = torch.zeros((0,) + tuple(mixtures.shape), dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match="gated_mixture_backward: argument 'grad_mixtures' expected a batch of at least one"
+    ):
+        _vmap(
+            lambda gi: torch.ops.fastmtl.gated_mixture_backward(gi, z, gate_weight, experts, gates, [], False, False)[1]
+        )(empty)
+    layout = fastmtl.ops.task_layout(TASKS)
+    weight = torch.randn(8, 5, dtype=torch.float64)
+    targets = fastmtl.ops.pack_targets(head_targets(6), layout, torch.float64)
+    _, logit_grad, scale = torch.ops.fastmtl.multitask_head_loss(
+        z, weight, None, targets, ["bce", "ce", "mse", "mse"], [1, 4, 1, 2]
+    )
+    with pytest.raises(ValueError, match="multitask_head_loss_backward: argument 'grad_losses' expected a batch"):
+        _vmap(
+            lambda wi: torch.ops.fastmtl.multitask_head_loss_backward(
+                wi, z, weight, logit_grad, scale, [1, 4, 1, 2], False, True
+            )[0]
+        )(torch.zeros(0, 4, dtype=torch.float64))

@@ -247,3 +247,14 @@ def test_exclude_bad_names_are_refused_by_name():
     # Linear 0 and its BatchNorm stay too (their layer would take in the ReLU): nothing before it renumbered
     assert report.excluded == {"2": "2"}
     assert isinstance(fused[4], FusedMLP) and type(fused[0]) is nn.Linear
+
+
+def test_exclude_does_not_hide_what_strict_refuses_and_refuses_parts_of_a_fused_mlp():
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Dropout(), nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ValueError, match="strict=True"):
+        fastmtl.convert(plain, strict=True, exclude=["2"])  # the Sigmoid, not the exclusion, stops Linear 0
+    with pytest.raises(ValueError, match="a part of the FusedMLP '0'"):
+        fastmtl.convert(nn.Sequential(FusedMLP(4, [4, 4]), nn.Linear(4, 4), nn.ReLU()), exclude=["0.weights"])
+    relu = nn.ReLU()
+    _, report = fastmtl.convert(nn.Sequential(relu, nn.Linear(4, 4), relu), exclude=["2"])
+    assert report.excluded == {"2": "0"}  # a module held twice: its first name

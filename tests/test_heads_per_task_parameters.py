@@ -237,3 +237,31 @@ def test_compiled_fused_mtl_backward_writes_the_per_task_parameters():
     rows = stacked.heads.weight.grad.split(stacked.heads.num_outputs)
     for t, task in enumerate(TASKS):
         torch.testing.assert_close(per_task.heads.task_parameters(task.name)[0].grad, rows[t], rtol=1e-12, atol=1e-14)
+
+
+def test_checkpoint_edge_cases_and_op_arguments():
+    stacked, per_task = twin_heads()
+    # a stacked checkpoint with other rows: reported by load_state_dict, not a failed split
+    other = MultiTaskHeads(D, TASKS[:2], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        per_task.load_state_dict(other.state_dict())
+    # assign=True: each task's Parameters get storage of their own
+    fresh = MultiTaskHeads(D, TASKS, dtype=torch.float64, per_task_parameters=True)
+    fresh.load_state_dict(stacked.state_dict(), assign=True)
+    pointers = {p.untyped_storage().data_ptr() for p in fresh.parameters()}
+    assert len(pointers) == 6
+    torch.testing.assert_close(fresh.stacked_parameters()[0], stacked.weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"copy_stacked_: argument 'bias' expected shape \[7\]"):
+        stacked.copy_stacked_(torch.zeros(7, D, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    weight, bias, layout, task_weights = per_task.op_arguments  # four fields, as before
+    assert weight.shape == (7, D) and per_task.parameter_parts()[0][1] is per_task.task_heads[1].weight
+    assert stacked.parameter_parts() is None
+
+
+def test_a_frozen_task_head_stays_frozen_in_the_fused_step():
+    _, per_task, x = _models(*TRUNKS["fused_mlp"])
+    for p in per_task.heads.task_parameters("rating"):
+        p.requires_grad_(False)
+    per_task.mtl_backward(x, make_targets(len(x)), UPGrad())
+    assert all(p.grad is None for p in per_task.heads.task_parameters("rating"))
+    assert all(p.grad is not None for p in per_task.heads.task_parameters("click"))

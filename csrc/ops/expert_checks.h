@@ -103,7 +103,8 @@ inline std::vector<int64_t> check_gates(const char* op, const at::Tensor& x, con
 }
 
 // fused_experts_backward's arguments (shapes, dtypes, devices, the saved list); returns the activation.
-// Shared by the op and its batched rule (ops/experts_batched.cpp), which checks one task's slice.
+// Shared by the op and the checks of its callers before they slice (ops/per_task_batched.cpp runs
+// the op itself on every task's slice).
 inline Activation check_fused_experts_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                                     const std::vector<at::Tensor>& weights, const at::Tensor& out,
                                                     const std::vector<at::Tensor>& saved,

@@ -39,7 +39,8 @@ LayerStackBackward fused_mlp_backward_batched(const at::Tensor& grad_out, const 
 
   int64_t level = 0;
   const at::Tensor g_physical =
-      physical_batch_first(grad_out, &level, "fused_mlp_backward", "grad_out");  // [T, B, out_L]
+      physical_batch_first(grad_out, &level, "fused_mlp_backward", "grad_out");  // [T, B, out]
+  check_some_cotangents(g_physical, "fused_mlp_backward", "grad_out");
   // The same checks as the op on one task's cotangent (shapes, dtypes, devices, activation).
   const Activation act = check_fused_mlp_backward_args(g_physical.select(0, 0), x, weights, out, saved, activation);
   const at::ScalarType dtype = x.scalar_type();

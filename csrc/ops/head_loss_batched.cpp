@@ -23,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multitask_head_loss_backward_batc
                                "z, weight, logit_grad, scale");
   int64_t level = 0;
   const at::Tensor w_physical = physical_batch_first(grad_losses, &level, op, "grad_losses");  // [N, T]
+  check_some_cotangents(w_physical, op, "grad_losses");
   check_head_loss_backward_args(w_physical.select(0, 0), z, weight, logit_grad, scale, num_outputs);
   // Each logit column's task, to spread the per-task scales over the columns.
   std::vector<int64_t> column_task;

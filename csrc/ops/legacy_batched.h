@@ -1,8 +1,9 @@
 // Helpers of the fused ops' rules at the Batched dispatch key, the key of torch's legacy vmap, which
 // torch.autograd.grad(..., is_grads_batched=True) runs on (the batched backward of
 // fastmtl.mtl_backward): the cotangent of a backward op arrives as a BatchedTensor holding T tasks'
-// cotangents; the rules take its physical tensor, compute all T tasks' gradients at once over ATen
-// ops, and hand them back batched at the same level. Only the cotangent may be batched: the other
+// cotangents; the rules take its physical tensor, compute all T tasks' gradients (over batched ATen
+// ops, or with the op's kernel once per task: layer_stack_backward_per_task, ops/per_task_batched.cpp)
+// and hand them back batched at the same level. Only the cotangent may be batched: the other
 // arguments are the forward's saved tensors (a vmap over them is refused, naming the op).
 #pragma once
 
@@ -26,6 +27,12 @@ inline at::Tensor physical_batch_first(const at::Tensor& t, int64_t* level, cons
               "' expected one vmap level, got nested vmaps");
   *level = impl->bdims()[0].level();
   return impl->value().movedim(impl->bdims()[0].dim(), 0);
+}
+
+// A batch of no cotangents has no task to take the shapes from: refused, naming the argument.
+inline void check_some_cotangents(const at::Tensor& physical, const char* op, const char* arg) {
+  TORCH_CHECK_VALUE(physical.size(0) >= 1, "fastmtl.", op, ": argument '", arg,
+                    "' expected a batch of at least one cotangent, got an empty batch");
 }
 
 inline at::Tensor batched_at(const at::Tensor& physical, int64_t level) {

@@ -57,6 +57,7 @@ void kernel_per_task(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
                                "any argument but the cotangent");
   int64_t level = 0;
   const at::Tensor physical = physical_batch_first(args[0].toTensor(), &level, name.c_str(), cotangent.c_str());
+  check_some_cotangents(physical, name.c_str(), cotangent.c_str());
 
   const size_t num_returns = schema.returns().size();
   // per_return[r][i][t]: task t's i-th tensor of return r (one for a Tensor, one per entry of a list).

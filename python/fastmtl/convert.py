@@ -295,9 +295,13 @@ def _convert_sequential(
             # A layer cannot take in an excluded module: the modules it may span end before one.
             stop = next((k for k in range(i + 1, len(modules)) if id(modules[k]) in excluded), len(modules))
             layer, span, why = _tower_layer(modules[:stop], i)
-            if layer is None and stop < len(modules) and stop <= i + 2:
-                # Not "Linear ...": strict=True refuses only the Linears convert could not take.
-                why = f"kept: its layer would take in {_join(path, stop)}, which convert(exclude=...) keeps"
+            if stop < len(modules):
+                whole, whole_span, _ = _tower_layer(modules, i)
+                if whole is not None and i + whole_span > stop and (layer is None or span < whole_span):
+                    # The exclusion is what cut the layer (not "Linear ...": strict=True refuses only
+                    # the Linears convert could not take).
+                    cut = f"its layer would take in {_join(path, stop)}, which convert(exclude=...) keeps"
+                    why = f"kept: {cut}" if layer is None else why
             if layer is None:
                 close_run()
                 report.left_alone.append((name, why))
@@ -441,7 +445,9 @@ def convert(
         _ORIGIN.clear()
     if renamed:
         result.register_load_state_dict_pre_hook(_LoadOriginalKeys(renamed))
-    new_names = {id(m): n for n, m in result.named_modules(remove_duplicate=False)}
+    new_names: dict = {}
+    for n, m in result.named_modules(remove_duplicate=False):
+        new_names.setdefault(id(m), n)  # a module held in several places: its first name
     report.excluded = {n: new_names[id(m)] for n, m in kept.items()}
     if strict and any(why.startswith("Linear") for _, why in report.left_alone):
         raise ValueError("fastmtl.convert(strict=True): could not convert everything:\n" + str(report))
@@ -458,11 +464,18 @@ def _checked_exclude(model: nn.Module, exclude) -> list[str]:
             f"fastmtl.convert: argument 'exclude' expected module names, got {type(exclude).__name__}"
         ) from None
     known = dict(model.named_modules(remove_duplicate=False))
+    fused = [n for n, m in known.items() if isinstance(m, FusedMLP)]
     for name in names:
         if not isinstance(name, str) or name not in known:
             raise ValueError(
                 f"fastmtl.convert: argument 'exclude' expected names of the model's modules "
                 f"(model.named_modules()), got {name!r}"
+            )
+        inside = next((f for f in fused if name.startswith(f + ".")), None)
+        if inside is not None:
+            raise ValueError(
+                f"fastmtl.convert: argument 'exclude' expected modules convert can keep, got {name!r}, a part of "
+                f"the FusedMLP {inside!r} (exclude the FusedMLP itself to keep it out of the runs)"
             )
     return names
 

@@ -40,7 +40,14 @@ def fused_model_backward(model, x: torch.Tensor, targets, aggregator: Callable, 
     if isinstance(targets, Mapping):
         targets = heads.pack_targets(targets, ops.loss_dtype(x.dtype) if isinstance(x, torch.Tensor) else None)
     return fused_mlp_mtl_backward(
-        x, model.trunk.op_arguments, heads.op_arguments, targets, aggregator, opts, schedule_of(model)
+        x,
+        model.trunk.op_arguments,
+        heads.op_arguments,
+        targets,
+        aggregator,
+        opts,
+        schedule_of(model),
+        head_parts=heads.parameter_parts(),
     )
 
 
@@ -52,8 +59,12 @@ def fused_mlp_mtl_backward(
     aggregator: Callable,
     options: MTLBackwardOptions,
     schedule: WeightSchedule,
+    head_parts: tuple[list, list] | None = None,
 ) -> MTLBackwardResult:
     """One aggregated step of the model ``multitask_head_loss(fused_mlp(x, *trunk), *heads)``.
+    ``head_parts``: ``(weights, biases)`` when the heads' stacked weight and bias are concatenations
+    of per-task Parameters (:meth:`fastmtl.nn.MultiTaskHeads.parameter_parts`): their gradients go
+    to those, each task's rows.
 
     ``targets``: packed ``[B, sum of target widths]`` in ``x``'s dtype. ``schedule``: the
     ``gram_every`` schedule to continue (a fresh :class:`WeightSchedule` for a one-off call).
@@ -162,7 +173,7 @@ def fused_mlp_mtl_backward(
     if trunk_update is not None:
         grad_ws = [u.view_as(w) for u, w in zip(trunk_update, weights)]
         grad_bs = [u.view_as(b) for u, b in zip(trunk_update[len(weights) :], biases)]
-    head_params, head_grads = _head_gradients(heads, head_w, head_b if has_head_bias else None)
+    head_params, head_grads = _head_gradients(heads, head_parts, head_w, head_b if has_head_bias else None)
     params = head_params + list(weights) + list(biases)
     grads = head_grads + list(grad_ws) + list(grad_bs)
     # Owned: the op's fresh outputs; a method's update may be a tensor it keeps, so those are copied.
@@ -174,19 +185,20 @@ def fused_mlp_mtl_backward(
     )
 
 
-def _head_gradients(heads: ops.HeadArguments, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None):
+def _head_gradients(heads: ops.HeadArguments, parts, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None):
     """The heads' Parameters and their gradients: the stacked weight and bias, or, where they are
-    concatenations of per-task Parameters (``weight_parts``), each task's rows of the gradients
-    (views, written as .grad without autograd: a backward through the concatenation would not
-    trace under torch.compile)."""
-    if heads.weight_parts is None:
+    concatenations of per-task Parameters (``parts``), each task's rows of the gradients (views,
+    written as .grad without autograd: a backward through the concatenation would not trace under
+    torch.compile)."""
+    if parts is None:
         if bias_grad is None:
             return [heads.weight], [weight_grad]
         return [heads.weight, heads.bias], [weight_grad, bias_grad]
-    rows = [p.shape[0] for p in heads.weight_parts]
-    params, grads = list(heads.weight_parts), list(weight_grad.split(rows))
+    weights, biases = parts
+    rows = [p.shape[0] for p in weights]
+    params, grads = list(weights), list(weight_grad.split(rows))
     if bias_grad is not None:
-        params += list(heads.bias_parts)
+        params += list(biases)
         grads += list(bias_grad.split(rows))
     return params, grads
 

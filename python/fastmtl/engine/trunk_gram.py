@@ -73,7 +73,10 @@ __all__ = [
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
 # fastmtl's own nodes whose batched rule runs the op's kernel once per task (csrc/ops/per_task_batched.cpp:
-# the tasks share no work there): the experts, the gates and the towers with norm or dropout.
+# the tasks share no work there): the experts, the gates and the towers with norm or dropout. The
+# names are GCC's / Clang's (the builds this project makes); tests/test_batched_backward_fused_ops.py
+# checks them against the graphs, as another compiler's would differ (its graphs would then take
+# the vmapped path, correct and slower).
 FUSED_LOOPING_NODES = frozenset(
     {
         "torch::autograd::CppNode<fastmtl::ops::LayerStackFunction<fastmtl::ops::(anonymous namespace)::FusedExpertsOps> >",

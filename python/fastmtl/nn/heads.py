@@ -24,9 +24,11 @@ class MultiTaskHeads(nn.Module):
     ``weight``, ``bias``). With ``per_task_parameters=True`` each task's head is its own
     ``nn.Linear`` in :attr:`task_heads` (keys ``task_heads.<t>.weight``/``.bias``, ``t`` the task's
     index), so an optimizer's parameter groups can give one task's head its own learning rate or
-    weight decay (:meth:`task_parameters`) and hooks can be put on one head; the heads are stacked
-    (one ``torch.cat`` of a few KB) each time they run, and gradients flow back to each task's
-    parameters. Either kind loads the other's checkpoints. :meth:`stacked_parameters` is the
+    weight decay (:meth:`task_parameters`), and one task's head can be frozen
+    (``requires_grad_(False)``); the heads are stacked (one ``torch.cat`` of a few KB) each time
+    they run, not called one by one (a forward hook on ``task_heads[t]`` does not fire), and
+    gradients reach each task's parameters (written as ``.grad`` by the fused ``mtl_backward``,
+    through autograd elsewhere). Either kind loads the other's checkpoints. :meth:`stacked_parameters` is the
     stacked weight and bias in both.
 
     >>> import torch, fastmtl
@@ -128,6 +130,11 @@ class MultiTaskHeads(nn.Module):
                 f"{first_row}.. within the {total} rows, got {list(weight.shape)}"
             )
         bias = weight.new_zeros(n) if bias is None else bias
+        if tuple(bias.shape) != (n,):
+            raise ValueError(
+                f"MultiTaskHeads.copy_stacked_: argument 'bias' expected shape [{n}] (the weight's rows), "
+                f"got {list(bias.shape)}"
+            )
         if not self.per_task_parameters:
             self.weight[first_row : first_row + n].copy_(weight)
             self.bias[first_row : first_row + n].copy_(bias)
@@ -164,10 +171,15 @@ class MultiTaskHeads(nn.Module):
         # other kind are rewritten to this one's (the rows of task t are its own head's).
         stacked = [prefix + "weight", prefix + "bias"]
         per_task = [[f"{prefix}task_heads.{t}.{name}" for t in range(len(self.tasks))] for name in ("weight", "bias")]
-        if self.per_task_parameters and all(k in state_dict for k in stacked):
+        rows = sum(self.layout.num_outputs)
+        if (
+            self.per_task_parameters
+            and all(k in state_dict for k in stacked)
+            and all(state_dict[k].dim() >= 1 and state_dict[k].shape[0] == rows for k in stacked)
+        ):  # (other row counts stay under their keys: load_state_dict reports them)
             for key, keys in zip(stacked, per_task):
                 for k, block in zip(keys, state_dict.pop(key).split(self.layout.num_outputs)):
-                    state_dict[k] = block
+                    state_dict[k] = block.clone()  # its own storage, also for load_state_dict(assign=True)
         elif not self.per_task_parameters and all(k in state_dict for keys in per_task for k in keys):
             for key, keys in zip(stacked, per_task):
                 state_dict[key] = torch.cat([state_dict.pop(k) for k in keys])
@@ -183,24 +195,23 @@ class MultiTaskHeads(nn.Module):
 
     @property
     def num_outputs(self):
-        """Each task's number of outputs, in task order: its rows of :attr:`weight`."""
+        """Each task's number of outputs, in task order: its rows of the stacked weight."""
         return self.layout.num_outputs
 
     @property
     def op_arguments(self) -> ops.HeadArguments:
         """The heads as the fused ops take them: ``(weight, bias, layout, task_weights)``, the
-        stacked parameters (:meth:`stacked_parameters`) and the buffer; with ``per_task_parameters``
-        also each task's weight and bias Parameters (``weight_parts``, ``bias_parts``)."""
+        stacked parameters (:meth:`stacked_parameters`) and the buffer."""
+        return ops.HeadArguments(*self.stacked_parameters(), self.layout, self.task_weights)
+
+    def parameter_parts(self) -> tuple[list[nn.Parameter], list[nn.Parameter]] | None:
+        """With ``per_task_parameters``: ``(weights, biases)``, the Parameters the stacked weight and
+        bias are concatenated from (rows in task order), where code that writes ``.grad`` itself
+        (the fused engine) puts each task's rows of their gradients; None for stacked heads, whose
+        stacked weight and bias are the Parameters."""
         if not self.per_task_parameters:
-            return ops.HeadArguments(self.weight, self.bias, self.layout, self.task_weights)
-        heads = list(self.task_heads)
-        return ops.HeadArguments(
-            *self.stacked_parameters(),
-            self.layout,
-            self.task_weights,
-            tuple(h.weight for h in heads),
-            tuple(h.bias for h in heads),
-        )
+            return None
+        return [h.weight for h in self.task_heads], [h.bias for h in self.task_heads]
 
     def reset_parameters(self) -> None:
         # Per-task nn.Linear init has the same distribution for every row: fan_in is in_features.

@@ -41,16 +41,12 @@ class HeadArguments(NamedTuple):
     """Task heads as the fused ops take them: the stacked ``weight`` ``[sum n_t, d]``, ``bias``
     ``[sum n_t]`` or None, the :class:`TaskLayout` and the task weights ``[T]`` (``task.weight``,
     what the per-task ops scale each task's loss by). :attr:`fastmtl.nn.MultiTaskHeads.op_arguments`
-    gives those of a module. ``weight_parts`` / ``bias_parts``: when the stacked weight and bias are
-    not Parameters themselves but concatenations of them (rows in task order: MultiTaskHeads with
-    ``per_task_parameters``), those Parameters, where the fused engine writes their gradients."""
+    gives those of a module."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     layout: TaskLayout
     task_weights: torch.Tensor
-    weight_parts: tuple[torch.Tensor, ...] | None = None
-    bias_parts: tuple[torch.Tensor, ...] | None = None
 
 
 def task_layout(tasks: Tasks, where: str = "fastmtl.ops.multitask_head_loss") -> TaskLayout:
