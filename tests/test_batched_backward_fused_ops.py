@@ -165,12 +165,18 @@ def test_batching_anything_but_the_cotangent_is_refused_naming_the_op():
         )
 
 
-def test_bad_arguments_under_the_batched_rule_raise_the_ops_own_errors():
+def mixture_case():
+    """A raw gated_mixture call's inputs and outputs: (z, gate_weight, experts, mixtures, gates)."""
     torch.manual_seed(0)
     experts = torch.randn(3, 6, 4, dtype=torch.float64)
     gate_weight = torch.randn(2, 3, 5, dtype=torch.float64)
     z = torch.randn(6, 5, dtype=torch.float64)
-    _, gates = torch.ops.fastmtl.gated_mixture(z, gate_weight, None, experts, [])
+    mixtures, gates = torch.ops.fastmtl.gated_mixture(z, gate_weight, None, experts, [])
+    return z, gate_weight, experts, mixtures, gates
+
+
+def test_bad_arguments_under_the_batched_rule_raise_the_ops_own_errors():
+    z, gate_weight, experts, _, gates = mixture_case()
     wrong = torch.ones(2, 2, 6, 3, dtype=torch.float64)  # h = 3, the experts have 4 features
     with pytest.raises(ValueError, match="gated_mixture_backward: argument 'grad_mixtures' expected shape"):
         _vmap(
@@ -232,11 +238,7 @@ def test_mtl_backward_on_mixture_of_experts_takes_the_task_loop_with_one_experts
 
 
 def test_an_empty_batch_of_cotangents_is_refused_naming_the_argument():
-    torch.manual_seed(0)
-    experts = torch.randn(3, 6, 4, dtype=torch.float64)
-    gate_weight = torch.randn(2, 3, 5, dtype=torch.float64)
-    z = torch.randn(6, 5, dtype=torch.float64)
-    mixtures, gates = torch.ops.fastmtl.gated_mixture(z, gate_weight, None, experts, [])
+    z, gate_weight, experts, mixtures, gates = mixture_case()
     empty = torch.zeros((0,) + tuple(mixtures.shape), dtype=torch.float64)
     with pytest.raises(
         ValueError, match="gated_mixture_backward: argument 'grad_mixtures' expected a batch of at least one"
