@@ -20,6 +20,7 @@
 #include "common/activation.h"
 #include "ops/fused_mlp_checks.h"
 #include "ops/legacy_batched.h"
+#include "ops/per_task_batched.h"
 
 namespace fastmtl::ops {
 namespace {
@@ -30,10 +31,9 @@ namespace {
 // 10.7 against 19.6 ms).
 constexpr int64_t kMinBatchedTasks = 8;
 
-LayerStackBackward fused_mlp_backward_batched(const at::Tensor& grad_out, const at::Tensor& x,
-                                              const std::vector<at::Tensor>& weights, const at::Tensor& out,
-                                              const std::vector<at::Tensor>& saved, const std::string& activation,
-                                              bool has_bias, bool need_input_grad) {
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_mlp_backward_batched(
+    const at::Tensor& grad_out, const at::Tensor& x, const std::vector<at::Tensor>& weights, const at::Tensor& out,
+    const std::vector<at::Tensor>& saved, const std::string& activation, bool has_bias, bool need_input_grad) {
   check_only_cotangent_batched(any_batched({&x, &out}, {&weights, &saved}), grad_out, "fused_mlp_backward", "grad_out",
                                "x, weights, out, saved");
 
@@ -49,9 +49,13 @@ LayerStackBackward fused_mlp_backward_batched(const at::Tensor& grad_out, const 
 
   const int64_t L = static_cast<int64_t>(weights.size());
   const int64_t T = g_physical.size(0);
-  if (T < kMinBatchedTasks)
-    return layer_stack_backward_per_task("fastmtl::fused_mlp_backward", g_physical, x, weights, out, saved, activation,
-                                         has_bias, need_input_grad, level);
+  if (T < kMinBatchedTasks) {  // the fused backward on each task's cotangent
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("fastmtl::fused_mlp_backward", "");
+    torch::jit::Stack stack{grad_out, x, weights, out, saved, activation, has_bias, need_input_grad};
+    kernel_per_task(op, &stack);
+    return {stack[0].toTensor(), stack[1].toTensorVector(), stack[2].toTensorVector()};
+  }
   const bool pre_saved = saved_kind(act) == SavedKind::Pre;
   // The tensor act' reads for layer l, and the input of layer l.
   auto kept_of = [&](int64_t l) { return wide(pre_saved ? saved[l] : (l + 1 == L ? out : saved[l])); };

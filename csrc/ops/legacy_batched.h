@@ -2,18 +2,15 @@
 // torch.autograd.grad(..., is_grads_batched=True) runs on (the batched backward of
 // fastmtl.mtl_backward): the cotangent of a backward op arrives as a BatchedTensor holding T tasks'
 // cotangents; the rules take its physical tensor, compute all T tasks' gradients (over batched ATen
-// ops, or with the op's kernel once per task: layer_stack_backward_per_task, ops/per_task_batched.cpp)
+// ops, or with the op's kernel once per task: ops/per_task_batched.h)
 // and hand them back batched at the same level. Only the cotangent may be batched: the other
 // arguments are the forward's saved tensors (a vmap over them is refused, naming the op).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/LegacyBatchedTensorImpl.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <initializer_list>
-#include <string>
-#include <tuple>
 #include <vector>
 
 #include "common/activation.h"
@@ -96,37 +93,6 @@ inline at::Tensor through_activation(const at::Tensor& g, const at::Tensor& kept
       return at::silu_backward(g, k);
   }
   return g;
-}
-
-// (dx, dW per layer, db per layer): what fused_mlp_backward and fused_experts_backward return.
-using LayerStackBackward = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
-
-// ``op`` (fastmtl::fused_mlp_backward or fastmtl::fused_experts_backward, which share a schema) on
-// each task's cotangent ``g_physical[t]`` (the device kernel: the slices are plain tensors), the
-// results stacked and batched at ``level``: the rules' path below the task count where their ATen
-// chain pays.
-inline LayerStackBackward layer_stack_backward_per_task(const char* op_name, const at::Tensor& g_physical,
-                                                        const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                                                        const at::Tensor& out, const std::vector<at::Tensor>& saved,
-                                                        const std::string& activation, bool has_bias,
-                                                        bool need_input_grad, int64_t level) {
-  const auto op = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow(op_name, "")
-                      .typed<LayerStackBackward(const at::Tensor&, const at::Tensor&, const std::vector<at::Tensor>&,
-                                                const at::Tensor&, const std::vector<at::Tensor>&, const std::string&,
-                                                bool, bool)>();
-  std::vector<at::Tensor> grad_x;
-  std::vector<std::vector<at::Tensor>> grad_weights(weights.size()), grad_biases(has_bias ? weights.size() : 0);
-  for (int64_t t = 0; t < g_physical.size(0); ++t) {
-    auto [gx, gw, gb] = op.call(g_physical[t], x, weights, out, saved, activation, has_bias, need_input_grad);
-    if (need_input_grad) grad_x.push_back(gx);
-    for (size_t l = 0; l < gw.size(); ++l) grad_weights[l].push_back(gw[l]);
-    for (size_t l = 0; l < gb.size(); ++l) grad_biases[l].push_back(gb[l]);
-  }
-  std::vector<at::Tensor> weights_out, biases_out;
-  for (auto& per : grad_weights) weights_out.push_back(batched_at(at::stack(per), level));
-  for (auto& per : grad_biases) biases_out.push_back(batched_at(at::stack(per), level));
-  return {need_input_grad ? batched_at(at::stack(grad_x), level) : x.new_empty({0}), weights_out, biases_out};
 }
 
 }  // namespace fastmtl::ops

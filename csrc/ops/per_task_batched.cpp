@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "ops/legacy_batched.h"
+#include "ops/per_task_batched.h"
 
 namespace fastmtl::ops {
 namespace {
@@ -42,6 +43,8 @@ at::Tensor stacked_output(const std::vector<at::Tensor>& per_task, int64_t level
   if (per_task[0].dim() == 1 && per_task[0].size(0) == 0) return per_task[0];
   return batched_at(at::stack(per_task), level);
 }
+
+}  // namespace
 
 void kernel_per_task(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const c10::FunctionSchema& schema = op.schema();
@@ -83,8 +86,6 @@ void kernel_per_task(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     }
   }
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastmtl, Batched, m) {
   for (const char* op : {"fused_experts_backward", "gated_mixture_backward", "fused_mlp_norm_backward"})
