@@ -44,8 +44,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   // The same checks as the op on one task's cotangent (shapes, dtypes, devices, activation).
   const Activation act = check_fused_mlp_backward_args(g_physical.select(0, 0), x, weights, out, saved, activation);
   const at::ScalarType dtype = x.scalar_type();
-  const bool narrow = dtype == at::kBFloat16 || dtype == at::kHalf;
-  auto wide = [&](const at::Tensor& t) { return narrow ? t.to(at::kFloat) : t; };
 
   const int64_t L = static_cast<int64_t>(weights.size());
   const int64_t T = g_physical.size(0);
@@ -58,21 +56,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   }
   const bool pre_saved = saved_kind(act) == SavedKind::Pre;
   // The tensor act' reads for layer l, and the input of layer l.
-  auto kept_of = [&](int64_t l) { return wide(pre_saved ? saved[l] : (l + 1 == L ? out : saved[l])); };
+  auto kept_of = [&](int64_t l) { return widened(pre_saved ? saved[l] : (l + 1 == L ? out : saved[l])); };
   auto input_of = [&](int64_t l) {
-    if (l == 0) return wide(x);
-    return pre_saved ? activation_of(wide(saved[l - 1]), act) : wide(saved[l - 1]);
+    if (l == 0) return widened(x);
+    return pre_saved ? activation_of(widened(saved[l - 1]), act) : widened(saved[l - 1]);
   };
 
   std::vector<at::Tensor> grad_weights(L), grad_biases(has_bias ? L : 0);
-  at::Tensor g = wide(g_physical);
+  at::Tensor g = widened(g_physical);
   for (int64_t l = L - 1; l >= 0; --l) {
     const at::Tensor delta = through_activation(g, kept_of(l), act);  // [T, B, out_l]
     const at::Tensor a = input_of(l);                                 // [B, in_l]
     grad_weights[l] = at::matmul(delta.transpose(1, 2), a);           // [T, out_l, in_l]
     if (has_bias) grad_biases[l] = delta.sum(1);                      // [T, out_l]
     if (l > 0 || need_input_grad) {
-      const at::Tensor w = wide(weights[l]);  // [out_l, in_l]
+      const at::Tensor w = widened(weights[l]);  // [out_l, in_l]
       g = at::matmul(delta.reshape({-1, delta.size(2)}), w).view({T, delta.size(1), w.size(1)});
     }
   }

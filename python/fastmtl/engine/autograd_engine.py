@@ -195,6 +195,11 @@ def graph_leaves(roots: Sequence[torch.Tensor], stop: Sequence[torch.Tensor] = (
     return leaves
 
 
+def _heads_gradient(losses, heads) -> list:
+    """The gradient of ``sum_t L_t`` with respect to the task-specific parameters, graph kept."""
+    return list(torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True))
+
+
 def _weighted_backward(feats, shared, cotangents, weights) -> list:
     """One ordinary backward of sum_t a_t dL_t/dz through the trunk (frees the graph)."""
     return list(torch.autograd.grad(feats, shared, grad_outputs=weighted_sum(weights, cotangents), allow_unused=True))
@@ -269,7 +274,7 @@ def _aggregated_backward(
     # Heads: the gradient of sum_t L_t, through the task-specific parts only.
     head_grads = []
     if heads and not direct:
-        head_grads = list(torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True))
+        head_grads = _heads_gradient(losses, heads)
     # Per-task cotangents of the features: [T, *feature.shape] each.
     cotangents = None if direct else _feature_cotangents(losses, feats, memory_budget)
 
@@ -298,7 +303,7 @@ def _aggregated_backward(
                     # After the passes, as the T-pass loop takes them: asked in the passes, each head's
                     # gradient was held through the later ones, their peak (transformer B=32: 1.7 KB
                     # over the loop's peak; the same or less time, the passes no longer ask them).
-                    head_grads = list(torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True))
+                    head_grads = _heads_gradient(losses, heads)
             elif plan.path == "factored":
                 blocks = swept_gradients(feats, wrt, cotangents)
             else:
@@ -359,7 +364,7 @@ def _reuse_weights(
     if opts.report_cosine:
         cotangents = _feature_cotangents(losses, feats, opts.memory_budget)
         exact_update = _exact_shared_update(feats, shared, cotangents, aggregator, opts.memory_budget, sync, walk)
-    head_grads = torch.autograd.grad(losses.sum(), heads, retain_graph=True, allow_unused=True) if heads else ()
+    head_grads = _heads_gradient(losses, heads) if heads else []
     head_grads = _scaled(head_grads, head_scale)
     feature_grads = torch.autograd.grad(losses, feats, grad_outputs=weights.to(losses.dtype), retain_graph=True)
     shared_grads = torch.autograd.grad(feats, shared, grad_outputs=feature_grads, allow_unused=True)

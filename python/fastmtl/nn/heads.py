@@ -67,13 +67,8 @@ class MultiTaskHeads(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(total, in_features, **factory))
             self.bias = nn.Parameter(torch.empty(total, **factory))
-        dtype = self._parameter_dtype()
         # Not persistent: derived from the tasks, which are constructor arguments.
-        self.register_buffer(
-            "task_weights",
-            torch.tensor([t.weight for t in self.tasks], dtype=ops.loss_dtype(dtype), device=device),
-            persistent=False,
-        )
+        self.register_buffer("task_weights", self._derived_task_weights(), persistent=False)
         self._register_load_state_dict_pre_hook(self._load_other_kind_of_checkpoint)
         self.reset_parameters()
 
@@ -81,11 +76,13 @@ class MultiTaskHeads(nn.Module):
         # module.to(torch.bfloat16) would round the task weights; they are derived from the tasks,
         # so recompute them in the losses' dtype (float32 for a 16-bit model) on the new device.
         super()._apply(fn, recurse)
-        first = next(self.parameters())
-        self.task_weights = torch.tensor(
-            [t.weight for t in self.tasks], dtype=ops.loss_dtype(first.dtype), device=first.device
-        )
+        self.task_weights = self._derived_task_weights()
         return self
+
+    def _derived_task_weights(self) -> torch.Tensor:
+        """Each task's ``weight`` in the losses' dtype, on the parameters' device."""
+        first = next(self.parameters())
+        return torch.tensor([t.weight for t in self.tasks], dtype=ops.loss_dtype(first.dtype), device=first.device)
 
     def _parameter_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
